@@ -1,0 +1,119 @@
+"""The registry of every event type edgeagent can emit, with the schema of each one's ``data``.
+
+This is the source of the published contract: ``cloud-bridge/contract/`` is generated from it
+(``python -m edgeagent.cloud_bridge.contract``) and a test fails when the two disagree.
+Later capabilities add their types here, one entry each.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from edgeagent.kernel.events import EventData, EventRegistry, EventType, Priority
+
+REGISTRY = EventRegistry()
+
+
+# --- the gateway itself -------------------------------------------------------------------------
+
+class GatewayStarted(EventData):
+    version: str = Field(description="edgeagent version")
+    boot_id: str = Field(description="Linux boot id; changes on every boot of the box")
+    recovered_unsent: int = Field(ge=0, description="events found unsent in the outbox at start")
+
+
+class GatewayStopped(EventData):
+    reason: str = Field(description="why the daemon stopped, e.g. 'SIGTERM'")
+    unsent: int = Field(ge=0, description="events still in the outbox, sent after the next start")
+
+
+class ClockSynced(EventData):
+    boot_id: str = Field(description="boot whose monotonic clock the correction applies to")
+    monotonic_ms: int = Field(description="monotonic clock (ms since boot) at the moment of sync")
+    wall_at_sync: str = Field(description="UTC wall time at that moment, RFC 3339 ms")
+    corrected_unsent: int = Field(ge=0, description="unsent events whose times were corrected in place")
+    sent_uncorrected: int = Field(
+        ge=0,
+        description="events already sent with clock_synced=false; the cloud corrects them with "
+        "occurred_at = wall_at_sync - (monotonic_ms - event.clock.monotonic_ms)",
+    )
+
+
+class OutboxEvicted(EventData):
+    evicted_telemetry: int = Field(ge=0, description="telemetry events evicted since the last report")
+    evicted_event: int = Field(ge=0, description="ordinary events evicted since the last report")
+    first_seq: int = Field(description="lowest seq evicted in this report")
+    last_seq: int = Field(description="highest seq evicted in this report")
+    total_evicted: int = Field(ge=0, description="all events evicted since the outbox was created")
+    cap_bytes: int = Field(ge=0, description="configured backlog cap")
+
+
+class DeviceFault(EventData):
+    task: str = Field(description="supervised task (driver) that gave up")
+    error: str = Field(description="last error, without secrets")
+    restarts: int = Field(ge=0, description="restarts within the intensity window before giving up")
+
+
+class DeviceOnline(EventData):
+    reason: str | None = Field(default=None, description="what brought it back, if known")
+
+
+class DeviceOffline(EventData):
+    reason: str = Field(description="why the device is considered offline")
+
+
+class CommandAudit(EventData):
+    command_id: str = Field(description="id from the command request")
+    command: str = Field(description="command name, e.g. 'gate.open'")
+    outcome: Literal["executed", "failed", "rejected"]
+    error: str | None = Field(default=None, description="why it failed or was rejected")
+    issuer: str | None = Field(default=None, description="who the signed command names as issuer")
+
+
+# --- simulated and generic sources ---------------------------------------------------------------
+
+class SensorReading(EventData):
+    metric: str = Field(description="what is measured, e.g. 'temperature'")
+    value: float
+    unit: str = Field(description="unit symbol, e.g. 'degC', 'V', '%'")
+
+
+class ContactChanged(EventData):
+    state: Literal["open", "closed"]
+    contact: str = Field(description="which contact on the device, e.g. 'door'")
+
+
+class PanicPressed(EventData):
+    location: str = Field(description="where the button is, e.g. 'guard-room'")
+    presses: int = Field(ge=1, default=1)
+
+
+GATEWAY_STARTED = REGISTRY.register(EventType(
+    "gateway.started", Priority.EVENT, GatewayStarted, "The daemon started and opened its outbox."))
+GATEWAY_STOPPED = REGISTRY.register(EventType(
+    "gateway.stopped", Priority.EVENT, GatewayStopped, "The daemon is stopping in an orderly way."))
+CLOCK_SYNCED = REGISTRY.register(EventType(
+    "gateway.clock.synced", Priority.EVENT, ClockSynced,
+    "The wall clock became synchronised; earlier times were corrected."))
+OUTBOX_EVICTED = REGISTRY.register(EventType(
+    "outbox.evicted", Priority.EVENT, OutboxEvicted,
+    "The backlog cap was reached and events were evicted (telemetry first, never alarms).",
+    pinned=True))
+DEVICE_FAULT = REGISTRY.register(EventType(
+    "device.fault", Priority.EVENT, DeviceFault,
+    "A driver failed repeatedly and was stopped; the rest of the gateway keeps running."))
+DEVICE_ONLINE = REGISTRY.register(EventType(
+    "device.online", Priority.EVENT, DeviceOnline, "A device answers again."))
+DEVICE_OFFLINE = REGISTRY.register(EventType(
+    "device.offline", Priority.EVENT, DeviceOffline, "A device stopped answering."))
+COMMAND_AUDIT = REGISTRY.register(EventType(
+    "command.audit", Priority.EVENT, CommandAudit,
+    "A command from the cloud was executed, failed, or was rejected."))
+SENSOR_READING = REGISTRY.register(EventType(
+    "sensor.reading", Priority.TELEMETRY, SensorReading, "A measured value.", coalesce_field="metric"))
+CONTACT_CHANGED = REGISTRY.register(EventType(
+    "contact.changed", Priority.EVENT, ContactChanged, "A dry contact (door, cabinet) opened or closed."))
+PANIC_PRESSED = REGISTRY.register(EventType(
+    "panic.pressed", Priority.ALARM, PanicPressed, "A fixed panic button was pressed."))

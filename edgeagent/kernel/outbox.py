@@ -1,0 +1,833 @@
+"""Durable, prioritised outbox: SQLite in WAL mode, owned by one database thread.
+
+Every database operation (append, lease, ack, evict, nonce claims, clock correction) runs on a single
+thread that takes all operations queued since its last cycle, executes them in one transaction and
+commits once (group commit: one fsync per cycle, not per event, to spare SD cards). Futures of a
+cycle are resolved only after its commit, so:
+
+* [1] an event counts as accepted only once it is durable;
+* [2] a lease only ever returns committed rows, so nothing leaves the box that a crash could lose;
+* [3] acks for rows whose PUBACK arrived are queued before any later reset of the lease cursors,
+  so a reconnect never re-sends an acknowledged event.
+
+Rows stay in the table after they are sent (``sent_ms`` set), as local history for
+``edgeagent events list``; history is trimmed to its own cap and is the first thing freed under
+disk pressure. Leases are in memory only: after a crash every unsent row is simply unsent again.
+
+Priority classes (see :class:`~edgeagent.kernel.events.Priority`): leases take the highest class
+that has rows; within a class rows leave in ``seq`` order. Over the backlog cap, telemetry is
+evicted first, then ordinary events; alarms and pinned rows never are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgeagent.kernel.errors import OutboxClosedError, OutboxError, OutboxFullError
+from edgeagent.kernel.events import Event, Priority
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq        INTEGER PRIMARY KEY,
+    id         TEXT    NOT NULL,
+    prio       INTEGER NOT NULL,
+    type       TEXT    NOT NULL,
+    device_id  TEXT    NOT NULL,
+    ckey       TEXT,
+    pinned     INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    unsynced   INTEGER NOT NULL DEFAULT 0,
+    mono_ns    INTEGER,
+    boot_id    TEXT,
+    coalesced  INTEGER NOT NULL DEFAULT 1,
+    size       INTEGER NOT NULL,
+    payload    BLOB    NOT NULL,
+    sent_ms    INTEGER
+);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox(prio, seq) WHERE sent_ms IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_ckey ON outbox(ckey) WHERE sent_ms IS NULL AND ckey IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created_ms);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+"""
+# Per-row bookkeeping in SQLite beyond the payload (keys, index entries); used for the cap.
+_ROW_OVERHEAD_BYTES = 120
+_DISK_CHECK_INTERVAL_S = 1.0
+_HOUSEKEEPING_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A leased run of rows of one priority class, in ``seq`` order."""
+
+    priority: Priority
+    seqs: tuple[int, ...]
+    payloads: tuple[bytes, ...]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.payloads)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassStats:
+    unsent: int
+    unsent_bytes: int
+    oldest_unsent_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    classes: dict[str, ClassStats]
+    history_rows: int
+    next_seq: int
+    evicted_total: int
+    coalesced_total: int
+    intake_dropped_total: int
+    commits_total: int
+    db_bytes: int
+    last_commit_age_s: float | None
+
+
+@dataclass(slots=True)
+class EvictionReport:
+    telemetry: int = 0
+    event: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+    def add(self, prio: int, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        if prio == Priority.TELEMETRY:
+            self.telemetry += len(seqs)
+        else:
+            self.event += len(seqs)
+        lo, hi = min(seqs), max(seqs)
+        self.first_seq = lo if self.first_seq is None else min(self.first_seq, lo)
+        self.last_seq = hi if self.last_seq is None else max(self.last_seq, hi)
+
+    def __bool__(self) -> bool:
+        return bool(self.telemetry or self.event)
+
+
+# --- operations sent to the database thread -------------------------------------------------------
+
+@dataclass(slots=True)
+class _Op:
+    future: asyncio.Future[Any] | None
+
+
+@dataclass(slots=True)
+class _Append(_Op):
+    events: Sequence[Event]
+
+
+@dataclass(slots=True)
+class _Lease(_Op):
+    max_events: int
+    max_bytes: int
+
+
+@dataclass(slots=True)
+class _Ack(_Op):
+    seqs: Sequence[int]
+
+
+@dataclass(slots=True)
+class _ResetLeases(_Op):
+    pass
+
+
+@dataclass(slots=True)
+class _Barrier(_Op):
+    pass
+
+
+@dataclass(slots=True)
+class _Stats(_Op):
+    pass
+
+
+@dataclass(slots=True)
+class _ClaimNonce(_Op):
+    nonce: str
+    expires_ms: int
+    now_ms: int
+
+
+@dataclass(slots=True)
+class _CorrectClock(_Op):
+    boot_id: str
+    to_wall: Callable[[int], str]
+
+
+@dataclass(slots=True)
+class _Query(_Op):
+    fn: Callable[[sqlite3.Connection], Any]
+
+
+_STOP = object()
+
+
+@dataclass
+class OutboxConfig:
+    path: Path
+    cap_bytes: int = 256 * 1024 * 1024
+    history_bytes: int = 16 * 1024 * 1024
+    min_free_bytes: int = 64 * 1024 * 1024
+    durability: str = "full"  # "full": fsync each group commit; "normal": survives a crash of the process
+    max_pending_events: int = 50_000
+    max_cycle_ops: int = 20_000
+
+
+class Outbox:
+    """The durable queue between event producers and the uplink. Use as an async context manager."""
+
+    def __init__(
+        self,
+        config: OutboxConfig,
+        *,
+        on_evicted: Callable[[EvictionReport, int], None] | None = None,
+        now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self._cfg = config
+        self._on_evicted = on_evicted
+        self._now_ms = now_ms
+        self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = True
+        self._fatal: BaseException | None = None
+        # Asyncio side. [bounded intake] pending counts events queued but not yet committed.
+        self._pending_events = 0
+        self._space = asyncio.Event()
+        self._space.set()
+        self.changed = asyncio.Event()  # set when new rows are committed or leases reset
+        self.intake_dropped_total = 0
+        self.recovered_unsent = 0
+        # Database-thread state (touched only by that thread after open).
+        self._conn: sqlite3.Connection | None = None
+        self._next_seq = 1
+        self._cursor: dict[int, int] = {p.value: 0 for p in Priority}
+        self._unsent_bytes: dict[int, int] = {p.value: 0 for p in Priority}
+        self._unsent_rows: dict[int, int] = {p.value: 0 for p in Priority}
+        self._history_bytes = 0
+        self._evicted_total = 0
+        self._coalesced_total = 0
+        self._commits_total = 0
+        self._last_commit_mono: float | None = None
+        self._disk_free = 1 << 62
+        self._disk_checked = 0.0
+        self._housekeeping_at = 0.0
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Outbox:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="outbox-db", daemon=True)
+        self._closed = False
+        self._thread.start()
+        try:
+            await ready
+        except BaseException:
+            self._closed = True
+            raise
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ops.put(_STOP)
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+
+    @property
+    def path(self) -> Path:
+        return self._cfg.path
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def pending_events(self) -> int:
+        return self._pending_events
+
+    # --- producer API ------------------------------------------------------------------------------
+
+    async def put(self, event: Event) -> int:
+        """Make one event durable; returns its ``seq``. Waits while intake is full (backpressure)."""
+        seqs = await self.put_many((event,))
+        return seqs[0]
+
+    async def put_many(self, events: Sequence[Event]) -> list[int]:
+        """Make events durable in one group commit; returns their ``seq`` numbers in order.
+
+        Overflow policy of the intake (bounded at ``max_pending_events``): alarms are always
+        admitted; other events wait for room (backpressure on the producer).
+        """
+        if not events:
+            return []
+        while (
+            self._pending_events >= self._cfg.max_pending_events
+            and not all(e.priority is Priority.ALARM for e in events)
+        ):
+            self._space.clear()
+            await self._space.wait()
+        fut = self._submit(_Append(None, events), n_events=len(events))
+        result: list[int] = await fut
+        return result
+
+    def offer_telemetry(self, event: Event) -> asyncio.Future[list[int]] | None:
+        """Queue telemetry without waiting; when intake is full it is dropped and counted.
+
+        For drivers that must never wait on the disk: the newest reading replaces it soon anyway.
+        """
+        if self._pending_events >= self._cfg.max_pending_events:
+            self.intake_dropped_total += 1
+            return None
+        fut: asyncio.Future[list[int]] = self._submit(_Append(None, (event,)), n_events=1)
+        return fut
+
+    # --- uplink API --------------------------------------------------------------------------------
+
+    async def lease(self, max_events: int, max_bytes: int) -> Batch | None:
+        """The next committed unsent rows of the highest priority class that has any, or None."""
+        result: Batch | None = await self._submit(_Lease(None, max_events, max_bytes))
+        return result
+
+    def ack_nowait(self, batch: Batch) -> asyncio.Future[None]:
+        """Mark a batch sent (its PUBACK arrived). Queued at once, before any later reset [3]."""
+        return self._submit(_Ack(None, batch.seqs))
+
+    async def reset_leases(self) -> None:
+        """Forget in-flight leases (the connection dropped): their rows will be leased again."""
+        await self._submit(_ResetLeases(None))
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        await self._submit(_Barrier(None))
+
+    async def stats(self) -> OutboxStats:
+        result: OutboxStats = await self._submit(_Stats(None))
+        return result
+
+    async def claim_nonce(self, nonce: str, expires_ms: int) -> bool:
+        """Record a command nonce durably; False if it was seen before (a replay)."""
+        result: bool = await self._submit(_ClaimNonce(None, nonce, expires_ms, self._now_ms()))
+        return result
+
+    async def correct_clock(self, boot_id: str, to_wall: Callable[[int], str]) -> tuple[int, int]:
+        """Rewrite times of unsent events stamped before clock sync; returns (corrected, already_sent)."""
+        result: tuple[int, int] = await self._submit(_CorrectClock(None, boot_id, to_wall))
+        return result
+
+    async def query(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run a read-only function on the database thread (for status and history)."""
+        return await self._submit(_Query(None, fn))
+
+    # --- asyncio <-> thread plumbing ---------------------------------------------------------------
+
+    def _submit(self, op: _Op, n_events: int = 0) -> asyncio.Future[Any]:
+        if self._closed or self._loop is None:
+            raise OutboxClosedError("outbox is closed")
+        if self._fatal is not None:
+            raise OutboxError(f"outbox database thread failed: {self._fatal}") from self._fatal
+        fut = self._loop.create_future()
+        op.future = fut
+        if n_events:
+            self._pending_events += n_events
+            fut.add_done_callback(lambda _f: self._release(n_events))
+        self._ops.put(op)
+        return fut
+
+    def _release(self, n_events: int) -> None:
+        self._pending_events -= n_events
+        if self._pending_events < self._cfg.max_pending_events:
+            self._space.set()
+
+    def _deliver(self, results: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+                 changed: bool, evicted: EvictionReport | None) -> None:
+        for fut, value, exc in results:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+        if changed:
+            self.changed.set()
+        if evicted and self._on_evicted is not None:
+            self._on_evicted(evicted, self._evicted_total)
+
+    # --- database thread ---------------------------------------------------------------------------
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            self._open_db()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_set_exc_if_pending, ready, exc)
+            return
+        loop.call_soon_threadsafe(_set_result_if_pending, ready, None)
+        try:
+            self._serve(loop)
+        except BaseException as exc:
+            log.exception("outbox database thread failed")
+            self._fatal = exc
+            self._fail_queued(loop, exc)
+        finally:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA optimize")
+                self._conn.close()
+                self._conn = None
+
+    def _fail_queued(self, loop: asyncio.AbstractEventLoop, exc: BaseException) -> None:
+        results = []
+        while True:
+            try:
+                op = self._ops.get_nowait()
+            except queue.Empty:
+                break
+            if op is not _STOP and op.future is not None:
+                results.append((op.future, None, OutboxError(f"outbox failed: {exc}")))
+        if results:
+            loop.call_soon_threadsafe(self._deliver, results, False, None)
+
+    def _open_db(self) -> None:
+        path = self._cfg.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            # auto_vacuum must be chosen before the first table exists; harmless afterwards.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise OutboxError(f"{path}: cannot switch SQLite to WAL mode (got {mode!r})")
+            sync = "FULL" if self._cfg.durability == "full" else "NORMAL"
+            conn.execute(f"PRAGMA synchronous={sync}")
+            conn.execute("PRAGMA busy_timeout=5000")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise OutboxError(f"{path}: database failed its integrity check: {check}")
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                         (SCHEMA_VERSION,))
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('next_seq', 1)")
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('evicted_total', 0)")
+            version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutboxError(
+                    f"{path}: outbox schema {version} is newer than this edgeagent ({SCHEMA_VERSION})")
+            stored_next = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0]
+            max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0]
+            self._next_seq = max(stored_next, max_seq + 1)
+            self._evicted_total = conn.execute(
+                "SELECT value FROM meta WHERE key='evicted_total'").fetchone()[0]
+            for prio, n, nbytes in conn.execute(
+                "SELECT prio, COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NULL GROUP BY prio"
+            ):
+                self._unsent_rows[prio] = n
+                self._unsent_bytes[prio] = nbytes
+            self._history_bytes = conn.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NOT NULL").fetchone()[0]
+            self.recovered_unsent = sum(self._unsent_rows.values())
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._last_commit_mono = time.monotonic()
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        conn = self._conn
+        assert conn is not None
+        stop = False
+        while not stop:
+            first = self._ops.get()
+            if first is _STOP:
+                break
+            ops = [first]
+            while len(ops) < self._cfg.max_cycle_ops:
+                try:
+                    nxt = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                ops.append(nxt)
+            self._cycle(loop, conn, ops)
+        # Anything submitted after STOP (should not happen: _closed is set first) is failed.
+        self._fail_queued(loop, OutboxClosedError("outbox closed"))
+
+    def _cycle(self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection, ops: list[_Op]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        changed = False
+        evicted = EvictionReport()
+        state = self._snapshot()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                value = self._apply(conn, op, evicted)
+                if isinstance(op, _Append | _ResetLeases):
+                    changed = True
+                assert op.future is not None
+                results.append((op.future, value, None))
+            self._maybe_evict(conn, evicted)
+            self._maybe_housekeep(conn)
+            conn.execute("UPDATE meta SET value=? WHERE key='next_seq'", (self._next_seq,))
+            if evicted:
+                conn.execute("UPDATE meta SET value=? WHERE key='evicted_total'", (self._evicted_total,))
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - any failure fails this cycle's ops, never the thread
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._restore(state)
+            if isinstance(exc, sqlite3.Error) and _is_disk_full(exc) and any(isinstance(op, _Append) for op in ops):
+                self._recover_from_full_disk(loop, conn, ops)
+                return
+            err = OutboxError(f"outbox write failed: {exc}")
+            results = [(op.future, None, err) for op in ops if op.future is not None]
+            loop.call_soon_threadsafe(self._deliver, results, False, None)
+            return
+        self._commits_total += 1
+        self._last_commit_mono = time.monotonic()
+        loop.call_soon_threadsafe(self._deliver, results, changed, evicted if evicted else None)
+
+    def _recover_from_full_disk(
+        self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection, ops: list[_Op]
+    ) -> None:
+        """SQLITE_FULL: free history and evictable rows, retry once; then refuse the appends."""
+        log.error("disk full while writing the outbox; freeing history and evictable rows")
+        evicted = EvictionReport()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._trim_history(conn, keep_bytes=0)
+            need = max(1, sum(self._unsent_bytes.values()) // 10)
+            self._evict(conn, need, evicted)
+            conn.execute("UPDATE meta SET value=? WHERE key='evicted_total'", (self._evicted_total,))
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA incremental_vacuum")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        state = self._snapshot()
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                assert op.future is not None
+                results.append((op.future, self._apply(conn, op, evicted), None))
+            conn.execute("UPDATE meta SET value=? WHERE key='next_seq'", (self._next_seq,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._restore(state)
+            err = OutboxFullError(f"disk full: event not accepted ({exc})")
+            results = [(op.future, None, err) for op in ops if op.future is not None]
+            loop.call_soon_threadsafe(self._deliver, results, False, evicted if evicted else None)
+            return
+        self._commits_total += 1
+        self._last_commit_mono = time.monotonic()
+        loop.call_soon_threadsafe(self._deliver, results, True, evicted if evicted else None)
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        return (self._next_seq, dict(self._cursor), dict(self._unsent_bytes), dict(self._unsent_rows),
+                self._history_bytes, self._evicted_total, self._coalesced_total)
+
+    def _restore(self, s: tuple[Any, ...]) -> None:
+        (self._next_seq, self._cursor, self._unsent_bytes, self._unsent_rows,
+         self._history_bytes, self._evicted_total, self._coalesced_total) = s
+
+    def _apply(self, conn: sqlite3.Connection, op: _Op, evicted: EvictionReport) -> Any:
+        if isinstance(op, _Append):
+            return self._append(conn, op.events)
+        if isinstance(op, _Lease):
+            return self._lease(conn, op.max_events, op.max_bytes)
+        if isinstance(op, _Ack):
+            return self._ack(conn, op.seqs)
+        if isinstance(op, _ResetLeases):
+            self._cursor = {p.value: 0 for p in Priority}
+            return None
+        if isinstance(op, _Barrier):
+            return None
+        if isinstance(op, _Stats):
+            return self._stats(conn)
+        if isinstance(op, _ClaimNonce):
+            conn.execute("DELETE FROM nonces WHERE expires_ms < ?", (op.now_ms,))
+            cur = conn.execute("INSERT OR IGNORE INTO nonces(nonce, expires_ms) VALUES (?, ?)",
+                               (op.nonce, op.expires_ms))
+            return cur.rowcount == 1
+        if isinstance(op, _CorrectClock):
+            return self._correct_clock(conn, op.boot_id, op.to_wall)
+        if isinstance(op, _Query):
+            return op.fn(conn)
+        raise OutboxError(f"unknown outbox operation {op!r}")
+
+    def _append(self, conn: sqlite3.Connection, events: Iterable[Event]) -> list[int]:
+        seqs: list[int] = []
+        rows: list[tuple[Any, ...]] = []
+        for ev in events:
+            prio = ev.priority.value
+            if ev.coalesce_key is not None:
+                seq = self._coalesce(conn, ev)
+                if seq is not None:
+                    seqs.append(seq)
+                    continue
+            seq = self._next_seq
+            self._next_seq += 1
+            payload = ev.to_json(seq)
+            size = len(payload) + _ROW_OVERHEAD_BYTES
+            stamp = ev.stamp
+            rows.append((seq, ev.id, prio, ev.type, ev.device_id, ev.coalesce_key, int(ev.pinned),
+                         int(stamp.wall.timestamp() * 1000), int(not stamp.synced), stamp.monotonic_ns,
+                         stamp.boot_id, size, payload))
+            self._unsent_bytes[prio] += size
+            self._unsent_rows[prio] += 1
+            seqs.append(seq)
+        if rows:
+            conn.executemany(
+                "INSERT INTO outbox(seq, id, prio, type, device_id, ckey, pinned, created_ms, unsynced,"
+                " mono_ns, boot_id, size, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+        return seqs
+
+    def _coalesce(self, conn: sqlite3.Connection, ev: Event) -> int | None:
+        """Fold telemetry into the unsent, unleased row of the same series, if there is one.
+
+        The row keeps its ``seq`` and ``id`` (so the cloud sees no gap) and takes the newest value
+        and time; ``coalesced`` counts the readings folded into it.
+        """
+        prio = ev.priority.value
+        row = conn.execute(
+            "SELECT seq, id, coalesced, size FROM outbox WHERE ckey=? AND sent_ms IS NULL AND seq>?"
+            " ORDER BY seq DESC LIMIT 1",
+            (ev.coalesce_key, self._cursor[prio]),
+        ).fetchone()
+        if row is None:
+            return None
+        seq, row_id, count, old_size = row
+        env = ev.envelope(seq)
+        env["id"] = row_id
+        env["coalesced"] = count + 1
+        payload = orjson.dumps(env)
+        size = len(payload) + _ROW_OVERHEAD_BYTES
+        stamp = ev.stamp
+        conn.execute(
+            "UPDATE outbox SET payload=?, size=?, coalesced=?, created_ms=?, unsynced=?, mono_ns=?,"
+            " boot_id=? WHERE seq=?",
+            (payload, size, count + 1, int(stamp.wall.timestamp() * 1000), int(not stamp.synced),
+             stamp.monotonic_ns, stamp.boot_id, seq),
+        )
+        self._unsent_bytes[prio] += size - old_size
+        self._coalesced_total += 1
+        return int(seq)
+
+    def _lease(self, conn: sqlite3.Connection, max_events: int, max_bytes: int) -> Batch | None:
+        for prio in Priority:
+            if self._unsent_rows[prio.value] == 0:
+                continue
+            rows = conn.execute(
+                "SELECT seq, payload FROM outbox WHERE sent_ms IS NULL AND prio=? AND seq>?"
+                " ORDER BY seq LIMIT ?",
+                (prio.value, self._cursor[prio.value], max_events),
+            ).fetchall()
+            if not rows:
+                continue
+            seqs: list[int] = []
+            payloads: list[bytes] = []
+            total = 0
+            for seq, payload in rows:
+                if payloads and total + len(payload) > max_bytes:
+                    break
+                seqs.append(seq)
+                payloads.append(payload)
+                total += len(payload)
+            self._cursor[prio.value] = seqs[-1]
+            return Batch(prio, tuple(seqs), tuple(payloads))
+        return None
+
+    def _ack(self, conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
+        now = self._now_ms()
+        done = self._unsent_counts(conn, seqs)
+        conn.executemany("UPDATE outbox SET sent_ms=? WHERE seq=? AND sent_ms IS NULL",
+                         [(now, s) for s in seqs])
+        for prio, n, nbytes in done:
+            self._unsent_rows[prio] -= n
+            self._unsent_bytes[prio] -= nbytes
+            self._history_bytes += nbytes
+
+    @staticmethod
+    def _unsent_counts(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(prio, rows, bytes) of the still-unsent rows among ``seqs``; chunked under SQLite's limit."""
+        totals: dict[int, list[int]] = {}
+        for i in range(0, len(seqs), 900):
+            chunk = tuple(seqs[i:i + 900])
+            for prio, n, nbytes in conn.execute(
+                f"SELECT prio, COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NULL"  # noqa: S608 - placeholders only
+                f" AND seq IN ({','.join('?' * len(chunk))}) GROUP BY prio",
+                chunk,
+            ):
+                t = totals.setdefault(prio, [0, 0])
+                t[0] += n
+                t[1] += nbytes
+        return [(p, t[0], t[1]) for p, t in totals.items()]
+
+    def _effective_cap(self) -> int:
+        """The backlog cap, lowered when the disk's free space falls under its reserve."""
+        now = time.monotonic()
+        if now - self._disk_checked >= _DISK_CHECK_INTERVAL_S:
+            self._disk_checked = now
+            try:
+                st = os.statvfs(self._cfg.path.parent)
+                self._disk_free = st.f_bavail * st.f_frsize
+            except OSError:
+                self._disk_free = 1 << 62
+        cap = self._cfg.cap_bytes
+        shortfall = self._cfg.min_free_bytes - self._disk_free
+        if shortfall > 0:
+            cap = max(0, min(cap, sum(self._unsent_bytes.values()) - shortfall))
+        return cap
+
+    def _maybe_evict(self, conn: sqlite3.Connection, evicted: EvictionReport) -> None:
+        cap = self._effective_cap()
+        if self._disk_free < self._cfg.min_free_bytes and self._history_bytes:
+            # Low disk: sent history goes before any unsent event.
+            self._trim_history(conn, keep_bytes=0)
+        over = sum(self._unsent_bytes.values()) - cap
+        if over > 0:
+            self._evict(conn, over, evicted)
+
+    def _evict(self, conn: sqlite3.Connection, need_bytes: int, evicted: EvictionReport) -> None:
+        for prio in (Priority.TELEMETRY, Priority.EVENT):
+            while need_bytes > 0 and self._unsent_rows[prio.value] > 0:
+                rows = conn.execute(
+                    "SELECT seq, size FROM outbox WHERE sent_ms IS NULL AND prio=? AND seq>? AND pinned=0"
+                    " ORDER BY seq LIMIT 500",
+                    (prio.value, self._cursor[prio.value]),
+                ).fetchall()
+                if not rows:
+                    break
+                victims: list[int] = []
+                for seq, size in rows:
+                    victims.append(seq)
+                    need_bytes -= size
+                    self._unsent_bytes[prio.value] -= size
+                    if need_bytes <= 0:
+                        break
+                conn.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in victims])
+                self._unsent_rows[prio.value] -= len(victims)
+                self._evicted_total += len(victims)
+                evicted.add(prio.value, victims)
+            if need_bytes <= 0:
+                return
+
+    def _trim_history(self, conn: sqlite3.Connection, keep_bytes: int) -> int:
+        freed = 0
+        while self._history_bytes > keep_bytes:
+            rows = conn.execute(
+                "SELECT seq, size FROM outbox WHERE sent_ms IS NOT NULL ORDER BY seq LIMIT 2000").fetchall()
+            if not rows:
+                self._history_bytes = 0
+                break
+            victims = []
+            for seq, size in rows:
+                victims.append((seq,))
+                self._history_bytes -= size
+                freed += size
+                if self._history_bytes <= keep_bytes:
+                    break
+            conn.executemany("DELETE FROM outbox WHERE seq=?", victims)
+        return freed
+
+    def _maybe_housekeep(self, conn: sqlite3.Connection) -> None:
+        now = time.monotonic()
+        if now - self._housekeeping_at < _HOUSEKEEPING_INTERVAL_S:
+            return
+        self._housekeeping_at = now
+        if self._history_bytes > self._cfg.history_bytes:
+            self._trim_history(conn, keep_bytes=self._cfg.history_bytes * 3 // 4)
+
+    def _stats(self, conn: sqlite3.Connection) -> OutboxStats:
+        now = self._now_ms()
+        classes: dict[str, ClassStats] = {}
+        for prio in Priority:
+            row = conn.execute(
+                "SELECT created_ms FROM outbox WHERE sent_ms IS NULL AND prio=? ORDER BY seq LIMIT 1",
+                (prio.value,),
+            ).fetchone()
+            age = None if row is None else max(0.0, (now - row[0]) / 1000)
+            classes[prio.label] = ClassStats(self._unsent_rows[prio.value], self._unsent_bytes[prio.value], age)
+        history = conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_ms IS NOT NULL").fetchone()[0]
+        page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        last = None if self._last_commit_mono is None else time.monotonic() - self._last_commit_mono
+        return OutboxStats(classes, history, self._next_seq, self._evicted_total, self._coalesced_total,
+                           self.intake_dropped_total, self._commits_total, page_count * page_size, last)
+
+    def _correct_clock(self, conn: sqlite3.Connection, boot_id: str,
+                       to_wall: Callable[[int], str]) -> tuple[int, int]:
+        rows = conn.execute(
+            "SELECT seq, payload, mono_ns FROM outbox WHERE unsynced=1 AND sent_ms IS NULL AND boot_id=?",
+            (boot_id,),
+        ).fetchall()
+        for seq, payload, mono_ns in rows:
+            env = orjson.loads(payload)
+            env["occurred_at"] = to_wall(mono_ns)
+            env["clock_synced"] = True
+            env.setdefault("clock", {})["corrected"] = True
+            new = orjson.dumps(env)
+            conn.execute("UPDATE outbox SET payload=?, unsynced=0 WHERE seq=?", (new, seq))
+        sent = conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE unsynced=1 AND sent_ms IS NOT NULL AND boot_id=?", (boot_id,)
+        ).fetchone()[0]
+        return len(rows), int(sent)
+
+
+def _is_disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
+
+
+def _set_result_if_pending(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exc_if_pending(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
