@@ -1,0 +1,401 @@
+"""The composition root: builds everything from the config, wires it, runs it, stops it in order.
+
+Nothing else constructs drivers. Start-up: outbox (recovering whatever was unsent) → uplink →
+drivers → health → READY=1. Shutdown (SIGTERM or the injected trigger), time-boxed: stop intake
+(drivers) → commit the outbox → let the uplink drain for ``flush_on_stop_s`` → offline status →
+disconnect → close the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgeagent import __version__
+from edgeagent.cloud_bridge.uplink import Uplink
+from edgeagent.drivers.sim.devices import SimContact, SimPanic, SimSensor
+from edgeagent.health import HealthServer
+from edgeagent.kernel import metrics
+from edgeagent.kernel.clock import Clock
+from edgeagent.kernel.commands import CommandResult, CommandRouter, CommandService, CommandSpec, load_public_key
+from edgeagent.kernel.config import Config, DeviceBase
+from edgeagent.kernel.errors import OutboxError
+from edgeagent.kernel.event_types import (
+    CLOCK_SYNCED,
+    COMMAND_AUDIT,
+    DEVICE_FAULT,
+    GATEWAY_STARTED,
+    GATEWAY_STOPPED,
+    OUTBOX_EVICTED,
+    REGISTRY,
+)
+from edgeagent.kernel.events import EventFactory, utc_ms
+from edgeagent.kernel.outbox import EvictionReport, Outbox, OutboxConfig, OutboxStats
+from edgeagent.kernel.sdnotify import Notifier
+from edgeagent.kernel.sink import EventSink
+from edgeagent.kernel.supervisor import Supervisor, TaskInfo
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+CLOCK_POLL_S = 10.0
+EVICTION_REPORT_MIN_S = 5.0
+# The outbox is judged stuck when events wait and nothing was committed for this long.
+COMMIT_STALL_S = 30.0
+LOOP_LAG_LIMIT_S = 5.0
+RUNTIME_FILE = "runtime.json"
+
+
+class Driver(Protocol):
+    async def run(self) -> None: ...
+
+
+DriverFactory = Callable[[Any, EventSink], Driver]
+# The explicit registry of driver implementations, by config ``type``.
+DRIVERS: dict[str, DriverFactory] = {
+    "sim.sensor": SimSensor,
+    "sim.contact": SimContact,
+    "sim.panic": SimPanic,
+}
+
+
+def state_dir_for(cfg: Config, environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    override = env.get("STATE_DIRECTORY")
+    return Path(override.split(":")[0]) if override else cfg.state_dir
+
+
+@dataclass
+class Progress:
+    """What the watchdog judges liveness by."""
+
+    loop_lag_s: float = 0.0
+    last_beat: float = 0.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock or Clock(cfg.clock.sync)
+        self.notifier = notifier or Notifier()
+        self.state_dir = state_dir_for(cfg, environ)
+        self.factory = EventFactory(REGISTRY, cfg.site_id, cfg.gateway_id, self.clock)
+        self.outbox = Outbox(
+            OutboxConfig(
+                path=self.state_dir / "outbox.db",
+                cap_bytes=int(cfg.outbox.cap_mb * 1024 * 1024),
+                history_bytes=int(cfg.outbox.history_mb * 1024 * 1024),
+                min_free_bytes=int(cfg.outbox.min_free_mb * 1024 * 1024),
+                durability=cfg.outbox.durability,
+            ),
+            on_evicted=self._on_evicted,
+        )
+        self.sink = EventSink(self.factory, self.outbox)
+        self.router = CommandRouter()
+        self.uplink: Uplink | None = None
+        self.supervisor: Supervisor | None = None
+        self.health: HealthServer | None = None
+        self.progress = Progress()
+        self.started_mono = time.monotonic()
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._stop_reason = "stop requested"
+        self._evictions = EvictionReport()
+        self._eviction_total = 0
+        self._eviction_task: asyncio.Task[None] | None = None
+        self._last_stats: OutboxStats | None = None
+        self._driver_names: list[str] = []
+        self._register_builtin_commands()
+
+    # --- control -----------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        self._stop_reason = reason
+        self._stop.set()
+
+    def register_command(self, spec: CommandSpec) -> None:
+        self.router.register(spec)
+
+    async def run(self, shutdown_trigger: Callable[[], Awaitable[None]] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        if shutdown_trigger is None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+                    installed.append(sig)
+        try:
+            async with self.outbox, asyncio.TaskGroup() as tg:
+                await self._start(tg)
+                trigger = asyncio.ensure_future(shutdown_trigger()) if shutdown_trigger else None
+                stopper = asyncio.ensure_future(self._stop.wait())
+                waiters = [w for w in (trigger, stopper) if w is not None]
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+                if trigger is not None and trigger.done() and not self._stop.is_set():
+                    self._stop_reason = "shutdown trigger"
+                await self._shutdown(tg)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            self._remove_runtime_file()
+
+    # --- start-up ----------------------------------------------------------------------------------
+
+    async def _start(self, tg: asyncio.TaskGroup) -> None:
+        cfg = self.cfg
+        log.info("edgeagent %s starting: site %s, gateway %s, state in %s", __version__, cfg.site_id,
+                 cfg.gateway_id, self.state_dir)
+        if self.outbox.recovered_unsent:
+            log.info("outbox: %d unsent events recovered from the last run", self.outbox.recovered_unsent)
+        if not self.clock.synced:
+            log.warning("clock not synchronised yet: event times are marked and corrected once it is")
+        self.supervisor = Supervisor(
+            tg, intensity=cfg.supervisor.restart_intensity, window_s=cfg.supervisor.restart_window_s,
+            backoff_cap_s=cfg.supervisor.backoff_cap_s, on_give_up=self._on_give_up)
+        await self.sink.emit(GATEWAY_STARTED.name, cfg.gateway_id, {
+            "version": __version__, "boot_id": self.clock.boot_id,
+            "recovered_unsent": self.outbox.recovered_unsent})
+        if cfg.uplink is not None and cfg.uplink.enabled:
+            commands = self._command_service() if cfg.commands.enabled else None
+            self.uplink = Uplink(cfg.uplink, site_id=cfg.site_id, gateway_id=cfg.gateway_id, outbox=self.outbox,
+                                 version=__version__, commands=commands)
+            self.supervisor.start("uplink", self.uplink.run)
+        else:
+            log.warning("no uplink configured: events stay in the outbox")
+        for dev in cfg.devices:
+            if not dev.enabled:
+                continue
+            self._start_driver(dev)
+        if cfg.health.enabled:
+            self.health = HealthServer(cfg.health.host, cfg.health.port, self)
+            await self.health.start()
+        tg.create_task(self._heartbeat(), name="heartbeat")
+        self._write_runtime_file()
+        self.ready.set()
+        self.notifier.ready()
+        self.notifier.status(f"running; {len(self._driver_names)} drivers")
+
+    def _start_driver(self, dev: DeviceBase) -> None:
+        assert self.supervisor is not None
+        factory = DRIVERS[dev.type]  # type: ignore[attr-defined]  # every DeviceConfig member has `type`
+        driver = factory(dev, self.sink)
+        name = f"device:{dev.id}"
+        self._driver_names.append(name)
+        self.supervisor.start(name, driver.run)
+
+    def _command_service(self) -> CommandService:
+        keys = {kid: load_public_key(path) for kid, path in self.cfg.commands.public_keys.items()}
+        if not keys:
+            log.warning("commands: no platform public key configured; every command will be rejected")
+        return CommandService(
+            site_id=self.cfg.site_id, gateway_id=self.cfg.gateway_id, keys=keys, router=self.router,
+            claim_nonce=self.outbox.claim_nonce, now=self.clock.now, clock_synced=lambda: self.clock.synced,
+            audit=self._audit_command, max_ttl_s=self.cfg.commands.max_ttl_s,
+            clock_skew_s=self.cfg.commands.clock_skew_s, max_concurrent=self.cfg.commands.max_concurrent)
+
+    def _register_builtin_commands(self) -> None:
+        async def ping(_args: Mapping[str, Any]) -> Mapping[str, Any]:
+            return {"pong": True, "version": __version__, "at": utc_ms(self.clock.now())}
+
+        async def status(_args: Mapping[str, Any]) -> Mapping[str, Any]:
+            return await self.status()
+
+        self.router.register(CommandSpec("gateway.ping", ping, description="liveness check"))
+        self.router.register(CommandSpec("gateway.status", status, description="the status snapshot"))
+
+    async def _audit_command(self, result: CommandResult) -> None:
+        try:
+            await self.sink.emit(COMMAND_AUDIT.name, self.cfg.gateway_id, {
+                "command_id": result.command_id or "?", "command": result.command or "?",
+                "outcome": result.status, "error": None if result.error_code is None
+                else f"{result.error_code}: {result.error_message}", "issuer": result.issuer})
+        except OutboxError as exc:
+            log.error("command audit not stored: %s", exc)
+
+    async def _on_give_up(self, info: TaskInfo) -> None:
+        device_id = info.name.split(":", 1)[1] if ":" in info.name else self.cfg.gateway_id
+        await self.sink.emit(DEVICE_FAULT.name, device_id, {
+            "task": info.name, "error": info.last_error or "?", "restarts": info.restarts})
+
+    # --- eviction reports, clock, heartbeat --------------------------------------------------------
+
+    def _on_evicted(self, report: EvictionReport, total: int) -> None:
+        ev = self._evictions
+        ev.telemetry += report.telemetry
+        ev.event += report.event
+        if report.first_seq is not None:
+            ev.first_seq = report.first_seq if ev.first_seq is None else min(ev.first_seq, report.first_seq)
+        if report.last_seq is not None:
+            ev.last_seq = report.last_seq if ev.last_seq is None else max(ev.last_seq, report.last_seq)
+        self._eviction_total = total
+        log.warning("outbox over its cap: evicted %d telemetry and %d events", report.telemetry, report.event)
+        if self._eviction_task is None or self._eviction_task.done():
+            self._eviction_task = asyncio.get_running_loop().create_task(self._report_evictions())
+
+    async def _report_evictions(self) -> None:
+        # Coalesce a burst of evictions into one report, at most every EVICTION_REPORT_MIN_S.
+        await asyncio.sleep(0 if self._stop.is_set() else EVICTION_REPORT_MIN_S)
+        ev, self._evictions = self._evictions, EvictionReport()
+        if not ev:
+            return
+        with contextlib.suppress(OutboxError):
+            await self.sink.emit(OUTBOX_EVICTED.name, self.cfg.gateway_id, {
+                "evicted_telemetry": ev.telemetry, "evicted_event": ev.event,
+                "first_seq": ev.first_seq or 0, "last_seq": ev.last_seq or 0,
+                "total_evicted": self._eviction_total, "cap_bytes": int(self.cfg.outbox.cap_mb * 1024 * 1024)})
+
+    async def _on_clock_synced(self) -> None:
+        now_mono = self.clock.monotonic_ns()
+        wall = self.clock.now()
+        corrected, sent = await self.outbox.correct_clock(
+            self.clock.boot_id, lambda mono: utc_ms(self.clock.corrected_wall(mono)))
+        log.info("clock synchronised; corrected %d unsent event times (%d were sent uncorrected)", corrected, sent)
+        await self.sink.emit(CLOCK_SYNCED.name, self.cfg.gateway_id, {
+            "boot_id": self.clock.boot_id, "monotonic_ms": now_mono // 1_000_000, "wall_at_sync": utc_ms(wall),
+            "corrected_unsent": corrected, "sent_uncorrected": sent})
+
+    async def _heartbeat(self) -> None:
+        """Loop lag, outbox progress, gauges, clock sync; WATCHDOG=1 only while all is well."""
+        loop = asyncio.get_running_loop()
+        last_clock_poll = 0.0
+        beats = 0
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(HEARTBEAT_S)
+            lag = max(0.0, loop.time() - t0 - HEARTBEAT_S)
+            self.progress.loop_lag_s = lag
+            self.progress.last_beat = time.monotonic()
+            metrics.LOOP_LAG.set(lag)
+            beats += 1
+            if time.monotonic() - last_clock_poll >= CLOCK_POLL_S:
+                last_clock_poll = time.monotonic()
+                if self.clock.poll():
+                    with contextlib.suppress(OutboxError):
+                        await self._on_clock_synced()
+            if beats % 5 == 0 or self._last_stats is None:
+                with contextlib.suppress(OutboxError):
+                    self._last_stats = await asyncio.wait_for(self.outbox.stats(), 10)
+                    self._export_gauges(self._last_stats)
+            healthy, why = self.healthy()
+            if healthy:
+                self.notifier.watchdog()
+            elif beats % 10 == 0:
+                log.error("watchdog withheld: %s", why)
+
+    def healthy(self) -> tuple[bool, str]:
+        if not self.outbox.alive:
+            return False, "outbox database thread is not running"
+        if self.progress.loop_lag_s > LOOP_LAG_LIMIT_S:
+            return False, f"event loop lagging {self.progress.loop_lag_s:.1f} s"
+        stats = self._last_stats
+        if (stats is not None and self.outbox.pending_events > 0 and stats.last_commit_age_s is not None
+                and stats.last_commit_age_s > COMMIT_STALL_S):
+            return False, f"no outbox commit for {stats.last_commit_age_s:.0f} s with events waiting"
+        if self.progress.last_beat and time.monotonic() - self.progress.last_beat > 10 * HEARTBEAT_S:
+            return False, "heartbeat stalled"
+        return True, "ok"
+
+    @staticmethod
+    def _export_gauges(stats: OutboxStats) -> None:
+        for label, cs in stats.classes.items():
+            metrics.OUTBOX_UNSENT.labels(label).set(cs.unsent)
+            metrics.OUTBOX_UNSENT_BYTES.labels(label).set(cs.unsent_bytes)
+            metrics.OUTBOX_OLDEST_AGE.labels(label).set(cs.oldest_unsent_age_s or 0)
+        metrics.OUTBOX_EVICTED.set(stats.evicted_total)
+
+    async def status(self) -> dict[str, Any]:
+        stats = await self.outbox.stats()
+        healthy, why = self.healthy()
+        return {
+            "version": __version__, "site_id": self.cfg.site_id, "gateway_id": self.cfg.gateway_id,
+            "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started_mono, 1),
+            "healthy": healthy, "health_detail": why, "clock_synced": self.clock.synced,
+            "loop_lag_ms": round(self.progress.loop_lag_s * 1000, 1),
+            "uplink": self.uplink.snapshot() if self.uplink is not None else {"state": "disabled"},
+            "outbox": {
+                "path": str(self.outbox.path), "db_bytes": stats.db_bytes, "next_seq": stats.next_seq,
+                "evicted_total": stats.evicted_total, "coalesced_total": stats.coalesced_total,
+                "intake_dropped_total": stats.intake_dropped_total, "history_rows": stats.history_rows,
+                "classes": {k: {"unsent": v.unsent, "unsent_bytes": v.unsent_bytes,
+                                "oldest_unsent_age_s": None if v.oldest_unsent_age_s is None
+                                else round(v.oldest_unsent_age_s, 1)} for k, v in stats.classes.items()},
+            },
+            "tasks": self.supervisor.snapshot() if self.supervisor is not None else [],
+        }
+
+    # --- shutdown ------------------------------------------------------------------------------------
+
+    async def _shutdown(self, tg: asyncio.TaskGroup) -> None:
+        del tg
+        reason = self._stop_reason
+        log.info("stopping (%s)", reason)
+        self.notifier.stopping()
+        budget = self.cfg.supervisor.shutdown_timeout_s
+        try:
+            await asyncio.wait_for(self._orderly_stop(reason), budget)
+        except TimeoutError:
+            log.error("orderly shutdown took longer than %.0f s; cancelling what is left", budget)
+        if self.supervisor is not None:
+            await self.supervisor.stop_all()
+        if self.health is not None:
+            await self.health.stop()
+        for task in asyncio.all_tasks():
+            if task.get_name() == "heartbeat":
+                task.cancel()
+
+    async def _orderly_stop(self, reason: str) -> None:
+        sup = self.supervisor
+        assert sup is not None
+        await sup.stop_all(self._driver_names)  # 1. stop intake
+        if self._eviction_task is not None and not self._eviction_task.done():
+            self._eviction_task.cancel()
+            await self._report_evictions()
+        stats = await self.outbox.stats()
+        unsent = sum(c.unsent for c in stats.classes.values())
+        with contextlib.suppress(OutboxError):
+            await self.sink.emit(GATEWAY_STOPPED.name, self.cfg.gateway_id, {"reason": reason, "unsent": unsent})
+        await self.outbox.flush()  # 2. everything accepted is committed
+        if self.uplink is not None and self.cfg.uplink is not None:  # 3. bounded drain, offline, disconnect
+            drain = self.cfg.uplink.flush_on_stop_s
+            await self.uplink.stop(drain)
+            task_info = sup.tasks.get("uplink")
+            deadline = time.monotonic() + drain + 5
+            while task_info is not None and task_info.state in ("running", "backoff", "starting"):
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+
+    # --- runtime file for the CLI ------------------------------------------------------------------
+
+    def _write_runtime_file(self) -> None:
+        info = {"pid": os.getpid(), "started_at": utc_ms(self.clock.now()),
+                "health_url": self.health.url if self.health is not None else None}
+        path = self.state_dir / RUNTIME_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info), encoding="utf-8")
+        tmp.replace(path)
+
+    def _remove_runtime_file(self) -> None:
+        path = self.state_dir / RUNTIME_FILE
+        with contextlib.suppress(OSError):
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if info.get("pid") == os.getpid():
+                path.unlink()

@@ -1,0 +1,9 @@
+"""stub"""
+
+
+def doctor() -> None:
+    pass
+
+
+def diagnose() -> None:
+    pass

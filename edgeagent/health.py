@@ -1,0 +1,66 @@
+"""Local HTTP endpoint: ``/healthz`` (200 or 503), Prometheus ``/metrics`` and ``/status`` (JSON for
+``edgeagent status``). Bound to 127.0.0.1 by default: it is for the box, not the LAN."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from edgeagent.kernel.metrics import REGISTRY
+
+if TYPE_CHECKING:
+    from edgeagent.app import Daemon
+
+log = logging.getLogger(__name__)
+
+
+class HealthServer:
+    def __init__(self, host: str, port: int, daemon: Daemon) -> None:
+        self._host = host
+        self._port = port
+        self._daemon = daemon
+        self._runner: web.AppRunner | None = None
+        self.url: str | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/status", self._status)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            log.error("health endpoint cannot listen on %s:%d: %s (continuing without it)",
+                      self._host, self._port, exc.strerror)
+            return
+        self._runner = runner
+        server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+        port = self._port
+        if server is not None and getattr(server, "sockets", None):
+            port = server.sockets[0].getsockname()[1]
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self.url = f"http://{host}:{port}"
+        log.info("health endpoint on %s", self.url)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, _req: web.Request) -> web.Response:
+        ok, why = self._daemon.healthy()
+        return web.json_response({"ok": ok, "detail": why}, status=200 if ok else 503)
+
+    async def _metrics(self, _req: web.Request) -> web.Response:
+        body = generate_latest(REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _status(self, _req: web.Request) -> web.Response:
+        return web.json_response(await self._daemon.status())

@@ -1,0 +1,281 @@
+"""Commands from the cloud: verified before they run, answered always, audited always.
+
+Wire form of a request (see ``cloud-bridge/contract/schemas/command-request.json``)::
+
+    {"v": 1, "kid": "platform-2026", "body": "<JSON text>", "sig": "<base64 Ed25519 signature>"}
+
+The signature covers the UTF-8 bytes of ``SIGNING_PREFIX + body``. Signing the exact body text (not a
+re-serialisation of parsed JSON) leaves no canonicalisation ambiguity. Checks, in order: size, shape,
+known key, signature, target gateway, clock synchronised, not yet valid / expired / TTL too long, the
+command exists and its arguments fit, then the nonce is recorded durably (replays are refused even
+after a restart). Only then does the handler run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgeagent.kernel.errors import CommandRejected, ConfigError
+
+log = logging.getLogger(__name__)
+
+SIGNING_PREFIX = b"edgeagent-cmd-v1\n"
+MAX_COMMAND_BYTES = 16 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CommandRequest(_Strict):
+    v: Literal[1]
+    kid: str = Field(min_length=1, max_length=64)
+    body: str = Field(min_length=2)
+    sig: str = Field(min_length=1, max_length=200)
+
+
+class CommandBody(_Strict):
+    id: str = Field(min_length=1, max_length=64)
+    site_id: str
+    gateway_id: str
+    command: str = Field(pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+    args: dict[str, Any] = Field(default_factory=dict)
+    issued_at: datetime
+    expires_at: datetime
+    nonce: str = Field(min_length=16, max_length=128)
+    issuer: str = Field(min_length=1, max_length=128)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    command_id: str | None
+    ok: bool
+    status: Literal["executed", "failed", "rejected"]
+    result: Mapping[str, Any] | None
+    error_code: str | None
+    error_message: str | None
+    command: str | None = None
+    issuer: str | None = None
+
+    def to_json(self, now: datetime) -> bytes:
+        error = None if self.error_code is None else {"code": self.error_code, "message": self.error_message}
+        return orjson.dumps({
+            "v": 1, "command_id": self.command_id, "ok": self.ok, "status": self.status,
+            "result": None if self.result is None else dict(self.result), "error": error,
+            "at": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+        })
+
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    name: str
+    handler: Handler
+    args_model: type[BaseModel] | None = None
+    description: str = ""
+
+
+class CommandRouter:
+    """Explicit registry of the commands this gateway runs. Capabilities register theirs at wiring."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, CommandSpec] = {}
+
+    def register(self, spec: CommandSpec) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"command {spec.name!r} registered twice")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> CommandSpec | None:
+        return self._specs.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file or a file holding the raw 32 bytes in base64."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the command public key: {exc.strerror}") from exc
+    try:
+        if b"BEGIN PUBLIC KEY" in data:
+            key = load_pem_public_key(data)
+            if not isinstance(key, Ed25519PublicKey):
+                raise ConfigError(f"{path}: not an Ed25519 public key")
+            return key
+        raw = base64.b64decode(data.strip(), validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, binascii.Error) as exc:
+        raise ConfigError(f"{path}: not an Ed25519 public key (PEM or base64 of 32 bytes)") from exc
+
+
+class CommandService:
+    """Verifies and runs commands. Transport-free: the bridge hands it bytes and publishes the result."""
+
+    def __init__(
+        self,
+        *,
+        site_id: str,
+        gateway_id: str,
+        keys: Mapping[str, Ed25519PublicKey],
+        router: CommandRouter,
+        claim_nonce: Callable[[str, int], Awaitable[bool]],
+        now: Callable[[], datetime],
+        clock_synced: Callable[[], bool],
+        audit: Callable[[CommandResult], Awaitable[None]],
+        max_ttl_s: int = 600,
+        clock_skew_s: int = 30,
+        max_concurrent: int = 4,
+    ) -> None:
+        self._site_id = site_id
+        self._gateway_id = gateway_id
+        self._keys = dict(keys)
+        self._router = router
+        self._claim_nonce = claim_nonce
+        self._now = now
+        self._clock_synced = clock_synced
+        self._audit = audit
+        self._max_ttl = timedelta(seconds=max_ttl_s)
+        self._skew = timedelta(seconds=clock_skew_s)
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._busy = 0
+        self._max_concurrent = max_concurrent
+        self.rejected_total = 0
+        self.executed_total = 0
+        self.failed_total = 0
+
+    async def handle(self, payload: bytes) -> CommandResult:
+        """Verify and run one request. Never raises for bad input: every outcome is a result."""
+        if self._busy >= self._max_concurrent * 4:
+            # Overflow policy: beyond 4x the concurrency, refuse at once rather than queue without bound.
+            result = self._reject(None, "busy", "too many commands in progress; retry later")
+            await self._audit(result)
+            return result
+        self._busy += 1
+        try:
+            async with self._slots:
+                result = await self._handle(payload)
+        finally:
+            self._busy -= 1
+        await self._audit(result)
+        return result
+
+    async def _handle(self, payload: bytes) -> CommandResult:
+        body: CommandBody | None = None
+        try:
+            body = self._verify_signature(payload)
+            spec = await self._authorise(body)
+            args = self._check_args(spec, body)
+        except CommandRejected as exc:
+            self.rejected_total += 1
+            log.warning("command %s rejected: %s (%s)", body.id if body else "?", exc.code, exc.message)
+            return CommandResult(body.id if body else None, False, "rejected", None, exc.code, exc.message,
+                                 body.command if body else None, body.issuer if body else None)
+        try:
+            result = await spec.handler(args)
+        except CommandRejected as exc:
+            self.failed_total += 1
+            return CommandResult(body.id, False, "failed", None, exc.code, exc.message, body.command, body.issuer)
+        except Exception as exc:
+            self.failed_total += 1
+            log.exception("command %s (%s) failed", body.id, body.command)
+            return CommandResult(body.id, False, "failed", None, "failed", f"{type(exc).__name__}: {exc}",
+                                 body.command, body.issuer)
+        self.executed_total += 1
+        log.info("command %s (%s) from %s executed", body.id, body.command, body.issuer)
+        return CommandResult(body.id, True, "executed", result, None, None, body.command, body.issuer)
+
+    def _reject(self, command_id: str | None, code: str, message: str) -> CommandResult:
+        self.rejected_total += 1
+        log.warning("command %s rejected: %s (%s)", command_id or "?", code, message)
+        return CommandResult(command_id, False, "rejected", None, code, message)
+
+    def _verify_signature(self, payload: bytes) -> CommandBody:
+        if len(payload) > MAX_COMMAND_BYTES:
+            raise CommandRejected("too_large", f"command is {len(payload)} bytes; the limit is {MAX_COMMAND_BYTES}")
+        try:
+            req = CommandRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            raise CommandRejected("malformed", f"not a command request: {_first_error(exc)}") from None
+        key = self._keys.get(req.kid)
+        if key is None:
+            raise CommandRejected("unknown_key", f"no platform key {req.kid!r} is configured")
+        try:
+            sig = base64.b64decode(req.sig, validate=True)
+        except (binascii.Error, ValueError):
+            raise CommandRejected("bad_signature", "signature is not base64") from None
+        try:
+            key.verify(sig, SIGNING_PREFIX + req.body.encode("utf-8"))
+        except InvalidSignature:
+            raise CommandRejected("bad_signature", "signature does not verify") from None
+        try:
+            return CommandBody.model_validate_json(req.body)
+        except ValidationError as exc:
+            raise CommandRejected("malformed", f"command body: {_first_error(exc)}") from None
+
+    async def _authorise(self, body: CommandBody) -> CommandSpec:
+        if body.gateway_id != self._gateway_id or body.site_id != self._site_id:
+            raise CommandRejected("wrong_gateway", f"command is for {body.site_id}/{body.gateway_id}")
+        if not self._clock_synced():
+            raise CommandRejected("clock_unsynced", "the gateway clock is not synchronised; cannot check expiry")
+        now = self._now()
+        issued, expires = _aware(body.issued_at), _aware(body.expires_at)
+        if issued - self._skew > now:
+            raise CommandRejected("not_yet_valid", "issued_at is in the future")
+        if expires <= now:
+            raise CommandRejected("expired", "the command has expired")
+        if expires - issued > self._max_ttl:
+            raise CommandRejected("ttl_too_long", f"validity exceeds {int(self._max_ttl.total_seconds())} s")
+        spec = self._router.get(body.command)
+        if spec is None:
+            raise CommandRejected("unknown_command", f"this gateway has no command {body.command!r}")
+        keep_until_ms = int((expires + self._skew).timestamp() * 1000)
+        if not await self._claim_nonce(body.nonce, keep_until_ms):
+            raise CommandRejected("replay", "this nonce was used before")
+        return spec
+
+    @staticmethod
+    def _check_args(spec: CommandSpec, body: CommandBody) -> Mapping[str, Any]:
+        if spec.args_model is None:
+            if body.args:
+                raise CommandRejected("bad_args", f"{spec.name} takes no arguments")
+            return {}
+        try:
+            return spec.args_model.model_validate(body.args).model_dump()
+        except ValidationError as exc:
+            raise CommandRejected("bad_args", _first_error(exc)) from None
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(document)"
+    return f"{loc}: {err['msg']}"
+
+
+def sign_command(private_key: Any, kid: str, body: Mapping[str, Any]) -> bytes:
+    """Build a signed request (the platform's side; used by tests, the demo and 'edgeagent' tooling)."""
+    text = orjson.dumps(dict(body), option=orjson.OPT_PASSTHROUGH_DATETIME, default=str).decode()
+    sig = private_key.sign(SIGNING_PREFIX + text.encode("utf-8"))
+    return orjson.dumps({"v": 1, "kid": kid, "body": text, "sig": base64.b64encode(sig).decode()})

@@ -1,0 +1,494 @@
+"""The one configuration file: YAML, validated strictly, versioned, secrets only by reference.
+
+Errors name the file, the line, the key and the problem in plain words, e.g.::
+
+    /etc/edgeagent/edgeagent.yaml:14:3: uplink.keepalive_s: must be at least 5 (got 0)
+
+Secrets never sit in the file: a secret field takes ``{credential: NAME}`` (a systemd credential,
+read from ``$CREDENTIALS_DIRECTORY``), ``{file: PATH}`` or ``{env: NAME}``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from edgeagent.kernel.errors import ConfigError, SecretError
+
+CONFIG_VERSION = 1
+_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+class SecretRef(Strict):
+    """Where a secret lives. Exactly one of the three keys."""
+
+    credential: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="name of a systemd credential (LoadCredential=NAME:PATH in the unit)")
+    file: Path | None = Field(default=None, description="path of a file holding only the secret")
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                            description="environment variable holding the secret")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        given = [k for k in ("credential", "file", "env") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a secret reference needs exactly one of 'credential', 'file' or 'env'")
+        return self
+
+    def describe(self) -> str:
+        if self.credential is not None:
+            return f"credential {self.credential!r}"
+        if self.file is not None:
+            return f"file {str(self.file)!r}"
+        return f"environment variable {self.env!r}"
+
+    def resolve(self, environ: Mapping[str, str] | None = None) -> SecretStr:
+        env = os.environ if environ is None else environ
+        try:
+            if self.credential is not None:
+                cred_dir = env.get("CREDENTIALS_DIRECTORY")
+                if not cred_dir:
+                    raise SecretError(
+                        f"secret {self.describe()}: no $CREDENTIALS_DIRECTORY (not started by systemd with "
+                        "LoadCredential=); use {file: PATH} when running by hand")
+                text = (Path(cred_dir) / self.credential).read_text(encoding="utf-8")
+            elif self.file is not None:
+                text = self.file.read_text(encoding="utf-8")
+            else:
+                assert self.env is not None
+                if self.env not in env:
+                    raise SecretError(f"secret {self.describe()} is not set")
+                text = env[self.env]
+        except OSError as exc:
+            raise SecretError(f"secret {self.describe()} cannot be read: {exc.strerror}") from exc
+        value = text.rstrip("\r\n")
+        if not value:
+            raise SecretError(f"secret {self.describe()} is empty")
+        return SecretStr(value)
+
+    def path_for(self, environ: Mapping[str, str] | None = None) -> Path:
+        """A file path holding the secret (for libraries that want a path, like ssl)."""
+        env = os.environ if environ is None else environ
+        if self.file is not None:
+            return self.file
+        if self.credential is not None and env.get("CREDENTIALS_DIRECTORY"):
+            return Path(env["CREDENTIALS_DIRECTORY"]) / self.credential
+        raise SecretError(f"secret {self.describe()} must be a file or a credential here")
+
+
+def _no_clear_secret(value: Any) -> Any:
+    if isinstance(value, str | int | float):
+        raise ValueError(
+            "secrets may not be written in the config file; "
+            "use {credential: NAME}, {file: PATH} or {env: NAME}")
+    return value
+
+
+SecretField = Annotated[SecretRef, Field(description="secret by reference")]
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+class ClockConfig(Strict):
+    sync: Literal["auto", "synced", "unsynced"] = Field(
+        default="auto",
+        description="'auto' asks the kernel whether NTP has synchronised the clock; events before that "
+        "are marked and corrected later. 'synced' trusts the clock (boxes with an RTC).")
+
+
+class OutboxSection(Strict):
+    cap_mb: float = Field(default=256, gt=0, le=1_000_000,
+                          description="backlog cap; beyond it telemetry, then events, are evicted (never alarms)")
+    history_mb: float = Field(default=16, ge=0, description="sent events kept for 'events list'")
+    min_free_mb: float = Field(default=64, ge=0, description="disk space kept free for the system")
+    durability: Literal["full", "normal"] = Field(
+        default="full", description="'full' survives power loss (one fsync per group commit); "
+        "'normal' survives a crash of the daemon only")
+
+
+class RetryConfig(Strict):
+    first_max_s: float = Field(default=1.0, gt=0, le=60, description="random delay before the first retry")
+    short_cap_s: float = Field(default=4.0, gt=0, le=600,
+                               description="backoff cap during the first minute of an outage")
+    long_cap_s: float = Field(default=60.0, gt=0, le=3600, description="backoff cap after that")
+    short_window_s: float = Field(default=60.0, ge=0, le=3600)
+
+
+class TLSConfig(Strict):
+    ca_file: Path | None = Field(default=None, description="CA bundle for the broker; system CAs if unset")
+    cert_file: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    key: SecretField | None = Field(default=None, description="client private key, by reference")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key is None):
+            raise ValueError("mutual TLS needs both 'cert_file' and 'key'")
+        return self
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_ref(cls, v: Any) -> Any:
+        return _no_clear_secret(v)
+
+
+class UplinkConfig(Strict):
+    enabled: bool = True
+    broker: str = Field(description="mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)")
+    client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    topic_prefix: str = Field(default="edgeagent/v1", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto", description="'auto' tries MQTT 5 and falls back to 3.1.1 if the broker refuses it")
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    connect_timeout_s: float = Field(default=10, gt=0, le=120)
+    username: str | None = None
+    password: SecretField | None = None
+    tls: TLSConfig | None = None
+    batch_max_events: int = Field(default=500, ge=1, le=10_000)
+    batch_max_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_inflight_batches: int = Field(default=8, ge=1, le=1000)
+    flush_on_stop_s: float = Field(default=10, ge=0, le=300)
+    retry: RetryConfig = RetryConfig()
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _password_ref(cls, v: Any) -> Any:
+        return _no_clear_secret(v)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"{v!r} is not a broker URL (expected mqtt://HOST:PORT or mqtts://HOST:PORT)")
+        if parts.username or parts.password:
+            raise ValueError("put no credentials in the broker URL; use 'username' and 'password'")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{v!r} has an invalid port") from exc
+        return v
+
+    @property
+    def host(self) -> str:
+        host = urlsplit(self.broker).hostname
+        assert host is not None
+        return host
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.broker)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def uses_tls(self) -> bool:
+        return urlsplit(self.broker).scheme == "mqtts" or self.tls is not None
+
+
+class CommandsConfig(Strict):
+    enabled: bool = True
+    public_keys: dict[str, Path] = Field(
+        default_factory=dict,
+        description="the platform's Ed25519 public keys (PEM or raw base64 files) by key id; "
+        "no keys means every command is rejected")
+    max_ttl_s: int = Field(default=600, ge=1, le=86_400)
+    clock_skew_s: int = Field(default=30, ge=0, le=3600)
+    max_concurrent: int = Field(default=4, ge=1, le=64)
+
+
+class HealthConfig(Strict):
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", description="keep on loopback unless a firewall guards it")
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class SupervisorConfig(Strict):
+    restart_intensity: int = Field(default=5, ge=1, le=1000, description="restarts allowed per window")
+    restart_window_s: float = Field(default=60, gt=0)
+    backoff_cap_s: float = Field(default=30, gt=0)
+    shutdown_timeout_s: float = Field(default=20, gt=0, le=600)
+
+
+# --- devices (one config class per driver type, joined by a discriminated union) ----------------
+
+class DeviceBase(Strict):
+    id: str = Field(pattern=_ID_RE, description="device id, unique on this gateway")
+    enabled: bool = True
+    name: str | None = Field(default=None, description="human label, local only")
+
+
+class SimSensorConfig(DeviceBase):
+    type: Literal["sim.sensor"]
+    metric: str = Field(default="temperature", pattern=r"^[a-z][a-z0-9_]*$")
+    unit: str = "degC"
+    base: float = 25.0
+    amplitude: float = Field(default=5.0, ge=0)
+    interval_s: float = Field(default=1.0, gt=0, le=86_400)
+
+
+class SimContactConfig(DeviceBase):
+    type: Literal["sim.contact"]
+    contact: str = "door"
+    mean_interval_s: float = Field(default=5.0, gt=0)
+
+
+class SimPanicConfig(DeviceBase):
+    type: Literal["sim.panic"]
+    location: str = "guard-room"
+    mean_interval_s: float = Field(default=30.0, gt=0)
+
+
+DeviceConfig = Annotated[
+    SimSensorConfig | SimContactConfig | SimPanicConfig,
+    Field(discriminator="type"),
+]
+DEVICE_TYPES: dict[str, type[DeviceBase]] = {
+    "sim.sensor": SimSensorConfig,
+    "sim.contact": SimContactConfig,
+    "sim.panic": SimPanicConfig,
+}
+
+
+class Config(Strict):
+    """The whole file."""
+
+    version: int = Field(description=f"config schema version; this edgeagent writes {CONFIG_VERSION}")
+    site_id: str = Field(pattern=_ID_RE, description="the compound, as the platform knows it")
+    gateway_id: str = Field(pattern=_ID_RE, description="this box, unique within the site")
+    state_dir: Path = Field(default=Path("/var/lib/edgeagent"),
+                            description="outbox and local state; $STATE_DIRECTORY overrides under systemd")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    clock: ClockConfig = ClockConfig()
+    outbox: OutboxSection = OutboxSection()
+    uplink: UplinkConfig | None = None
+    commands: CommandsConfig = CommandsConfig()
+    health: HealthConfig = HealthConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    devices: list[DeviceConfig] = Field(default_factory=list)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v > CONFIG_VERSION:
+            raise ValueError(f"version {v} is newer than this edgeagent understands ({CONFIG_VERSION}); "
+                             "upgrade edgeagent")
+        if v < CONFIG_VERSION:
+            raise ValueError(f"version {v} is old; run 'edgeagent config migrate'")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> Config:
+        seen: set[str] = set()
+        for dev in self.devices:
+            if dev.id in seen:
+                raise ValueError(f"device id {dev.id!r} is used twice")
+            seen.add(dev.id)
+        return self
+
+
+# --- migrations -----------------------------------------------------------------------------------
+
+Migration = Callable[[CommentedMap], None]
+# MIGRATIONS[n] turns a version-n document into version n+1, in place (comments are kept).
+# Version 1 is the first released schema; a later schema adds its step here.
+MIGRATIONS: dict[int, Migration] = {}
+
+
+def migrate(doc: CommentedMap, migrations: Mapping[int, Migration] | None = None,
+            target: int = CONFIG_VERSION) -> list[int]:
+    """Apply migrations until ``doc`` is at ``target``; returns the versions it passed through."""
+    steps = MIGRATIONS if migrations is None else migrations
+    version = doc.get("version")
+    if not isinstance(version, int):
+        raise ConfigError("the config has no integer 'version'; cannot migrate")
+    passed = []
+    while version < target:
+        step = steps.get(version)
+        if step is None:
+            raise ConfigError(f"no migration from config version {version}")
+        step(doc)
+        version += 1
+        doc["version"] = version
+        passed.append(version)
+    return passed
+
+
+# --- loading with located errors ------------------------------------------------------------------
+
+def yaml_rt() -> YAML:
+    y = YAML(typ="rt")
+    y.preserve_quotes = True
+    y.width = 110
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+
+def _locate(doc: Any, loc: tuple[int | str, ...]) -> tuple[int, int] | None:
+    """(line, column), 1-based, of the deepest node of ``loc`` that exists in the YAML document."""
+    node = doc
+    pos: tuple[int, int] | None = None
+    for part in loc:
+        if isinstance(node, CommentedMap) and isinstance(part, str) and part in node:
+            ln, col = node.lc.key(part)
+            pos = (ln + 1, col + 1)
+            node = node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+            ln, col = node.lc.item(part)
+            pos = (ln + 1, col + 1)
+            node = node[part]
+        elif isinstance(node, CommentedMap) and isinstance(part, str):
+            # A tag of a union member (e.g. 'sim.sensor') sits between list item and key: skip it.
+            continue
+        else:
+            break
+    if pos is None and isinstance(doc, CommentedMap):
+        pos = (1, 1)
+    return pos
+
+
+def _dotted(loc: tuple[int | str, ...], doc: Any) -> str:
+    out = ""
+    node = doc
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+        else:
+            if isinstance(node, Mapping) and part not in node and part in DEVICE_TYPES:
+                continue  # the discriminator tag pydantic adds for unions
+            out += ("." if out else "") + part
+            node = node.get(part) if isinstance(node, Mapping) else None
+    return out or "(top level)"
+
+
+def _plain(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    msg = str(err["msg"])
+    ctx = err.get("ctx") or {}
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see 'edgeagent init' for the keys)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        return f"unknown device type {ctx.get('tag')!r} (known: {', '.join(sorted(DEVICE_TYPES))})"
+    if kind == "union_tag_not_found":
+        return "a device needs a 'type' key"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bound = {"greater_than_equal": "at least", "greater_than": "more than",
+                 "less_than_equal": "at most", "less_than": "less than"}[kind]
+        limit = next(iter(ctx.values()), "?")
+        return f"must be {bound} {limit} (got {got!r})"
+    if kind == "string_pattern_mismatch":
+        return f"{got!r} is not allowed here (must match {ctx.get('pattern')})"
+    if kind == "literal_error":
+        return f"{got!r} is not one of {ctx.get('expected')}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{msg.lower()} (got {type(got).__name__} {got!r})" if not isinstance(got, dict) else msg.lower()
+    return msg.removeprefix("Value error, ")
+
+
+def _format_errors(path: Path | str, doc: Any, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        pos = _locate(doc, loc)
+        where = f"{path}:{pos[0]}:{pos[1]}" if pos else str(path)
+        lines.append(f"{where}: {_dotted(loc, doc)}: {_plain(err)}")
+    return "\n".join(lines)
+
+
+def parse_yaml(text: str, path: Path | str) -> CommentedMap:
+    try:
+        doc = yaml_rt().load(io.StringIO(text))
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc.context}") from exc
+    except YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if doc is None:
+        raise ConfigError(f"{path}: the file is empty; start from 'edgeagent init'")
+    if not isinstance(doc, CommentedMap):
+        raise ConfigError(f"{path}:1:1: the top level must be a mapping of keys, not {type(doc).__name__}")
+    return doc
+
+
+def validate_doc(doc: CommentedMap, path: Path | str) -> Config:
+    try:
+        return Config.model_validate(_to_builtin(doc))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, doc, exc)) from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the file; every failure is a :class:`ConfigError` with a location."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; create one with 'edgeagent init --config {path}'") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return validate_doc(parse_yaml(text, path), path)
+
+
+def _to_builtin(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {str(k): _to_builtin(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_to_builtin(v) for v in node]
+    return node
+
+
+# --- showing config without secrets ----------------------------------------------------------------
+
+_SECRETISH = re.compile(r"pass|secret|token|key$|private", re.IGNORECASE)
+
+
+def redacted(cfg: Config) -> dict[str, Any]:
+    """The effective config as plain data, safe to print: secrets show only where they come from."""
+    data = cfg.model_dump(mode="json")
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if isinstance(v, dict) and set(v) <= {"credential", "file", "env"} and v:
+                    out[k] = {kk: vv for kk, vv in v.items() if vv is not None} | {"value": "<redacted>"}
+                elif _SECRETISH.search(k) and isinstance(v, str) and k != "public_keys":
+                    out[k] = "<redacted>"
+                else:
+                    out[k] = walk(v)
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    result: dict[str, Any] = walk(data)
+    return result

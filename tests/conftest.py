@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgeagent.kernel.clock import Clock
+from edgeagent.kernel.event_types import REGISTRY
+from edgeagent.kernel.events import EventFactory
+from tests.peers import Mosquitto
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    with Mosquitto(tmp_path / "broker") as b:
+        yield b
+
+
+@pytest.fixture
+def factory() -> EventFactory:
+    return EventFactory(REGISTRY, "site-1", "gw-1", Clock(mode="synced"))
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves threads behind (an outbox not closed, a client not stopped)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = 50
+    leaked: list[threading.Thread] = []
+    for _ in range(deadline):
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()
+                  and not t.name.startswith(("asyncio_", "ThreadPoolExecutor"))]
+        if not leaked:
+            break
+        threading.Event().wait(0.1)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
