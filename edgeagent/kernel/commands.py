@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 SIGNING_PREFIX = b"edgeagent-cmd-v1\n"
 MAX_COMMAND_BYTES = 16 * 1024
+# Stable error codes of rejected or failed commands (the contract lists them).
+COMMAND_ERROR_CODES = (
+    "malformed", "too_large", "bad_signature", "unknown_key", "expired", "not_yet_valid",
+    "ttl_too_long", "replay", "wrong_gateway", "unknown_command", "bad_args", "clock_unsynced",
+    "busy", "failed",
+)
 
 
 class _Strict(BaseModel):
