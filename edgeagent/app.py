@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from edgeagent import __version__
 from edgeagent.cloud_bridge.uplink import Uplink
@@ -38,7 +38,7 @@ from edgeagent.kernel.event_types import (
     OUTBOX_EVICTED,
     REGISTRY,
 )
-from edgeagent.kernel.events import EventFactory, utc_ms
+from edgeagent.kernel.events import Event, EventFactory, utc_ms
 from edgeagent.kernel.outbox import EvictionReport, Outbox, OutboxConfig, OutboxStats
 from edgeagent.kernel.sdnotify import Notifier
 from edgeagent.kernel.sink import EventSink
@@ -66,6 +66,16 @@ DRIVERS: dict[str, DriverFactory] = {
     "sim.contact": SimContact,
     "sim.panic": SimPanic,
 }
+
+
+def echo_to(stream: TextIO) -> Callable[[Event, int], None]:
+    """An observer that writes each durable event's envelope as one JSON line."""
+
+    def observer(event: Event, seq: int) -> None:
+        stream.write(event.to_json(seq).decode() + "\n")
+        stream.flush()
+
+    return observer
 
 
 def state_dir_for(cfg: Config, environ: Mapping[str, str] | None = None) -> Path:

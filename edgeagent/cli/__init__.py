@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -126,14 +127,21 @@ def config_migrate(config: Path | None = ConfigOption,
 
 
 @app.command()
-def run(config: Path | None = ConfigOption) -> None:
+def run(
+    config: Path | None = ConfigOption,
+    echo_events: bool = typer.Option(False, "--echo-events",
+                                     help="print each event as a JSON line once it is durable"),
+) -> None:
     """Run the daemon (what systemd starts)."""
-    from edgeagent.app import Daemon  # noqa: PLC0415 - keeps `edgeagent --help` fast
+    from edgeagent.app import Daemon, echo_to  # noqa: PLC0415 - keeps `edgeagent --help` fast
 
     _, cfg = load_or_exit(config)
     setup_logging(cfg.log_level)
+    daemon = Daemon(cfg)
+    if echo_events:
+        daemon.sink.observe(echo_to(sys.stdout))
     try:
-        asyncio.run(Daemon(cfg).run())
+        asyncio.run(daemon.run())
     except ConfigError as exc:
         fail(str(exc), 2)
 
