@@ -94,11 +94,16 @@ class SecretRef(Strict):
     def path_for(self, environ: Mapping[str, str] | None = None) -> Path:
         """A file path holding the secret (for libraries that want a path, like ssl)."""
         env = os.environ if environ is None else environ
+        path: Path | None = None
         if self.file is not None:
-            return self.file
-        if self.credential is not None and env.get("CREDENTIALS_DIRECTORY"):
-            return Path(env["CREDENTIALS_DIRECTORY"]) / self.credential
-        raise SecretError(f"secret {self.describe()} must be a file or a credential here")
+            path = self.file
+        elif self.credential is not None and env.get("CREDENTIALS_DIRECTORY"):
+            path = Path(env["CREDENTIALS_DIRECTORY"]) / self.credential
+        if path is None:
+            raise SecretError(f"secret {self.describe()} must be a file or a credential here")
+        # The systemd unit falls back to a blank credential when the file is absent: say so plainly.
+        self.resolve(env)
+        return path
 
 
 def _no_clear_secret(value: Any) -> Any:
