@@ -24,6 +24,10 @@ class OutboxClosedError(OutboxError):
     """The outbox is closed (the daemon is stopping)."""
 
 
+class OutboxCorruptError(OutboxError):
+    """The outbox database file is damaged (failed its integrity check or is not SQLite)."""
+
+
 class OutboxFullError(OutboxError):
     """The disk is full even after evicting what may be evicted."""
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from edgeagent.kernel.errors import OutboxClosedError, OutboxError, OutboxFullError
+from edgeagent.kernel.errors import OutboxClosedError, OutboxCorruptError, OutboxError, OutboxFullError
 from edgeagent.kernel.events import Event, Priority
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NO
 _ROW_OVERHEAD_BYTES = 120
 _DISK_CHECK_INTERVAL_S = 1.0
 _HOUSEKEEPING_INTERVAL_S = 5.0
+_FREE_STEP_ROWS = 500
+_FREE_MAX_STEPS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +184,11 @@ class _CorrectClock(_Op):
 
 
 @dataclass(slots=True)
+class _FreeSpace(_Op):
+    pass
+
+
+@dataclass(slots=True)
 class _Query(_Op):
     fn: Callable[[sqlite3.Connection], Any]
 
@@ -198,6 +205,12 @@ class OutboxConfig:
     durability: str = "full"  # "full": fsync each group commit; "normal": survives a crash of the process
     max_pending_events: int = 50_000
     max_cycle_ops: int = 20_000
+    # A database that fails its integrity check: "fail" raises; "quarantine" moves it aside (kept for
+    # forensics) and starts a new one, so local alarms keep working. The seq then restarts at 1 and
+    # `quarantined` says so (the daemon reports it in gateway.started).
+    on_corrupt: str = "fail"
+    # Ballast file beside the database, given up when the disk is full (see _recover_from_full_disk).
+    reserve_bytes: int = 4 * 1024 * 1024
 
 
 class Outbox:
@@ -225,6 +238,7 @@ class Outbox:
         self.changed = asyncio.Event()  # set when new rows are committed or leases reset
         self.intake_dropped_total = 0
         self.recovered_unsent = 0
+        self.quarantined: Path | None = None
         # Database-thread state (touched only by that thread after open).
         self._conn: sqlite3.Connection | None = None
         self._next_seq = 1
@@ -426,48 +440,81 @@ class Outbox:
             loop.call_soon_threadsafe(self._deliver, results, False, None)
 
     def _open_db(self) -> None:
+        try:
+            self._open_db_once()
+        except OutboxCorruptError:
+            if self._cfg.on_corrupt != "quarantine":
+                raise
+            path = self._cfg.path
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            target = path.with_name(f"{path.name}.corrupt-{stamp}")
+            for suffix in ("", "-wal", "-shm"):
+                src = path.with_name(path.name + suffix)
+                if src.exists():
+                    src.replace(target.with_name(target.name + suffix))
+            log.error("%s failed its integrity check; moved to %s and started a new outbox", path, target)
+            self.quarantined = target
+            self._open_db_once()
+
+    def _open_db_once(self) -> None:
         path = self._cfg.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            # auto_vacuum must be chosen before the first table exists; harmless afterwards.
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise OutboxError(f"{path}: cannot switch SQLite to WAL mode (got {mode!r})")
-            sync = "FULL" if self._cfg.durability == "full" else "NORMAL"
-            conn.execute(f"PRAGMA synchronous={sync}")
-            conn.execute("PRAGMA busy_timeout=5000")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise OutboxError(f"{path}: database failed its integrity check: {check}")
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                         (SCHEMA_VERSION,))
-            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('next_seq', 1)")
-            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('evicted_total', 0)")
-            version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise OutboxError(
-                    f"{path}: outbox schema {version} is newer than this edgeagent ({SCHEMA_VERSION})")
-            stored_next = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0]
-            max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0]
-            self._next_seq = max(stored_next, max_seq + 1)
-            self._evicted_total = conn.execute(
-                "SELECT value FROM meta WHERE key='evicted_total'").fetchone()[0]
-            for prio, n, nbytes in conn.execute(
-                "SELECT prio, COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NULL GROUP BY prio"
-            ):
-                self._unsent_rows[prio] = n
-                self._unsent_bytes[prio] = nbytes
-            self._history_bytes = conn.execute(
-                "SELECT COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NOT NULL").fetchone()[0]
-            self.recovered_unsent = sum(self._unsent_rows.values())
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"{path}: cannot open the outbox: {exc}") from exc
+        try:
+            self._prepare(conn, path)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise OutboxCorruptError(f"{path}: the outbox database is corrupt: {exc}") from exc
+            raise OutboxError(f"{path}: cannot open the outbox: {exc}") from exc
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         self._last_commit_mono = time.monotonic()
+
+    def _prepare(self, conn: sqlite3.Connection, path: Path) -> None:
+        # auto_vacuum must be chosen before the first table exists; harmless afterwards.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise OutboxError(f"{path}: cannot switch SQLite to WAL mode (got {mode!r})")
+        sync = "FULL" if self._cfg.durability == "full" else "NORMAL"
+        conn.execute(f"PRAGMA synchronous={sync}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        # After a checkpoint the WAL file is cut back to this size instead of staying at its peak.
+        conn.execute("PRAGMA journal_size_limit=4194304")
+        # Checkpoint every ~1 MB of WAL: keeps the WAL well inside the disk reserve (below), so that
+        # on a full disk a checkpoint can still move it into the database and truncate it.
+        conn.execute("PRAGMA wal_autocheckpoint=256")
+        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise OutboxCorruptError(f"{path}: the outbox database failed its integrity check: {check}")
+        conn.executescript(_SCHEMA)
+        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                     (SCHEMA_VERSION,))
+        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('next_seq', 1)")
+        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('evicted_total', 0)")
+        version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise OutboxError(
+                f"{path}: outbox schema {version} is newer than this edgeagent ({SCHEMA_VERSION})")
+        stored_next = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0]
+        max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0]
+        self._next_seq = max(stored_next, max_seq + 1)
+        self._evicted_total = conn.execute(
+            "SELECT value FROM meta WHERE key='evicted_total'").fetchone()[0]
+        for prio, n, nbytes in conn.execute(
+            "SELECT prio, COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NULL GROUP BY prio"
+        ):
+            self._unsent_rows[prio] = n
+            self._unsent_bytes[prio] = nbytes
+        self._history_bytes = conn.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NOT NULL").fetchone()[0]
+        self.recovered_unsent = sum(self._unsent_rows.values())
 
     def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         conn = self._conn
@@ -492,76 +539,153 @@ class Outbox:
         self._fail_queued(loop, OutboxClosedError("outbox closed"))
 
     def _cycle(self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection, ops: list[_Op]) -> None:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        changed = False
         evicted = EvictionReport()
+        if self._reserve_spent() and any(isinstance(op, _Append) for op in ops):
+            ops = self._admit_on_low_disk(loop, conn, ops, evicted)
+            if not ops:
+                return
+        try:
+            results, changed = self._transaction(conn, ops, evicted)
+        except sqlite3.Error as exc:
+            if _is_disk_full(exc):
+                self._recover_from_full_disk(loop, conn, ops)
+                return
+            self._fail(loop, ops, OutboxError(f"outbox write failed: {exc}"))
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure fails this cycle's ops, never the thread
+            self._fail(loop, ops, OutboxError(f"outbox write failed: {exc}"))
+            return
+        loop.call_soon_threadsafe(self._deliver, results, changed, evicted if evicted else None)
+
+    def _transaction(self, conn: sqlite3.Connection, ops: Sequence[_Op], evicted: EvictionReport,
+                     housekeeping: bool = True) -> tuple[list[tuple[asyncio.Future[Any], Any, None]], bool]:
+        """Apply ops in one transaction and commit; on failure roll back state and re-raise."""
         state = self._snapshot()
+        seq_before, evicted_before = self._next_seq, self._evicted_total
+        results: list[tuple[asyncio.Future[Any], Any, None]] = []
+        changed = False
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
                 value = self._apply(conn, op, evicted)
-                if isinstance(op, _Append | _ResetLeases):
-                    changed = True
-                assert op.future is not None
-                results.append((op.future, value, None))
-            self._maybe_evict(conn, evicted)
-            self._maybe_housekeep(conn)
-            conn.execute("UPDATE meta SET value=? WHERE key='next_seq'", (self._next_seq,))
-            if evicted:
+                changed = changed or isinstance(op, _Append | _ResetLeases)
+                if op.future is not None:
+                    results.append((op.future, value, None))
+            if housekeeping:
+                self._maybe_evict(conn, evicted)
+                self._maybe_housekeep(conn)
+            if self._next_seq != seq_before:
+                conn.execute("UPDATE meta SET value=? WHERE key='next_seq'", (self._next_seq,))
+            if self._evicted_total != evicted_before:
                 conn.execute("UPDATE meta SET value=? WHERE key='evicted_total'", (self._evicted_total,))
             conn.execute("COMMIT")
-        except Exception as exc:  # noqa: BLE001 - any failure fails this cycle's ops, never the thread
+        except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._restore(state)
-            if isinstance(exc, sqlite3.Error) and _is_disk_full(exc) and any(isinstance(op, _Append) for op in ops):
-                self._recover_from_full_disk(loop, conn, ops)
-                return
-            err = OutboxError(f"outbox write failed: {exc}")
-            results = [(op.future, None, err) for op in ops if op.future is not None]
-            loop.call_soon_threadsafe(self._deliver, results, False, None)
-            return
+            raise
         self._commits_total += 1
         self._last_commit_mono = time.monotonic()
-        loop.call_soon_threadsafe(self._deliver, results, changed, evicted if evicted else None)
+        return results, changed
+
+    def _fail(self, loop: asyncio.AbstractEventLoop, ops: Sequence[_Op], err: BaseException,
+              evicted: EvictionReport | None = None) -> None:
+        results = [(op.future, None, err) for op in ops if op.future is not None]
+        loop.call_soon_threadsafe(self._deliver, results, False, evicted if evicted else None)
 
     def _recover_from_full_disk(
         self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection, ops: list[_Op]
     ) -> None:
-        """SQLITE_FULL: free history and evictable rows, retry once; then refuse the appends."""
-        log.error("disk full while writing the outbox; freeing history and evictable rows")
+        """SQLITE_FULL. Free space, in this order: the reserve file, the WAL, sent history, evictable
+        rows; then retry. If appends still do not fit they are refused (OutboxFullError) while leases
+        and acks still go through, so the backlog can drain and make room."""
+        log.error("disk full while writing the outbox; freeing the reserve, history and evictable rows")
+        self._release_reserve()
         evicted = EvictionReport()
+        self._free_space(conn, evicted)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            self._trim_history(conn, keep_bytes=0)
-            need = max(1, sum(self._unsent_bytes.values()) // 10)
-            self._evict(conn, need, evicted)
-            conn.execute("UPDATE meta SET value=? WHERE key='evicted_total'", (self._evicted_total,))
-            conn.execute("COMMIT")
-            conn.execute("PRAGMA incremental_vacuum")
-        except sqlite3.Error:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        state = self._snapshot()
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                assert op.future is not None
-                results.append((op.future, self._apply(conn, op, evicted), None))
-            conn.execute("UPDATE meta SET value=? WHERE key='next_seq'", (self._next_seq,))
-            conn.execute("COMMIT")
+            results, changed = self._transaction(conn, ops, evicted, housekeeping=False)
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._restore(state)
-            err = OutboxFullError(f"disk full: event not accepted ({exc})")
-            results = [(op.future, None, err) for op in ops if op.future is not None]
-            loop.call_soon_threadsafe(self._deliver, results, False, evicted if evicted else None)
+            appends = [op for op in ops if isinstance(op, _Append)]
+            others = [op for op in ops if not isinstance(op, _Append)]
+            self._fail(loop, appends, OutboxFullError(f"disk full: event not accepted ({exc})"), evicted)
+            if not others:
+                return
+            try:
+                results, changed = self._transaction(conn, others, EvictionReport(), housekeeping=False)
+            except sqlite3.Error as exc2:
+                self._fail(loop, others, OutboxError(f"outbox write failed on a full disk: {exc2}"))
+                return
+            loop.call_soon_threadsafe(self._deliver, results, changed, None)
             return
-        self._commits_total += 1
-        self._last_commit_mono = time.monotonic()
-        loop.call_soon_threadsafe(self._deliver, results, True, evicted if evicted else None)
+        loop.call_soon_threadsafe(self._deliver, results, changed, evicted if evicted else None)
+
+    def _free_space(self, conn: sqlite3.Connection, evicted: EvictionReport) -> None:
+        """Shrink the WAL, drop sent history and evictable rows, and give freed pages back to the disk,
+        in small steps (each step's WAL must fit on the full disk) until a reserve's worth is free."""
+        for _ in range(_FREE_MAX_STEPS):
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            before = self._history_bytes + sum(self._unsent_bytes.values())
+            with contextlib.suppress(sqlite3.Error):
+                self._transaction(conn, [_FreeSpace(None)], evicted, housekeeping=False)
+            with contextlib.suppress(sqlite3.Error):
+                conn.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page only
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._disk_checked = 0.0
+            self._effective_cap()
+            freed_nothing = self._history_bytes + sum(self._unsent_bytes.values()) >= before
+            if freed_nothing or self._disk_free >= 2 * self._cfg.reserve_bytes:
+                return
+
+    def _reserve_spent(self) -> bool:
+        """True while the disk reserve is given up and free space has not come back above it."""
+        if self._cfg.reserve_bytes <= 0 or self._reserve_path().exists():
+            return False
+        self._disk_checked = 0.0  # refresh now: this decides whether events are refused
+        self._effective_cap()
+        return self._disk_free < self._cfg.reserve_bytes * 2
+
+    def _admit_on_low_disk(self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection,
+                           ops: list[_Op], evicted: EvictionReport) -> list[_Op]:
+        """The reserve is spent: make room (history, then evictable rows, handing pages back to the
+        file system) and admit new events only while a reserve's worth of disk stays free for marking
+        events sent. Returns the ops that may proceed."""
+        self._free_space(conn, evicted)
+        self._disk_checked = 0.0
+        self._effective_cap()
+        if self._disk_free >= self._cfg.reserve_bytes:
+            return ops
+        appends = [op for op in ops if isinstance(op, _Append)]
+        self._fail(loop, appends, OutboxFullError(
+            "disk full: event not accepted (nothing evictable is left; the last free space is kept for "
+            "sending what the outbox holds)"), evicted)
+        return [op for op in ops if not isinstance(op, _Append)]
+
+    def _reserve_path(self) -> Path:
+        return self._cfg.path.with_name(self._cfg.path.name + ".reserve")
+
+    def _release_reserve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._reserve_path().unlink()
+            log.warning("outbox: released the %d-byte disk reserve", self._cfg.reserve_bytes)
+
+    def _ensure_reserve(self) -> None:
+        """Keep a ballast file so that, when the disk fills, deleting it leaves room to mark events sent."""
+        path = self._reserve_path()
+        if self._cfg.reserve_bytes <= 0 or path.exists():
+            return
+        if self._disk_free < self._cfg.reserve_bytes * 4:
+            return
+        try:
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * self._cfg.reserve_bytes)  # real blocks, not a sparse hole
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (self._next_seq, dict(self._cursor), dict(self._unsent_bytes), dict(self._unsent_rows),
@@ -594,6 +718,12 @@ class Outbox:
             return self._correct_clock(conn, op.boot_id, op.to_wall)
         if isinstance(op, _Query):
             return op.fn(conn)
+        if isinstance(op, _FreeSpace):
+            # One small step; _free_space repeats it with checkpoints in between.
+            if self._trim_history(conn, keep_bytes=0, max_rows=_FREE_STEP_ROWS) == 0:
+                self._evict(conn, max(1, sum(self._unsent_bytes.values()) // 10), evicted,
+                            max_rows=_FREE_STEP_ROWS)
+            return None
         raise OutboxError(f"unknown outbox operation {op!r}")
 
     def _append(self, conn: sqlite3.Connection, events: Iterable[Event]) -> list[int]:
@@ -731,14 +861,16 @@ class Outbox:
         if over > 0:
             self._evict(conn, over, evicted)
 
-    def _evict(self, conn: sqlite3.Connection, need_bytes: int, evicted: EvictionReport) -> None:
+    def _evict(self, conn: sqlite3.Connection, need_bytes: int, evicted: EvictionReport,
+               max_rows: int = 1 << 62) -> None:
         for prio in (Priority.TELEMETRY, Priority.EVENT):
-            while need_bytes > 0 and self._unsent_rows[prio.value] > 0:
+            while need_bytes > 0 and self._unsent_rows[prio.value] > 0 and max_rows > 0:
                 rows = conn.execute(
                     "SELECT seq, size FROM outbox WHERE sent_ms IS NULL AND prio=? AND seq>? AND pinned=0"
-                    " ORDER BY seq LIMIT 500",
-                    (prio.value, self._cursor[prio.value]),
+                    " ORDER BY seq LIMIT ?",
+                    (prio.value, self._cursor[prio.value], min(500, max_rows)),
                 ).fetchall()
+                max_rows -= len(rows)
                 if not rows:
                     break
                 victims: list[int] = []
@@ -755,11 +887,14 @@ class Outbox:
             if need_bytes <= 0:
                 return
 
-    def _trim_history(self, conn: sqlite3.Connection, keep_bytes: int) -> int:
+    def _trim_history(self, conn: sqlite3.Connection, keep_bytes: int, max_rows: int = 1 << 62) -> int:
+        """Delete the oldest sent rows down to ``keep_bytes`` (at most ``max_rows`` in this transaction:
+        a delete writes every page it touches to the WAL, which must fit on the disk)."""
         freed = 0
-        while self._history_bytes > keep_bytes:
-            rows = conn.execute(
-                "SELECT seq, size FROM outbox WHERE sent_ms IS NOT NULL ORDER BY seq LIMIT 2000").fetchall()
+        while self._history_bytes > keep_bytes and max_rows > 0:
+            rows = conn.execute("SELECT seq, size FROM outbox WHERE sent_ms IS NOT NULL ORDER BY seq LIMIT ?",
+                                (min(2000, max_rows),)).fetchall()
+            max_rows -= len(rows)
             if not rows:
                 self._history_bytes = 0
                 break
@@ -778,6 +913,7 @@ class Outbox:
         if now - self._housekeeping_at < _HOUSEKEEPING_INTERVAL_S:
             return
         self._housekeeping_at = now
+        self._ensure_reserve()
         if self._history_bytes > self._cfg.history_bytes:
             self._trim_history(conn, keep_bytes=self._cfg.history_bytes * 3 // 4)
 
