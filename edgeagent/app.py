@@ -113,6 +113,7 @@ class Daemon:
                 history_bytes=int(cfg.outbox.history_mb * 1024 * 1024),
                 min_free_bytes=int(cfg.outbox.min_free_mb * 1024 * 1024),
                 durability=cfg.outbox.durability,
+                on_corrupt="quarantine",
             ),
             on_evicted=self._on_evicted,
         )
@@ -182,7 +183,7 @@ class Daemon:
             backoff_cap_s=cfg.supervisor.backoff_cap_s, on_give_up=self._on_give_up)
         await self.sink.emit(GATEWAY_STARTED.name, cfg.gateway_id, {
             "version": __version__, "boot_id": self.clock.boot_id,
-            "recovered_unsent": self.outbox.recovered_unsent})
+            "recovered_unsent": self.outbox.recovered_unsent, "outbox_reset": self.outbox.quarantined is not None})
         if cfg.uplink is not None and cfg.uplink.enabled:
             commands = self._command_service() if cfg.commands.enabled else None
             self.uplink = Uplink(cfg.uplink, site_id=cfg.site_id, gateway_id=cfg.gateway_id, outbox=self.outbox,

@@ -395,6 +395,13 @@ def _plain(err: Mapping[str, Any]) -> str:
     msg = str(err["msg"])
     ctx = err.get("ctx") or {}
     got = err.get("input")
+    if any(isinstance(p, str) and _SECRETISH.search(p) for p in err["loc"]):
+        got = "<hidden>"  # never echo what sits where a secret belongs
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"must be a section of keys (got {type(got).__name__} {got!r})" if got != "<hidden>" \
+            else "must be a section of keys"
+    if kind == "list_type":
+        return f"must be a list (got {type(got).__name__})"
     if kind == "extra_forbidden":
         return "unknown key (check the spelling; see 'edgeagent init' for the keys)"
     if kind == "missing":
@@ -418,13 +425,13 @@ def _plain(err: Mapping[str, Any]) -> str:
 
 
 def _format_errors(path: Path | str, doc: Any, exc: ValidationError) -> str:
-    lines = []
+    located = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         pos = _locate(doc, loc)
         where = f"{path}:{pos[0]}:{pos[1]}" if pos else str(path)
-        lines.append(f"{where}: {_dotted(loc, doc)}: {_plain(err)}")
-    return "\n".join(lines)
+        located.append((pos or (0, 0), f"{where}: {_dotted(loc, doc)}: {_plain(err)}"))
+    return "\n".join(line for _pos, line in sorted(located, key=lambda x: x[0]))
 
 
 def parse_yaml(text: str, path: Path | str) -> CommentedMap:

@@ -22,6 +22,9 @@ class GatewayStarted(EventData):
     version: str = Field(description="edgeagent version")
     boot_id: str = Field(description="Linux boot id; changes on every boot of the box")
     recovered_unsent: int = Field(ge=0, description="events found unsent in the outbox at start")
+    outbox_reset: bool = Field(
+        default=False,
+        description="the outbox database was damaged and set aside; seq restarted at 1 with this event")
 
 
 class GatewayStopped(EventData):
