@@ -379,11 +379,13 @@ class Daemon:
         if self._eviction_task is not None and not self._eviction_task.done():
             self._eviction_task.cancel()
             await self._report_evictions()
-        stats = await self.outbox.stats()
-        unsent = sum(c.unsent for c in stats.classes.values())
-        with contextlib.suppress(OutboxError):
+        try:
+            stats = await self.outbox.stats()
+            unsent = sum(c.unsent for c in stats.classes.values())
             await self.sink.emit(GATEWAY_STOPPED.name, self.cfg.gateway_id, {"reason": reason, "unsent": unsent})
-        await self.outbox.flush()  # 2. everything accepted is committed
+            await self.outbox.flush()  # 2. everything accepted is committed
+        except OutboxError as exc:
+            log.error("outbox unusable during shutdown: %s", exc)
         if self.uplink is not None and self.cfg.uplink is not None:  # 3. bounded drain, offline, disconnect
             drain = self.cfg.uplink.flush_on_stop_s
             await self.uplink.stop(drain)

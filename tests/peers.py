@@ -8,6 +8,7 @@ import ipaddress
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -92,10 +93,13 @@ def make_pki(directory: Path) -> TLSFiles:
                             critical=False))
         if server:
             b = b.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            b = b.add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                                critical=False)
         else:
-            b = b.add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                critical=False)
         return k, b.sign(ca_key, hashes.SHA256())
 
     ca_key, ca_cert = ca("edgeagent test CA")
@@ -111,6 +115,40 @@ def make_pki(directory: Path) -> TLSFiles:
     write_key(s_key, files.server_key)
     write_key(c_key, files.client_key)
     return files
+
+
+class Amqtt:
+    """amqtt: a pure-Python broker that speaks MQTT 3.1.1 only (an MQTT 5 CONNECT gets no answer)."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = workdir / "amqtt.yaml"
+        self.conf.write_text(
+            "listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:%d\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n"
+            % self.port)
+        self.log = workdir / "amqtt.log"
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Amqtt:
+        exe = Path(sys.executable).with_name("amqtt")
+        if not exe.exists():
+            raise RuntimeError("amqtt is not installed in this environment: pip install -e '.[dev]'")
+        self.proc = subprocess.Popen([str(exe), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "ab"))  # noqa: SIM115
+        wait_port(self.port, timeout_s=15)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class Mosquitto:
@@ -154,7 +192,8 @@ class Mosquitto:
             wait_port(self.port)
         except TimeoutError:
             self.stop()
-            raise RuntimeError(f"mosquitto did not start: {(self.dir / 'mosquitto.log').read_text()}") from None
+            log = (self.dir / "mosquitto.log").read_text()
+            raise RuntimeError(f"mosquitto did not start: {log}") from None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -191,6 +230,12 @@ class Collector:
     port: int
     topic: str = "#"
     persistent: bool = False
+    mqtt311: bool = False
+    # For a TLS broker: trust its CA and present the test client certificate (accepted with or without
+    # require_certificate). For a password broker: username and password.
+    tls: TLSFiles | None = field(default=None, kw_only=True)
+    username: str | None = field(default=None, kw_only=True)
+    password: str | None = field(default=None, kw_only=True)
     events: list[dict[str, object]] = field(default_factory=list)
     messages: list[tuple[str, bytes, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -199,7 +244,8 @@ class Collector:
 
     def start(self) -> Collector:
         c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                        protocol=paho.MQTTv5, client_id=f"collector-{time.monotonic_ns()}")
+                        protocol=paho.MQTTv311 if self.mqtt311 else paho.MQTTv5,
+                        client_id=f"collector-{time.monotonic_ns()}")
         props = None
         if self.persistent:
             # A persistent session: messages published while the collector reconnects are queued for it.
@@ -209,11 +255,20 @@ class Collector:
         c.on_subscribe = lambda *_a: self._subscribed.set()
         c.on_message = self._on_message
         c.reconnect_delay_set(0.05, 0.2)
-        c.connect_async("127.0.0.1", self.port, keepalive=10, clean_start=not self.persistent,
-                        properties=props)
+        if self.tls is not None:
+            c.tls_set(ca_certs=str(self.tls.ca), certfile=str(self.tls.client_cert),
+                      keyfile=str(self.tls.client_key))
+        if self.username is not None:
+            c.username_pw_set(self.username, self.password)
+        if self.mqtt311:
+            c.connect_async("127.0.0.1", self.port, keepalive=10)
+        else:
+            c.connect_async("127.0.0.1", self.port, keepalive=10, clean_start=not self.persistent,
+                            properties=props)
         c.loop_start()
         self._client = c
         if not self._subscribed.wait(10):
+            self.stop()
             raise TimeoutError("collector did not subscribe")
         return self
 
@@ -225,8 +280,9 @@ class Collector:
 
     def stop(self) -> None:
         if self._client is not None:
-            self._client.loop_stop()
+            # DISCONNECT first: it wakes the network thread, so loop_stop() need not wait out its select().
             self._client.disconnect()
+            self._client.loop_stop()
             self._client = None
 
     def wait_for(self, predicate: object, timeout_s: float = 30.0) -> bool:

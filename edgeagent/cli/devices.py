@@ -1,5 +1,404 @@
-"""stub"""
+"""``edgeagent device``: list, add and remove devices in the config file.
+
+``add`` and ``remove`` edit the file in place and keep its comments and layout: the document is
+loaded round-trip, only the ``devices`` list changes, the whole result is validated before anything
+is written, and the file is replaced atomically with its mode kept. The daemon reads the file at
+start, so a change takes effect with ``systemctl restart edgeagent``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import typer
+from rich.markup import escape
+from rich.table import Table
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import CommentMark, YAMLError
+from ruamel.yaml.tokens import CommentToken
 
-app = typer.Typer()
+from edgeagent.cli.common import (
+    ConfigOption,
+    JsonOption,
+    config_path,
+    console,
+    fail,
+    load_or_exit,
+    print_json,
+)
+from edgeagent.kernel.config import DEVICE_TYPES, DeviceBase, parse_yaml, validate_doc, yaml_rt
+from edgeagent.kernel.errors import ConfigError, EdgeagentError
+
+app = typer.Typer(no_args_is_help=True, help="List, add and remove devices in the config file.")
+
+# "Test before configure": a probe checks that a device of its type answers with the given settings
+# before ``device add`` writes it. It gets the validated device config and returns a short detail
+# to print (e.g. the model the device reported) or raises an EdgeagentError (DeviceUnavailable,
+# DeviceProtocolError...) saying what is wrong. Simulated devices have nothing to probe.
+Probe = Callable[[DeviceBase], str | None]
+PROBES: dict[str, Probe] = {}
+
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RESERVED = {"type", "id"}
+
+
+# --- keeping comments where they belong --------------------------------------------------------------
+# ruamel attaches the full-line comments that follow a node to the last key inside it (together with
+# that key's end-of-line comment, in one token). Appending after, or deleting, the last device would
+# otherwise move or drop the comments that follow the devices list; these helpers move such lines.
+
+Slot = tuple[Any, Any, int]
+
+
+def _is_block(node: Any) -> bool:
+    return (isinstance(node, CommentedMap | CommentedSeq) and len(node) > 0
+            and node.fa.flow_style() is not True)
+
+
+def _last_slot(node: Any) -> Slot | None:
+    """Where the comment after the last line of ``node`` is kept: (container, key, position)."""
+    if isinstance(node, CommentedMap) and len(node) > 0:
+        key = list(node.keys())[-1]
+        return (_last_slot(node[key]) if _is_block(node[key]) else None) or (node, key, 2)
+    if isinstance(node, CommentedSeq) and len(node) > 0:
+        idx = len(node) - 1
+        return (_last_slot(node[idx]) if _is_block(node[idx]) else None) or (node, idx, 0)
+    return None
+
+
+def _take_lines(slot: Slot | None) -> str:
+    """Detach the full comment lines kept in ``slot``; an end-of-line comment stays."""
+    if slot is None:
+        return ""
+    container, key, pos = slot
+    entry = container.ca.items.get(key)
+    if not entry or entry[pos] is None:
+        return ""
+    token = entry[pos]
+    eol, _, rest = str(token.value).partition("\n")
+    if not rest:
+        return ""
+    if eol:
+        token.value = eol + "\n"
+    else:
+        entry[pos] = None
+    return rest
+
+
+def _put_lines(slot: Slot | None, text: str) -> None:
+    """Add full comment lines after what ``slot`` belongs to."""
+    if slot is None or not text:
+        return
+    container, key, pos = slot
+    entry = container.ca.items.setdefault(key, [None, None, None, None])
+    token = entry[pos]
+    if token is None:
+        entry[pos] = CommentToken("\n" + text, CommentMark(0))
+    else:
+        value = str(token.value)
+        token.value = (value if value.endswith("\n") else value + "\n") + text
+
+
+def _take_pre(doc: CommentedMap, key: str) -> str:
+    """Detach the comment lines between ``key:`` and the first item of its block list."""
+    entry = doc.ca.items.get(key)
+    if not entry or not entry[3]:
+        return ""
+    tokens = entry[3]
+    entry[3] = None
+    value = doc[key]
+    if isinstance(value, CommentedSeq) and value.ca.comment:
+        value.ca.comment = None
+    return "".join(" " * (t.column or 0) + str(t.value) for t in tokens)
+
+
+def _put_pre(doc: CommentedMap, key: str, text: str) -> None:
+    """Add comment lines before the first item of the block list at ``key``."""
+    if not text:
+        return
+    seq = doc[key]
+    if not isinstance(seq, CommentedSeq):
+        return
+    indent = len(text) - len(text.lstrip(" "))
+    token = CommentToken(text[indent:], CommentMark(indent))
+    # The parser shares this list with the key's entry in the parent; the emitter reads the list's.
+    if seq.ca.comment and seq.ca.comment[1]:
+        seq.ca.comment[1].append(token)
+    else:
+        seq.ca.comment = [None, [token]]
+
+
+# --- list ------------------------------------------------------------------------------------------
+
+@app.command("list")
+def list_devices(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
+    """List the configured devices with their settings (defaults filled in)."""
+    path, cfg = load_or_exit(config)
+    devices = [d.model_dump(mode="json") for d in cfg.devices]
+    if as_json:
+        print_json(devices)
+        return
+    if not devices:
+        console.print(f"no devices in {escape(str(path))}; add one with [bold]edgeagent device add "
+                      f"TYPE --id ID[/] (types: {', '.join(sorted(DEVICE_TYPES))})")
+        return
+    t = Table(title=f"{len(devices)} devices in {escape(str(path))}", title_justify="left", box=None,
+              header_style="bold", pad_edge=False)
+    for col in ("id", "type", "enabled", "name"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("settings", ratio=1)
+    for d in devices:
+        rest = {k: v for k, v in d.items() if k not in ("id", "type", "enabled", "name")}
+        t.add_row(escape(d["id"]), escape(d["type"]), "yes" if d["enabled"] else "[yellow]no[/]",
+                  escape(d.get("name") or ""), escape(" ".join(f"{k}={v}" for k, v in rest.items())))
+    console.print(t)
+
+
+# --- add / remove ----------------------------------------------------------------------------------
+
+def _wants_text(model: type[DeviceBase] | None, key: str) -> bool:
+    """True for a text setting, whose value is taken as written (``--set contact=1`` is "1")."""
+    field = model.model_fields.get(key) if model is not None else None
+    if field is None:
+        return False
+    ann = field.annotation
+    members = get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)
+    return [m for m in members if m is not type(None)] == [str]
+
+
+def parse_set(items: list[str], model: type[DeviceBase] | None = None) -> dict[str, Any]:
+    """``key=value`` pairs; values are YAML scalars (``5`` is a number, ``true`` a bool, ``a b`` text),
+    except for text settings of ``model``, which keep the value as written."""
+    scalar = YAML(typ="safe", pure=True)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not _KEY_RE.match(key):
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="'--set'")
+        if key in _RESERVED:
+            raise typer.BadParameter(f"{key!r} is given with its own option (TYPE, --id)",
+                                     param_hint="'--set'")
+        if _wants_text(model, key):
+            out[key] = raw
+            continue
+        try:
+            value = scalar.load(raw) if raw.strip() else ""
+        except YAMLError:
+            value = raw  # not valid YAML (e.g. an unbalanced quote): take the text as it is
+        if isinstance(value, dict | list):
+            raise typer.BadParameter(f"{key}: only single values (text, numbers, true/false) can be set",
+                                     param_hint="'--set'")
+        out[key] = value
+    return out
+
+
+def _device_ids(seq: Any) -> list[str]:
+    if not isinstance(seq, list):
+        return []
+    return [str(d.get("id")) for d in seq if isinstance(d, dict)]
+
+
+def _dump(doc: CommentedMap) -> str:
+    buf = io.StringIO()
+    yaml_rt().dump(doc, buf)
+    return buf.getvalue()
+
+
+def _block_seq(items: list[Any]) -> CommentedSeq:
+    seq = CommentedSeq(items)
+    seq.fa.set_block_style()
+    return seq
+
+
+def _empty_flow_seq() -> CommentedSeq:
+    seq = CommentedSeq()
+    seq.fa.set_flow_style()
+    return seq
+
+
+def _load(path: Path) -> tuple[str, CommentedMap]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        fail(escape(f"{path}: no such file; create one with 'edgeagent init --config {path}'"))
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(escape(f"{path}: cannot read: {exc}"))
+    try:
+        return text, parse_yaml(text, path)
+    except ConfigError as exc:
+        fail(escape(str(exc)))
+
+
+def write_atomically(path: Path, text: str, expected_old: str) -> None:
+    """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename; mode kept.
+
+    Refuses (ConfigError) when the file changed since it was read, rather than losing that edit.
+    """
+    target = path.resolve()  # edit the file a symlink points to, keep the link
+    st = target.stat()
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.chmod(st.st_mode & 0o7777)
+        with contextlib.suppress(OSError):  # only root may give the file to another owner
+            os.chown(tmp, st.st_uid, st.st_gid)
+        if target.read_text(encoding="utf-8") != expected_old:
+            raise ConfigError(  # noqa: TRY301 - the temp file is removed below
+                f"{path} changed while it was being edited; nothing written, try again")
+        tmp.replace(target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _show_diff(path: Path, old: str, new: str) -> None:
+    lines = difflib.unified_diff(old.splitlines(), new.splitlines(), str(path), str(path), n=1, lineterm="")
+    for line in lines:
+        if line.startswith(("---", "+++")):
+            continue
+        style = {"+": "green", "-": "red", "@": "cyan"}.get(line[:1], "dim")
+        console.print(f"[{style}]{escape(line)}[/]", soft_wrap=True)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _validate_new(path: Path, doc: CommentedMap) -> tuple[str, DeviceBase | None]:
+    """The text to write for ``doc``, validated as a whole (exits on errors), and the last device."""
+    new_text = _dump(doc)
+    try:
+        reread = parse_yaml(new_text, path)
+        cfg = validate_doc(reread, path)
+    except ConfigError as exc:
+        fail(escape(f"{path} left unchanged:\n{exc}"))
+    if _plain(reread) != _plain(doc):  # a safety net for the comment moves above
+        fail(escape(f"{path} left unchanged: the edited YAML does not read back the same (a bug; "
+                    "please edit the file by hand)"))
+    return new_text, (cfg.devices[-1] if cfg.devices else None)
+
+
+def _commit(path: Path, old_text: str, new_text: str, summary: str) -> None:
+    if _dump(parse_yaml(old_text, path)) != old_text:
+        console.print("[yellow]note:[/] the YAML writer also normalised the layout of other lines; "
+                      "see the diff")
+    try:
+        write_atomically(path, new_text, old_text)
+    except (OSError, ConfigError) as exc:
+        fail(escape(f"cannot write {path}: {exc}"))
+    console.print(summary)
+    _show_diff(path, old_text, new_text)
+    console.print("[dim]restart the daemon to apply: systemctl restart edgeagent[/]")
+
+
+@app.command("add")
+def add_device(
+    dev_type: str = typer.Argument(..., metavar="TYPE", help=f"one of: {', '.join(sorted(DEVICE_TYPES))}"),
+    *,
+    dev_id: str = typer.Option(..., "--id", help="device id, unique on this gateway"),
+    name: str | None = typer.Option(None, "--name", help="human label, local only"),
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="a setting of this device type; repeat for more")] = None,
+    no_probe: bool = typer.Option(False, "--no-probe",
+                                  help="skip the connection test for device types that have one"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Add a device to the config file (comments and layout are kept)."""
+    if dev_type not in DEVICE_TYPES:
+        fail(escape(f"unknown device type {dev_type!r}; known types: {', '.join(sorted(DEVICE_TYPES))}"))
+    values = parse_set(settings or [], DEVICE_TYPES[dev_type])
+    path = config_path(config)
+    old_text, doc = _load(path)
+    existing = doc.get("devices")
+    if dev_id in _device_ids(existing):
+        fail(escape(f"a device with id {dev_id!r} is already in {path}; remove it first or pick another id"))
+
+    entry = CommentedMap()
+    entry["type"] = dev_type
+    entry["id"] = dev_id
+    if name is not None:
+        entry["name"] = name
+    for key, value in values.items():
+        entry[key] = value
+    # Comment lines that follow the list stay after it (below the new device).
+    after = "" if "devices" not in doc or _is_block(existing) else _take_lines((doc, "devices", 2))
+    if isinstance(existing, CommentedSeq) and len(existing) > 0:
+        after += _take_lines(_last_slot(existing))
+        existing.fa.set_block_style()
+        existing.append(entry)
+        _put_lines(_last_slot(existing), after)
+    else:
+        # Missing, null or an empty flow list (`devices: []`): a block list in its place.
+        doc["devices"] = _block_seq([entry])
+        _put_lines(_last_slot(doc["devices"]), after)
+
+    new_text, device = _validate_new(path, doc)
+    probe = PROBES.get(dev_type)
+    if probe is not None and not no_probe and device is not None:
+        console.print(f"testing {escape(dev_type)} device {escape(dev_id)}...")
+        try:
+            detail = probe(device)
+        except EdgeagentError as exc:
+            fail(escape(f"the device does not answer as configured, {path} left unchanged: {exc}\n"
+                        "(fix the settings, or add it anyway with --no-probe)"))
+        console.print(f"[green]ok[/] {escape(detail or '')}")
+    _commit(path, old_text, new_text, f"added {escape(dev_type)} device [bold]{escape(dev_id)}[/] "
+                                 f"to {escape(str(path))}")
+
+
+@app.command("remove")
+def remove_device(
+    dev_id: str = typer.Argument(..., metavar="ID", help="id of the device to remove"),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Remove a device from the config file (comments and layout are kept)."""
+    path = config_path(config)
+    old_text, doc = _load(path)
+    existing = doc.get("devices")
+    ids = _device_ids(existing)
+    if dev_id not in ids:
+        known = ", ".join(ids) if ids else "none"
+        fail(escape(f"no device {dev_id!r} in {path} (devices: {known})"))
+    assert isinstance(existing, CommentedSeq)
+    index = ids.index(dev_id)
+    dev_type = existing[index].get("type", "?")
+    # Comment lines after the removed device were about what follows it: they stay in place.
+    after = _take_lines(_last_slot(existing[index]))
+    del existing[index]
+    if len(existing) == 0:
+        before = _take_pre(doc, "devices")
+        doc["devices"] = _empty_flow_seq()
+        _put_lines((doc, "devices", 2), before + after)
+    elif index > 0:
+        _put_lines(_last_slot(existing[index - 1]), after)
+    else:
+        _put_pre(doc, "devices", after)
+    new_text, _ = _validate_new(path, doc)
+    _commit(path, old_text, new_text, f"removed {escape(str(dev_type))} device [bold]{escape(dev_id)}[/] "
+                                 f"from {escape(str(path))}")

@@ -376,6 +376,8 @@ class Outbox:
             raise OutboxClosedError("outbox is closed")
         if self._fatal is not None:
             raise OutboxError(f"outbox database thread failed: {self._fatal}") from self._fatal
+        if self._thread is not None and not self._thread.is_alive():
+            raise OutboxError("outbox database thread is not running")
         fut = self._loop.create_future()
         op.future = fut
         if n_events:

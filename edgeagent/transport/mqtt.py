@@ -96,6 +96,7 @@ class MqttSession:
         self._pending_sub: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._misc_handle: asyncio.TimerHandle | None = None
         self._sock: Any = None
+        self._tls_alert: str | None = None
 
     @property
     def protocol(self) -> Protocol:
@@ -125,6 +126,7 @@ class MqttSession:
         client.on_message = self._on_message
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
+        client.on_log = self._on_log
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
         if self._p.username is not None:
@@ -273,9 +275,15 @@ class MqttSession:
                        _props: Properties | None = None) -> None:
         err = UplinkError(f"{self._where}: disconnected: {rc}")
         if self._connected is not None and not self._connected.done():
-            # A 3.1.1 broker may answer an MQTT 5 CONNECT by closing the socket.
-            self._connected.set_exception(ProtocolRefused(f"{self._where}: closed before CONNACK: {rc}")
-                                          if self._p.protocol == "5" else err)
+            if self._tls_alert is not None:
+                # TLS 1.3 refuses a missing or unaccepted client certificate only after the handshake.
+                self._connected.set_exception(UplinkAuthError(
+                    f"{self._where}: TLS refused by the broker (client certificate missing or not "
+                    f"accepted?): {self._tls_alert}"))
+            else:
+                # A 3.1.1 broker may answer an MQTT 5 CONNECT by closing the socket.
+                self._connected.set_exception(ProtocolRefused(f"{self._where}: closed before CONNACK: {rc}")
+                                              if self._p.protocol == "5" else err)
         self._fail_pending(err)
         if self.disconnected is not None and not self.disconnected.done():
             if rc.is_failure or rc.value != 0:
@@ -283,6 +291,11 @@ class MqttSession:
                 self.disconnected.exception()
             else:
                 self.disconnected.set_result(None)
+
+    def _on_log(self, _c: paho.Client, _u: Any, level: int, buf: str) -> None:
+        # paho reports a failed socket read only here (as text): keep a TLS alert from the broker.
+        if level == paho.MQTT_LOG_ERR and "[SSL: " in buf and "alert" in buf.lower():
+            self._tls_alert = buf.removeprefix("failed to receive on socket: ")
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: ReasonCode,
                     _props: Properties | None = None) -> None:
