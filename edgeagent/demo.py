@@ -1,0 +1,244 @@
+"""``edgeagent demo``: the real daemon on a generated config with simulated devices.
+
+Without ``--broker`` it starts a private mosquitto on a free loopback port (when mosquitto is
+installed) to stand in for the district platform; otherwise the events stay in the outbox. A
+simulated platform subscribes to the gateway's topics and sends it a signed command, and a replay of
+it, so the whole path is visible: device → event → outbox → MQTT → platform → command → audit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from rich.console import Console
+
+from edgeagent.app import Daemon
+from edgeagent.kernel.commands import sign_command
+from edgeagent.kernel.config import Config
+from edgeagent.kernel.errors import UplinkError
+from edgeagent.kernel.events import Event
+from edgeagent.kernel.logsetup import setup_logging
+from edgeagent.transport.mqtt import Incoming, MqttSession, SessionParams
+
+SITE = "demo-site"
+GATEWAY = "demo-gw"
+KEY_ID = "demo-platform"
+_COLORS = {"alarm": "bold red", "event": "cyan", "telemetry": "dim"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateBroker:
+    """A throw-away mosquitto on loopback standing in for the platform's broker."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists()
+                                                 else None)
+        self.port = _free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.exe is not None
+
+    def start(self) -> str:
+        assert self.exe is not None
+        conf = self.workdir / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\nlog_dest none\n")
+        self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return f"mqtt://127.0.0.1:{self.port}"
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("the private mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            self.proc = None
+
+
+def demo_config(workdir: Path, broker: str | None, public_key: Path) -> Config:
+    data: dict[str, Any] = {
+        "version": 1, "site_id": SITE, "gateway_id": GATEWAY, "state_dir": str(workdir / "state"),
+        "log_level": "warning", "health": {"port": 0},
+        # The demo trusts the host clock. A real box asks the kernel ('auto'), and until NTP has
+        # synchronised it marks event times and refuses commands, whose expiry it cannot check.
+        "clock": {"sync": "synced"},
+        "commands": {"public_keys": {KEY_ID: str(public_key)}},
+        "devices": [
+            {"type": "sim.sensor", "id": "shed-a-temp", "metric": "temperature", "unit": "degC",
+             "base": 24, "amplitude": 6, "interval_s": 1},
+            {"type": "sim.sensor", "id": "shed-a-hum", "metric": "humidity", "unit": "%",
+             "base": 60, "amplitude": 10, "interval_s": 2},
+            {"type": "sim.contact", "id": "gate-room-door", "contact": "door", "mean_interval_s": 3},
+            {"type": "sim.panic", "id": "guard-room-panic", "location": "guard-room", "mean_interval_s": 8},
+        ],
+    }
+    if broker is not None:
+        data["uplink"] = {"broker": broker, "retry": {"first_max_s": 0.5, "short_cap_s": 2},
+                          "flush_on_stop_s": 5}
+    return Config.model_validate(data)
+
+
+class Platform:
+    """The district platform, simulated: counts what arrives and sends signed commands."""
+
+    def __init__(self, console: Console, broker: str, key: Ed25519PrivateKey) -> None:
+        parts = urlsplit(broker)
+        self.console = console
+        self.key = key
+        self.params = SessionParams(host=parts.hostname or "127.0.0.1", port=parts.port or 1883,
+                                    client_id=f"demo-platform-{uuid.uuid4().hex[:8]}")
+        self.base = f"edgeagent/v1/{SITE}/{GATEWAY}"
+        self.received: Counter[str] = Counter()
+        self.session: MqttSession | None = None
+
+    def on_message(self, msg: Incoming) -> None:
+        if "/events/" in msg.topic:
+            for env in orjson.loads(msg.payload)["events"]:
+                self.received[env["priority"]] += 1
+        elif msg.topic.endswith("/cmd/res"):
+            res = orjson.loads(msg.payload)
+            mark = "[green]executed[/]" if res["ok"] else f"[red]{res['status']}[/] ({res['error']['code']})"
+            self.console.print(f"  [bold magenta]platform[/] ← command {res['command_id']}: {mark}")
+        elif msg.topic.endswith("/status"):
+            st = orjson.loads(msg.payload)
+            self.console.print(f"  [bold magenta]platform[/] ← gateway is {st['state']} ({st['reason']})")
+
+    async def run(self, ready: asyncio.Event) -> None:
+        async with MqttSession(self.params, on_message=self.on_message) as s:
+            self.session = s
+            await s.subscribe(f"{self.base}/#", qos=1)
+            ready.set()
+            await asyncio.Event().wait()
+
+    async def send_ping(self, nonce: str | None = None) -> tuple[str, str]:
+        assert self.session is not None
+        now = datetime.now(UTC)
+        cmd_id = f"cmd-{uuid.uuid4().hex[:6]}"
+        nonce = nonce or uuid.uuid4().hex
+        body = {"id": cmd_id, "site_id": SITE, "gateway_id": GATEWAY, "command": "gateway.ping", "args": {},
+                "issued_at": now.isoformat(), "expires_at": (now + timedelta(seconds=60)).isoformat(),
+                "nonce": nonce, "issuer": "demo-operator"}
+        await self.session.publish(f"{self.base}/cmd/req", sign_command(self.key, KEY_ID, body), qos=1)
+        return cmd_id, nonce
+
+
+def run_demo(seconds: float, broker: str | None) -> int:
+    console = Console(highlight=False)
+    setup_logging("warning")
+    with tempfile.TemporaryDirectory(prefix="edgeagent-demo-") as tmp:
+        work = Path(tmp)
+        private = None
+        if broker is None:
+            private = PrivateBroker(work)
+            if private.available:
+                broker = private.start()
+                console.print(f"[bold]edgeagent demo[/]: a private mosquitto on {broker} stands in for the "
+                              "district platform")
+            else:
+                private = None
+                console.print("[bold]edgeagent demo[/]: mosquitto is not installed, so there is no platform "
+                              "broker; events stay in the outbox (install mosquitto or pass --broker)")
+        else:
+            console.print(f"[bold]edgeagent demo[/]: forwarding to {broker}")
+        try:
+            return asyncio.run(_demo(console, work, seconds, broker))
+        finally:
+            if private is not None:
+                private.stop()
+
+
+async def _demo(console: Console, work: Path, seconds: float, broker: str | None) -> int:
+    key = Ed25519PrivateKey.generate()
+    pub = work / "platform.pub"
+    pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    daemon = Daemon(demo_config(work, broker, pub))
+    accepted: Counter[str] = Counter()
+
+    def show(event: Event, seq: int) -> None:
+        accepted[event.priority.label] += 1
+        data = " ".join(f"{k}={v}" for k, v in event.data.items())
+        color = _COLORS[event.priority.label]
+        console.print(f"[{color}]#{seq:<5} {event.priority.label:<9} {event.type:<22} {event.device_id:<17} "
+                      f"{data}[/]", soft_wrap=True)
+
+    daemon.sink.observe(show)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+    platform = Platform(console, broker, key) if broker else None
+    platform_task = None
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 20)
+        console.print(f"gateway {GATEWAY} ready: outbox in {daemon.outbox.path}, health on "
+                      f"{daemon.health.url if daemon.health else '-'}; running {seconds:g} s (Ctrl-C stops)\n")
+        if platform is not None:
+            ready = asyncio.Event()
+            platform_task = asyncio.create_task(platform.run(ready))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ready.wait(), 5)
+        await _script(console, platform, seconds)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    except UplinkError as exc:
+        console.print(f"[red]platform connection failed: {exc}[/]")
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(runner, 30)
+        if platform_task is not None:
+            await asyncio.sleep(0.3)  # let the last acknowledgements arrive
+            platform_task.cancel()
+            with contextlib.suppress(BaseException):
+                await platform_task
+    status = daemon.outbox.path.exists()
+    console.print("\n[bold]summary[/]: accepted " + ", ".join(f"{v} {k}" for k, v in sorted(accepted.items())))
+    if platform is not None:
+        console.print("  the platform received " + ", ".join(
+            f"{v} {k}" for k, v in sorted(platform.received.items())))
+    console.print(f"  outbox kept at {daemon.outbox.path if status else '-'} (removed with the demo's temp dir)")
+    return 0
+
+
+async def _script(console: Console, platform: Platform | None, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    sent = False
+    while loop.time() < end:
+        await asyncio.sleep(min(0.5, max(0.0, end - loop.time())))
+        if platform is not None and not sent and loop.time() > end - seconds + 4:
+            sent = True
+            cmd_id, nonce = await platform.send_ping()
+            console.print(f"  [bold magenta]platform[/] → signed gateway.ping {cmd_id}")
+            await asyncio.sleep(1)
+            await platform.send_ping(nonce=nonce)
+            console.print("  [bold magenta]platform[/] → the same command replayed (must be refused)")
