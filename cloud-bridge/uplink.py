@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from paho.mqtt.packettypes import PacketTypes
@@ -249,7 +249,7 @@ class Uplink:
                         if self._stopping.is_set() and self._inflight == 0:
                             break  # drained
                         await _first(self._outbox.changed.wait(), disconnected, self._stopping.wait(),
-                                     self._idle.wait(), timeout=self._wait_budget())
+                                     self._idle.wait(), within_s=self._wait_budget())
                         continue
                     await window.acquire()
                 self._inflight += 1
@@ -304,8 +304,10 @@ class Uplink:
         result = await self._commands.handle(msg.payload)
         metrics.COMMANDS.labels(result.status).inc()
         topic = self.topics.cmd_res
-        if msg.response_topic and msg.response_topic.startswith(self.topics.cmd_res):
-            topic = msg.response_topic
+        wanted = msg.response_topic
+        # Only the default topic or one under it (".../cmd/result" is not), never a wildcard filter.
+        if wanted and (wanted == topic or wanted.startswith(topic + "/")) and not {"+", "#"} & set(wanted):
+            topic = wanted
         props = None
         if self.protocol == "5" and msg.correlation_data is not None:
             props = Properties(PacketTypes.PUBLISH)
@@ -362,11 +364,11 @@ def _log_ack_failure(fut: asyncio.Future[None]) -> None:
         log.error("outbox: marking a batch sent failed: %s (it will be sent again)", fut.exception())
 
 
-async def _first(*aws: object, timeout: float | None = None) -> None:
-    """Wait until the first of several awaitables/futures completes; cancel the rest."""
-    tasks = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in aws]  # type: ignore[arg-type]  # coroutines and futures mixed on purpose
+async def _first(*aws: Awaitable[Any], within_s: float | None = None) -> None:
+    """Wait until the first of several awaitables/futures completes; cancel the ones we created."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
     try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for t, a in zip(tasks, aws, strict=True):
             if t is not a and not t.done():

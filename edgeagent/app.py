@@ -143,7 +143,7 @@ class Daemon:
     def register_command(self, spec: CommandSpec) -> None:
         self.router.register(spec)
 
-    async def run(self, shutdown_trigger: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def run(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
         loop = asyncio.get_running_loop()
         installed: list[int] = []
         if shutdown_trigger is None:
@@ -164,8 +164,8 @@ class Daemon:
                     self._stop_reason = "shutdown trigger"
                 await self._shutdown(tg)
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+            for signum in installed:
+                loop.remove_signal_handler(signum)
             self._remove_runtime_file()
 
     # --- start-up ----------------------------------------------------------------------------------

@@ -4,21 +4,26 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgeagent.kernel.metrics import REGISTRY
 
-if TYPE_CHECKING:
-    from edgeagent.app import Daemon
+
+class StatusSource(Protocol):
+    """What the endpoint asks of the daemon."""
+
+    def healthy(self) -> tuple[bool, str]: ...
+
+    async def status(self) -> dict[str, Any]: ...
 
 log = logging.getLogger(__name__)
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, daemon: Daemon) -> None:
+    def __init__(self, host: str, port: int, daemon: StatusSource) -> None:
         self._host = host
         self._port = port
         self._daemon = daemon
@@ -41,10 +46,9 @@ class HealthServer:
                       self._host, self._port, exc.strerror)
             return
         self._runner = runner
-        server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
-        port = self._port
-        if server is not None and getattr(server, "sockets", None):
-            port = server.sockets[0].getsockname()[1]
+        # aiohttp exposes the bound port (for port 0) only on its server object.
+        sockets = getattr(site._server, "sockets", None) or []
+        port = int(sockets[0].getsockname()[1]) if sockets else self._port
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.url = f"http://{host}:{port}"
         log.info("health endpoint on %s", self.url)

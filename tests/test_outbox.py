@@ -185,7 +185,7 @@ async def test_closed_outbox_refuses_clearly(tmp_path: Path, factory: EventFacto
 async def test_corrupt_database_is_a_clear_error_or_quarantined(tmp_path: Path, factory: EventFactory) -> None:
     path = tmp_path / "o.db"
     path.write_bytes(b"this is not a sqlite database" * 100)
-    with pytest.raises(OutboxCorruptError, match="o.db.*corrupt"):
+    with pytest.raises(OutboxCorruptError, match=r"o\.db.*corrupt"):
         async with Outbox(OutboxConfig(path)):
             pass
     ob = Outbox(OutboxConfig(path, on_corrupt="quarantine"))

@@ -26,7 +26,7 @@ class OutageBackoff:
         self.short_cap_s = short_cap_s
         self.long_cap_s = long_cap_s
         self.short_window_s = short_window_s
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._rng = rng or random.Random()
         self.attempt = 0
 
     def reset(self) -> None:

@@ -108,7 +108,7 @@ class SecretRef(Strict):
 
 def _no_clear_secret(value: Any) -> Any:
     if isinstance(value, str | int | float):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - pydantic reports ValueError as a validation error
             "secrets may not be written in the config file; "
             "use {credential: NAME}, {file: PATH} or {env: NAME}")
     return value
@@ -419,7 +419,7 @@ def _plain(err: Mapping[str, Any]) -> str:
         return f"{got!r} is not allowed here (must match {ctx.get('pattern')})"
     if kind == "literal_error":
         return f"{got!r} is not one of {ctx.get('expected')}"
-    if kind.endswith("_type") or kind.endswith("_parsing"):
+    if kind.endswith(("_type", "_parsing")):
         return f"{msg.lower()} (got {type(got).__name__} {got!r})" if not isinstance(got, dict) else msg.lower()
     return msg.removeprefix("Value error, ")
 
@@ -489,7 +489,7 @@ def redacted(cfg: Config) -> dict[str, Any]:
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
-            out = {}
+            out: dict[str, Any] = {}
             for k, v in node.items():
                 if isinstance(v, dict) and set(v) <= {"credential", "file", "env"} and v:
                     out[k] = {kk: vv for kk, vv in v.items() if vv is not None} | {"value": "<redacted>"}

@@ -194,6 +194,8 @@ class _Query(_Op):
 
 
 _STOP = object()
+# What the database thread hands back to the loop for one future: (future, value, error).
+_Result = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 @dataclass
@@ -391,7 +393,7 @@ class Outbox:
         if self._pending_events < self._cfg.max_pending_events:
             self._space.set()
 
-    def _deliver(self, results: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+    def _deliver(self, results: list[_Result],
                  changed: bool, evicted: EvictionReport | None) -> None:
         for fut, value, exc in results:
             if fut.done():
@@ -412,7 +414,7 @@ class Outbox:
         assert loop is not None
         try:
             self._open_db()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting open()
             loop.call_soon_threadsafe(_set_exc_if_pending, ready, exc)
             return
         loop.call_soon_threadsafe(_set_result_if_pending, ready, None)
@@ -430,7 +432,7 @@ class Outbox:
                 self._conn = None
 
     def _fail_queued(self, loop: asyncio.AbstractEventLoop, exc: BaseException) -> None:
-        results = []
+        results: list[_Result] = []
         while True:
             try:
                 op = self._ops.get_nowait()
@@ -560,11 +562,11 @@ class Outbox:
         loop.call_soon_threadsafe(self._deliver, results, changed, evicted if evicted else None)
 
     def _transaction(self, conn: sqlite3.Connection, ops: Sequence[_Op], evicted: EvictionReport,
-                     housekeeping: bool = True) -> tuple[list[tuple[asyncio.Future[Any], Any, None]], bool]:
+                     housekeeping: bool = True) -> tuple[list[_Result], bool]:
         """Apply ops in one transaction and commit; on failure roll back state and re-raise."""
         state = self._snapshot()
         seq_before, evicted_before = self._next_seq, self._evicted_total
-        results: list[tuple[asyncio.Future[Any], Any, None]] = []
+        results: list[_Result] = []
         changed = False
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -592,7 +594,7 @@ class Outbox:
 
     def _fail(self, loop: asyncio.AbstractEventLoop, ops: Sequence[_Op], err: BaseException,
               evicted: EvictionReport | None = None) -> None:
-        results = [(op.future, None, err) for op in ops if op.future is not None]
+        results: list[_Result] = [(op.future, None, err) for op in ops if op.future is not None]
         loop.call_soon_threadsafe(self._deliver, results, False, evicted if evicted else None)
 
     def _recover_from_full_disk(

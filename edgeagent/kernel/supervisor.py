@@ -98,7 +98,7 @@ class Supervisor:
             except asyncio.CancelledError:
                 info.state = "stopped"
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of a supervised task is handled here
                 info.last_error = f"{type(exc).__name__}: {exc}"
                 now = time.monotonic()
                 info.failures.append(now)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -164,7 +165,7 @@ class MqttSession:
     def _blocking_connect(self, client: paho.Client) -> None:
         props = None
         if self._p.protocol == "5":
-            props = Properties(paho.PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
             props.SessionExpiryInterval = 0
         client.connect(self._p.host, self._p.port, keepalive=self._p.keepalive_s, properties=props,
                        clean_start=True if self._p.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY)
@@ -195,7 +196,7 @@ class MqttSession:
         if self._client is not None:
             client, self._client = self._client, None
             with contextlib.suppress(Exception):
-                client._sock_close()  # noqa: SLF001 - paho has no public "close without DISCONNECT"
+                client._sock_close()
         err = UplinkError(f"{self._where}: connection closed")
         self._fail_pending(err)
         if self.disconnected is not None and not self.disconnected.done():
