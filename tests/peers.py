@@ -125,9 +125,8 @@ class Amqtt:
         self.port = free_port()
         self.conf = workdir / "amqtt.yaml"
         self.conf.write_text(
-            "listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:%d\n"
-            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n"
-            % self.port)
+            f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{self.port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
         self.log = workdir / "amqtt.log"
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -137,7 +136,7 @@ class Amqtt:
         if not exe.exists():
             raise RuntimeError("amqtt is not installed in this environment: pip install -e '.[dev]'")
         self.proc = subprocess.Popen([str(exe), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log, "ab"))  # noqa: SIM115
+                                     stderr=open(self.log, "ab"))
         wait_port(self.port, timeout_s=15)
         return self
 
@@ -187,7 +186,7 @@ class Mosquitto:
 
     def start(self) -> None:
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.dir / "mosquitto.log", "ab"))  # noqa: SIM115
+                                     stderr=open(self.dir / "mosquitto.log", "ab"))
         try:
             wait_port(self.port)
         except TimeoutError:

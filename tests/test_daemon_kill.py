@@ -85,8 +85,13 @@ def test_sigkill_20_times_loses_no_accepted_event(tmp_path: Path) -> None:
     rng = random.Random(11)
     try:
         for _ in range(20):
+            before = len(daemon.accepted)
             daemon.start()
-            time.sleep(rng.uniform(0.4, 1.2))
+            # Kill at a random moment while it is producing (start-up alone takes ~0.5 s).
+            deadline = time.monotonic() + 20
+            while len(daemon.accepted) == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.8))
             daemon.kill()
         daemon.start()
         time.sleep(1.0)
@@ -103,8 +108,8 @@ def test_sigkill_20_times_loses_no_accepted_event(tmp_path: Path) -> None:
         # seq is gap-free across all the restarts: everything accepted and started/stopped reports.
         seqs = sorted({int(e["seq"]) for e in col.events})  # type: ignore[call-overload]
         assert seqs == list(range(1, seqs[-1] + 1))
-        starts = [e for e in col.events if e["type"] == "gateway.started"]
-        assert len({e["id"] for e in starts}) == 21
+        starts = {str(e["id"]) for e in col.events if e["type"] == "gateway.started"}
+        assert len(starts) == 21, "a run's gateway.started never arrived"
         last_status = [json.loads(p) for t, p, r in col.messages if t.endswith("/status")][-1]
         assert last_status["state"] == "offline" and last_status["reason"] == "shutdown"
     finally:
