@@ -32,5 +32,3 @@ TASK_RESTARTS = Counter("edgeagent_task_restarts_total", "Supervised task restar
                         registry=REGISTRY)
 TASK_FAILED = Gauge("edgeagent_task_failed", "1 when a supervised task gave up", ["task"], registry=REGISTRY)
 LOOP_LAG = Gauge("edgeagent_loop_lag_seconds", "Event-loop lag measured by the heartbeat", registry=REGISTRY)
-QUEUE_DROPPED = Counter("edgeagent_queue_dropped_total", "Items dropped by a bounded queue's overflow policy",
-                        ["queue"], registry=REGISTRY)
