@@ -364,7 +364,7 @@ def add_device(
         console.print(f"testing {escape(dev_type)} device {escape(dev_id)}...")
         try:
             detail = probe(device)
-        except EdgeagentError as exc:
+        except (EdgeagentError, OSError, TimeoutError) as exc:
             fail(escape(f"the device does not answer as configured, {path} left unchanged: {exc}\n"
                         "(fix the settings, or add it anyway with --no-probe)"))
         console.print(f"[green]ok[/] {escape(detail or '')}")
@@ -386,7 +386,7 @@ def remove_device(
         known = ", ".join(ids) if ids else "none"
         fail(escape(f"no device {dev_id!r} in {path} (devices: {known})"))
     assert isinstance(existing, CommentedSeq)
-    index = ids.index(dev_id)
+    index = next(i for i, d in enumerate(existing) if isinstance(d, dict) and str(d.get("id")) == dev_id)
     dev_type = existing[index].get("type", "?")
     # Comment lines after the removed device were about what follows it: they stay in place.
     after = _take_lines(_last_slot(existing[index]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -22,7 +23,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgeagent.cli.common import ConfigOption, JsonOption, console, fail, load_or_exit, print_json
+from edgeagent.cli.common import (
+    ConfigOption,
+    JsonOption,
+    console,
+    err_console,
+    fail,
+    load_or_exit,
+    print_json,
+)
 from edgeagent.kernel.config import Config
 from edgeagent.kernel.events import Priority
 
@@ -284,7 +293,7 @@ def tail_events(
         with outbox_ro(path) as conn:
             last = from_seq - 1 if from_seq is not None else _max_seq(conn)
         if not as_json:
-            console.print(f"[dim]following {escape(str(path))} after seq {last}; Ctrl-C stops[/]")
+            err_console.print(f"[dim]following {escape(str(path))} after seq {last}; Ctrl-C stops[/]")
         while True:
             # Each poll opens afresh: a stopped daemon's database is opened immutable, and that
             # connection would never see rows written after the daemon starts again.
@@ -308,10 +317,20 @@ def tail_events(
                 time.sleep(POLL_S)
     except KeyboardInterrupt:
         return
+    except BrokenPipeError:  # `edgeagent events tail | head`
+        _quiet_stdout()
+        return
     except NoOutboxError as exc:
         fail(escape(str(exc)))
     except sqlite3.Error as exc:
         fail(escape(f"cannot read the outbox {path}: {exc}"))
+
+
+def _quiet_stdout() -> None:
+    """The reader of our output went away: send what is still buffered nowhere, quietly."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _max_seq(conn: sqlite3.Connection) -> int:

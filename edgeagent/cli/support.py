@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -479,6 +480,15 @@ def check_broker(cfg: Config, env: Mapping[str, str], daemon_running: bool) -> C
             protocol = asyncio.run(asyncio.wait_for(uplink.probe(up, client_id), timeout=limit))
     except UplinkAuthError as exc:
         return Check("broker", "fail", f"{up.broker} refused our credentials: {exc}")
+    except SecretError as exc:
+        if env.get("CREDENTIALS_DIRECTORY") or not any(r.credential for _, r in secret_refs(up)):
+            return Check("broker", "fail", str(exc))
+        # The service's credential is out of reach by hand: at least see that the broker answers.
+        try:
+            socket.create_connection((up.host, up.port), timeout=up.connect_timeout_s).close()
+        except OSError as oexc:
+            return Check("broker", "fail", f"{up.host}:{up.port}: cannot connect: {oexc.strerror or oexc}")
+        return Check("broker", "warn", f"{up.host}:{up.port} accepts connections; login not tested: {exc}")
     except TimeoutError:
         return Check("broker", "fail", f"{up.broker}: no answer within {limit:g} s")
     except (EdgeagentError, OSError, ssl.SSLError) as exc:
