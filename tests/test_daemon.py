@@ -250,3 +250,42 @@ async def test_backlog_over_cap_evicts_and_reports_it_never_alarms(tmp_path: Pat
     assert st["outbox"]["evicted_total"] >= report.data["total_evicted"] > 0
     if report.data["evicted_event"]:
         assert report.data["evicted_telemetry"] > 0, "events evicted before telemetry"
+
+
+async def test_status_command_reads_the_running_daemon(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from edgeagent.kernel.config import load_config
+
+    cfg_path = tmp_path / "edgeagent.yaml"
+    cfg_path.write_text(f"""\
+version: 1
+site_id: site-1
+gateway_id: gw-1
+state_dir: {tmp_path / "state"}
+clock: {{sync: synced}}
+uplink: {{broker: "mqtt://127.0.0.1:9", retry: {{first_max_s: 0.1, short_cap_s: 0.2}}}}
+health: {{port: 0}}
+devices:
+  - {{type: sim.contact, id: door-1, mean_interval_s: 0.2}}
+""")
+    daemon = Daemon(load_config(cfg_path))
+
+    def status(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edgeagent", "status", "--config", str(cfg_path), *extra],
+                              capture_output=True, text=True, timeout=30, env={"COLUMNS": "120"})
+
+    async with running(daemon):
+        await asyncio.sleep(1.5)
+        as_json = await asyncio.to_thread(status, "--json")
+        table = await asyncio.to_thread(status)
+    assert as_json.returncode == 0, as_json.stderr
+    st = json.loads(as_json.stdout)
+    assert st["gateway_id"] == "gw-1" and st["uplink"]["state"] in ("connecting", "disconnected")
+    assert st["outbox"]["classes"]["event"]["unsent"] >= 1
+    assert st["outbox"]["classes"]["event"]["oldest_unsent_age_s"] is not None
+    assert [t["name"] for t in st["tasks"]] == ["uplink", "device:door-1"]
+    assert table.returncode == 0 and "device:door-1" in table.stdout and "oldest unsent" in table.stdout
+    stopped = await asyncio.to_thread(status)
+    assert stopped.returncode == 1 and "is it running?" in stopped.stderr
