@@ -148,11 +148,16 @@ class Uplink:
                     protocol = "3.1.1"
                     continue
                 self._failed("protocol", exc)
+                if self._cfg.protocol == "auto":
+                    protocol = "5"  # neither answered: next time start from 5 again
             except UplinkAuthError as exc:
                 self._failed("auth", exc)
                 self.state = "auth_failed"
             except (UplinkError, SecretError) as exc:
                 self._failed("connection", exc)
+                if self._cfg.protocol == "auto" and protocol == "3.1.1" and self.connected_since is None:
+                    # 3.1.1 did not work either: the silence was not about the protocol. Try 5 again.
+                    protocol = "5"
             finally:
                 metrics.UPLINK_CONNECTED.set(0)
                 if self.connected_since is not None:

@@ -132,6 +132,7 @@ class Daemon:
         self._eviction_task: asyncio.Task[None] | None = None
         self._last_stats: OutboxStats | None = None
         self._driver_names: list[str] = []
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._register_builtin_commands()
 
     # --- control -----------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class Daemon:
         if cfg.health.enabled:
             self.health = HealthServer(cfg.health.host, cfg.health.port, self)
             await self.health.start()
-        tg.create_task(self._heartbeat(), name="heartbeat")
+        self._heartbeat_task = tg.create_task(self._heartbeat(), name="heartbeat")
         self._write_runtime_file()
         self.ready.set()
         self.notifier.ready()
@@ -368,9 +369,8 @@ class Daemon:
             await self.supervisor.stop_all()
         if self.health is not None:
             await self.health.stop()
-        for task in asyncio.all_tasks():
-            if task.get_name() == "heartbeat":
-                task.cancel()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
 
     async def _orderly_stop(self, reason: str) -> None:
         sup = self.supervisor
@@ -389,12 +389,8 @@ class Daemon:
         if self.uplink is not None and self.cfg.uplink is not None:  # 3. bounded drain, offline, disconnect
             drain = self.cfg.uplink.flush_on_stop_s
             await self.uplink.stop(drain)
-            task_info = sup.tasks.get("uplink")
-            deadline = time.monotonic() + drain + 5
-            while task_info is not None and task_info.state in ("running", "backoff", "starting"):
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
+            if not await sup.wait("uplink", drain + 5):
+                log.warning("uplink did not finish within %.0f s; closing it", drain + 5)
 
     # --- runtime file for the CLI ------------------------------------------------------------------
 

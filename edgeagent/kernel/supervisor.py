@@ -86,6 +86,14 @@ class Supervisor:
         for name in list(names if names is not None else self._handles):
             await self.stop(name)
 
+    async def wait(self, name: str, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a task to end by itself; True if it did."""
+        task = self._handles.get(name)
+        if task is None:
+            return True
+        done, _ = await asyncio.wait([task], timeout=timeout_s)
+        return bool(done)
+
     def snapshot(self) -> list[dict[str, object]]:
         return [t.snapshot() for t in self.tasks.values()]
 
