@@ -12,12 +12,12 @@ from urllib.parse import unquote
 
 import orjson
 import pytest
-from edgeagent.cloud_bridge import contract
 from jsonschema import ValidationError
 from pydantic import BaseModel
 from referencing import Registry, Resource
 from ruamel.yaml import YAML
 
+from edgeagent.cloud_bridge import contract
 from edgeagent.kernel.clock import Clock, SyncMode
 from edgeagent.kernel.event_types import REGISTRY
 from edgeagent.kernel.events import (
@@ -239,7 +239,7 @@ def test_batch_rejects_extra_keys_and_wrong_version() -> None:
 # --- the outbox's stored wire form (coalescing and clock correction) ----------------------------
 
 async def test_outbox_payloads_validate(tmp_path: Path) -> None:
-    from edgeagent.kernel.outbox import Outbox, OutboxConfig  # noqa: PLC0415
+    from edgeagent.kernel.outbox import Outbox, OutboxConfig
 
     clock = Clock(mode="unsynced", boot_id="boot-a")
     factory = EventFactory(REGISTRY, SITE, GATEWAY, clock)
@@ -360,7 +360,7 @@ def test_status_and_will_validate() -> None:
 
 
 def _signed_request(body: dict[str, Any]) -> dict[str, Any]:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     text = json.dumps(body)
     sig = Ed25519PrivateKey.generate().sign((contract.COMMAND_SIGNATURE_CONTEXT + text).encode("utf-8"))

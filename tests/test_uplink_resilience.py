@@ -8,9 +8,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import orjson
-import pytest
-
 from edgeagent.kernel.events import EventFactory
 from edgeagent.kernel.outbox import Outbox, OutboxConfig
 from tests.helpers import running_uplink, wait_until

@@ -17,7 +17,7 @@ class SimSensor:
     def __init__(self, cfg: SimSensorConfig, sink: EventSink) -> None:
         self.cfg = cfg
         self._sink = sink
-        self._rng = random.Random(cfg.id)  # noqa: S311 - simulation
+        self._rng = random.Random(cfg.id)
 
     async def run(self) -> None:
         period = 120.0
@@ -33,7 +33,7 @@ class SimContact:
     def __init__(self, cfg: SimContactConfig, sink: EventSink) -> None:
         self.cfg = cfg
         self._sink = sink
-        self._rng = random.Random(cfg.id)  # noqa: S311 - simulation
+        self._rng = random.Random(cfg.id)
 
     async def run(self) -> None:
         state = "closed"
@@ -47,7 +47,7 @@ class SimPanic:
     def __init__(self, cfg: SimPanicConfig, sink: EventSink) -> None:
         self.cfg = cfg
         self._sink = sink
-        self._rng = random.Random(cfg.id)  # noqa: S311 - simulation
+        self._rng = random.Random(cfg.id)
 
     async def run(self) -> None:
         while True:
