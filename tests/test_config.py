@@ -32,7 +32,10 @@ devices:
 # (name, text, expected line, fragment the message must contain)
 BROKEN: list[tuple[str, str, int, str]] = [
     ("unknown top-level key", GOOD + "colour: blue\n", 13, "colour: unknown key"),
-    ("misspelt nested key", GOOD.replace("username:", "usrname:"), 7, "uplink.usrname: unknown key"),
+    ("misspelt nested key", GOOD.replace("username:", "usrname:"), 7,
+     "uplink.usrname: unknown key (did you mean 'username'?"),
+    ("misspelt device key", GOOD.replace("interval_s: 2", "intervl_s: 2"), 12,
+     "devices[0].intervl_s: unknown key (did you mean 'interval_s'?"),
     ("missing site_id", GOOD.replace("site_id: site-1\n", ""), 1, "site_id: required key is missing"),
     ("wrong type", GOOD.replace("interval_s: 2", "interval_s: fast"), 12, "devices[0].interval_s"),
     ("negative interval", GOOD.replace("interval_s: 2", "interval_s: -1"), 12, "must be more than 0"),

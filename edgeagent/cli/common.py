@@ -44,7 +44,8 @@ def load_or_exit(path: Path | None) -> tuple[Path, Config]:
     try:
         return p, load_config(p)
     except ConfigError as exc:
-        err_console.print(f"[bold red]config error[/]\n{exc}", soft_wrap=True, markup=False)
+        err_console.print("[bold red]config error[/]")
+        err_console.print(str(exc), soft_wrap=True, markup=False)
         raise typer.Exit(2) from None
 
 

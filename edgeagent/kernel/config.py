@@ -10,9 +10,11 @@ read from ``$CREDENTIALS_DIRECTORY``), ``{file: PATH}`` or ``{env: NAME}``.
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import re
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -390,7 +392,43 @@ def _dotted(loc: tuple[int | str, ...], doc: Any) -> str:
     return out or "(top level)"
 
 
-def _plain(err: Mapping[str, Any]) -> str:
+def _model_at(loc: tuple[int | str, ...], doc: Any) -> type[BaseModel] | None:
+    """The config model that owns the last key of ``loc`` (to list the keys it allows)."""
+    model: type[BaseModel] | None = Config
+    node = doc
+    for part in loc[:-1]:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            if isinstance(node, Mapping) and node.get("type") in DEVICE_TYPES:
+                model = DEVICE_TYPES[str(node["type"])]
+            continue
+        if part in DEVICE_TYPES and not (isinstance(node, Mapping) and part in node):
+            continue  # the union tag pydantic puts in the location
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        node = node.get(part) if isinstance(node, Mapping) else None
+        candidates = [a for a in typing.get_args(field.annotation) or (field.annotation,)
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        # A list of devices: the item's own `type` picks the model at the next (index) step.
+        model = candidates[0] if candidates else (DeviceBase if part == "devices" else None)
+    return model
+
+
+def _unknown_key(loc: tuple[int | str, ...], doc: Any) -> str:
+    key = str(loc[-1]) if loc else "?"
+    model = _model_at(loc, doc)
+    if model is None:
+        return "unknown key"
+    allowed = sorted(model.model_fields)
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key ({hint}allowed here: {', '.join(allowed)})"
+
+
+def _plain(err: Mapping[str, Any], doc: Any = None) -> str:
     kind = err["type"]
     msg = str(err["msg"])
     ctx = err.get("ctx") or {}
@@ -403,7 +441,7 @@ def _plain(err: Mapping[str, Any]) -> str:
     if kind == "list_type":
         return f"must be a list (got {type(got).__name__})"
     if kind == "extra_forbidden":
-        return "unknown key (check the spelling; see 'edgeagent init' for the keys)"
+        return _unknown_key(tuple(err["loc"]), doc)
     if kind == "missing":
         return "required key is missing"
     if kind == "union_tag_invalid":
@@ -430,7 +468,7 @@ def _format_errors(path: Path | str, doc: Any, exc: ValidationError) -> str:
         loc = tuple(err["loc"])
         pos = _locate(doc, loc)
         where = f"{path}:{pos[0]}:{pos[1]}" if pos else str(path)
-        located.append((pos or (0, 0), f"{where}: {_dotted(loc, doc)}: {_plain(err)}"))
+        located.append((pos or (0, 0), f"{where}: {_dotted(loc, doc)}: {_plain(err, doc)}"))
     return "\n".join(line for _pos, line in sorted(located, key=lambda x: x[0]))
 
 
