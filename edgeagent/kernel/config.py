@@ -175,8 +175,10 @@ class UplinkConfig(Strict):
     username: str | None = None
     password: SecretField | None = None
     tls: TLSConfig | None = None
-    batch_max_events: int = Field(default=500, ge=1, le=10_000)
-    batch_max_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # 1000 events (~300 KB) per message: at 500 the uplink fell behind a 28k events/s intake on a busy
+    # 2-core box (bench/RESULTS.md). Lower batch_max_bytes for brokers with a small packet limit.
+    batch_max_events: int = Field(default=1000, ge=1, le=10_000)
+    batch_max_bytes: int = Field(default=512 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_inflight_batches: int = Field(default=8, ge=1, le=1000)
     flush_on_stop_s: float = Field(default=10, ge=0, le=300)
     retry: RetryConfig = RetryConfig()
