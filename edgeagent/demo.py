@@ -194,18 +194,20 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
 
     daemon.sink.observe(show)
     stop = asyncio.Event()
-    runner = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
     platform = Platform(console, broker, key) if broker else None
     platform_task = None
+    runner: asyncio.Task[None] | None = None
     try:
-        await asyncio.wait_for(daemon.ready.wait(), 20)
-        console.print(f"gateway {GATEWAY} ready: outbox in {daemon.outbox.path}, health on "
-                      f"{daemon.health.url if daemon.health else '-'}; running {seconds:g} s (Ctrl-C stops)\n")
         if platform is not None:
+            # The platform listens before the gateway starts, so it sees gateway.started too.
             ready = asyncio.Event()
             platform_task = asyncio.create_task(platform.run(ready))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ready.wait(), 5)
+        runner = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+        await asyncio.wait_for(daemon.ready.wait(), 20)
+        console.print(f"gateway {GATEWAY} ready: outbox in {daemon.outbox.path}, health on "
+                      f"{daemon.health.url if daemon.health else '-'}; running {seconds:g} s (Ctrl-C stops)\n")
         await _script(console, platform, seconds)
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
@@ -213,19 +215,19 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
         console.print(f"[red]platform connection failed: {exc}[/]")
     finally:
         stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(runner, 30)
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(runner, 30)
         if platform_task is not None:
             await asyncio.sleep(0.3)  # let the last acknowledgements arrive
             platform_task.cancel()
             with contextlib.suppress(BaseException):
                 await platform_task
-    status = daemon.outbox.path.exists()
     console.print("\n[bold]summary[/]: accepted " + ", ".join(f"{v} {k}" for k, v in sorted(accepted.items())))
     if platform is not None:
         console.print("  the platform received " + ", ".join(
             f"{v} {k}" for k, v in sorted(platform.received.items())))
-    console.print(f"  outbox kept at {daemon.outbox.path if status else '-'} (removed with the demo's temp dir)")
+    console.print("  (the demo's config and outbox lived in a temporary directory, now removed)")
     return 0
 
 
