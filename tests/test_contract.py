@@ -19,7 +19,7 @@ from ruamel.yaml import YAML
 
 from edgeagent.cloud_bridge import contract
 from edgeagent.kernel.clock import Clock, SyncMode
-from edgeagent.kernel.event_types import REGISTRY
+from edgeagent.kernel.event_types import REGISTRY, PointEvent
 from edgeagent.kernel.events import (
     Attachment,
     EventData,
@@ -51,6 +51,12 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "panic.pressed": {"location": "guard-room", "presses": 2},
     "sensor.reading": {"metric": "temperature", "value": 21.5, "unit": "degC"},
 }
+# Device-point types share one schema (PointEvent); each gets this example, so a new one is covered.
+POINT_EXAMPLE = {"point": "port3_temperature", "port": 3, "value": 71.5, "previous": 64.0, "unit": "degC",
+                 "trigger": "above", "threshold": 65.0}
+for _t in REGISTRY:
+    if _t.data_model is PointEvent:
+        EXAMPLES.setdefault(_t.name, POINT_EXAMPLE)
 
 REGISTERED = [t.name for t in REGISTRY]
 SNAPSHOT = Attachment(kind="snapshot", sha256="ab" * 32, media_type="image/jpeg", size_bytes=48_213)

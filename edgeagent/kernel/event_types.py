@@ -120,3 +120,42 @@ CONTACT_CHANGED = REGISTRY.register(EventType(
     "contact.changed", Priority.EVENT, ContactChanged, "A dry contact (door, cabinet) opened or closed."))
 PANIC_PRESSED = REGISTRY.register(EventType(
     "panic.pressed", Priority.ALARM, PanicPressed, "A fixed panic button was pressed."))
+
+
+# --- device points (Modbus profiles and other register-mapped devices) ------------------------------
+#
+# A device profile (drivers/modbus/profiles/*.yaml) names, for a change of one of its values, which of
+# these types to raise; all share one schema, so a new device model needs a profile, not code. A new
+# *kind* of event is a contract change and is added here, where the contract is generated from.
+
+class PointEvent(EventData):
+    point: str = Field(description="the value's name in the device profile, e.g. 'port3_temperature'")
+    port: int | None = Field(default=None, ge=1, description="port or channel number, for per-port values")
+    value: bool | int | float | str | dict[str, bool] = Field(description="the new value (a state name, for states)")
+    previous: bool | int | float | str | dict[str, bool] | None = Field(
+        default=None, description="the value before, if one was known")
+    unit: str | None = Field(default=None, description="unit of value, e.g. 'degC'")
+    trigger: str = Field(description="what raised it: change, rising, falling, enter, leave, above, below")
+    threshold: float | None = Field(default=None, description="for above/below: the threshold crossed")
+
+
+def _point_types(names: str, priority: Priority, description: str) -> None:
+    for name in names.split():
+        REGISTRY.register(EventType(name, priority, PointEvent, description))
+
+
+_point_types("gate.opened gate.closed gate.held", Priority.EVENT, "The barrier gate's arm reached a position.")
+_point_types("gate.state_changed gate.mode_changed gate.fault_code_changed gate.beam_changed",
+             Priority.EVENT, "A barrier gate value changed.")
+_point_types("gate.vehicle_present gate.vehicle_left", Priority.EVENT,
+             "The gate's ground loop saw a vehicle arrive or leave.")
+_point_types("gate.fault gate.arm_broken gate.over_temperature", Priority.EVENT,
+             "The barrier gate reports a fault.")
+_point_types("charger.port_state_changed charger.port_switched charger.port_faults_changed charger.port_full "
+             "charger.station_alarms_changed charger.mains_changed charger.cabinet_door_changed "
+             "charger.station_restored charger.smoke_cleared",
+             Priority.EVENT, "An e-bike charging station value changed.")
+_point_types("charger.port_fault charger.port_over_current charger.port_over_temperature charger.port_relay_welded "
+             "charger.smoke_detected charger.cabinet_over_temperature charger.rcd_tripped charger.station_cut",
+             Priority.ALARM, "An e-bike charging station reports a hazard (fire risk): alarm priority.")
+_point_types("io.input_changed io.relay_changed", Priority.EVENT, "A relay/IO module's input or output changed.")
