@@ -22,9 +22,11 @@ from typing import Any, Protocol, TextIO
 
 from edgeagent import __version__
 from edgeagent.cloud_bridge.uplink import Uplink
+from edgeagent.drivers.modbus.service import ModbusService
 from edgeagent.drivers.sim.devices import SimContact, SimPanic, SimSensor
 from edgeagent.health import HealthServer
 from edgeagent.kernel import metrics
+from edgeagent.kernel.actions import Outputs
 from edgeagent.kernel.clock import Clock
 from edgeagent.kernel.commands import CommandResult, CommandRouter, CommandService, CommandSpec, load_public_key
 from edgeagent.kernel.config import Config, DeviceBase
@@ -100,6 +102,7 @@ class Daemon:
         clock: Clock | None = None,
         notifier: Notifier | None = None,
         environ: Mapping[str, str] | None = None,
+        config_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.clock = clock or Clock(cfg.clock.sync)
@@ -119,6 +122,9 @@ class Daemon:
         )
         self.sink = EventSink(self.factory, self.outbox)
         self.router = CommandRouter()
+        self.outputs = Outputs()
+        # Builds nothing yet, but resolves every device profile now: a bad one is a config error.
+        self.modbus = ModbusService(cfg, self.sink, state=self.outbox, config_dir=config_dir)
         self.uplink: Uplink | None = None
         self.supervisor: Supervisor | None = None
         self.health: HealthServer | None = None
@@ -153,7 +159,7 @@ class Daemon:
                     loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
                     installed.append(sig)
         try:
-            async with self.outbox, asyncio.TaskGroup() as tg:
+            async with self.outbox, self.modbus, asyncio.TaskGroup() as tg:
                 await self._start(tg)
                 trigger = asyncio.ensure_future(shutdown_trigger()) if shutdown_trigger else None
                 stopper = asyncio.ensure_future(self._stop.wait())
@@ -193,9 +199,13 @@ class Daemon:
         else:
             log.warning("no uplink configured: events stay in the outbox")
         for dev in cfg.devices:
-            if not dev.enabled:
-                continue
-            self._start_driver(dev)
+            if dev.enabled and dev.type in DRIVERS:
+                self._start_driver(dev)
+        self.modbus.register_commands(self.router)
+        self.modbus.register_outputs(self.outputs)
+        for name, run in self.modbus.driver_tasks():
+            self._driver_names.append(name)
+            self.supervisor.start(name, run)
         if cfg.health.enabled:
             self.health = HealthServer(cfg.health.host, cfg.health.port, self)
             await self.health.start()
@@ -351,6 +361,7 @@ class Daemon:
                                 else round(v.oldest_unsent_age_s, 1)} for k, v in stats.classes.items()},
             },
             "tasks": self.supervisor.snapshot() if self.supervisor is not None else [],
+            "devices": self.modbus.snapshot(),
         }
 
     # --- shutdown ------------------------------------------------------------------------------------
@@ -369,6 +380,7 @@ class Daemon:
             await self.supervisor.stop_all()
         if self.health is not None:
             await self.health.stop()
+        await self.outputs.close()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgeagent import __version__
@@ -135,12 +136,12 @@ def run(
     """Run the daemon (what systemd starts)."""
     from edgeagent.app import Daemon, echo_to  # noqa: PLC0415 - keeps `edgeagent --help` fast
 
-    _, cfg = load_or_exit(config)
+    path, cfg = load_or_exit(config)
     setup_logging(cfg.log_level)
-    daemon = Daemon(cfg)
-    if echo_events:
-        daemon.sink.observe(echo_to(sys.stdout))
     try:
+        daemon = Daemon(cfg, config_dir=path.parent)
+        if echo_events:
+            daemon.sink.observe(echo_to(sys.stdout))
         asyncio.run(daemon.run())
     except ConfigError as exc:
         fail(str(exc), 2)
@@ -223,13 +224,35 @@ def status(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> No
         color = {"running": "green", "failed": "red", "backoff": "yellow"}.get(task["state"], "white")
         dt.add_row(task["name"], f"[{color}]{task['state']}[/]", str(task["restarts"]), task["last_error"] or "")
     console.print(dt)
+    if st.get("devices"):
+        console.print(devices_table(st["devices"]))
+
+
+def devices_table(rows: list[dict[str, Any]]) -> Table:
+    """The daemon's field devices: online, how fresh their last poll is, and what went wrong last."""
+    t = Table(title="devices", title_justify="left")
+    for col, justify in (("id", "left"), ("type", "left"), ("bus/unit", "left"), ("online", "left"),
+                         ("last poll", "right"), ("polls/failures", "right"), ("last error", "left")):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for d in rows:
+        online = d.get("online")
+        state = "[dim]unknown[/]" if online is None else "[green]online[/]" if online else "[red]offline[/]"
+        age = d.get("last_poll_age_s")
+        failures = d.get("poll_failures") or 0
+        t.add_row(escape(str(d.get("id", "?"))), escape(str(d.get("type", ""))),
+                  escape(f"{d.get('bus', '-')}/{d.get('unit_id', '-')}"), state,
+                  "never" if age is None else f"{age:.1f} s ago",
+                  f"{d.get('polls', 0)}/" + (f"[red]{failures}[/]" if failures else "0"),
+                  escape(str(d.get("last_error") or "")))
+    return t
 
 
 def _register_subcommands() -> None:
-    from edgeagent.cli import devices, events, support  # noqa: PLC0415
+    from edgeagent.cli import devices, events, modbus, support  # noqa: PLC0415
 
     app.add_typer(events.app, name="events")
     app.add_typer(devices.app, name="device")
+    app.add_typer(modbus.app, name="modbus")
     app.command("doctor")(support.doctor)
     app.command("diagnose")(support.diagnose)
 

@@ -159,3 +159,117 @@ _point_types("charger.port_fault charger.port_over_current charger.port_over_tem
              "charger.smoke_detected charger.cabinet_over_temperature charger.rcd_tripped charger.station_cut",
              Priority.ALARM, "An e-bike charging station reports a hazard (fire risk): alarm priority.")
 _point_types("io.input_changed io.relay_changed", Priority.EVENT, "A relay/IO module's input or output changed.")
+
+
+class GateCommanded(EventData):
+    command: str = Field(description="open, close, hold_open, release, ...")
+    reason: str = Field(description="plate_match, guard_room, cloud_command, visitor, ...")
+    by: str = Field(description="who asked: 'platform', an operator name, 'plate:<id>'")
+    via: str = Field(description="cloud, cli, local")
+    outcome: Literal["executed", "failed"]
+    latency_ms: float = Field(ge=0, description="from the request to the write being acknowledged")
+    note: str | None = None
+    error: str | None = None
+
+
+GATE_COMMANDED = REGISTRY.register(EventType(
+    "gate.commanded", Priority.EVENT, GateCommanded,
+    "A barrier gate was commanded (opened for a plate, by the guard room or the platform): the audit record."))
+
+
+# --- e-bike charging shed safety (drivers/modbus/charger.py) ----------------------------------------
+#
+# Local rules that act without the cloud: a hazard cuts a port (or the whole station) at once and the
+# alarm follows; sessions are reported so the platform sees who charged how long and how much.
+
+PortCutReason = Literal["over_current", "over_temperature", "lockout_enforced"]
+StationCutReason = Literal["smoke", "relay_welded", "cut_failed", "lockout_enforced"]
+SessionEndReason = Literal["unplugged", "full", "cutoff", "station_off", "switched_off", "unknown"]
+
+
+class ChargerPortCutoff(EventData):
+    """The port stays cut (locked out) until the lockout is reset after the cause was inspected."""
+
+    port: int = Field(ge=1, description="port that was cut")
+    reason: PortCutReason = Field(
+        description="over_current / over_temperature: a reading above the limit (or the charger's own fault bit); "
+        "lockout_enforced: a locked-out port was found switched on and was cut again")
+    value: float | None = Field(
+        default=None, description="the reading that tripped the rule; null for a fault bit reported by the charger")
+    limit: float | None = Field(default=None, description="the configured limit the value exceeded")
+    unit: str | None = Field(default=None, description="unit of value and limit, e.g. 'A', 'degC'")
+    reaction_ms: float | None = Field(
+        default=None, ge=0,
+        description="time from the reading arriving at the gateway to the cut being written; null if the write "
+        "failed (it is retried at the next reading)")
+    cut_error: str | None = Field(default=None, description="why writing the cut failed, if it did")
+
+
+class ChargerStationCutoff(EventData):
+    reason: StationCutReason = Field(
+        description="smoke: the smoke input is on; relay_welded: a port relay reports welded contacts and cannot "
+        "open; cut_failed: a cut port still draws current or reads switched on; lockout_enforced: the locked-out "
+        "station was found switched on and was cut again")
+    port: int | None = Field(default=None, ge=1, description="the port whose fault caused the cut, if any")
+    value: float | bool | None = Field(default=None, description="the reading that tripped the rule, if any")
+    limit: float | None = Field(default=None, description="the configured limit the value exceeded, if any")
+    unit: str | None = Field(default=None, description="unit of value and limit")
+    reaction_ms: float | None = Field(
+        default=None, ge=0,
+        description="time from the reading arriving at the gateway to the main contactor being opened; null if "
+        "the write failed (it is retried at the next reading)")
+    cut_error: str | None = Field(default=None, description="why writing the cut failed, if it did")
+
+
+class ChargerLockoutReset(EventData):
+    port: int | None = Field(ge=1, description="port whose lockout was cleared; null for the whole station")
+    by: str = Field(min_length=1, description="who cleared it (operator or account id)")
+    via: Literal["cloud", "cli", "local"] = Field(description="where the reset came from")
+    cleared_reason: str | None = Field(default=None, description="why it had been locked out, if known")
+
+
+class ChargingSessionStarted(EventData):
+    port: int = Field(ge=1)
+    session_id: str = Field(min_length=1, description="id of the session (a ULID), repeated when it ends")
+    energy_kwh_at_start: float | None = Field(
+        default=None, description="the port's energy counter when the session started; null if not read yet")
+
+
+class ChargingSessionEnded(EventData):
+    port: int = Field(ge=1)
+    session_id: str = Field(min_length=1, description="id from charging.session.started")
+    energy_kwh: float = Field(
+        ge=0, description="energy delivered in the session (counter resets and wraps accounted, never negative)")
+    duration_s: float = Field(ge=0, description="session length; time the gateway was down is not counted")
+    reason: SessionEndReason = Field(
+        description="unplugged: no current for a while; full: cut as a full battery; cutoff: cut for a hazard; "
+        "station_off: the station's main contactor opened; switched_off: the port relay was switched off by the "
+        "charger or an operator; unknown: found ended after a gateway restart")
+
+
+class ChargerPortFullCutoff(EventData):
+    port: int = Field(ge=1)
+    session_id: str = Field(min_length=1, description="the session that was ended")
+    current_a: float = Field(description="the port's current when it was cut")
+    limit_a: float = Field(description="below this current a battery counts as full")
+    after_s: float = Field(ge=0, description="how long the current had stayed below the limit")
+    reaction_ms: float | None = Field(default=None, ge=0, description="time from the reading to the cut written")
+    cut_error: str | None = Field(default=None, description="why writing the cut failed, if it did")
+
+
+CHARGER_PORT_CUTOFF = REGISTRY.register(EventType(
+    "charger.port.cutoff", Priority.ALARM, ChargerPortCutoff,
+    "The gateway cut a charging port for a hazard (fire risk) and locked it out."))
+CHARGER_STATION_CUTOFF = REGISTRY.register(EventType(
+    "charger.station.cutoff", Priority.ALARM, ChargerStationCutoff,
+    "The gateway opened a charging station's main contactor for a hazard and locked the station out."))
+CHARGER_LOCKOUT_RESET = REGISTRY.register(EventType(
+    "charger.lockout.reset", Priority.EVENT, ChargerLockoutReset,
+    "A charging port's (or station's) lockout was cleared after the hazard was gone."))
+CHARGING_SESSION_STARTED = REGISTRY.register(EventType(
+    "charging.session.started", Priority.EVENT, ChargingSessionStarted, "A charging port started drawing current."))
+CHARGING_SESSION_ENDED = REGISTRY.register(EventType(
+    "charging.session.ended", Priority.EVENT, ChargingSessionEnded, "A charging session ended."))
+CHARGER_PORT_FULL_CUTOFF = REGISTRY.register(EventType(
+    "charger.port.full_cutoff", Priority.EVENT, ChargerPortFullCutoff,
+    "The gateway cut a port whose battery was full (low current for a long time); not a lockout."))

@@ -65,6 +65,7 @@ CREATE INDEX IF NOT EXISTS outbox_ckey ON outbox(ckey) WHERE sent_ms IS NULL AND
 CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created_ms);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Per-row bookkeeping in SQLite beyond the payload (keys, index entries); used for the cap.
 _ROW_OVERHEAD_BYTES = 120
@@ -368,6 +369,15 @@ class Outbox:
         """Rewrite times of unsent events stamped before clock sync; returns (corrected, already_sent)."""
         result: tuple[int, int] = await self._submit(_CorrectClock(None, boot_id, to_wall))
         return result
+
+    async def kv_get(self, key: str) -> Any:
+        """Local state kept beside the events (lockouts, alarm state): JSON, committed like events."""
+        row = await self.query(lambda c: c.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone())
+        return None if row is None else orjson.loads(row[0])
+
+    async def kv_put(self, key: str, value: Any) -> None:
+        text = orjson.dumps(value).decode()
+        await self.query(lambda c: c.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, text)))
 
     async def query(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run a read-only function on the database thread (for status and history)."""
