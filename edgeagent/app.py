@@ -18,10 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Literal, Protocol, TextIO, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeagent import __version__
 from edgeagent.cloud_bridge.uplink import Uplink
+from edgeagent.control import SOCKET_NAME, ControlServer
 from edgeagent.drivers.modbus.service import ModbusService
 from edgeagent.drivers.sim.devices import SimContact, SimPanic, SimSensor
 from edgeagent.health import HealthServer
@@ -30,7 +33,7 @@ from edgeagent.kernel.actions import Outputs
 from edgeagent.kernel.clock import Clock
 from edgeagent.kernel.commands import CommandResult, CommandRouter, CommandService, CommandSpec, load_public_key
 from edgeagent.kernel.config import Config, DeviceBase
-from edgeagent.kernel.errors import OutboxError
+from edgeagent.kernel.errors import CommandRejected, OutboxError
 from edgeagent.kernel.event_types import (
     CLOCK_SYNCED,
     COMMAND_AUDIT,
@@ -55,6 +58,7 @@ EVICTION_REPORT_MIN_S = 5.0
 COMMIT_STALL_S = 30.0
 LOOP_LAG_LIMIT_S = 5.0
 RUNTIME_FILE = "runtime.json"
+ArgsT = TypeVar("ArgsT", bound=BaseModel)
 
 
 class Driver(Protocol):
@@ -68,6 +72,36 @@ DRIVERS: dict[str, DriverFactory] = {
     "sim.contact": SimContact,
     "sim.panic": SimPanic,
 }
+
+
+class _LocalArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalGateArgs(_LocalArgs):
+    device_id: str
+    command: Literal["open", "close", "hold_open", "release"] = "open"
+    reason: Literal["plate_match", "guard_room", "cloud_command", "visitor"] = "guard_room"
+    note: str | None = Field(default=None, max_length=200)
+
+
+class LocalResetArgs(_LocalArgs):
+    device_id: str
+    port: int | None = Field(default=None, ge=1, le=64)
+
+
+class LocalOutputArgs(_LocalArgs):
+    name: str
+    action: Literal["on", "off", "pulse"]
+    seconds: float = Field(default=5.0, gt=0, le=3600)
+
+
+def _validate(model: type[ArgsT], args: Mapping[str, Any]) -> ArgsT:
+    try:
+        return model.model_validate(dict(args))
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        raise CommandRejected("bad_args", f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def echo_to(stream: TextIO) -> Callable[[Event, int], None]:
@@ -128,6 +162,7 @@ class Daemon:
         self.uplink: Uplink | None = None
         self.supervisor: Supervisor | None = None
         self.health: HealthServer | None = None
+        self.control: ControlServer | None = None
         self.progress = Progress()
         self.started_mono = time.monotonic()
         self.ready = asyncio.Event()
@@ -209,6 +244,9 @@ class Daemon:
         if cfg.health.enabled:
             self.health = HealthServer(cfg.health.host, cfg.health.port, self)
             await self.health.start()
+        runtime_dir = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        self.control = ControlServer(Path(runtime_dir or self.state_dir) / SOCKET_NAME, self._local_actions())
+        await self.control.start()
         self._heartbeat_task = tg.create_task(self._heartbeat(), name="heartbeat")
         self._write_runtime_file()
         self.ready.set()
@@ -232,6 +270,31 @@ class Daemon:
             claim_nonce=self.outbox.claim_nonce, now=self.clock.now, clock_synced=lambda: self.clock.synced,
             audit=self._audit_command, max_ttl_s=self.cfg.commands.max_ttl_s,
             clock_skew_s=self.cfg.commands.clock_skew_s, max_concurrent=self.cfg.commands.max_concurrent)
+
+    def _local_actions(self) -> dict[str, Any]:
+        """What the CLI may do through the control socket; the caller's user is recorded as ``by``."""
+
+        async def gate(args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
+            a = _validate(LocalGateArgs, args)
+            return await self.modbus.gate(a.device_id, a.command, reason=a.reason, by=who, via="cli", note=a.note)
+
+        async def charger_reset(args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
+            a = _validate(LocalResetArgs, args)
+            return await self.modbus.reset_lockout(a.device_id, a.port, by=who, via="cli")
+
+        async def output(args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
+            a = _validate(LocalOutputArgs, args)
+            try:
+                if a.action == "pulse":
+                    await self.outputs.pulse(a.name, a.seconds)
+                else:
+                    await self.outputs.set(a.name, a.action == "on")
+            except KeyError as exc:
+                raise CommandRejected("bad_args", str(exc.args[0])) from exc
+            log.info("output %s %s by %s", a.name, a.action, who)
+            return {"output": a.name, "action": a.action}
+
+        return {"gate": gate, "charger-reset": charger_reset, "output": output}
 
     def _register_builtin_commands(self) -> None:
         async def ping(_args: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -380,6 +443,8 @@ class Daemon:
             await self.supervisor.stop_all()
         if self.health is not None:
             await self.health.stop()
+        if self.control is not None:
+            await self.control.stop()
         await self.outputs.close()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
@@ -408,7 +473,8 @@ class Daemon:
 
     def _write_runtime_file(self) -> None:
         info = {"pid": os.getpid(), "started_at": utc_ms(self.clock.now()),
-                "health_url": self.health.url if self.health is not None else None}
+                "health_url": self.health.url if self.health is not None else None,
+                "control_socket": str(self.control.path) if self.control is not None else None}
         path = self.state_dir / RUNTIME_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info), encoding="utf-8")
