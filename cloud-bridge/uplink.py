@@ -112,6 +112,8 @@ class Uplink:
             first_max_s=cfg.retry.first_max_s, short_cap_s=cfg.retry.short_cap_s,
             long_cap_s=cfg.retry.long_cap_s, short_window_s=cfg.retry.short_window_s)
         self._cmd_tasks: set[asyncio.Task[None]] = set()
+        # Set while connected with the command topic subscribed (commands can be received).
+        self.subscribed = asyncio.Event()
         self._inflight = 0
 
     # --- public ------------------------------------------------------------------------------------
@@ -217,6 +219,7 @@ class Uplink:
                                       qos=1, retain=True)
                 if self._commands is not None:
                     await session.subscribe(self.topics.cmd_req, qos=1)
+                self.subscribed.set()
                 await self._pump(session)
                 if self._stopping.is_set():
                     with contextlib.suppress(UplinkError, TimeoutError):
@@ -224,6 +227,7 @@ class Uplink:
                             self.topics.status, self._status_payload("offline", "shutdown"), qos=1, retain=True),
                             2.0)
             finally:
+                self.subscribed.clear()
                 self._session = None
                 for task in list(self._cmd_tasks):
                     task.cancel()

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from rich.console import Console
 
 from edgeagent.app import Daemon
+from edgeagent.drivers.modbus.profile import shipped_profile
+from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
 from edgeagent.kernel.commands import sign_command
 from edgeagent.kernel.config import Config
 from edgeagent.kernel.errors import UplinkError
@@ -86,7 +88,7 @@ class PrivateBroker:
             self.proc = None
 
 
-def demo_config(workdir: Path, broker: str | None, public_key: Path) -> Config:
+def demo_config(workdir: Path, broker: str | None, public_key: Path, modbus_port: int) -> Config:
     data: dict[str, Any] = {
         "version": 1, "site_id": SITE, "gateway_id": GATEWAY, "state_dir": str(workdir / "state"),
         "log_level": "warning", "health": {"port": 0},
@@ -101,12 +103,58 @@ def demo_config(workdir: Path, broker: str | None, public_key: Path) -> Config:
              "base": 60, "amplitude": 10, "interval_s": 2},
             {"type": "sim.contact", "id": "gate-room-door", "contact": "door", "mean_interval_s": 3},
             {"type": "sim.panic", "id": "guard-room-panic", "location": "guard-room", "mean_interval_s": 8},
+            # Modbus devices on a simulated pymodbus server (see ModbusDemo): the compound's car gate,
+            # an e-bike charging station in shed A, and the guard room's relay module.
+            {"type": "modbus.gate", "id": "car-gate", "bus": "lan", "unit_id": 1, "poll_interval_s": 0.25},
+            {"type": "modbus.charger", "id": "shed-a-charger", "bus": "lan", "unit_id": 2, "poll_interval_s": 0.5},
+            {"type": "modbus.relay", "id": "guard-io", "bus": "lan", "unit_id": 3,
+             "channels": {1: "siren", 2: "strobe"}, "poll_interval_s": 1},
         ],
+        "modbus": {"buses": {"lan": {"kind": "tcp", "host": "127.0.0.1", "port": modbus_port}}},
     }
     if broker is not None:
         data["uplink"] = {"broker": broker, "retry": {"first_max_s": 0.5, "short_cap_s": 2},
                           "flush_on_stop_s": 5}
     return Config.model_validate(data)
+
+
+class ModbusDemo:
+    """The demo's Modbus devices: a real pymodbus server simulating the gate, the charger and the relay
+    module, and the script that drives them (a car arrives, a charging port overheats)."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.sim = ProfileSimulator({1: shipped_profile("barrier-gate-generic"),
+                                     2: shipped_profile("ebike-charger-8port"),
+                                     3: shipped_profile("relay-io-8ch")}, port=self.port)
+        self.sim[1].on_write.append(gate_mechanics)
+        charger = self.sim[2]
+        charger.set("station_enable", True)
+        charger.set("mains_voltage", 229.8)
+        charger.set("cabinet_temperature", 24.0)
+        for port, (current, temp) in {1: (1.8, 33.0), 3: (2.1, 38.0)}.items():
+            charger.set(f"port{port}_relay", True)
+            charger.set(f"port{port}_state", "charging")
+            charger.set(f"port{port}_current", current)
+            charger.set(f"port{port}_voltage", 48.2)
+            charger.set(f"port{port}_power", round(current * 48.2))
+            charger.set(f"port{port}_temperature", temp)
+
+    async def heat_up(self, console: Console, port: int = 3) -> None:
+        """A battery pack fault: the socket of ``port`` heats up 6 degC a second until it is cut."""
+        charger = self.sim[2]
+        console.print(f"  [bold yellow]shed A[/] → port {port}'s socket starts overheating")
+        temp = float(charger.get(f"port{port}_temperature"))  # type: ignore[arg-type]
+        while charger.get(f"port{port}_relay") and temp < 90:
+            temp += 3.0
+            charger.set(f"port{port}_temperature", temp)
+            await asyncio.sleep(0.5)
+        if not charger.get(f"port{port}_relay"):
+            charger.set(f"port{port}_current", 0.0)
+            charger.set(f"port{port}_power", 0)
+            charger.set(f"port{port}_state", "locked_out")
+            console.print(f"  [bold yellow]shed A[/] → port {port}'s relay was opened by the gateway at "
+                          f"{temp:.1f} degC")
 
 
 class Platform:
@@ -142,11 +190,14 @@ class Platform:
             await asyncio.Event().wait()
 
     async def send_ping(self, nonce: str | None = None) -> tuple[str, str]:
+        return await self.send("gateway.ping", {}, nonce=nonce)
+
+    async def send(self, command: str, args: dict[str, Any], nonce: str | None = None) -> tuple[str, str]:
         assert self.session is not None
         now = datetime.now(UTC)
         cmd_id = f"cmd-{uuid.uuid4().hex[:6]}"
         nonce = nonce or uuid.uuid4().hex
-        body = {"id": cmd_id, "site_id": SITE, "gateway_id": GATEWAY, "command": "gateway.ping", "args": {},
+        body = {"id": cmd_id, "site_id": SITE, "gateway_id": GATEWAY, "command": command, "args": args,
                 "issued_at": now.isoformat(), "expires_at": (now + timedelta(seconds=60)).isoformat(),
                 "nonce": nonce, "issuer": "demo-operator"}
         await self.session.publish(f"{self.base}/cmd/req", sign_command(self.key, KEY_ID, body), qos=1)
@@ -182,14 +233,16 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
     key = Ed25519PrivateKey.generate()
     pub = work / "platform.pub"
     pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
-    daemon = Daemon(demo_config(work, broker, pub))
+    modbus = ModbusDemo()
+    await modbus.sim.start()
+    daemon = Daemon(demo_config(work, broker, pub, modbus.port))
     accepted: Counter[str] = Counter()
 
     def show(event: Event, seq: int) -> None:
         accepted[event.priority.label] += 1
         data = " ".join(f"{k}={v}" for k, v in event.data.items())
         color = _COLORS[event.priority.label]
-        console.print(f"[{color}]#{seq:<5} {event.priority.label:<9} {event.type:<22} {event.device_id:<17} "
+        console.print(f"[{color}]#{seq:<5} {event.priority.label:<9} {event.type:<30} {event.device_id:<16} "
                       f"{data}[/]", soft_wrap=True)
 
     daemon.sink.observe(show)
@@ -206,9 +259,13 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
                 await asyncio.wait_for(ready.wait(), 5)
         runner = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
         await asyncio.wait_for(daemon.ready.wait(), 20)
+        if daemon.uplink is not None:
+            # The script's commands need the gateway listening; a busy machine can take a moment.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(daemon.uplink.subscribed.wait(), 15)
         console.print(f"gateway {GATEWAY} ready: outbox in {daemon.outbox.path}, health on "
                       f"{daemon.health.url if daemon.health else '-'}; running {seconds:g} s (Ctrl-C stops)\n")
-        await _script(console, platform, seconds)
+        await _script(console, platform, modbus, seconds)
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     except UplinkError as exc:
@@ -223,6 +280,7 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
             platform_task.cancel()
             with contextlib.suppress(BaseException):
                 await platform_task
+        await modbus.sim.stop()
     console.print("\n[bold]summary[/]: accepted " + ", ".join(f"{v} {k}" for k, v in sorted(accepted.items())))
     if platform is not None:
         console.print("  the platform received " + ", ".join(
@@ -231,16 +289,33 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
     return 0
 
 
-async def _script(console: Console, platform: Platform | None, seconds: float) -> None:
+async def _script(console: Console, platform: Platform | None, modbus: ModbusDemo, seconds: float) -> None:
+    """What happens in the compound during the demo, at fixed times from the start."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    sent = False
-    while loop.time() < end:
-        await asyncio.sleep(min(0.5, max(0.0, end - loop.time())))
-        if platform is not None and not sent and loop.time() > end - seconds + 4:
-            sent = True
-            cmd_id, nonce = await platform.send_ping()
-            console.print(f"  [bold magenta]platform[/] → signed gateway.ping {cmd_id}")
-            await asyncio.sleep(1)
-            await platform.send_ping(nonce=nonce)
-            console.print("  [bold magenta]platform[/] → the same command replayed (must be refused)")
+    start = loop.time()
+    steps: list[tuple[float, str]] = [(2, "car"), (4, "ping"), (6, "heat")]
+    heat: asyncio.Task[None] | None = None
+    try:
+        while loop.time() - start < seconds:
+            await asyncio.sleep(min(0.25, max(0.0, seconds - (loop.time() - start))))
+            while steps and loop.time() - start >= steps[0][0]:
+                _, step = steps.pop(0)
+                if step == "car":
+                    console.print("  [bold yellow]car gate[/] → a visitor's car stops at the gate")
+                    modbus.sim[1].set("vehicle_present", True)
+                    if platform is not None:
+                        cmd_id, _ = await platform.send("gate.open", {"device_id": "car-gate", "reason": "visitor"})
+                        console.print(f"  [bold magenta]platform[/] → signed gate.open {cmd_id} (reason: visitor)")
+                elif step == "ping" and platform is not None:
+                    cmd_id, nonce = await platform.send_ping()
+                    console.print(f"  [bold magenta]platform[/] → signed gateway.ping {cmd_id}")
+                    await asyncio.sleep(0.5)
+                    await platform.send_ping(nonce=nonce)
+                    console.print("  [bold magenta]platform[/] → the same command replayed (must be refused)")
+                elif step == "heat":
+                    heat = loop.create_task(modbus.heat_up(console))
+    finally:
+        if heat is not None:
+            heat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heat

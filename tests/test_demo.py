@@ -16,10 +16,15 @@ def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_with_its_private_broker_shows_events_and_commands() -> None:
-    r = run_demo("--seconds", "7")
+    r = run_demo("--seconds", "11")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "gateway.started" in out and "sensor.reading" in out
+    # The Modbus part: the platform opens the gate for a visitor, and an overheating charging port is cut.
+    assert re.search(r"gate\.commanded\s+car-gate\s+command=open reason=visitor by=platform via=cloud "
+                     r"outcome=executed", out), out[-3000:]
+    assert "gate.opened" in out
+    assert re.search(r"alarm\s+charger\.port\.cutoff\s+shed-a-charger\s+port=3 reason=over_temperature", out)
     assert re.search(r"command cmd-\w+: executed", out)
     assert "rejected (replay)" in out
     accepted = re.search(r"summary: accepted (.*)", out)

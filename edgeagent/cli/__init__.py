@@ -248,12 +248,15 @@ def devices_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _register_subcommands() -> None:
-    from edgeagent.cli import devices, events, modbus, support  # noqa: PLC0415
+    from edgeagent.cli import devices, events, local, modbus, support  # noqa: PLC0415
 
     app.add_typer(events.app, name="events")
     app.add_typer(devices.app, name="device")
     app.add_typer(modbus.app, name="modbus")
     app.command("doctor")(support.doctor)
+    app.add_typer(local.gate_app, name="gate")
+    app.add_typer(local.charger_app, name="charger")
+    app.add_typer(local.output_app, name="output")
     app.command("diagnose")(support.diagnose)
 
 

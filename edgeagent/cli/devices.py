@@ -15,6 +15,8 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -36,7 +38,7 @@ from edgeagent.cli.common import (
     load_or_exit,
     print_json,
 )
-from edgeagent.kernel.config import DEVICE_TYPES, DeviceBase, parse_yaml, validate_doc, yaml_rt
+from edgeagent.kernel.config import DEVICE_TYPES, Config, DeviceBase, parse_yaml, validate_doc, yaml_rt
 from edgeagent.kernel.errors import ConfigError, EdgeagentError
 
 app = typer.Typer(no_args_is_help=True, help="List, add and remove devices in the config file.")
@@ -47,6 +49,22 @@ app = typer.Typer(no_args_is_help=True, help="List, add and remove devices in th
 # DeviceProtocolError...) saying what is wrong. Simulated devices have nothing to probe.
 Probe = Callable[[DeviceBase], str | None]
 PROBES: dict[str, Probe] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeContext:
+    """The rest of the edited config, for probes that need more than the device (e.g. its Modbus bus)."""
+
+    config: Config  # the whole config as it would be written, validated
+    path: Path  # the config file (relative profile paths are resolved against its folder)
+
+
+_probe_context: ContextVar[ProbeContext | None] = ContextVar("edgeagent_probe_context", default=None)
+
+
+def probe_context() -> ProbeContext | None:
+    """The config a probe runs for; set while ``device add`` runs the probe, None otherwise."""
+    return _probe_context.get()
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED = {"type", "id"}
@@ -290,8 +308,8 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _validate_new(path: Path, doc: CommentedMap) -> tuple[str, DeviceBase | None]:
-    """The text to write for ``doc``, validated as a whole (exits on errors), and the last device."""
+def _validate_new(path: Path, doc: CommentedMap) -> tuple[str, Config]:
+    """The text to write for ``doc`` and the config it makes, validated as a whole (exits on errors)."""
     new_text = _dump(doc)
     try:
         reread = parse_yaml(new_text, path)
@@ -301,7 +319,7 @@ def _validate_new(path: Path, doc: CommentedMap) -> tuple[str, DeviceBase | None
     if _plain(reread) != _plain(doc):  # a safety net for the comment moves above
         fail(escape(f"{path} left unchanged: the edited YAML does not read back the same (a bug; "
                     "please edit the file by hand)"))
-    return new_text, (cfg.devices[-1] if cfg.devices else None)
+    return new_text, cfg
 
 
 def _commit(path: Path, old_text: str, new_text: str, summary: str) -> None:
@@ -333,7 +351,14 @@ def add_device(
     if dev_type not in DEVICE_TYPES:
         fail(escape(f"unknown device type {dev_type!r}; known types: {', '.join(sorted(DEVICE_TYPES))}"))
     values = parse_set(settings or [], DEVICE_TYPES[dev_type])
-    path = config_path(config)
+    add_to_config(config_path(config), dev_type, dev_id, values, name=name, probe=not no_probe)
+
+
+def add_to_config(path: Path, dev_type: str, dev_id: str, values: dict[str, Any], *, name: str | None = None,
+                  probe: bool = True) -> None:
+    """Append a device to the config file at ``path``, keeping comments and layout: validate the whole
+    result, run the type's probe (unless ``probe`` is false), then write. Exits with a message on any
+    failure, leaving the file as it was."""
     old_text, doc = _load(path)
     existing = doc.get("devices")
     if dev_id in _device_ids(existing):
@@ -358,15 +383,19 @@ def add_device(
         doc["devices"] = _block_seq([entry])
         _put_lines(_last_slot(doc["devices"]), after)
 
-    new_text, device = _validate_new(path, doc)
-    probe = PROBES.get(dev_type)
-    if probe is not None and not no_probe and device is not None:
+    new_text, cfg = _validate_new(path, doc)
+    device = next((d for d in cfg.devices if d.id == dev_id), None)
+    check = PROBES.get(dev_type)
+    if check is not None and probe and device is not None:
         console.print(f"testing {escape(dev_type)} device {escape(dev_id)}...")
+        token = _probe_context.set(ProbeContext(cfg, path))
         try:
-            detail = probe(device)
+            detail = check(device)
         except (EdgeagentError, OSError, TimeoutError) as exc:
             fail(escape(f"the device does not answer as configured, {path} left unchanged: {exc}\n"
                         "(fix the settings, or add it anyway with --no-probe)"))
+        finally:
+            _probe_context.reset(token)
         console.print(f"[green]ok[/] {escape(detail or '')}")
     _commit(path, old_text, new_text, f"added {escape(dev_type)} device [bold]{escape(dev_id)}[/] "
                                  f"to {escape(str(path))}")
