@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,3 +41,24 @@ def _no_leaked_threads() -> Iterator[None]:
             break
         threading.Event().wait(0.1)
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two serial ends joined by socat: (server end, bus end)."""
+    socat = shutil.which("socat") or "/usr/bin/socat"
+    if not os.access(socat, os.X_OK):
+        pytest.fail("socat is needed for the RTU tests: apt-get install socat")
+    a, b = tmp_path / "ttyA", tmp_path / "ttyB"
+    proc = subprocess.Popen([socat, "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while not (a.exists() and b.exists()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"socat did not create the pty pair (exit code {proc.poll()})")
+            time.sleep(0.01)
+        yield str(a), str(b)
+    finally:
+        proc.terminate()
+        proc.wait(5)

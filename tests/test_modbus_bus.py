@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,27 +141,6 @@ async def rtu_server(line: Line, port: str, *, broadcast: bool = False) -> Async
         yield server
     finally:
         await stop(server)
-
-
-@pytest.fixture
-def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """Two serial ends joined by socat: (server end, bus end)."""
-    socat = shutil.which("socat") or "/usr/bin/socat"
-    if not os.access(socat, os.X_OK):
-        pytest.fail("socat is needed for the RTU tests: apt-get install socat")
-    a, b = tmp_path / "ttyA", tmp_path / "ttyB"
-    proc = subprocess.Popen([socat, "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 5
-        while not (a.exists() and b.exists()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"socat did not create the pty pair (exit code {proc.poll()})")
-            time.sleep(0.01)
-        yield str(a), str(b)
-    finally:
-        proc.terminate()
-        proc.wait(5)
 
 
 @pytest.fixture(autouse=True)

@@ -68,6 +68,7 @@ async def test_gate_charger_relay_end_to_end(tmp_path: Path) -> None:
             assert await wait_until(lambda: any(e.data.get("metric") == "port3_temperature"
                                                 for e in of(seen, "sensor.reading", "shed-a")), 10)
             # A vehicle arrives at the gate: an event from the loop detector's rising edge.
+            assert await wait_until(lambda: daemon.modbus.devices["car-gate"].device.polls >= 3, 10)
             sim[1].set("vehicle_present", True)
             assert await wait_until(lambda: of(seen, "gate.vehicle_present", "car-gate"), 5)
             # The platform opens the gate (the command handler a verified cloud command reaches).
@@ -190,3 +191,38 @@ async def test_charger_overheat_cut_lockout_survives_restart_and_reset(tmp_path:
             assert await wait_until(lambda: ch.get("station_enable") is False, 5)
             assert await wait_until(lambda: of(seen2, "charger.station.cutoff", "shed-a"), 5)
     assert reaction_ms < 1000
+
+
+async def test_gate_and_charger_over_rtu_on_a_serial_line(tmp_path: Path, pty_pair: tuple[str, str]) -> None:
+    """The same profiles over Modbus RTU: a pymodbus serial server on one end of a socat pty pair."""
+    from pymodbus import FramerType
+
+    server_end, bus_end = pty_pair
+    sim = ProfileSimulator({1: GATE, 2: CHARGER}, serial_port=server_end, framer=FramerType.RTU, baudrate=115200)
+    sim[1].on_write.append(gate_mechanics)
+    sim[2].set("port2_relay", True)
+    sim[2].set("port2_current", 1.0)
+    sim[2].set("port2_temperature", 30.0)
+    cfg = Config.model_validate({
+        "version": 1, "site_id": "site-1", "gateway_id": "gw-1", "state_dir": str(tmp_path / "state"),
+        "clock": {"sync": "synced"}, "health": {"enabled": False},
+        "modbus": {"buses": {"shed-485": {"kind": "rtu", "serial_port": bus_end, "baudrate": 115200,
+                                          "timeout_s": 0.3}}},
+        "devices": [
+            {"type": "modbus.gate", "id": "car-gate", "bus": "shed-485", "unit_id": 1, "poll_interval_s": 0.2},
+            {"type": "modbus.charger", "id": "shed-a", "bus": "shed-485", "unit_id": 2, "poll_interval_s": 0.3},
+        ],
+    })
+    async with sim:
+        daemon = Daemon(cfg)
+        async with running(daemon) as seen:
+            gate = daemon.modbus.devices["car-gate"].device
+            assert await wait_until(lambda: gate.polls >= 3, 10)  # the loop's first state is known
+            sim[1].set("vehicle_present", True)
+            assert await wait_until(lambda: of(seen, "gate.vehicle_present", "car-gate"), 10)
+            await daemon.modbus.gate("car-gate", "open", reason="plate_match", by="plate:京AF0236", via="local")
+            assert await wait_until(lambda: of(seen, "gate.opened", "car-gate"), 10)
+            sim[2].set("port2_temperature", 80.0)
+            assert await wait_until(lambda: sim[2].get("port2_relay") is False, 10)
+            assert await wait_until(lambda: of(seen, "charger.port.cutoff", "shed-a"), 5)
+        assert not of(seen, "device.offline")
