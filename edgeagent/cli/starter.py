@@ -49,8 +49,20 @@ health:
   host: 127.0.0.1      # /healthz, /metrics, /status; keep on loopback
   port: 9108
 
-# Devices on this gateway. Add with `edgeagent device add TYPE --id ID`, remove with
-# `edgeagent device remove ID`.
+# Modbus buses: an RS-485 line on a USB adapter, or a TCP connection to a device or to a DTU that
+# carries RTU frames over TCP. Add with `edgeagent modbus bus add ID --kind rtu --serial /dev/ttyUSB0`.
+# modbus:
+#   buses:
+#     shed-485: {{kind: rtu, serial_port: /dev/ttyUSB0, baudrate: 9600}}
+#     gate-dtu: {{kind: rtu_over_tcp, host: 192.168.10.20, port: 502}}
+
+# Devices on this gateway. Add with `edgeagent device add TYPE --id ID` (Modbus devices with
+# `edgeagent modbus add gate|charger|relay`, which tests the device first), remove with
+# `edgeagent device remove ID`. Examples:
+#   - {{type: modbus.gate, id: car-gate, bus: gate-dtu, unit_id: 1}}
+#   - {{type: modbus.charger, id: shed-a, bus: shed-485, unit_id: 2,
+#      safety: {{max_current_a: 3.5, max_temperature_c: 65, full_after_s: 1800}}}}
+#   - {{type: modbus.relay, id: guard-io, bus: shed-485, unit_id: 3, channels: {{1: siren, 2: strobe}}}}
 devices: []
 """
 
