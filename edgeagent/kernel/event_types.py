@@ -273,3 +273,81 @@ CHARGING_SESSION_ENDED = REGISTRY.register(EventType(
 CHARGER_PORT_FULL_CUTOFF = REGISTRY.register(EventType(
     "charger.port.full_cutoff", Priority.EVENT, ChargerPortFullCutoff,
     "The gateway cut a port whose battery was full (low current for a long time); not a lockout."))
+
+
+# --- elderly residents' wristband alarms (edgeagent/kernel/alarms.py) ---------------------------------
+#
+# One alarm's life: raised → notified → (escalated, once per level) → acknowledged → resolved. Each step is
+# one event, emitted exactly once, at alarm priority. Events carry the resident's id; the name only when
+# the site enables ``include_names`` (names, rooms and thresholds otherwise stay in the local config).
+
+AlarmKindName = Literal["sos", "fall", "heart_rate_high", "heart_rate_low", "spo2_low", "removed", "low_battery",
+                        "no_signal", "left_compound"]
+AlarmSeverity = Literal["critical", "high", "medium", "low"]
+AlarmVia = Literal["cli", "local_mqtt", "cloud"]
+AlarmDetail = bool | int | float | str
+
+
+class AlarmEventBase(EventData):
+    alarm_id: str = Field(min_length=1, description="id of the alarm (a ULID), the same in all of its events")
+    kind: AlarmKindName = Field(
+        description="sos: button pressed; fall: fall detected; heart_rate_high/low, spo2_low: a reading outside "
+        "the resident's thresholds; removed: wristband taken off; low_battery; no_signal: not heard from for the "
+        "configured time; left_compound: seen by a gateway outside the compound's zones")
+    severity: AlarmSeverity = Field(description="severity configured for the kind")
+    resident_id: str = Field(min_length=1, description="the resident's id in the site's local config")
+    device_id: str = Field(min_length=1, description="wristband that raised the alarm first")
+    name: str | None = Field(
+        default=None, description="the resident's name; present only when the site enables include_names")
+    count: int = Field(ge=1, description="raises folded into this alarm so far (a storm of presses counts each)")
+    level: int = Field(ge=0, description="escalation level reached, 0 being the first (e.g. the guard room)")
+    raised_at: str = Field(description="when the alarm was first raised, UTC RFC 3339 ms")
+
+
+class AlarmRaised(AlarmEventBase):
+    details: dict[str, AlarmDetail] = Field(
+        default_factory=dict, description="what the detector saw, e.g. {'heart_rate': 142, 'threshold': 120}")
+
+
+class AlarmNotified(AlarmEventBase):
+    level_name: str = Field(description="name of the escalation level notified, e.g. 'guard_room'")
+    targets: list[str] = Field(min_length=1, description="notifier targets the first notification went to")
+
+
+class AlarmEscalated(AlarmEventBase):
+    level_name: str = Field(description="name of the level reached, e.g. 'grid_worker'")
+    targets: list[str] = Field(
+        min_length=1, description="targets notified from now on (this level's and every lower level's)")
+    after_s: float = Field(ge=0, description="time from the first raise to this escalation")
+
+
+class AlarmAcknowledged(AlarmEventBase):
+    by: str = Field(min_length=1, description="who acknowledged (operator, panel or account id)")
+    via: AlarmVia = Field(description="where the acknowledgement came from")
+    notifications: int = Field(ge=0, description="notification rounds sent before the acknowledgement")
+    response_s: float = Field(ge=0, description="time from the first raise to the acknowledgement")
+
+
+class AlarmResolved(AlarmEventBase):
+    by: str = Field(min_length=1, description="who resolved it (operator, panel or account id)")
+    via: AlarmVia = Field(description="where the resolution came from")
+    note: str | None = Field(default=None, description="what was found or done, as entered")
+    acknowledged: bool = Field(description="whether it had been acknowledged before it was resolved")
+    notifications: int = Field(ge=0, description="notification rounds sent over the alarm's life")
+    duration_s: float = Field(ge=0, description="time from the first raise to the resolution")
+
+
+ALARM_RAISED = REGISTRY.register(EventType(
+    "alarm.raised", Priority.ALARM, AlarmRaised,
+    "A resident's wristband raised an alarm (repeats within the fold window are counted, not raised again)."))
+ALARM_NOTIFIED = REGISTRY.register(EventType(
+    "alarm.notified", Priority.ALARM, AlarmNotified,
+    "The first notification of an alarm went out to its first escalation level."))
+ALARM_ESCALATED = REGISTRY.register(EventType(
+    "alarm.escalated", Priority.ALARM, AlarmEscalated,
+    "An alarm was not acknowledged in time and reached the next escalation level."))
+ALARM_ACKNOWLEDGED = REGISTRY.register(EventType(
+    "alarm.acknowledged", Priority.ALARM, AlarmAcknowledged,
+    "Someone acknowledged an alarm: notifications stop and the siren is switched off."))
+ALARM_RESOLVED = REGISTRY.register(EventType(
+    "alarm.resolved", Priority.ALARM, AlarmResolved, "An alarm was closed."))
