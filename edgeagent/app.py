@@ -27,9 +27,12 @@ from edgeagent.cloud_bridge.uplink import Uplink
 from edgeagent.control import SOCKET_NAME, ControlServer
 from edgeagent.drivers.modbus.service import ModbusService
 from edgeagent.drivers.sim.devices import SimContact, SimPanic, SimSensor
+from edgeagent.drivers.wristband.service import WristbandService
 from edgeagent.health import HealthServer
 from edgeagent.kernel import metrics
 from edgeagent.kernel.actions import Outputs
+from edgeagent.kernel.alarm_runtime import AlarmRuntime
+from edgeagent.kernel.alarms import AlarmConfig, AlarmEngine, AlarmError, AlarmKind, EscalationLevel, KindPolicy
 from edgeagent.kernel.clock import Clock
 from edgeagent.kernel.commands import CommandResult, CommandRouter, CommandService, CommandSpec, load_public_key
 from edgeagent.kernel.config import Config, DeviceBase
@@ -88,6 +91,30 @@ class LocalGateArgs(_LocalArgs):
 class LocalResetArgs(_LocalArgs):
     device_id: str
     port: int | None = Field(default=None, ge=1, le=64)
+
+
+class LocalAlarmArgs(_LocalArgs):
+    alarm_id: str
+    action: Literal["ack", "resolve"] = "ack"
+    by: str | None = Field(default=None, max_length=64, description="who (default: the calling user)")
+    note: str | None = Field(default=None, max_length=500)
+
+
+class CloudAlarmArgs(_LocalArgs):
+    alarm_id: str
+    action: Literal["ack", "resolve"] = "ack"
+    by: str = Field(min_length=1, max_length=64, description="the operator on the platform")
+    note: str | None = Field(default=None, max_length=500)
+
+
+def alarm_config(cfg: Config) -> AlarmConfig:
+    a = cfg.alarms
+    return AlarmConfig(
+        levels=tuple(EscalationLevel(lv.name, tuple(lv.targets)) for lv in a.levels),
+        policies={AlarmKind(kind): KindPolicy(p.severity, tuple(p.outputs), p.repeat_s, tuple(p.escalate_after_s),
+                                              p.fold_window_s) for kind, p in a.policies.items()},
+        fold_window_s=a.fold_window_s, output_pulse_s=a.output_pulse_s, include_names=a.include_names,
+        message_names=a.message_names)
 
 
 class LocalOutputArgs(_LocalArgs):
@@ -159,6 +186,14 @@ class Daemon:
         self.outputs = Outputs()
         # Builds nothing yet, but resolves every device profile now: a bad one is a config error.
         self.modbus = ModbusService(cfg, self.sink, state=self.outbox, config_dir=config_dir)
+        names = {r.id: r.name for r in (cfg.wristbands.residents if cfg.wristbands else []) if r.name}
+        self.alarms = AlarmRuntime(AlarmEngine(alarm_config(cfg), names=names.get), sink=self.sink,
+                                   state=self.outbox, outputs=self.outputs, notifiers=None, clock=self.clock)
+        self.wristbands: WristbandService | None = None
+        if cfg.wristbands is not None and cfg.wristbands.enabled:
+            self.wristbands = WristbandService(cfg.wristbands, self.sink, self.alarms,
+                                               client_id=f"edgeagent-{cfg.gateway_id}-wristbands")
+            self.alarms.listen(self.wristbands.publish_change)
         self.uplink: Uplink | None = None
         self.supervisor: Supervisor | None = None
         self.health: HealthServer | None = None
@@ -238,6 +273,10 @@ class Daemon:
                 self._start_driver(dev)
         self.modbus.register_commands(self.router)
         self.modbus.register_outputs(self.outputs)
+        await self.alarms.restore()  # alarms active before a restart sound and notify again
+        self.supervisor.start("alarms", self.alarms.run)
+        if self.wristbands is not None:
+            self.supervisor.start("wristbands", self.wristbands.run)
         for name, run in self.modbus.driver_tasks():
             self._driver_names.append(name)
             self.supervisor.start(name, run)
@@ -294,7 +333,22 @@ class Daemon:
             log.info("output %s %s by %s", a.name, a.action, who)
             return {"output": a.name, "action": a.action}
 
-        return {"gate": gate, "charger-reset": charger_reset, "output": output}
+        async def alarms_list(_args: Mapping[str, Any], _who: str) -> Mapping[str, Any]:
+            return {"alarms": [a.to_json() for a in self.alarms.engine.active()]}
+
+        async def alarm_ack(args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
+            a = _validate(LocalAlarmArgs, args)
+            try:
+                if a.action == "resolve":
+                    await self.alarms.resolve(a.alarm_id, a.by or who, "cli", a.note)
+                else:
+                    await self.alarms.ack(a.alarm_id, a.by or who, "cli")
+            except AlarmError as exc:
+                raise CommandRejected("failed", str(exc)) from exc
+            return {"alarm_id": a.alarm_id, "action": a.action, "by": a.by or who}
+
+        return {"gate": gate, "charger-reset": charger_reset, "output": output, "alarms": alarms_list,
+                "alarm": alarm_ack}
 
     def _register_builtin_commands(self) -> None:
         async def ping(_args: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -303,6 +357,19 @@ class Daemon:
         async def status(_args: Mapping[str, Any]) -> Mapping[str, Any]:
             return await self.status()
 
+        async def alarm_cmd(args: Mapping[str, Any]) -> Mapping[str, Any]:
+            a = CloudAlarmArgs.model_validate(dict(args))
+            try:
+                if a.action == "resolve":
+                    await self.alarms.resolve(a.alarm_id, a.by, "cloud", a.note)
+                else:
+                    await self.alarms.ack(a.alarm_id, a.by, "cloud")
+            except AlarmError as exc:
+                raise CommandRejected("failed", str(exc)) from exc
+            return {"alarm_id": a.alarm_id, "action": a.action}
+
+        self.router.register(CommandSpec("alarm.handle", alarm_cmd, CloudAlarmArgs,
+                                         "acknowledge or resolve an alarm from the platform"))
         self.router.register(CommandSpec("gateway.ping", ping, description="liveness check"))
         self.router.register(CommandSpec("gateway.status", status, description="the status snapshot"))
 
@@ -425,6 +492,9 @@ class Daemon:
             },
             "tasks": self.supervisor.snapshot() if self.supervisor is not None else [],
             "devices": self.modbus.snapshot(),
+            "alarms": [{"id": al.id, "kind": al.kind.value, "state": al.state.value, "resident_id": al.resident_id,
+                        "count": al.count, "level": al.level} for al in self.alarms.engine.active()],
+            "wristbands": dict(self.wristbands.snapshot()) if self.wristbands is not None else None,
         }
 
     # --- shutdown ------------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                                "duration_s": 7260.0, "reason": "full"},
     "charger.port.full_cutoff": {"port": 3, "session_id": "01J9Z8Y7X6W5V4T3S2R1Q0PNMK", "current_a": 0.08,
                                  "limit_a": 0.15, "after_s": 1800.0, "reaction_ms": 35.0, "cut_error": None},
+    "wristband.vitals": {"resident_id": "r-0012", "zone": "inside", "heart_rate_bpm": 72, "spo2_pct": 97,
+                         "battery_pct": 81, "worn": True, "rssi_dbm": -67},
     "gate.commanded": {"command": "open", "reason": "visitor", "by": "guard-desk", "via": "cli",
                        "outcome": "executed", "latency_ms": 12.5},
     "alarm.raised": {"alarm_id": "01J9Z8Y7X6W5V4T3S2R1Q0PNMK", "kind": "heart_rate_high", "severity": "high",

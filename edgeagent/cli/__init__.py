@@ -257,6 +257,7 @@ def _register_subcommands() -> None:
     app.add_typer(local.gate_app, name="gate")
     app.add_typer(local.charger_app, name="charger")
     app.add_typer(local.output_app, name="output")
+    app.add_typer(local.alarms_app, name="alarms")
     app.command("diagnose")(support.diagnose)
 
 

@@ -130,3 +130,48 @@ def output_set(name: str = typer.Argument(..., help="output name, e.g. siren"),
     """Switch a named output (to test a siren or strobe from the guard room)."""
     call(config, "output", {"name": name, "action": action.value, "seconds": seconds})
     console.print(f"output {name}: {action.value}" + (f" for {seconds:g} s" if action is OutputAction.pulse else ""))
+
+
+alarms_app = typer.Typer(no_args_is_help=True, help="Residents' alarms on the running daemon.")
+
+
+@alarms_app.command("list")
+def alarms_list(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Active alarms, oldest first."""
+    alarms = call(config, "alarms", {}).get("alarms", [])
+    if as_json:
+        print_json(alarms)
+        return
+    if not alarms:
+        console.print("no active alarms")
+        return
+    from rich.table import Table  # noqa: PLC0415
+
+    t = Table(title=f"{len(alarms)} active alarm(s)", title_justify="left")
+    for col in ("id", "kind", "state", "resident", "wristband", "count", "level", "raised (UTC)", "acknowledged by"):
+        t.add_column(col)
+    for a in alarms:
+        color = "red" if a["state"] in ("raised", "notified") else "yellow"
+        t.add_row(a["id"], a["kind"], f"[{color}]{a['state']}[/]", a["resident_id"], a["device_id"],
+                  str(a["count"]), str(a["level"]), str(a["first_raised"]["wall"])[:19],
+                  a.get("acknowledged_by") or "")
+    console.print(t)
+
+
+@alarms_app.command("ack")
+def alarms_ack(alarm_id: str = typer.Argument(..., help="the alarm's id (see 'edgeagent alarms list')"),
+               by: str | None = typer.Option(None, "--by", help="who is taking it on (default: your user)"),
+               config: Path | None = ConfigOption) -> None:
+    """Acknowledge: someone is on the way. Repeats and escalation stop, the siren goes off."""
+    result = call(config, "alarm", {"alarm_id": alarm_id, "action": "ack", "by": by})
+    console.print(f"alarm {alarm_id} acknowledged by {result.get('by')}")
+
+
+@alarms_app.command("resolve")
+def alarms_resolve(alarm_id: str = typer.Argument(..., help="the alarm's id"),
+                   note: str | None = typer.Option(None, "--note", help="what happened"),
+                   by: str | None = typer.Option(None, "--by", help="who (default: your user)"),
+                   config: Path | None = ConfigOption) -> None:
+    """Close the alarm, with a note for the record."""
+    result = call(config, "alarm", {"alarm_id": alarm_id, "action": "resolve", "by": by, "note": note})
+    console.print(f"alarm {alarm_id} resolved by {result.get('by')}")

@@ -191,16 +191,7 @@ class UplinkConfig(Strict):
     @field_validator("broker")
     @classmethod
     def _broker_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"{v!r} is not a broker URL (expected mqtt://HOST:PORT or mqtts://HOST:PORT)")
-        if parts.username or parts.password:
-            raise ValueError("put no credentials in the broker URL; use 'username' and 'password'")
-        try:
-            _ = parts.port
-        except ValueError as exc:
-            raise ValueError(f"{v!r} has an invalid port") from exc
-        return v
+        return check_broker_url(v)
 
     @property
     def host(self) -> str:
@@ -216,6 +207,20 @@ class UplinkConfig(Strict):
     @property
     def uses_tls(self) -> bool:
         return urlsplit(self.broker).scheme == "mqtts" or self.tls is not None
+
+
+def check_broker_url(v: str) -> str:
+    """An MQTT broker URL without credentials in it (shared by the uplink and the local broker)."""
+    parts = urlsplit(v)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"{v!r} is not a broker URL (expected mqtt://HOST:PORT or mqtts://HOST:PORT)")
+    if parts.username or parts.password:
+        raise ValueError("put no credentials in the broker URL; use 'username' and 'password'")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{v!r} has an invalid port") from exc
+    return v
 
 
 class CommandsConfig(Strict):
@@ -339,6 +344,104 @@ class ModbusBusConfig(Strict):
 class ModbusSection(Strict):
     buses: dict[Annotated[str, Field(pattern=_ID_RE)], ModbusBusConfig] = Field(
         default_factory=dict, description="Modbus buses by id: a serial line, or a TCP connection to a device or DTU")
+
+
+# --- wristbands and alarms -------------------------------------------------------------------------
+
+class ResidentConfig(Strict):
+    """A resident who wears a wristband. Names and rooms stay on the box (events carry the id)."""
+
+    id: str = Field(pattern=_ID_RE, description="the resident's id, as the platform knows them")
+    name: str | None = Field(default=None, max_length=64, description="local only, unless alarms.include_names")
+    room: str | None = Field(default=None, max_length=64, description="local only")
+    devices: list[Annotated[str, Field(pattern=r"^[0-9a-f]{8,32}$")]] = Field(
+        min_length=1, description="wristband ids: BLE MAC or LoRaWAN devEui, lower-case hex without separators")
+    heart_rate_low: int = Field(default=45, ge=20, le=120)
+    heart_rate_high: int = Field(default=130, ge=60, le=250)
+    spo2_low: int = Field(default=90, ge=50, le=99)
+    low_battery_pct: int = Field(default=15, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _range(self) -> ResidentConfig:
+        if self.heart_rate_low >= self.heart_rate_high:
+            raise ValueError("heart_rate_low must be below heart_rate_high")
+        return self
+
+
+class WristbandInputConfig(Strict):
+    decoder: Literal["ble-json", "ble-adv-hex", "chirpstack-v4"] = Field(description="the gateway's format")
+    topics: list[str] | None = Field(default=None, description="topic filters; the decoder's usual ones if unset")
+
+
+class WristbandsConfig(Strict):
+    """Wristband readings from BLE gateways or LoRaWAN, through the box's own MQTT broker."""
+
+    enabled: bool = True
+    broker: str = Field(default="mqtt://127.0.0.1:1883", description="the local broker the BLE/LoRa gateways use")
+    username: str | None = None
+    password: SecretField | None = None
+    inputs: list[WristbandInputConfig] = Field(min_length=1)
+    residents: list[ResidentConfig] = Field(default_factory=list)
+    zones: dict[str, Literal["inside", "outside"]] = Field(
+        default_factory=dict,
+        description="BLE gateway id -> where it is; a band heard 'outside' has left the compound")
+    no_signal_after_s: float = Field(default=900, gt=0, le=86_400)
+    guard_topic: str = Field(default="edgeagent/local/alarms", description="alarm states for guard-room panels")
+    ack_topic: str = Field(default="edgeagent/local/alarms/ack",
+                           description='guard-room buttons publish {"alarm_id": ..., "by": ...} here')
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _password_ref(cls, v: Any) -> Any:
+        return _no_clear_secret(v)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        return check_broker_url(v)
+
+    def cross_checks(self) -> list[tuple[tuple[int | str, ...], str]]:
+        issues: list[tuple[tuple[int | str, ...], str]] = []
+        owner: dict[str, str] = {}
+        ids: set[str] = set()
+        for i, r in enumerate(self.residents):
+            if r.id in ids:
+                issues.append((("wristbands", "residents", i, "id"), f"resident {r.id!r} is listed twice"))
+            ids.add(r.id)
+            for j, dev in enumerate(r.devices):
+                if dev in owner:
+                    issues.append((("wristbands", "residents", i, "devices", j),
+                                   f"wristband {dev} is already worn by {owner[dev]!r}"))
+                owner.setdefault(dev, r.id)
+        return issues
+
+
+class AlarmLevelConfig(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    targets: list[str] = Field(min_length=1, description="notifier targets, e.g. guard_room")
+
+
+class AlarmPolicyConfig(Strict):
+    severity: Literal["critical", "high", "medium", "low"]
+    outputs: list[str] = Field(default_factory=list, description="outputs on until acknowledged, e.g. [siren]")
+    repeat_s: float = Field(default=60, gt=0)
+    escalate_after_s: list[float] = Field(default_factory=list, description="times of levels 1, 2, ...")
+    fold_window_s: float | None = Field(default=None, gt=0)
+
+
+class AlarmsSection(Strict):
+    levels: list[AlarmLevelConfig] = Field(
+        default_factory=lambda: [AlarmLevelConfig(name="guard_room", targets=["guard_room"]),
+                                 AlarmLevelConfig(name="grid_worker", targets=["grid_worker"]),
+                                 AlarmLevelConfig(name="family", targets=["family"])],
+        description="escalation ladder, first level first")
+    fold_window_s: float = Field(default=120, gt=0, description="repeats within this fold into one alarm")
+    output_pulse_s: float | None = Field(default=None, gt=0, description="pulse outputs instead of keeping them on")
+    include_names: bool = Field(default=False, description="put residents' names in events to the cloud")
+    message_names: bool = Field(default=False, description="put residents' names in notifications")
+    policies: dict[Literal["sos", "fall", "heart_rate_high", "heart_rate_low", "spo2_low", "removed",
+                           "low_battery", "no_signal", "left_compound"], AlarmPolicyConfig] = Field(
+        default_factory=dict, description="per-kind overrides of the shipped policies")
 
 
 # --- devices (one config class per driver type, joined by a discriminated union) ----------------
@@ -466,6 +569,8 @@ class Config(Strict):
     health: HealthConfig = HealthConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     modbus: ModbusSection = ModbusSection()
+    wristbands: WristbandsConfig | None = None
+    alarms: AlarmsSection = AlarmsSection()
     devices: list[DeviceConfig] = Field(default_factory=list)
 
     @field_validator("version")
@@ -495,6 +600,8 @@ class Config(Strict):
                     issues.append((("devices", i, "unit_id"), f"unit id {dev.unit_id} on bus {dev.bus!r} is already "
                                    f"device {units[(dev.bus, dev.unit_id)]!r}"))
                 units.setdefault((dev.bus, dev.unit_id), dev.id)
+        if self.wristbands is not None:
+            issues.extend(self.wristbands.cross_checks())
         return issues
 
 
@@ -619,6 +726,8 @@ def _plain(err: Mapping[str, Any], doc: Any = None) -> str:
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return f"must be a section of keys (got {type(got).__name__} {got!r})" if got != "<hidden>" \
             else "must be a section of keys"
+    if kind == "string_type" and isinstance(got, int | float) and not isinstance(got, bool):
+        return f"must be text; YAML read {got!r} as a number: put it in quotes"
     if kind == "list_type":
         return f"must be a list (got {type(got).__name__})"
     if kind == "extra_forbidden":

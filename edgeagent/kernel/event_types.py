@@ -351,3 +351,19 @@ ALARM_ACKNOWLEDGED = REGISTRY.register(EventType(
     "Someone acknowledged an alarm: notifications stop and the siren is switched off."))
 ALARM_RESOLVED = REGISTRY.register(EventType(
     "alarm.resolved", Priority.ALARM, AlarmResolved, "An alarm was closed."))
+
+
+class WristbandVitals(EventData):
+    resident_id: str = Field(description="the wearer (names stay on the box)")
+    zone: str | None = Field(default=None, description="'inside' or 'outside', from the BLE gateway that heard it")
+    heart_rate_bpm: int | None = Field(default=None, ge=0, le=300)
+    spo2_pct: int | None = Field(default=None, ge=0, le=100)
+    battery_pct: int | None = Field(default=None, ge=0, le=100)
+    worn: bool | None = None
+    rssi_dbm: int | None = None
+
+
+WRISTBAND_VITALS = REGISTRY.register(EventType(
+    "wristband.vitals", Priority.TELEMETRY, WristbandVitals,
+    "The latest readings of a wristband (coalesced per band while the uplink is down).",
+    coalesce_field="resident_id"))
