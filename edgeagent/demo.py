@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -88,7 +89,8 @@ class PrivateBroker:
             self.proc = None
 
 
-def demo_config(workdir: Path, broker: str | None, public_key: Path, modbus_port: int) -> Config:
+def demo_config_data(workdir: Path, broker: str | None, public_key: Path, modbus_port: int,
+                     local: str | None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "version": 1, "site_id": SITE, "gateway_id": GATEWAY, "state_dir": str(workdir / "state"),
         "log_level": "warning", "health": {"port": 0},
@@ -108,14 +110,43 @@ def demo_config(workdir: Path, broker: str | None, public_key: Path, modbus_port
             {"type": "modbus.gate", "id": "car-gate", "bus": "lan", "unit_id": 1, "poll_interval_s": 0.25},
             {"type": "modbus.charger", "id": "shed-a-charger", "bus": "lan", "unit_id": 2, "poll_interval_s": 0.5},
             {"type": "modbus.relay", "id": "guard-io", "bus": "lan", "unit_id": 3,
-             "channels": {1: "siren", 2: "strobe"}, "poll_interval_s": 1},
+             "channels": {"1": "siren", "2": "strobe"}, "poll_interval_s": 1},
         ],
         "modbus": {"buses": {"lan": {"kind": "tcp", "host": "127.0.0.1", "port": modbus_port}}},
     }
     if broker is not None:
         data["uplink"] = {"broker": broker, "retry": {"first_max_s": 0.5, "short_cap_s": 2},
                           "flush_on_stop_s": 5}
-    return Config.model_validate(data)
+    if local is not None:
+        # Two residents' wristbands, heard by a BLE gateway that publishes JSON to the box's broker.
+        data["wristbands"] = {
+            "broker": local, "inputs": [{"decoder": "ble-json"}], "zones": {"gw-bldg3": "inside"},
+            "residents": [
+                {"id": "r-0012", "name": "Wang Ayi", "room": "3-2-501", "devices": [BAND_WANG]},
+                {"id": "r-0031", "name": "Li Shushu", "room": "3-1-202", "devices": [BAND_LI]},
+            ],
+        }
+    return data
+
+
+BAND_WANG = "c0ffee000012"
+BAND_LI = "c0ffee000031"
+
+
+class Wristbands:
+    """The BLE gateway in building 3, simulated: it publishes wristband readings to the box's broker."""
+
+    def __init__(self, broker: str) -> None:
+        parts = urlsplit(broker)
+        self.params = SessionParams(host=parts.hostname or "127.0.0.1", port=parts.port or 1883,
+                                    client_id=f"ble-gw-bldg3-{uuid.uuid4().hex[:6]}", protocol="3.1.1")
+        self.seq = 0
+
+    async def send(self, band: str, event: str, **fields: Any) -> None:
+        self.seq += 1
+        doc = {"event": event, "hr": 76, "spo2": 97, "bat": 64, "worn": True, "seq": self.seq, **fields}
+        async with MqttSession(self.params) as s:
+            await s.publish(f"iot/gw-bldg3/{band}/data", orjson.dumps(doc), qos=1)
 
 
 class ModbusDemo:
@@ -213,33 +244,42 @@ def run_demo(seconds: float, broker: str | None) -> int:
     setup_logging("warning")
     with tempfile.TemporaryDirectory(prefix="edgeagent-demo-") as tmp:
         work = Path(tmp)
-        private = None
+        # The box's own broker (wristbands' BLE gateways publish to it); also the platform's stand-in.
+        private: PrivateBroker | None = PrivateBroker(work)
+        local = None
+        if private is not None and private.available:
+            local = private.start()
+        else:
+            private = None
         if broker is None:
-            private = PrivateBroker(work)
-            if private.available:
-                broker = private.start()
-                console.print(f"[bold]edgeagent demo[/]: a private mosquitto on {broker} stands in for the "
-                              "district platform")
+            broker = local
+            if local is not None:
+                console.print(f"[bold]edgeagent demo[/]: a private mosquitto on {local} stands in for the "
+                              "district platform and the box's own broker")
             else:
-                private = None
                 console.print("[bold]edgeagent demo[/]: mosquitto is not installed, so there is no platform "
-                              "broker; events stay in the outbox (install mosquitto or pass --broker)")
+                              "broker and no wristbands; events stay in the outbox (install mosquitto or pass "
+                              "--broker)")
         else:
             console.print(f"[bold]edgeagent demo[/]: forwarding to {broker}")
         try:
-            return asyncio.run(_demo(console, work, seconds, broker))
+            return asyncio.run(_demo(console, work, seconds, broker, local or broker))
         finally:
             if private is not None:
                 private.stop()
 
 
-async def _demo(console: Console, work: Path, seconds: float, broker: str | None) -> int:
+async def _demo(console: Console, work: Path, seconds: float, broker: str | None, local: str | None) -> int:
     key = Ed25519PrivateKey.generate()
     pub = work / "platform.pub"
     pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
     modbus = ModbusDemo()
     await modbus.sim.start()
-    daemon = Daemon(demo_config(work, broker, pub, modbus.port))
+    data = demo_config_data(work, broker, pub, modbus.port, local)
+    config_file = work / "edgeagent.yaml"
+    config_file.write_text(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())  # JSON is YAML too
+    daemon = Daemon(Config.model_validate(data))
+    bands = Wristbands(local) if local is not None else None
     accepted: Counter[str] = Counter()
 
     def show(event: Event, seq: int) -> None:
@@ -269,7 +309,7 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
                 await asyncio.wait_for(daemon.uplink.subscribed.wait(), 15)
         console.print(f"gateway {GATEWAY} ready: outbox in {daemon.outbox.path}, health on "
                       f"{daemon.health.url if daemon.health else '-'}; running {seconds:g} s (Ctrl-C stops)\n")
-        await _script(console, platform, modbus, seconds)
+        await _script(console, platform, modbus, bands, config_file, daemon, seconds)
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     except UplinkError as exc:
@@ -293,11 +333,12 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
     return 0
 
 
-async def _script(console: Console, platform: Platform | None, modbus: ModbusDemo, seconds: float) -> None:
+async def _script(console: Console, platform: Platform | None, modbus: ModbusDemo, bands: Wristbands | None,
+                  config_file: Path, daemon: Daemon, seconds: float) -> None:
     """What happens in the compound during the demo, at fixed times from the start."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    steps: list[tuple[float, str]] = [(2, "car"), (4, "ping"), (5, "heat")]
+    steps: list[tuple[float, str]] = [(2, "car"), (4, "ping"), (5, "heat"), (8, "sos"), (9, "fall"), (11, "ack")]
     heat: asyncio.Task[None] | None = None
     try:
         while loop.time() - start < seconds:
@@ -318,8 +359,36 @@ async def _script(console: Console, platform: Platform | None, modbus: ModbusDem
                     console.print("  [bold magenta]platform[/] → the same command replayed (must be refused)")
                 elif step == "heat":
                     heat = loop.create_task(modbus.heat_up(console))
+                elif step == "sos" and bands is not None:
+                    console.print("  [bold yellow]building 3[/] → resident r-0012 presses SOS on her wristband")
+                    for _ in range(3):  # pressed three times: one alarm, count 3
+                        await bands.send(BAND_WANG, "sos")
+                elif step == "fall" and bands is not None:
+                    console.print("  [bold yellow]building 3[/] → resident r-0031's wristband detects a fall")
+                    await bands.send(BAND_LI, "fall", hr=104)
+                elif step == "ack" and bands is not None:
+                    await _ack_from_cli(console, config_file, daemon, modbus)
     finally:
         if heat is not None:
             heat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heat
+
+
+async def _ack_from_cli(console: Console, config_file: Path, daemon: Daemon, modbus: ModbusDemo) -> None:
+    """The guard acknowledges each alarm with the real CLI, through the daemon's control socket."""
+    siren = "on" if modbus.sim[3].get("ch1_relay") else "off"
+    console.print(f"  [bold yellow]guard room[/] → siren is {siren}; guard Li acknowledges from the CLI")
+    for alarm in daemon.alarms.engine.active():
+        if alarm.acknowledged:
+            continue
+        cmd = [sys.executable, "-m", "edgeagent", "alarms", "ack", alarm.id, "--by", "guard Li",
+               "--config", str(config_file)]
+        console.print(f"  $ edgeagent alarms ack {alarm.id} --by 'guard Li'")
+        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        console.print("    " + out.decode().strip(), markup=False)
+    await asyncio.sleep(0.5)
+    siren = "on" if modbus.sim[3].get("ch1_relay") else "off"
+    console.print(f"  [bold yellow]guard room[/] → siren is {siren}")

@@ -16,7 +16,7 @@ def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_with_its_private_broker_shows_events_and_commands() -> None:
-    r = run_demo("--seconds", "11")
+    r = run_demo("--seconds", "14")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "gateway.started" in out and "sensor.reading" in out
@@ -25,6 +25,12 @@ def test_demo_with_its_private_broker_shows_events_and_commands() -> None:
                      r"outcome=executed", out), out[-3000:]
     assert "gate.opened" in out
     assert re.search(r"alarm\s+charger\.port\.cutoff\s+shed-a-charger\s+port=3 reason=over_temperature", out)
+    # Wristbands: an SOS (pressed three times: one alarm) and a fall sound the siren; the guard
+    # acknowledges both from the CLI and the siren goes off.
+    assert re.search(r"alarm\.raised\s+c0ffee000012\s+alarm_id=\w+ kind=sos", out)
+    assert re.search(r"alarm\.raised\s+c0ffee000031\s+alarm_id=\w+ kind=fall", out)
+    assert re.search(r"alarm\.acknowledged\s+c0ffee000012\s+.*count=3 .*by=guard Li via=cli", out)
+    assert "guard room → siren is on" in out and "guard room → siren is off" in out
     assert re.search(r"command cmd-\w+: executed", out)
     assert "rejected (replay)" in out
     accepted = re.search(r"summary: accepted (.*)", out)
