@@ -26,6 +26,7 @@ from edgeagent import __version__
 from edgeagent.cloud_bridge.uplink import Uplink
 from edgeagent.control import SOCKET_NAME, ControlServer
 from edgeagent.drivers.modbus.service import ModbusService
+from edgeagent.drivers.notifiers import NotifierHub
 from edgeagent.drivers.sim.devices import SimContact, SimPanic, SimSensor
 from edgeagent.drivers.wristband.service import WristbandService
 from edgeagent.health import HealthServer
@@ -36,7 +37,7 @@ from edgeagent.kernel.alarms import AlarmConfig, AlarmEngine, AlarmError, AlarmK
 from edgeagent.kernel.clock import Clock
 from edgeagent.kernel.commands import CommandResult, CommandRouter, CommandService, CommandSpec, load_public_key
 from edgeagent.kernel.config import Config, DeviceBase
-from edgeagent.kernel.errors import CommandRejected, OutboxError
+from edgeagent.kernel.errors import CommandRejected, OutboxError, UplinkError
 from edgeagent.kernel.event_types import (
     CLOCK_SYNCED,
     COMMAND_AUDIT,
@@ -47,6 +48,7 @@ from edgeagent.kernel.event_types import (
     REGISTRY,
 )
 from edgeagent.kernel.events import Event, EventFactory, utc_ms
+from edgeagent.kernel.notify_config import unserved
 from edgeagent.kernel.outbox import EvictionReport, Outbox, OutboxConfig, OutboxStats
 from edgeagent.kernel.sdnotify import Notifier
 from edgeagent.kernel.sink import EventSink
@@ -197,6 +199,7 @@ class Daemon:
         self.uplink: Uplink | None = None
         self.supervisor: Supervisor | None = None
         self.health: HealthServer | None = None
+        self.notifiers: NotifierHub | None = None
         self.control: ControlServer | None = None
         self.progress = Progress()
         self.started_mono = time.monotonic()
@@ -217,6 +220,21 @@ class Daemon:
         self._stop_reason = reason
         self._stop.set()
 
+    def _notifier_hub(self) -> NotifierHub:
+        targets = {t for lv in self.cfg.alarms.levels for t in lv.targets}
+        missing = unserved(self.cfg.notifiers, targets)
+        if missing and self.cfg.wristbands is not None:
+            log.warning("alarm targets with no notifier: %s (only the guard-room topic and outputs will tell "
+                        "anyone); add them under 'notifiers'", ", ".join(sorted(missing)))
+        return NotifierHub.from_config(self.cfg.notifiers, publish=self._publish_local)
+
+    async def _publish_local(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """The box's own broker, for MQTT notifiers (through the wristband input's connection)."""
+        session = self.wristbands.session if self.wristbands is not None else None
+        if session is None:
+            raise UplinkError("the local broker is not connected")
+        await session.publish(topic, payload, qos=qos, retain=retain)
+
     def register_command(self, spec: CommandSpec) -> None:
         self.router.register(spec)
 
@@ -229,7 +247,9 @@ class Daemon:
                     loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
                     installed.append(sig)
         try:
-            async with self.outbox, self.modbus, asyncio.TaskGroup() as tg:
+            async with self.outbox, self.modbus, self._notifier_hub() as hub, asyncio.TaskGroup() as tg:
+                self.notifiers = hub
+                self.alarms.set_notifiers(hub)
                 await self._start(tg)
                 trigger = asyncio.ensure_future(shutdown_trigger()) if shutdown_trigger else None
                 stopper = asyncio.ensure_future(self._stop.wait())
@@ -495,6 +515,7 @@ class Daemon:
             "alarms": [{"id": al.id, "kind": al.kind.value, "state": al.state.value, "resident_id": al.resident_id,
                         "count": al.count, "level": al.level} for al in self.alarms.engine.active()],
             "wristbands": dict(self.wristbands.snapshot()) if self.wristbands is not None else None,
+            "notifiers": self.notifiers.snapshot() if self.notifiers is not None else None,
         }
 
     # --- shutdown ------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ wristbands:
   zones: {{gw-north: inside, gw-street: outside}}
   residents:
     - {{id: r-0012, name: Wang Ayi, room: 3-2-501, devices: ["{BAND}", "{LORA}"], heart_rate_high: 120}}
+notifiers:
+  guard-panel: {{type: mqtt, topic: "compound/notify/{{target}}", targets: [guard_room]}}
 alarms:
   levels:
     - {{name: guard_room, targets: [guard_room]}}
@@ -110,6 +112,7 @@ async def test_sos_with_cloud_down_storm_restart_and_acks(tmp_path: Path, broker
     cfg = tmp_path / "edgeagent.yaml"
     write_config(cfg, tmp_path / "state", broker.port, modbus_port)
     guard = Collector(broker.port, topic="edgeagent/local/alarms/#").start()
+    notified = Collector(broker.port, topic="compound/notify/#").start()
     band = Band(broker.port)
     try:
         async with sim, running(cfg) as (daemon, seen):
@@ -129,6 +132,9 @@ async def test_sos_with_cloud_down_storm_restart_and_acks(tmp_path: Path, broker
             assert await asyncio.to_thread(guard.wait_for, lambda c: any(
                 t.endswith(alarm.id) and json.loads(p)["state"] in ("raised", "notified")
                 for t, p, _r in c.messages), 5)
+            # The guard room's notifier (MQTT on the box's broker) got the new alarm.
+            assert await asyncio.to_thread(notified.wait_for, lambda c: any(
+                t == "compound/notify/guard_room" and alarm.id in p.decode() for t, p, _r in c.messages), 5)
             # The cloud link is down: the events wait in the outbox, nothing is lost.
             st = await daemon.status()
             assert st["uplink"]["state"] != "connected" and st["outbox"]["classes"]["alarm"]["unsent"] >= 2
@@ -174,6 +180,7 @@ async def test_sos_with_cloud_down_storm_restart_and_acks(tmp_path: Path, broker
     finally:
         band.close()
         guard.stop()
+        notified.stop()
 
 
 async def test_malformed_wristband_payloads_are_counted_not_fatal(tmp_path: Path, broker: Mosquitto) -> None:

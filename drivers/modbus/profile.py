@@ -75,7 +75,8 @@ from edgeagent.drivers.modbus.codec import (
     encode,
     raw_range,
 )
-from edgeagent.kernel.config import Strict, parse_yaml
+from edgeagent.kernel.config import parse_yaml
+from edgeagent.kernel.config_base import Strict
 from edgeagent.kernel.errors import ConfigError
 
 Table = Literal["coil", "discrete_input", "holding", "input"]

@@ -269,6 +269,10 @@ class WristbandService:
         except UplinkError as exc:
             log.warning("guard-room topic not updated for %s: %s", alarm.id, exc)
 
+    @property
+    def session(self) -> MqttSession | None:
+        return self._session
+
     def snapshot(self) -> Mapping[str, Any]:
         return {"broker": self._cfg.broker, "connected": self.connected.is_set(), "bands_seen": len(self._bands),
                 "queue": self._queue.qsize(), "counters": dict(self.counters)}

@@ -43,7 +43,8 @@ from edgeagent import __version__
 from edgeagent.cli.common import ConfigOption, JsonOption, config_path, console, err_console, fail, print_json
 from edgeagent.cli.events import NoOutboxError, outbox_path, outbox_ro
 from edgeagent.kernel.clock import kernel_clock_synced
-from edgeagent.kernel.config import Config, SecretRef, load_config, redacted
+from edgeagent.kernel.config import Config, load_config, redacted
+from edgeagent.kernel.config_base import SecretRef
 from edgeagent.kernel.errors import ConfigError, EdgeagentError, SecretError, UplinkAuthError
 from edgeagent.kernel.events import Priority
 

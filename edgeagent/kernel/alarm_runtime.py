@@ -54,7 +54,7 @@ class KeyValue(Protocol):
 
 
 class Dispatch(Protocol):
-    def dispatch(self, targets: tuple[str, ...], message: Message) -> None: ...
+    def notify(self, targets: tuple[str, ...], message: Message) -> int: ...
 
 
 class AlarmRuntime:
@@ -147,7 +147,10 @@ class AlarmRuntime:
             await self._state.kv_put(STATE_KEY, self.engine.export())
         for note in (a for a in actions if isinstance(a, Notify)):
             if self._notifiers is not None:
-                self._notifiers.dispatch(note.targets, message_for(note))
+                try:
+                    self._notifiers.notify(note.targets, message_for(note))
+                except Exception:
+                    log.exception("alarm %s: handing the notification over failed", note.alarm.id)
         changed = {a.alarm.id: a.alarm for a in actions if isinstance(a, Persist)}
         for alarm in changed.values():
             for listener in self._listeners:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import io
-import os
 import re
 import typing
 from collections.abc import Callable, Mapping
@@ -22,9 +21,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -33,90 +30,19 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from edgeagent.kernel.errors import ConfigError, SecretError
+from edgeagent.kernel.config_base import (
+    SecretField,
+    SecretRef,
+    Strict,
+    _no_clear_secret,
+)
+from edgeagent.kernel.errors import ConfigError
+from edgeagent.kernel.notify_config import NotifiersSection
 
 CONFIG_VERSION = 1
+__all__ = ["CONFIG_VERSION", "Config", "ConfigError", "SecretRef", "load_config", "parse_yaml", "redacted",
+           "validate_doc"]
 _ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
-
-
-# --- secrets ------------------------------------------------------------------------------------
-
-class SecretRef(Strict):
-    """Where a secret lives. Exactly one of the three keys."""
-
-    credential: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9_.-]+$",
-        description="name of a systemd credential (LoadCredential=NAME:PATH in the unit)")
-    file: Path | None = Field(default=None, description="path of a file holding only the secret")
-    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                            description="environment variable holding the secret")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SecretRef:
-        given = [k for k in ("credential", "file", "env") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("a secret reference needs exactly one of 'credential', 'file' or 'env'")
-        return self
-
-    def describe(self) -> str:
-        if self.credential is not None:
-            return f"credential {self.credential!r}"
-        if self.file is not None:
-            return f"file {str(self.file)!r}"
-        return f"environment variable {self.env!r}"
-
-    def resolve(self, environ: Mapping[str, str] | None = None) -> SecretStr:
-        env = os.environ if environ is None else environ
-        try:
-            if self.credential is not None:
-                cred_dir = env.get("CREDENTIALS_DIRECTORY")
-                if not cred_dir:
-                    raise SecretError(
-                        f"secret {self.describe()}: no $CREDENTIALS_DIRECTORY (not started by systemd with "
-                        "LoadCredential=); use {file: PATH} when running by hand")
-                text = (Path(cred_dir) / self.credential).read_text(encoding="utf-8")
-            elif self.file is not None:
-                text = self.file.read_text(encoding="utf-8")
-            else:
-                assert self.env is not None
-                if self.env not in env:
-                    raise SecretError(f"secret {self.describe()} is not set")
-                text = env[self.env]
-        except OSError as exc:
-            raise SecretError(f"secret {self.describe()} cannot be read: {exc.strerror}") from exc
-        value = text.rstrip("\r\n")
-        if not value:
-            raise SecretError(f"secret {self.describe()} is empty")
-        return SecretStr(value)
-
-    def path_for(self, environ: Mapping[str, str] | None = None) -> Path:
-        """A file path holding the secret (for libraries that want a path, like ssl)."""
-        env = os.environ if environ is None else environ
-        path: Path | None = None
-        if self.file is not None:
-            path = self.file
-        elif self.credential is not None and env.get("CREDENTIALS_DIRECTORY"):
-            path = Path(env["CREDENTIALS_DIRECTORY"]) / self.credential
-        if path is None:
-            raise SecretError(f"secret {self.describe()} must be a file or a credential here")
-        # The systemd unit falls back to a blank credential when the file is absent: say so plainly.
-        self.resolve(env)
-        return path
-
-
-def _no_clear_secret(value: Any) -> Any:
-    if isinstance(value, str | int | float):
-        raise ValueError(  # noqa: TRY004 - pydantic reports ValueError as a validation error
-            "secrets may not be written in the config file; "
-            "use {credential: NAME}, {file: PATH} or {env: NAME}")
-    return value
-
-
-SecretField = Annotated[SecretRef, Field(description="secret by reference")]
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -571,6 +497,8 @@ class Config(Strict):
     modbus: ModbusSection = ModbusSection()
     wristbands: WristbandsConfig | None = None
     alarms: AlarmsSection = AlarmsSection()
+    notifiers: NotifiersSection = Field(
+        default_factory=dict, description="how alarm notifications reach people: mqtt, webhook, sms")
     devices: list[DeviceConfig] = Field(default_factory=list)
 
     @field_validator("version")
