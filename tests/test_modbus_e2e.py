@@ -91,8 +91,8 @@ async def test_gate_charger_relay_end_to_end(tmp_path: Path) -> None:
             assert same == before
             # A relay output as an action for local rules: a siren pulse.
             await daemon.outputs.pulse("siren", 0.3)
-            assert sim[3].get("ch1_relay") is True
-            assert await wait_until(lambda: sim[3].get("ch1_relay") is False, 5)
+            assert ("ch1_relay", True) in sim[3].writes
+            assert await wait_until(lambda: ("ch1_relay", False) in sim[3].writes, 5)
             st = await daemon.status()
             rows = {d["id"]: d for d in st["devices"]}
             assert rows["car-gate"]["polls"] > 5 and rows["shed-a"]["profile"] == "ebike-charger-8port"
