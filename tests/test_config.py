@@ -186,3 +186,18 @@ def test_any_value_in_any_section_is_handled(value: object, section: str) -> Non
         validate_doc(parse_yaml(buf.getvalue(), "f.yaml"), "f.yaml")
     except ConfigError as exc:
         assert "f.yaml:" in str(exc)
+
+
+def test_redacted_hides_personal_data() -> None:
+    text = GOOD.replace("devices:\n", """wristbands:
+  inputs: [{decoder: ble-json}]
+  residents:
+    - {id: r-1, name: Wang Ayi, room: 3-2-501, devices: ["aabbccddeeff"]}
+notifiers:
+  modem: {type: sms, serial_port: /dev/ttyUSB2, numbers: {family: "+8613900139000"}}
+devices:
+""")
+    shown = str(redacted(validate_doc(parse_yaml(text, "x"), "x")))
+    assert "r-1" in shown
+    for secret in ("Wang", "3-2-501", "13900139000"):
+        assert secret not in shown, secret

@@ -768,4 +768,12 @@ def redacted(cfg: Config) -> dict[str, Any]:
         return node
 
     result: dict[str, Any] = walk(data)
+    # Personal data stays on the box too: residents' names and rooms, phone numbers for SMS.
+    for resident in (result.get("wristbands") or {}).get("residents", []):
+        for key in ("name", "room"):
+            if resident.get(key):
+                resident[key] = "<redacted>"
+    for notifier in (result.get("notifiers") or {}).values():
+        if isinstance(notifier, dict) and isinstance(notifier.get("numbers"), dict):
+            notifier["numbers"] = dict.fromkeys(notifier["numbers"], "<redacted>")
     return result
