@@ -46,7 +46,6 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tests.peers import Mosquitto, free_port  # noqa: E402 - after the repo root is on sys.path
 
 SITE = "bench"
 GATEWAY = "gw-modbus"
@@ -105,12 +106,6 @@ def profile_yaml() -> str:
               "    steps:",
               "      - {write: setpoint, value: {arg: value}}"]
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_cpu_s(pid: int | None = None) -> float:
@@ -159,48 +154,7 @@ def verdict(ok: bool) -> str:
 
 # --- broker ------------------------------------------------------------------------------------------
 
-class Mosquitto:
-    """A private mosquitto on a free loopback port (the same small helper as bench/uplink.py's)."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(exe).exists():
-            raise RuntimeError("mosquitto is not installed: apt-get install mosquitto")
-        self.exe = exe
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text("\n".join([
-            "user root", f"listener {self.port} 127.0.0.1", "log_dest stderr", "log_type error",
-            "log_type warning", "max_queued_messages 0", "max_inflight_messages 0", "allow_anonymous true",
-        ]) + "\n")
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log_file = open(self.dir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=log_file)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                s.settimeout(0.2)
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.01)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not start: {(self.dir / 'mosquitto.log').read_text()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
+# The broker: the tests' private mosquitto on a free loopback port (tests/peers.py).
 
 # --- simulator process ---------------------------------------------------------------------------------
 
