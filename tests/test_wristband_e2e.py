@@ -201,3 +201,22 @@ async def test_malformed_wristband_payloads_are_counted_not_fatal(tmp_path: Path
             assert of(seen, "alarm.raised")
     finally:
         band.close()
+
+
+async def test_sos_sent_while_the_daemon_is_down_is_handled_after_it_starts(tmp_path: Path,
+                                                                             broker: Mosquitto) -> None:
+    """The local broker keeps the wristband input's session: nothing pressed during a restart is lost."""
+    modbus_port = free_port()
+    cfg = tmp_path / "edgeagent.yaml"
+    write_config(cfg, tmp_path / "state", broker.port, modbus_port)
+    band = Band(broker.port)
+    try:
+        async with ProfileSimulator({3: shipped_profile("relay-io-8ch")}, port=modbus_port):
+            async with running(cfg) as (daemon, _seen):
+                assert not daemon.alarms.engine.active()
+            await asyncio.to_thread(band.send, "sos")  # the daemon is down (restarting)
+            async with running(cfg) as (daemon, seen):
+                assert await wait_until(lambda: of(seen, "alarm.raised"), 10), "the SOS sent while down was lost"
+                assert daemon.alarms.engine.active()[0].kind.value == "sos"
+    finally:
+        band.close()

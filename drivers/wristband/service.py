@@ -2,7 +2,8 @@
 
 * Messages are taken with paho's manual acknowledgement: a message is acknowledged only after every
   alarm it raised is durable (events committed, alarm state saved) — an alarm cannot be lost between
-  the broker and the outbox.
+  the broker and the outbox. The session is persistent (fixed client id, clean session off), so the
+  broker re-sends what was not acknowledged and keeps what arrives while the daemon restarts.
 * Messages go through one bounded queue (``MAX_QUEUED``) to one consumer, in order. Overflow policy:
   a message whose readings raise nothing (vitals) is dropped, acknowledged and counted; a message that
   carries an SOS or a fall is always queued (they are rare and must not be dropped).
@@ -81,7 +82,7 @@ class WristbandService:
         password = self._cfg.password.resolve().get_secret_value() if self._cfg.password else None
         return SessionParams(host=url.hostname or "127.0.0.1", port=url.port or 1883, client_id=self._client_id,
                              protocol="3.1.1", keepalive_s=30, connect_timeout_s=5, username=self._cfg.username,
-                             password=password, manual_ack=True)
+                             password=password, manual_ack=True, persistent=True)
 
     async def run(self) -> None:
         """Connection owner: (re)connects, subscribes, and runs the consumer. Supervised."""

@@ -76,6 +76,9 @@ class SessionParams:
     will: Will | None = None
     max_inflight: int = 64
     manual_ack: bool = False
+    # A persistent session: the broker keeps our subscriptions and queues QoS 1 messages while we are away,
+    # and re-sends the ones we never acknowledged (with manual_ack: those not yet safely handled).
+    persistent: bool = False
 
 
 class MqttSession:
@@ -114,7 +117,7 @@ class MqttSession:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self._p.client_id,
             protocol=version,
-            clean_session=True if version == MQTTProtocolVersion.MQTTv311 else None,
+            clean_session=(not self._p.persistent) if version == MQTTProtocolVersion.MQTTv311 else None,
             manual_ack=self._p.manual_ack,
         )
         self._client = client
@@ -166,9 +169,10 @@ class MqttSession:
         props = None
         if self._p.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
-            props.SessionExpiryInterval = 0
+            props.SessionExpiryInterval = 7 * 24 * 3600 if self._p.persistent else 0
         client.connect(self._p.host, self._p.port, keepalive=self._p.keepalive_s, properties=props,
-                       clean_start=True if self._p.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY)
+                       clean_start=(not self._p.persistent) if self._p.protocol == "5"
+                       else paho.MQTT_CLEAN_START_FIRST_ONLY)
 
     @property
     def _where(self) -> str:
