@@ -314,7 +314,7 @@ def test_events_tail_stops_cleanly_on_ctrl_c(filled: Path) -> None:
         assert "panic.pressed" in proc.stdout.readline()  # flushed at once, even into a pipe
         assert "contact.changed" in proc.stdout.readline()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

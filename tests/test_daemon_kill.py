@@ -93,8 +93,13 @@ def test_sigkill_20_times_loses_no_accepted_event(tmp_path: Path) -> None:
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.8))
             daemon.kill()
+        before = len(daemon.accepted)
         daemon.start()
-        time.sleep(1.0)
+        # An orderly stop of a running daemon: wait until it is up (start-up is slow on a busy machine).
+        deadline = time.monotonic() + 30
+        while len(daemon.accepted) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
         rc = daemon.terminate()
         assert rc == 0
         accepted = {str(e["id"]): int(e["seq"]) for e in daemon.accepted}  # type: ignore[call-overload]
