@@ -264,9 +264,12 @@ class WristbandService:
                "resident_id": alarm.resident_id, "device_id": alarm.device_id, "count": alarm.count,
                "level": alarm.level, "raised_at": alarm.first_raised.wall.isoformat(),
                "acknowledged_by": alarm.acknowledged_by}
+        topic = f"{self._cfg.guard_topic}/{alarm.id}"
         try:
-            await session.publish(f"{self._cfg.guard_topic}/{alarm.id}", orjson.dumps(doc), qos=1,
-                                  retain=alarm.active)
+            await session.publish(topic, orjson.dumps(doc), qos=1, retain=alarm.active)
+            if not alarm.active:
+                # Clear the retained state, so a panel connecting later does not see a closed alarm as open.
+                await session.publish(topic, b"", qos=1, retain=True)
         except UplinkError as exc:
             log.warning("guard-room topic not updated for %s: %s", alarm.id, exc)
 
