@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/alarm_latency.py            # 1,000 alarms unloaded + 1,000 with a CPU burner
+    .venv/bin/python bench/alarm_latency.py            # 1,000 alarms idle + 1,000 with a CPU burner
     .venv/bin/python bench/alarm_latency.py --quick    # 200 + 200
     .venv/bin/python bench/alarm_latency.py --trace    # also time the stages inside the daemon
 
@@ -19,20 +19,29 @@ The setup of tests/test_wristband_e2e.py, with the daemon in its own process:
 One measured alarm: the siren must be OFF (simulator image) → ``t0 = time.time()`` right before the SOS
 publish → the simulator's ``on_write`` hook stamps ``time.time()`` when the gateway's write of coil
 ``ch1_relay = 1`` arrives at the server → the guard-room topic names the new alarm → the helper resolves
-it on the ack topic (``{"action": "resolve"}``) → the daemon switches the siren off → the next SOS comes
-``--interval`` after the previous one. Every SOS therefore raises a NEW alarm that switches the siren on
-from off. The bands of ``--residents`` residents take turns. Both stamps come from this one process
-(same clock), so latency = server-side coil write − publish.
+it on the ack topic (``{"action": "resolve"}``) → the daemon switches the siren off → the guard-room topic
+says "resolved" (the daemon is done with the alarm) → the next SOS comes ``--gap`` after that and at least
+``--interval`` after the previous SOS. Every SOS therefore raises a NEW alarm that switches the siren on
+from off, on an otherwise idle daemon. The bands of ``--residents`` residents take turns. Both stamps
+come from this one process (same clock), so latency = server-side coil write − publish.
+``--back-to-back --interval 0`` instead publishes the next SOS as soon as the siren is off, while the
+daemon is still finishing the previous alarm.
 
-Two phases against the same daemon: idle, then with a CPU burner beside it (``--burn-cores``: one
-busy process per listed core, each pinned with ``sched_setaffinity`` to its core, running a tight
-numeric loop; the stand-in for a camera pipeline). The output ends with one ``RESULT ...`` line.
+The gateway and the panel are two MQTT clients, as on a site: the gateway's socket carries only its own
+PUBLISHes, so paho's missing TCP_NODELAY cannot hold an SOS behind an unacknowledged PUBACK of the
+panel's (that artefact once cost 40 ms per alarm here). The broker keeps mosquitto's defaults
+(``set_tcp_nodelay false``) unless ``--broker-nodelay``.
+
+Two phases against the same daemon: idle, then with a CPU burner beside it (``--burn-cores``, default
+core 0: one busy process per listed core, each pinned with ``sched_setaffinity`` to its core, running a
+tight numeric loop; the stand-in for a camera pipeline). The output ends with one ``RESULT ...`` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -670,6 +679,29 @@ def analyze_trace(path: Path, phases: list[Phase]) -> list[str]:
     return out
 
 
+def retained_states(port: int, wait_s: float = 1.0) -> dict[str, str]:
+    """What a guard-room panel connecting now is told: the retained message per alarm topic (state)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: dict[str, str] = {}
+    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"late-panel-{os.getpid()}")
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if msg.retain and msg.payload and msg.topic != ACK_TOPIC:
+            with contextlib.suppress(ValueError):
+                got[msg.topic] = str(json.loads(msg.payload).get("state"))
+
+    c.on_connect = lambda cl, *_a: cl.subscribe(f"{GUARD_TOPIC}/+", qos=1)
+    c.on_message = on_message
+    c.connect("127.0.0.1", port, keepalive=30)
+    c.loop_start()
+    time.sleep(wait_s)
+    c.disconnect()
+    c.loop_stop()
+    return got
+
+
 def outbox_counts(db: Path) -> dict[str, int]:
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -716,6 +748,7 @@ async def amain(args: argparse.Namespace, workdir: Path, broker: Mosquitto) -> t
     daemon = subprocess.Popen(cmd, cwd=ROOT, stdout=daemon_log, stderr=daemon_log)
     burners: list[subprocess.Popen[bytes]] = []
     phases: list[Phase] = []
+    retained: dict[str, str] = {}
     known: set[str] = set()
     try:
         # Warm-up: SOS once a second until the daemon is connected and sounds the siren, then a few more.
@@ -753,6 +786,7 @@ async def amain(args: argparse.Namespace, workdir: Path, broker: Mosquitto) -> t
                                       f"{','.join(map(str, args.burn_cores))})", args.n, args, daemon.pid, burners,
                                       known))
         await asyncio.sleep(0.5)  # let the daemon finish the last alarm's resolve
+        retained = await asyncio.to_thread(retained_states, broker.port)
     finally:
         for b in burners:
             stop_process(b, 5)
@@ -766,6 +800,8 @@ async def amain(args: argparse.Namespace, workdir: Path, broker: Mosquitto) -> t
     counts["_siren_writes"] = helper.siren_writes
     counts["_guard_messages"] = helper.guard_messages
     counts["_vitals_sent"] = helper.vitals_sent
+    counts["_retained"] = len(retained)
+    counts["_retained_active"] = sum(1 for st in retained.values() if st in ("raised", "notified", "escalated"))
     return phases, counts
 
 
@@ -826,6 +862,9 @@ def main() -> int:
           f"{', '.join(f'{k} {v:,}' for k, v in sorted(counts.items()) if not k.startswith('_'))}; "
           f"siren coil writes seen {counts['_siren_writes']:,}, guard-room messages {counts['_guard_messages']:,}, "
           f"background readings sent {counts['_vitals_sent']:,}")
+    print(f"  a guard-room panel connecting after the run is given {counts['_retained']:,} retained alarm states on "
+          f"{GUARD_TOPIC}/+, {counts['_retained_active']:,} of them 'raised'/'notified'/'escalated' "
+          f"(every alarm was resolved)")
     if args.trace:
         print("\n== where the time goes inside the daemon (traced run) ==")
         print("\n".join(analyze_trace(workdir / "trace.jsonl", phases)))
