@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sqlite3
 import sys
 import time
@@ -288,6 +289,8 @@ def tail_events(
 ) -> None:
     """Follow new events as the daemon stores them, one line each (--json: JSON lines). Ctrl-C stops."""
     path = _db_for(config)
+    # Ctrl-C must stop it even when started from a context that ignores SIGINT (a background job, CI).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     try:
         with outbox_ro(path) as conn:
