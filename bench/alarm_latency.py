@@ -88,7 +88,7 @@ import atexit, sys, time
 import orjson
 cfg, out = sys.argv[1], sys.argv[2]
 from edgeagent.drivers.wristband import service as ws
-from edgeagent.kernel import alarm_runtime as ar
+from edgeagent.kernel.alarms import runtime as ar
 rows = []
 now = time.time
 
@@ -135,7 +135,8 @@ async def _switch(self, action):
 ar.AlarmRuntime._switch = _switch
 
 # Finer stages (rows only; the analysis below uses the ones above).
-from edgeagent.kernel import sink as _sink, outbox as _outbox
+from edgeagent.kernel.pipeline import sink as _sink
+from edgeagent.kernel.pipeline import outbox as _outbox
 from edgeagent.transport import mqtt as _mqtt
 def _wrap(cls, name, tag):
     orig = getattr(cls, name)

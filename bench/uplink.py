@@ -180,7 +180,7 @@ class CreatedLog:
 
 
 def uplink_cfg(url: str, batch_max_events: int, max_inflight_batches: int) -> Any:
-    from edgeagent.kernel.config import UplinkConfig
+    from edgeagent.kernel.config.schema import UplinkConfig
 
     return UplinkConfig.model_validate({
         "broker": url,
@@ -272,9 +272,9 @@ async def producer_full_speed(ob: Any, factory: Any, pid: int, chunk: int, stop:
 async def run_whole_path(url: str, workdir: Path, counters: Any, args: argparse.Namespace,
                          factory_cls: Any) -> dict[str, Any]:
     from edgeagent.cloud_bridge.uplink import Uplink
-    from edgeagent.kernel.clock import Clock
-    from edgeagent.kernel.event_types import REGISTRY
-    from edgeagent.kernel.outbox import Outbox, OutboxConfig
+    from edgeagent.kernel.pipeline.event_types import REGISTRY
+    from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
+    from edgeagent.kernel.runtime.clock import Clock
 
     factory = factory_cls(REGISTRY, SITE, GW_TPUT, Clock(mode="synced"))
     ob = Outbox(OutboxConfig(workdir / "tput.db", durability="full"))
@@ -334,9 +334,9 @@ async def producer_paced(ob: Any, factory: Any, rate: float, stop: asyncio.Event
 async def run_drain(url: str, workdir: Path, counters: Any, backlog_max: Any, args: argparse.Namespace,
                     factory_cls: Any) -> dict[str, Any]:
     from edgeagent.cloud_bridge.uplink import Uplink
-    from edgeagent.kernel.clock import Clock
-    from edgeagent.kernel.event_types import REGISTRY
-    from edgeagent.kernel.outbox import Outbox, OutboxConfig
+    from edgeagent.kernel.pipeline.event_types import REGISTRY
+    from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
+    from edgeagent.kernel.runtime.clock import Clock
 
     factory = factory_cls(REGISTRY, SITE, GW_DRAIN, Clock(mode="synced"))
     ob = Outbox(OutboxConfig(workdir / "drain.db", durability="full"))
@@ -537,9 +537,9 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
 
 async def amain(args: argparse.Namespace, url: str, port: int, counters: Any, backlog_max: Any,
                 conn: Any) -> dict[str, Any]:
-    from edgeagent.kernel.clock import Clock
-    from edgeagent.kernel.event_types import REGISTRY
-    from edgeagent.kernel.events import EventFactory
+    from edgeagent.kernel.pipeline.event_types import REGISTRY
+    from edgeagent.kernel.pipeline.events import EventFactory
+    from edgeagent.kernel.runtime.clock import Clock
 
     workdir = Path(args.workdir)
     out: dict[str, Any] = {"bare": []}

@@ -3,7 +3,7 @@
 Everything the gateway puts on the wire, and every command it accepts, is described by files under
 ``cloud-bridge/contract/``: one JSON Schema (draft 2020-12) per event type, schemas for the batch,
 status and command messages, and an AsyncAPI 3.0.0 document for the MQTT topic tree. The files are
-generated from :data:`edgeagent.kernel.event_types.REGISTRY` and the constants below, never edited
+generated from :data:`edgeagent.kernel.pipeline.event_types.REGISTRY` and the constants below, never edited
 by hand::
 
     python -m edgeagent.cloud_bridge.contract --write   # regenerate
@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import LiteralScalarString
 
-from edgeagent.kernel.commands import COMMAND_ERROR_CODES, MAX_COMMAND_BYTES, SIGNING_PREFIX
-from edgeagent.kernel.event_types import REGISTRY
-from edgeagent.kernel.events import ENVELOPE_VERSION, EventRegistry, EventType, Priority
+from edgeagent.kernel.pipeline.commands import COMMAND_ERROR_CODES, MAX_COMMAND_BYTES, SIGNING_PREFIX
+from edgeagent.kernel.pipeline.event_types import REGISTRY
+from edgeagent.kernel.pipeline.events import ENVELOPE_VERSION, EventRegistry, EventType, Priority
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped, unused-ignore]

@@ -25,13 +25,13 @@ import orjson
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeagent.kernel import metrics
-from edgeagent.kernel.backoff import OutageBackoff
-from edgeagent.kernel.commands import CommandService
-from edgeagent.kernel.config import UplinkConfig
+from edgeagent.kernel.config.schema import UplinkConfig
 from edgeagent.kernel.errors import SecretError, UplinkAuthError, UplinkError
-from edgeagent.kernel.events import Priority, utc_ms
-from edgeagent.kernel.outbox import Batch, Outbox
+from edgeagent.kernel.pipeline.commands import CommandService
+from edgeagent.kernel.pipeline.events import Priority, utc_ms
+from edgeagent.kernel.pipeline.outbox import Batch, Outbox
+from edgeagent.kernel.runtime import metrics
+from edgeagent.kernel.runtime.backoff import OutageBackoff
 from edgeagent.transport.mqtt import (
     Incoming,
     MqttSession,

@@ -1,7 +1,7 @@
 """Alarm notifiers that work with the internet down, and the hub that fans messages out to them.
 
-Three notifiers implement :class:`edgeagent.kernel.notify.Notifier` (config in
-:mod:`edgeagent.kernel.notify_config`):
+Three notifiers implement :class:`edgeagent.kernel.alarms.notify.Notifier` (config in
+:mod:`edgeagent.kernel.alarms.notify_config`):
 
 - :class:`MqttNotifier`: JSON on a topic of the box's local broker (a guard-room panel subscribes);
 - :class:`WebhookNotifier`: the same JSON POSTed over HTTP(S), optionally HMAC-signed;
@@ -14,9 +14,9 @@ The JSON, for the topic and the webhook::
      "at": "2026-05-01T08:00:00.123Z"}
 
 ``kind`` is the message kind (new, repeat, escalated); ``at`` is when this notifier built the request (the
-:class:`~edgeagent.kernel.notify.Message` carries no time of its own; its text says when the alarm was raised).
+:class:`~edgeagent.kernel.alarms.notify.Message` carries no time of its own; its text says when the alarm was raised).
 
-Failures come out as :class:`~edgeagent.kernel.notify.NotifyError`, cause kept; ``permanent`` says that a retry
+Failures come out as :class:`~edgeagent.kernel.alarms.notify.NotifyError`, cause kept; ``permanent`` says that a retry
 cannot help (a 4xx answer, a number the network rejects, a wrong SIM PIN).
 
 :class:`NotifierHub` is what the alarm runtime calls. ``hub.notify(targets, message)`` returns at once: every
@@ -62,14 +62,14 @@ import aiohttp
 import orjson
 import serial  # type: ignore[import-untyped]  # pyserial ships no type hints
 
-from edgeagent.kernel.alarms import MessageKind
-from edgeagent.kernel.errors import ConfigError, UplinkError
-from edgeagent.kernel.notify import Message, Notifier, NotifyError
-from edgeagent.kernel.notify_config import (
+from edgeagent.kernel.alarms.engine import MessageKind
+from edgeagent.kernel.alarms.notify import Message, Notifier, NotifyError
+from edgeagent.kernel.alarms.notify_config import (
     MqttNotifierConfig,
     SmsNotifierConfig,
     WebhookNotifierConfig,
 )
+from edgeagent.kernel.errors import ConfigError, UplinkError
 
 log = logging.getLogger(__name__)
 

@@ -31,15 +31,19 @@ from edgeagent.drivers.notifiers import NotifierHub
 from edgeagent.drivers.sim.devices import SimContact, SimPanic, SimSensor
 from edgeagent.drivers.wristband.service import WristbandService
 from edgeagent.health import HealthServer
-from edgeagent.kernel import metrics
-from edgeagent.kernel.actions import Outputs
-from edgeagent.kernel.alarm_runtime import AlarmRuntime
-from edgeagent.kernel.alarms import AlarmConfig, AlarmEngine, AlarmError, AlarmKind, EscalationLevel, KindPolicy
-from edgeagent.kernel.clock import Clock
-from edgeagent.kernel.commands import CommandResult, CommandRouter, CommandService, CommandSpec, load_public_key
-from edgeagent.kernel.config import Config, DeviceBase
+from edgeagent.kernel.alarms.engine import AlarmConfig, AlarmEngine, AlarmError, AlarmKind, EscalationLevel, KindPolicy
+from edgeagent.kernel.alarms.notify_config import unserved
+from edgeagent.kernel.alarms.runtime import AlarmRuntime
+from edgeagent.kernel.config.schema import Config, DeviceBase
 from edgeagent.kernel.errors import CommandRejected, OutboxError, UplinkError
-from edgeagent.kernel.event_types import (
+from edgeagent.kernel.pipeline.commands import (
+    CommandResult,
+    CommandRouter,
+    CommandService,
+    CommandSpec,
+    load_public_key,
+)
+from edgeagent.kernel.pipeline.event_types import (
     CLOCK_SYNCED,
     COMMAND_AUDIT,
     DEVICE_FAULT,
@@ -48,12 +52,14 @@ from edgeagent.kernel.event_types import (
     OUTBOX_EVICTED,
     REGISTRY,
 )
-from edgeagent.kernel.events import Event, EventFactory, utc_ms
-from edgeagent.kernel.notify_config import unserved
-from edgeagent.kernel.outbox import EvictionReport, Outbox, OutboxConfig, OutboxStats
-from edgeagent.kernel.sdnotify import Notifier
-from edgeagent.kernel.sink import EventSink
-from edgeagent.kernel.supervisor import Supervisor, TaskInfo
+from edgeagent.kernel.pipeline.events import Event, EventFactory, utc_ms
+from edgeagent.kernel.pipeline.outbox import EvictionReport, Outbox, OutboxConfig, OutboxStats
+from edgeagent.kernel.pipeline.sink import EventSink
+from edgeagent.kernel.runtime import metrics
+from edgeagent.kernel.runtime.clock import Clock
+from edgeagent.kernel.runtime.outputs import Outputs
+from edgeagent.kernel.runtime.sdnotify import Notifier
+from edgeagent.kernel.runtime.supervisor import Supervisor, TaskInfo
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from rich.console import Console
 from edgeagent.app import Daemon
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
-from edgeagent.kernel.commands import sign_command
-from edgeagent.kernel.config import Config
+from edgeagent.kernel.config.schema import Config
 from edgeagent.kernel.errors import UplinkError
-from edgeagent.kernel.events import Event
-from edgeagent.kernel.logsetup import setup_logging
+from edgeagent.kernel.pipeline.commands import sign_command
+from edgeagent.kernel.pipeline.events import Event
+from edgeagent.kernel.runtime.logsetup import setup_logging
 from edgeagent.transport.mqtt import Incoming, MqttSession, SessionParams
 
 SITE = "demo-site"

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from edgeagent.kernel.metrics import REGISTRY
+from edgeagent.kernel.runtime.metrics import REGISTRY
 
 
 class StatusSource(Protocol):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.kernel.clock import Clock
-from edgeagent.kernel.event_types import REGISTRY
-from edgeagent.kernel.events import EventFactory
+from edgeagent.kernel.pipeline.event_types import REGISTRY
+from edgeagent.kernel.pipeline.events import EventFactory
+from edgeagent.kernel.runtime.clock import Clock
 from tests.peers import Mosquitto
 
 

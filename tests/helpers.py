@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.cloud_bridge.uplink import Uplink
-from edgeagent.kernel.config import UplinkConfig
-from edgeagent.kernel.outbox import Outbox, OutboxConfig
+from edgeagent.kernel.config.schema import UplinkConfig
+from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 
 
 def uplink_config(url: str, **kw: Any) -> UplinkConfig:

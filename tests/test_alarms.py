@@ -1,4 +1,4 @@
-"""The wristband alarm engine (edgeagent.kernel.alarms): lifecycle, folding, repeats, escalation, restart.
+"""The wristband alarm engine (edgeagent.kernel.alarms.engine): lifecycle, folding, repeats, escalation, restart.
 
 Pure engine, so every test drives it with a fake clock and exact times; nothing sleeps.
 """
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeagent.kernel.alarms import (
+from edgeagent.kernel.alarms.engine import (
     Action,
     Alarm,
     AlarmConfig,
@@ -33,8 +33,8 @@ from edgeagent.kernel.alarms import (
     SetOutput,
     UnknownAlarmError,
 )
-from edgeagent.kernel.events import EventFactory, Priority
-from edgeagent.kernel.notify import Message, NotifyError, message_for
+from edgeagent.kernel.alarms.notify import Message, NotifyError, message_for
+from edgeagent.kernel.pipeline.events import EventFactory, Priority
 
 T0_WALL = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
 

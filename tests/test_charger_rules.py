@@ -33,10 +33,10 @@ from edgeagent.drivers.modbus.charger import (
 )
 from edgeagent.drivers.modbus.device import ModbusDevice
 from edgeagent.drivers.modbus.profile import Profile, shipped_profile
-from edgeagent.kernel.clock import Clock as WallClock
 from edgeagent.kernel.errors import DeviceUnavailable
-from edgeagent.kernel.event_types import REGISTRY
-from edgeagent.kernel.events import EventFactory, Priority
+from edgeagent.kernel.pipeline.event_types import REGISTRY
+from edgeagent.kernel.pipeline.events import EventFactory, Priority
+from edgeagent.kernel.runtime.clock import Clock as WallClock
 
 CHARGER = shipped_profile("ebike-charger-8port")
 LIMITS = SafetyLimits()

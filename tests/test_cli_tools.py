@@ -26,12 +26,12 @@ from typer.testing import CliRunner
 
 from edgeagent.cli import app, devices
 from edgeagent.cli.support import check_tls, scrub
-from edgeagent.kernel.clock import Clock
-from edgeagent.kernel.config import Config, load_config
+from edgeagent.kernel.config.schema import Config, load_config
 from edgeagent.kernel.errors import DeviceUnavailable
-from edgeagent.kernel.event_types import REGISTRY
-from edgeagent.kernel.events import Event, EventFactory
-from edgeagent.kernel.outbox import Outbox, OutboxConfig
+from edgeagent.kernel.pipeline.event_types import REGISTRY
+from edgeagent.kernel.pipeline.events import Event, EventFactory
+from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
+from edgeagent.kernel.runtime.clock import Clock
 
 SECRET = "S3cret-Planted-9f2c-xyzzy"
 USER_COMMENT = "# site note from the installer: keep me exactly as I am"

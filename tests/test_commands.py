@@ -30,8 +30,8 @@ from paho.mqtt.properties import Properties
 
 from edgeagent.app import Daemon
 from edgeagent.cloud_bridge import contract
-from edgeagent.kernel.commands import SIGNING_PREFIX
-from edgeagent.kernel.config import Config
+from edgeagent.kernel.config.schema import Config
+from edgeagent.kernel.pipeline.commands import SIGNING_PREFIX
 from tests.helpers import wait_until
 from tests.peers import Mosquitto
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeagent.kernel.commands import (
+from edgeagent.kernel.pipeline.commands import (
     COMMAND_ERROR_CODES,
     CommandResult,
     CommandRouter,

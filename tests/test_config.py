@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ruamel.yaml.comments import CommentedMap
 
 from edgeagent.cli.starter import starter_config
-from edgeagent.kernel.config import Config, SecretRef, load_config, migrate, parse_yaml, redacted, validate_doc
+from edgeagent.kernel.config.schema import Config, SecretRef, load_config, migrate, parse_yaml, redacted, validate_doc
 from edgeagent.kernel.errors import ConfigError, SecretError
 
 GOOD = """\
@@ -151,7 +151,7 @@ def test_migrations_step_through_versions_keeping_comments() -> None:
     assert doc["version"] == 1 and doc["new_name"] == 5
     import io
 
-    from edgeagent.kernel.config import yaml_rt
+    from edgeagent.kernel.config.schema import yaml_rt
 
     buf = io.StringIO()
     yaml_rt().dump(doc, buf)
@@ -178,7 +178,7 @@ def test_any_text_is_a_config_or_a_config_error(text: str) -> None:
 def test_any_value_in_any_section_is_handled(value: object, section: str) -> None:
     import io
 
-    from edgeagent.kernel.config import yaml_rt
+    from edgeagent.kernel.config.schema import yaml_rt
 
     buf = io.StringIO()
     yaml_rt().dump({"version": 1, "site_id": "s", "gateway_id": "g", section: value}, buf)

@@ -18,9 +18,8 @@ from referencing import Registry, Resource
 from ruamel.yaml import YAML
 
 from edgeagent.cloud_bridge import contract
-from edgeagent.kernel.clock import Clock, SyncMode
-from edgeagent.kernel.event_types import REGISTRY, PointEvent
-from edgeagent.kernel.events import (
+from edgeagent.kernel.pipeline.event_types import REGISTRY, PointEvent
+from edgeagent.kernel.pipeline.events import (
     Attachment,
     EventData,
     EventFactory,
@@ -28,6 +27,7 @@ from edgeagent.kernel.events import (
     EventType,
     Priority,
 )
+from edgeagent.kernel.runtime.clock import Clock, SyncMode
 
 SITE, GATEWAY = "site-1", "gw-1"
 
@@ -280,7 +280,7 @@ def test_batch_rejects_extra_keys_and_wrong_version() -> None:
 # --- the outbox's stored wire form (coalescing and clock correction) ----------------------------
 
 async def test_outbox_payloads_validate(tmp_path: Path) -> None:
-    from edgeagent.kernel.outbox import Outbox, OutboxConfig
+    from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 
     clock = Clock(mode="unsynced", boot_id="boot-a")
     factory = EventFactory(REGISTRY, SITE, GATEWAY, clock)

@@ -16,9 +16,9 @@ import pytest
 
 from edgeagent import app as app_module
 from edgeagent.app import Daemon
-from edgeagent.kernel.clock import Clock
-from edgeagent.kernel.config import Config
-from edgeagent.kernel.sdnotify import Notifier
+from edgeagent.kernel.config.schema import Config
+from edgeagent.kernel.runtime.clock import Clock
+from edgeagent.kernel.runtime.sdnotify import Notifier
 from tests.helpers import wait_until
 from tests.peers import Collector, Mosquitto
 
@@ -114,7 +114,7 @@ async def test_watchdog_is_withheld_when_the_outbox_dies(tmp_path: Path) -> None
             ns.drain()
             ns.messages.clear()
             # The database thread dies: no more progress can be made.
-            from edgeagent.kernel import outbox as outbox_module
+            from edgeagent.kernel.pipeline import outbox as outbox_module
 
             daemon.outbox._ops.put(outbox_module._STOP)
             await asyncio.sleep(2.5)
@@ -188,7 +188,7 @@ async def test_orderly_shutdown_flushes_and_says_offline(tmp_path: Path) -> None
             assert statuses[0]["state"] == "online" and statuses[-1] == {**statuses[-1], "state": "offline",
                                                                          "reason": "shutdown"}
             # Everything accepted was sent before the daemon exited.
-            from edgeagent.kernel.outbox import Outbox, OutboxConfig
+            from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 
             async with Outbox(OutboxConfig(tmp_path / "state" / "outbox.db")) as ob:
                 stats = await ob.stats()
@@ -256,7 +256,7 @@ async def test_status_command_reads_the_running_daemon(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from edgeagent.kernel.config import load_config
+    from edgeagent.kernel.config.schema import load_config
 
     cfg_path = tmp_path / "edgeagent.yaml"
     cfg_path.write_text(f"""\

@@ -297,7 +297,7 @@ def test_direct_validation_raises_validation_error() -> None:
     from pydantic import ValidationError
 
     from edgeagent.drivers.modbus.profile import _to_builtin
-    from edgeagent.kernel.config import parse_yaml
+    from edgeagent.kernel.config.schema import parse_yaml
 
     data = _to_builtin(parse_yaml(BASE.replace("address: 2\n", "address: 1\n"), "t"))
     with pytest.raises(ValidationError, match="overlaps"):

@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 from ruamel.yaml import YAML
 
-import edgeagent.kernel.notify_config as notify_config
+import edgeagent.kernel.alarms.notify_config as notify_config
 from edgeagent.drivers.notifiers import (
     SIGNATURE_HEADER,
     MqttNotifier,
@@ -35,11 +35,9 @@ from edgeagent.drivers.notifiers import (
     encode_sms,
     mask_number,
 )
-from edgeagent.kernel.alarms import MessageKind
-from edgeagent.kernel.config import SecretRef
-from edgeagent.kernel.errors import ConfigError, SecretError
-from edgeagent.kernel.notify import Message, NotifyError
-from edgeagent.kernel.notify_config import (
+from edgeagent.kernel.alarms.engine import MessageKind
+from edgeagent.kernel.alarms.notify import Message, NotifyError
+from edgeagent.kernel.alarms.notify_config import (
     MqttNotifierConfig,
     NotifiersSection,
     SmsNotifierConfig,
@@ -47,6 +45,8 @@ from edgeagent.kernel.notify_config import (
     routes,
     unserved,
 )
+from edgeagent.kernel.config.schema import SecretRef
+from edgeagent.kernel.errors import ConfigError, SecretError
 from edgeagent.transport.mqtt import MqttSession, SessionParams
 from tests.peers import Collector, Mosquitto, free_port
 

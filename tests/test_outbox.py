@@ -14,11 +14,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from edgeagent.kernel.clock import Clock
 from edgeagent.kernel.errors import OutboxClosedError, OutboxCorruptError
-from edgeagent.kernel.event_types import REGISTRY
-from edgeagent.kernel.events import EventFactory, Priority
-from edgeagent.kernel.outbox import EvictionReport, Outbox, OutboxConfig
+from edgeagent.kernel.pipeline.event_types import REGISTRY
+from edgeagent.kernel.pipeline.events import EventFactory, Priority
+from edgeagent.kernel.pipeline.outbox import EvictionReport, Outbox, OutboxConfig
+from edgeagent.kernel.runtime.clock import Clock
 
 
 def contact(f: EventFactory, dev: str = "door-1") -> object:
@@ -157,7 +157,7 @@ async def test_clock_correction_rewrites_unsent_unsynced_times(tmp_path: Path) -
         wall[0] = 1_790_000_000.0
         synced[0] = True
         assert clock.poll()
-        from edgeagent.kernel.events import utc_ms
+        from edgeagent.kernel.pipeline.events import utc_ms
 
         corrected, already_sent = await ob.correct_clock("boot-a", lambda m: utc_ms(clock.corrected_wall(m)))
         out = await drain(ob)
@@ -209,10 +209,10 @@ async def test_intake_is_bounded_with_backpressure_and_telemetry_drop(tmp_path: 
 WRITER = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
-    from edgeagent.kernel.clock import Clock
-    from edgeagent.kernel.event_types import REGISTRY
-    from edgeagent.kernel.events import EventFactory
-    from edgeagent.kernel.outbox import Outbox, OutboxConfig
+    from edgeagent.kernel.runtime.clock import Clock
+    from edgeagent.kernel.pipeline.event_types import REGISTRY
+    from edgeagent.kernel.pipeline.events import EventFactory
+    from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 
     async def main():
         f = EventFactory(REGISTRY, "s", "g", Clock(mode="synced"))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from edgeagent.kernel.errors import OutboxFullError
-from edgeagent.kernel.events import EventFactory
-from edgeagent.kernel.outbox import Outbox, OutboxConfig
+from edgeagent.kernel.pipeline.events import EventFactory
+from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from edgeagent.kernel.supervisor import Supervisor, TaskInfo
+from edgeagent.kernel.runtime.supervisor import Supervisor, TaskInfo
 
 
 async def test_restart_with_backoff_then_recovery() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import orjson
 
-from edgeagent.kernel.events import EventFactory
+from edgeagent.kernel.pipeline.events import EventFactory
 from tests.helpers import running_uplink, wait_until
 from tests.peers import Collector, Mosquitto
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeagent.kernel.events import EventFactory
+from edgeagent.kernel.pipeline.events import EventFactory
 from tests.helpers import running_uplink, wait_until
 from tests.peers import Amqtt, Collector
 

@@ -8,8 +8,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from edgeagent.kernel.events import EventFactory
-from edgeagent.kernel.outbox import Outbox, OutboxConfig
+from edgeagent.kernel.pipeline.events import EventFactory
+from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 from tests.helpers import running_uplink, wait_until
 from tests.peers import Collector, Mosquitto
 
@@ -154,7 +154,7 @@ async def test_reconnects_within_5s_of_broker_return_after_a_short_outage(
 
 def test_backoff_spreads_reconnects() -> None:
     """Full jitter: many gateways dropped together do not retry in lockstep, and caps hold."""
-    from edgeagent.kernel.backoff import OutageBackoff
+    from edgeagent.kernel.runtime.backoff import OutageBackoff
 
     firsts = []
     later = []

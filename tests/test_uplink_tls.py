@@ -15,8 +15,8 @@ import pytest
 
 from edgeagent.cloud_bridge.uplink import Uplink, probe
 from edgeagent.kernel.errors import SecretError, UplinkAuthError
-from edgeagent.kernel.events import EventFactory
-from edgeagent.kernel.outbox import Outbox, OutboxConfig
+from edgeagent.kernel.pipeline.events import EventFactory
+from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 from tests.helpers import running_uplink, uplink_config, wait_until
 from tests.peers import Collector, Mosquitto, TLSFiles, make_pki
 

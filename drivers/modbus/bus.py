@@ -71,9 +71,9 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.pdu import ModbusPDU
 
-from edgeagent.kernel.backoff import full_jitter
-from edgeagent.kernel.config import ModbusBusConfig as BusConfig
+from edgeagent.kernel.config.schema import ModbusBusConfig as BusConfig
 from edgeagent.kernel.errors import DeviceProtocolError, DeviceUnavailable, EdgeagentError
+from edgeagent.kernel.runtime.backoff import full_jitter
 
 log = logging.getLogger(__name__)
 

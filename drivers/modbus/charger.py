@@ -50,7 +50,7 @@ from ulid import ULID
 
 from edgeagent.drivers.modbus.device import Value, ValueListener
 from edgeagent.drivers.modbus.profile import Point, Profile
-from edgeagent.kernel.event_types import (
+from edgeagent.kernel.pipeline.event_types import (
     CHARGER_LOCKOUT_RESET,
     CHARGER_PORT_CUTOFF,
     CHARGER_PORT_FULL_CUTOFF,

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from edgeagent.drivers.modbus.codec import CodecError
 from edgeagent.drivers.modbus.profile import OnChange, OnEdge, OnState, OnThreshold, Pause, Point, Profile, ReadBlock
 from edgeagent.kernel.errors import DeviceProtocolError, DeviceUnavailable
-from edgeagent.kernel.event_types import SENSOR_READING
+from edgeagent.kernel.pipeline.event_types import SENSOR_READING
 
 log = logging.getLogger(__name__)
 

@@ -75,8 +75,8 @@ from edgeagent.drivers.modbus.codec import (
     encode,
     raw_range,
 )
-from edgeagent.kernel.config import parse_yaml
-from edgeagent.kernel.config_base import Strict
+from edgeagent.kernel.config.base import Strict
+from edgeagent.kernel.config.schema import parse_yaml
 from edgeagent.kernel.errors import ConfigError
 
 Table = Literal["coil", "discrete_input", "holding", "input"]
@@ -88,7 +88,7 @@ MAX_READ_BITS: Final = 2000  # FC 1/2: at most 2000 bits per request
 MAX_PAUSE_S: Final = 60.0
 
 _NAME_RE = r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$"
-_EVENT_RE = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$"  # as edgeagent.kernel.events requires
+_EVENT_RE = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$"  # as edgeagent.kernel.pipeline.events requires
 Name = Annotated[str, Field(pattern=_NAME_RE, max_length=64)]
 EventName = Annotated[str, Field(pattern=_EVENT_RE, max_length=96, description="event type, e.g. gate.state_changed")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]

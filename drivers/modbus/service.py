@@ -22,9 +22,7 @@ from edgeagent.drivers.modbus.bus import ModbusBus, Priority
 from edgeagent.drivers.modbus.charger import ChargerSafety, ResetRefused, SafetyLimits
 from edgeagent.drivers.modbus.device import ModbusDevice
 from edgeagent.drivers.modbus.profile import CommandError, Profile, ProfileError, load_profile, shipped_profiles
-from edgeagent.kernel.actions import Outputs
-from edgeagent.kernel.commands import CommandRouter, CommandSpec
-from edgeagent.kernel.config import (
+from edgeagent.kernel.config.schema import (
     Config,
     ModbusChargerConfig,
     ModbusDeviceBase,
@@ -32,8 +30,10 @@ from edgeagent.kernel.config import (
     ModbusRelayConfig,
 )
 from edgeagent.kernel.errors import CommandRejected, ConfigError, DeviceProtocolError, DeviceUnavailable
-from edgeagent.kernel.event_types import DEVICE_OFFLINE, DEVICE_ONLINE, GATE_COMMANDED, REGISTRY
-from edgeagent.kernel.sink import EventSink
+from edgeagent.kernel.pipeline.commands import CommandRouter, CommandSpec
+from edgeagent.kernel.pipeline.event_types import DEVICE_OFFLINE, DEVICE_ONLINE, GATE_COMMANDED, REGISTRY
+from edgeagent.kernel.pipeline.sink import EventSink
+from edgeagent.kernel.runtime.outputs import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class DeviceCommandArgs(_Strict):
 
 
 class RelayOutput:
-    """One relay channel as an :class:`~edgeagent.kernel.actions.Output`."""
+    """One relay channel as an :class:`~edgeagent.kernel.runtime.outputs.Output`."""
 
     def __init__(self, service: ModbusService, device_id: str, channel: int) -> None:
         self._service = service

@@ -8,9 +8,9 @@ import math
 import random
 import time
 
-from edgeagent.kernel.config import SimContactConfig, SimPanicConfig, SimSensorConfig
-from edgeagent.kernel.event_types import CONTACT_CHANGED, PANIC_PRESSED, SENSOR_READING
-from edgeagent.kernel.sink import EventSink
+from edgeagent.kernel.config.schema import SimContactConfig, SimPanicConfig, SimSensorConfig
+from edgeagent.kernel.pipeline.event_types import CONTACT_CHANGED, PANIC_PRESSED, SENSOR_READING
+from edgeagent.kernel.pipeline.sink import EventSink
 
 
 class SimSensor:

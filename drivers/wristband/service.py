@@ -34,12 +34,12 @@ from edgeagent.drivers.wristband.decoders import (
     Reading,
     Rejected,
 )
-from edgeagent.kernel.alarm_runtime import AlarmRuntime
-from edgeagent.kernel.alarms import Alarm, AlarmError, AlarmKind
-from edgeagent.kernel.config import ResidentConfig, WristbandsConfig
+from edgeagent.kernel.alarms.engine import Alarm, AlarmError, AlarmKind
+from edgeagent.kernel.alarms.runtime import AlarmRuntime
+from edgeagent.kernel.config.schema import ResidentConfig, WristbandsConfig
 from edgeagent.kernel.errors import UplinkError
-from edgeagent.kernel.event_types import WRISTBAND_VITALS
-from edgeagent.kernel.sink import EventSink
+from edgeagent.kernel.pipeline.event_types import WRISTBAND_VITALS
+from edgeagent.kernel.pipeline.sink import EventSink
 from edgeagent.transport.mqtt import Incoming, MqttSession, SessionParams
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ from edgeagent.cli.common import (
     print_json,
 )
 from edgeagent.cli.starter import starter_config
-from edgeagent.kernel.config import CONFIG_VERSION, migrate, parse_yaml, redacted, validate_doc, yaml_rt
+from edgeagent.kernel.config.schema import CONFIG_VERSION, migrate, parse_yaml, redacted, validate_doc, yaml_rt
 from edgeagent.kernel.errors import ConfigError
-from edgeagent.kernel.logsetup import setup_logging
+from edgeagent.kernel.runtime.logsetup import setup_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="edgeagent: the edge gateway of a residential compound.")

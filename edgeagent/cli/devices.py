@@ -38,7 +38,7 @@ from edgeagent.cli.common import (
     load_or_exit,
     print_json,
 )
-from edgeagent.kernel.config import DEVICE_TYPES, Config, DeviceBase, parse_yaml, validate_doc, yaml_rt
+from edgeagent.kernel.config.schema import DEVICE_TYPES, Config, DeviceBase, parse_yaml, validate_doc, yaml_rt
 from edgeagent.kernel.errors import ConfigError, EdgeagentError
 
 app = typer.Typer(no_args_is_help=True, help="List, add and remove devices in the config file.")

@@ -33,8 +33,8 @@ from edgeagent.cli.common import (
     load_or_exit,
     print_json,
 )
-from edgeagent.kernel.config import Config
-from edgeagent.kernel.events import Priority
+from edgeagent.kernel.config.schema import Config
+from edgeagent.kernel.pipeline.events import Priority
 
 app = typer.Typer(no_args_is_help=True,
                   help="Show events kept in the local outbox (sent history and the unsent backlog).")

@@ -41,7 +41,7 @@ from edgeagent.cli.common import (
     load_or_exit,
     print_json,
 )
-from edgeagent.kernel.config import DEVICE_TYPES, DeviceBase, ModbusBusConfig, ModbusDeviceBase
+from edgeagent.kernel.config.schema import DEVICE_TYPES, DeviceBase, ModbusBusConfig, ModbusDeviceBase
 from edgeagent.kernel.errors import ConfigError, DeviceProtocolError, DeviceUnavailable, EdgeagentError
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgeagent.kernel.config import CONFIG_VERSION
+from edgeagent.kernel.config.schema import CONFIG_VERSION
 
 _TEMPLATE = """\
 # edgeagent configuration for site {site_id}, gateway {gateway_id}.

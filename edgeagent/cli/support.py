@@ -42,11 +42,11 @@ from rich.table import Table
 from edgeagent import __version__
 from edgeagent.cli.common import ConfigOption, JsonOption, config_path, console, err_console, fail, print_json
 from edgeagent.cli.events import NoOutboxError, outbox_path, outbox_ro
-from edgeagent.kernel.clock import kernel_clock_synced
-from edgeagent.kernel.config import Config, load_config, redacted
-from edgeagent.kernel.config_base import SecretRef
+from edgeagent.kernel.config.base import SecretRef
+from edgeagent.kernel.config.schema import Config, load_config, redacted
 from edgeagent.kernel.errors import ConfigError, EdgeagentError, SecretError, UplinkAuthError
-from edgeagent.kernel.events import Priority
+from edgeagent.kernel.pipeline.events import Priority
+from edgeagent.kernel.runtime.clock import kernel_clock_synced
 
 Status = Literal["ok", "warn", "fail", "skip"]
 _STYLE: dict[str, str] = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
@@ -374,7 +374,7 @@ def check_tls(cfg: Config, env: Mapping[str, str], now: datetime | None = None) 
 
 
 def check_command_keys(cfg: Config) -> Check:
-    from edgeagent.kernel.commands import load_public_key  # noqa: PLC0415
+    from edgeagent.kernel.pipeline.commands import load_public_key  # noqa: PLC0415
 
     if not cfg.commands.enabled:
         return Check("command keys", "skip", "commands are disabled")

@@ -14,7 +14,7 @@ Rows stay in the table after they are sent (``sent_ms`` set), as local history f
 ``edgeagent events list``; history is trimmed to its own cap and is the first thing freed under
 disk pressure. Leases are in memory only: after a crash every unsent row is simply unsent again.
 
-Priority classes (see :class:`~edgeagent.kernel.events.Priority`): leases take the highest class
+Priority classes (see :class:`~edgeagent.kernel.pipeline.events.Priority`): leases take the highest class
 that has rows; within a class rows leave in ``seq`` order. Over the backlog cap, telemetry is
 evicted first, then ordinary events; alarms and pinned rows never are.
 """
@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 
 from edgeagent.kernel.errors import OutboxClosedError, OutboxCorruptError, OutboxError, OutboxFullError
-from edgeagent.kernel.events import Event, Priority
+from edgeagent.kernel.pipeline.events import Event, Priority
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from edgeagent.kernel.events import EventData, EventRegistry, EventType, Priority
+from edgeagent.kernel.pipeline.events import EventData, EventRegistry, EventType, Priority
 
 REGISTRY = EventRegistry()
 
@@ -275,7 +275,7 @@ CHARGER_PORT_FULL_CUTOFF = REGISTRY.register(EventType(
     "The gateway cut a port whose battery was full (low current for a long time); not a lockout."))
 
 
-# --- elderly residents' wristband alarms (edgeagent/kernel/alarms.py) ---------------------------------
+# --- elderly residents' wristband alarms (edgeagent/kernel/alarms/engine.py) ---------------------------------
 #
 # One alarm's life: raised → notified → (escalated, once per level) → acknowledged → resolved. Each step is
 # one event, emitted exactly once, at alarm priority. Events carry the resident's id; the name only when

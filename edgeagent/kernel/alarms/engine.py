@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ulid import ULID
 
 from edgeagent.kernel.errors import EdgeagentError
-from edgeagent.kernel.event_types import (
+from edgeagent.kernel.pipeline.event_types import (
     ALARM_ACKNOWLEDGED,
     ALARM_ESCALATED,
     ALARM_NOTIFIED,
@@ -72,7 +72,7 @@ from edgeagent.kernel.event_types import (
     AlarmSeverity,
     AlarmVia,
 )
-from edgeagent.kernel.events import EventData, utc_ms
+from edgeagent.kernel.pipeline.events import EventData, utc_ms
 
 STATE_VERSION: Final = 1
 VIAS: Final[tuple[str, ...]] = get_args(AlarmVia)
@@ -143,7 +143,7 @@ class AlarmImportError(AlarmError):
 # --- time ------------------------------------------------------------------------------------------
 
 class WallMonoClock(Protocol):
-    """What :meth:`Instant.of` needs (:class:`edgeagent.kernel.clock.Clock` is one)."""
+    """What :meth:`Instant.of` needs (:class:`edgeagent.kernel.runtime.clock.Clock` is one)."""
 
     def now(self) -> datetime: ...
 
@@ -253,7 +253,7 @@ class Notify:
 
 @dataclass(frozen=True, slots=True)
 class SetOutput:
-    """Switch a named output (see :class:`edgeagent.kernel.actions.Outputs`). With ``pulse_s`` (and
+    """Switch a named output (see :class:`edgeagent.kernel.runtime.outputs.Outputs`). With ``pulse_s`` (and
     ``on``) it switches itself off after that long (``Outputs.pulse``)."""
 
     name: str

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from edgeagent.kernel.config_base import SecretRef, Strict
+from edgeagent.kernel.config.base import SecretRef, Strict
 
 NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 E164_PATTERN: Final = r"^\+[1-9][0-9]{6,14}$"

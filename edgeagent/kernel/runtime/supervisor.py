@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from edgeagent.kernel import metrics
-from edgeagent.kernel.backoff import full_jitter
+from edgeagent.kernel.runtime import metrics
+from edgeagent.kernel.runtime.backoff import full_jitter
 
 log = logging.getLogger(__name__)
 

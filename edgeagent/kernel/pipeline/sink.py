@@ -10,10 +10,10 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from edgeagent.kernel import metrics
 from edgeagent.kernel.errors import OutboxError
-from edgeagent.kernel.events import Attachment, Event, EventData, EventFactory
-from edgeagent.kernel.outbox import Outbox
+from edgeagent.kernel.pipeline.events import Attachment, Event, EventData, EventFactory
+from edgeagent.kernel.pipeline.outbox import Outbox
+from edgeagent.kernel.runtime import metrics
 
 log = logging.getLogger(__name__)
 

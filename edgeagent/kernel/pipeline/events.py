@@ -1,9 +1,9 @@
 """Event envelope v1: the one shape every capability's events take on their way to the cloud.
 
 An :class:`Event` is frozen and typed. Its ``type`` names an entry of the registry in
-:mod:`edgeagent.kernel.event_types`, which fixes the priority class and the schema of ``data``.
+:mod:`edgeagent.kernel.pipeline.event_types`, which fixes the priority class and the schema of ``data``.
 ``seq`` is not part of the frozen event: the outbox assigns it when the event becomes durable
-(see :class:`edgeagent.kernel.outbox.Outbox`), so it is gap-free per gateway and survives restarts.
+(see :class:`edgeagent.kernel.pipeline.outbox.Outbox`), so it is gap-free per gateway and survives restarts.
 """
 
 from __future__ import annotations
@@ -219,6 +219,6 @@ class EventFactory:
 
 
 class ClockLike(Protocol):
-    """What the event factory needs from a clock (see :mod:`edgeagent.kernel.clock`)."""
+    """What the event factory needs from a clock (see :mod:`edgeagent.kernel.runtime.clock`)."""
 
     def stamp(self) -> ClockStamp: ...

@@ -30,14 +30,14 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from edgeagent.kernel.config_base import (
+from edgeagent.kernel.alarms.notify_config import NotifiersSection
+from edgeagent.kernel.config.base import (
     SecretField,
     SecretRef,
     Strict,
     _no_clear_secret,
 )
 from edgeagent.kernel.errors import ConfigError
-from edgeagent.kernel.notify_config import NotifiersSection
 
 CONFIG_VERSION = 1
 __all__ = ["CONFIG_VERSION", "Config", "ConfigError", "SecretRef", "load_config", "parse_yaml", "redacted",

@@ -1,4 +1,4 @@
-"""Runs the pure :class:`~edgeagent.kernel.alarms.AlarmEngine`: carries out its actions, persists its
+"""Runs the pure :class:`~edgeagent.kernel.alarms.engine.AlarmEngine`: carries out its actions, persists its
 state, ticks it on time, and takes acknowledgements from any source.
 
 Order of effects for every operation (raise, tick, ack, resolve):
@@ -20,8 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from edgeagent.kernel.actions import Outputs
-from edgeagent.kernel.alarms import (
+from edgeagent.kernel.alarms.engine import (
     Action,
     Alarm,
     AlarmEngine,
@@ -34,8 +33,9 @@ from edgeagent.kernel.alarms import (
     SetOutput,
     WallMonoClock,
 )
+from edgeagent.kernel.alarms.notify import Message, message_for
 from edgeagent.kernel.errors import OutboxError
-from edgeagent.kernel.notify import Message, message_for
+from edgeagent.kernel.runtime.outputs import Outputs
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A :class:`Notifier` delivers one message to one target (a guard-room MQTT topic, a webhook, an SMS
 modem, ...); which notifier serves which target name is configuration, resolved by the runtime. The
-message is built from the engine's :class:`~edgeagent.kernel.alarms.Notify` action by
+message is built from the engine's :class:`~edgeagent.kernel.alarms.engine.Notify` action by
 :func:`message_for`, a pure function: it names the resident only when the engine put the name on the
 action (``AlarmConfig.message_names``); otherwise it carries the resident's id only.
 """
@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from edgeagent.kernel.alarms import AlarmKind, MessageKind, Notify
+from edgeagent.kernel.alarms.engine import AlarmKind, MessageKind, Notify
 from edgeagent.kernel.errors import EdgeagentError
 
 KIND_LABELS: Final[dict[AlarmKind, str]] = {
@@ -77,7 +77,7 @@ def _clean(text: str) -> str:
 
 
 def message_for(notify: Notify) -> Message:
-    """The message for a :class:`~edgeagent.kernel.alarms.Notify` action (pure)."""
+    """The message for a :class:`~edgeagent.kernel.alarms.engine.Notify` action (pure)."""
     alarm = notify.alarm
     label = KIND_LABELS[alarm.kind]
     who = f"resident {_clean(alarm.resident_id)}"

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from edgeagent.kernel.events import ClockStamp
+from edgeagent.kernel.pipeline.events import ClockStamp
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Alarms: the pure engine, its runtime, and the messages notifiers send."""
