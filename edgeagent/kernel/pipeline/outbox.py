@@ -10,6 +10,12 @@ cycle are resolved only after its commit, so:
 * [3] acks for rows whose PUBACK arrived are queued before any later reset of the lease cursors,
   so a reconnect never re-sends an acknowledged event.
 
+Operations of one group commit are isolated from each other (a SAVEPOINT each): one that fails is
+rolled back alone and fails only its own future, so a bad key-value write cannot cost an alarm.
+[4] The in-memory counters (rows, bytes, oldest unsent per class, history, dead letters) change in
+step with the rows inside the same transaction, are restored with them on a rollback, and are
+recounted once at open; ``stats()`` reads them and never scans the table.
+
 Rows stay in the table after they are sent (``sent_ms`` set), as local history for
 ``edgeagent events list``; history is trimmed to its own cap and is the first thing freed under
 disk pressure. Leases are in memory only: after a crash every unsent row is simply unsent again.
@@ -17,6 +23,23 @@ disk pressure. Leases are in memory only: after a crash every unsent row is simp
 Priority classes (see :class:`~edgeagent.kernel.pipeline.events.Priority`): leases take the highest class
 that has rows; within a class rows leave in ``seq`` order. Over the backlog cap, telemetry is
 evicted first, then ordinary events; alarms and pinned rows never are.
+
+[5] A row that was ever leased may have reached the platform, which de-duplicates by ``id``: it is
+never changed afterwards. Each class keeps a high-water mark of leased ``seq`` (in ``meta``, so it
+survives a restart, unlike the lease cursors); coalescing and clock correction touch only rows above
+it. Rows are appended in ``seq`` order and leases go in ``seq`` order, so every row at or below the
+mark may have been published and every row above it has not.
+
+Dead letters: the uplink gives up on rows the broker refuses for good (a message it will never take)
+with :meth:`Outbox.dead_letter`, passing the ``Batch.seqs`` (all or some) of a lease. Those rows move
+to the ``dead_letters`` table in the same transaction:
+
+* [6] they leave the sendable set at once: never leased again, never coalesced into, not counted
+  in the backlog (so not in the cap's eviction accounting), and acking them later is a no-op;
+* they keep their ``seq``, ``id`` and payload on disk for inspection (:meth:`Outbox.dead_letters`),
+  up to ``dead_letter_bytes`` (oldest dropped first), and are freed after sent history when the disk
+  is full;
+* ``dead_lettered_total`` counts them (persisted); the platform sees their ``seq`` as a gap.
 """
 
 from __future__ import annotations
@@ -31,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +84,24 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload    BLOB    NOT NULL,
     sent_ms    INTEGER
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq        INTEGER PRIMARY KEY,
+    id         TEXT    NOT NULL,
+    prio       INTEGER NOT NULL,
+    type       TEXT    NOT NULL,
+    device_id  TEXT    NOT NULL,
+    created_ms INTEGER NOT NULL,
+    dead_ms    INTEGER NOT NULL,
+    reason     TEXT    NOT NULL,
+    size       INTEGER NOT NULL,
+    payload    BLOB    NOT NULL
+);
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox(prio, seq) WHERE sent_ms IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_ckey ON outbox(ckey) WHERE sent_ms IS NULL AND ckey IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created_ms);
+-- Small in normal operation (only rows stamped before clock sync): clock correction works in slices
+-- along it instead of scanning the table.
+CREATE INDEX IF NOT EXISTS outbox_unsynced ON outbox(boot_id, seq) WHERE unsynced=1;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,6 +114,14 @@ _FREE_STEP_ROWS = 500
 _TRIM_SLICE_ROWS = 4000
 _TRIM_AGAIN_S = 0.05
 _FREE_MAX_STEPS = 200
+# Rows per clock-correction transaction: a payload rewrite each, so slices keep one commit short and
+# let intake and the uplink through between them.
+CLOCK_SLICE_ROWS = 500
+_REASON_MAX_CHARS = 500
+# The disk reserve is scaled to the free space at hand (a quarter at most); below this it is not worth
+# a file (it would not cover one WAL checkpoint).
+_RESERVE_MIN_BYTES = 256 * 1024
+_RESERVE_FRACTION = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +158,23 @@ class OutboxStats:
     commits_total: int
     db_bytes: int
     last_commit_age_s: float | None
+    dead_lettered_total: int = 0
+    dead_letters: int = 0  # rows kept in the dead-letter table now
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A row the uplink gave up on (see :meth:`Outbox.dead_letter`), as kept for inspection."""
+
+    seq: int
+    id: str
+    priority: Priority
+    type: str
+    device_id: str
+    created_ms: int
+    dead_ms: int
+    reason: str
+    payload: bytes
 
 
 @dataclass(slots=True)
@@ -133,6 +197,18 @@ class EvictionReport:
 
     def __bool__(self) -> bool:
         return bool(self.telemetry or self.event)
+
+    def merge(self, other: EvictionReport) -> None:
+        """Add another report's counts and widen the seq range to cover both."""
+        self.telemetry += other.telemetry
+        self.event += other.event
+        for seq in (other.first_seq, other.last_seq):
+            if seq is not None:
+                self.first_seq = seq if self.first_seq is None else min(self.first_seq, seq)
+                self.last_seq = seq if self.last_seq is None else max(self.last_seq, seq)
+
+    def copy(self) -> EvictionReport:
+        return EvictionReport(self.telemetry, self.event, self.first_seq, self.last_seq)
 
 
 # --- operations sent to the database thread -------------------------------------------------------
@@ -181,9 +257,22 @@ class _ClaimNonce(_Op):
 
 
 @dataclass(slots=True)
+class _DeadLetter(_Op):
+    seqs: Sequence[int]
+    reason: str
+
+
+@dataclass(slots=True)
 class _CorrectClock(_Op):
     boot_id: str
     to_wall: Callable[[int], str]
+    after_seq: int
+    limit: int
+
+
+@dataclass(slots=True)
+class _CountSentUnsynced(_Op):
+    boot_id: str
 
 
 @dataclass(slots=True)
@@ -215,7 +304,10 @@ class OutboxConfig:
     # `quarantined` says so (the daemon reports it in gateway.started).
     on_corrupt: str = "fail"
     # Ballast file beside the database, given up when the disk is full (see _recover_from_full_disk).
+    # The most it may be: on a small or nearly full disk it is scaled down (see _reserve_target).
     reserve_bytes: int = 4 * 1024 * 1024
+    # Rows the uplink dead-lettered are kept up to this size for inspection (oldest dropped first).
+    dead_letter_bytes: int = 4 * 1024 * 1024
 
 
 class Outbox:
@@ -251,6 +343,16 @@ class Outbox:
         self._unsent_bytes: dict[int, int] = {p.value: 0 for p in Priority}
         self._unsent_rows: dict[int, int] = {p.value: 0 for p in Priority}
         self._history_bytes = 0
+        self._history_rows = 0
+        # [4] (seq, created_ms) of the oldest unsent row per class; classes in _oldest_dirty lost theirs
+        # this transaction and are looked up again (one index seek) before it commits.
+        self._oldest: dict[int, tuple[int, int] | None] = {p.value: None for p in Priority}
+        self._oldest_dirty: set[int] = set()
+        # [5] highest seq ever leased per class, persisted in meta.
+        self._leased_hwm: dict[int, int] = {p.value: 0 for p in Priority}
+        self._dead_rows = 0
+        self._dead_bytes = 0
+        self._dead_lettered_total = 0
         self._evicted_total = 0
         self._coalesced_total = 0
         self._commits_total = 0
@@ -258,6 +360,9 @@ class Outbox:
         self._disk_free = 1 << 62
         self._disk_checked = 0.0
         self._housekeeping_at = 0.0  # monotonic time of the next housekeeping
+        # Size of the reserve file given up on a full disk (0 while it is in place or never made): it is
+        # made again only once four times that is free.
+        self._reserve_released = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -348,6 +453,27 @@ class Outbox:
         """Mark a batch sent (its PUBACK arrived). Queued at once, before any later reset [3]."""
         return self._submit(_Ack(None, batch.seqs))
 
+    async def dead_letter(self, seqs: Sequence[int], reason: str) -> int:
+        """Give up on leased rows the broker will never take (``Batch.seqs``, all or some of them).
+
+        They move to the dead-letter table in one transaction [6] and no longer hold back their class.
+        Returns how many rows moved; seqs already sent, dead-lettered or unknown are ignored. The other
+        rows of the batch stay leased: ack them, or reset the leases to send them again.
+        """
+        result: int = await self._submit(_DeadLetter(None, tuple(seqs), reason[:_REASON_MAX_CHARS]))
+        return result
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The most recently dead-lettered rows (at most ``limit``), in ``seq`` order."""
+        def read(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                "SELECT seq, id, prio, type, device_id, created_ms, dead_ms, reason, payload FROM dead_letters"
+                " ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            return [DeadLetter(r[0], r[1], Priority(r[2]), r[3], r[4], r[5], r[6], r[7], bytes(r[8]))
+                    for r in reversed(rows)]
+        result: list[DeadLetter] = await self.query(read)
+        return result
+
     async def reset_leases(self) -> None:
         """Forget in-flight leases (the connection dropped): their rows will be leased again."""
         await self._submit(_ResetLeases(None))
@@ -365,10 +491,23 @@ class Outbox:
         result: bool = await self._submit(_ClaimNonce(None, nonce, expires_ms, self._now_ms()))
         return result
 
-    async def correct_clock(self, boot_id: str, to_wall: Callable[[int], str]) -> tuple[int, int]:
-        """Rewrite times of unsent events stamped before clock sync; returns (corrected, already_sent)."""
-        result: tuple[int, int] = await self._submit(_CorrectClock(None, boot_id, to_wall))
-        return result
+    async def correct_clock(self, boot_id: str, to_wall: Callable[[int], str], *,
+                            slice_rows: int = CLOCK_SLICE_ROWS) -> tuple[int, int]:
+        """Rewrite times of unsent events of ``boot_id`` stamped before clock sync.
+
+        Works in transactions of ``slice_rows`` rows, other operations running between them. Rows that
+        were ever leased are left as they are [5] and counted as sent. Returns (corrected, already_sent).
+        """
+        corrected = 0
+        after = 0
+        while True:
+            n, last = await self._submit(_CorrectClock(None, boot_id, to_wall, after, slice_rows))
+            corrected += n
+            if last is None:
+                break
+            after = last
+        sent: int = await self._submit(_CountSentUnsynced(None, boot_id))
+        return corrected, sent
 
     async def kv_get(self, key: str) -> Any:
         """Local state kept beside the events (lockouts, alarm state): JSON, committed like events."""
@@ -514,23 +653,52 @@ class Outbox:
                      (SCHEMA_VERSION,))
         conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('next_seq', 1)")
         conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('evicted_total', 0)")
+        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('dead_lettered_total', 0)")
+        for prio in Priority:
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, 0)", (_hwm_key(prio.value),))
         version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise OutboxError(
                 f"{path}: outbox schema {version} is newer than this edgeagent ({SCHEMA_VERSION})")
         stored_next = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0]
-        max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0]
+        max_seq = conn.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(seq) FROM outbox), 0), COALESCE((SELECT MAX(seq) FROM dead_letters), 0))"
+        ).fetchone()[0]
         self._next_seq = max(stored_next, max_seq + 1)
         self._evicted_total = conn.execute(
             "SELECT value FROM meta WHERE key='evicted_total'").fetchone()[0]
+        self._dead_lettered_total = conn.execute(
+            "SELECT value FROM meta WHERE key='dead_lettered_total'").fetchone()[0]
+        for prio in Priority:
+            self._leased_hwm[prio.value] = conn.execute(
+                "SELECT value FROM meta WHERE key=?", (_hwm_key(prio.value),)).fetchone()[0]
+        self._recount(conn)
+        self.recovered_unsent = sum(self._unsent_rows.values())
+
+    def _recount(self, conn: sqlite3.Connection) -> None:
+        """[4] The counters from the rows themselves: once at open (one pass over the table)."""
+        self._unsent_rows = {p.value: 0 for p in Priority}
+        self._unsent_bytes = {p.value: 0 for p in Priority}
         for prio, n, nbytes in conn.execute(
             "SELECT prio, COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NULL GROUP BY prio"
         ):
             self._unsent_rows[prio] = n
             self._unsent_bytes[prio] = nbytes
-        self._history_bytes = conn.execute(
-            "SELECT COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NOT NULL").fetchone()[0]
-        self.recovered_unsent = sum(self._unsent_rows.values())
+        self._history_rows, self._history_bytes = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NOT NULL").fetchone()
+        self._dead_rows, self._dead_bytes = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM dead_letters").fetchone()
+        self._oldest_dirty = {p.value for p in Priority}
+        self._refresh_oldest(conn)
+
+    def _refresh_oldest(self, conn: sqlite3.Connection) -> None:
+        """Look up the oldest unsent row of the classes that lost theirs (an index seek each)."""
+        for prio in self._oldest_dirty:
+            row = conn.execute(
+                "SELECT seq, created_ms FROM outbox WHERE sent_ms IS NULL AND prio=? ORDER BY seq LIMIT 1",
+                (prio,)).fetchone()
+            self._oldest[prio] = None if row is None else (int(row[0]), int(row[1]))
+        self._oldest_dirty = set()
 
     def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         conn = self._conn
@@ -578,13 +746,19 @@ class Outbox:
         """Apply ops in one transaction and commit; on failure roll back state and re-raise."""
         state = self._snapshot()
         seq_before, evicted_before = self._next_seq, self._evicted_total
+        dead_before, hwm_before = self._dead_lettered_total, dict(self._leased_hwm)
         results: list[_Result] = []
         changed = False
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
-                value = self._apply(conn, op, evicted)
-                changed = changed or isinstance(op, _Append | _ResetLeases)
+                try:
+                    value = self._apply_isolated(conn, op, evicted)
+                except _OpFailed as failed:
+                    if op.future is not None:
+                        results.append((op.future, None, failed.error))
+                    continue
+                changed = changed or isinstance(op, _Append | _ResetLeases | _DeadLetter)
                 if op.future is not None:
                     results.append((op.future, value, None))
             if housekeeping:
@@ -594,6 +768,13 @@ class Outbox:
                 conn.execute("UPDATE meta SET value=? WHERE key='next_seq'", (self._next_seq,))
             if self._evicted_total != evicted_before:
                 conn.execute("UPDATE meta SET value=? WHERE key='evicted_total'", (self._evicted_total,))
+            if self._dead_lettered_total != dead_before:
+                conn.execute("UPDATE meta SET value=? WHERE key='dead_lettered_total'",
+                             (self._dead_lettered_total,))
+            for prio, hwm in self._leased_hwm.items():
+                if hwm != hwm_before[prio]:
+                    conn.execute("UPDATE meta SET value=? WHERE key=?", (hwm, _hwm_key(prio)))
+            self._refresh_oldest(conn)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -603,6 +784,33 @@ class Outbox:
         self._commits_total += 1
         self._last_commit_mono = time.monotonic()
         return results, changed
+
+    def _apply_isolated(self, conn: sqlite3.Connection, op: _Op, evicted: EvictionReport) -> Any:
+        """Apply one operation inside its own SAVEPOINT. If it fails, only its writes and counter
+        changes are undone and _OpFailed carries the error for its future; the group goes on. A full
+        disk or a transaction SQLite has already abandoned is raised to fail the group as a whole."""
+        state = self._snapshot()
+        report = evicted.copy()
+        conn.execute("SAVEPOINT op")
+        try:
+            value = self._apply(conn, op, evicted)
+        except Exception as exc:
+            if (isinstance(exc, sqlite3.Error) and _is_disk_full(exc)) or not conn.in_transaction:
+                raise
+            try:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            except sqlite3.Error:
+                raise exc from None
+            self._restore(state)
+            evicted.telemetry, evicted.event = report.telemetry, report.event
+            evicted.first_seq, evicted.last_seq = report.first_seq, report.last_seq
+            log.warning("outbox: %s failed and was rolled back alone: %s", type(op).__name__.lstrip("_"), exc)
+            err = OutboxError(f"outbox operation failed: {exc}")
+            err.__cause__ = exc
+            raise _OpFailed(err) from exc
+        conn.execute("RELEASE op")
+        return value
 
     def _fail(self, loop: asyncio.AbstractEventLoop, ops: Sequence[_Op], err: BaseException,
               evicted: EvictionReport | None = None) -> None:
@@ -642,7 +850,7 @@ class Outbox:
         for _ in range(_FREE_MAX_STEPS):
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            before = self._history_bytes + sum(self._unsent_bytes.values())
+            before = self._history_bytes + self._dead_bytes + sum(self._unsent_bytes.values())
             with contextlib.suppress(sqlite3.Error):
                 self._transaction(conn, [_FreeSpace(None)], evicted, housekeeping=False)
             with contextlib.suppress(sqlite3.Error):
@@ -651,17 +859,20 @@ class Outbox:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._disk_checked = 0.0
             self._effective_cap()
-            freed_nothing = self._history_bytes + sum(self._unsent_bytes.values()) >= before
-            if freed_nothing or self._disk_free >= 2 * self._cfg.reserve_bytes:
+            freed_nothing = self._history_bytes + self._dead_bytes + sum(self._unsent_bytes.values()) >= before
+            if freed_nothing or self._disk_free >= 2 * max(self._reserve_released, _RESERVE_MIN_BYTES):
                 return
 
     def _reserve_spent(self) -> bool:
-        """True while the disk reserve is given up and free space has not come back above it."""
-        if self._cfg.reserve_bytes <= 0 or self._reserve_path().exists():
+        """True while the disk reserve is given up and free space has not come back above it.
+
+        A reserve never made (a disk too small for one) is not spent: that would refuse every event
+        on a disk that still has room (SQLITE_FULL handling covers a disk that then fills)."""
+        if not self._reserve_released or self._reserve_path().exists():
             return False
         self._disk_checked = 0.0  # refresh now: this decides whether events are refused
         self._effective_cap()
-        return self._disk_free < self._cfg.reserve_bytes * 2
+        return self._disk_free < self._reserve_released * 2
 
     def _admit_on_low_disk(self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection,
                            ops: list[_Op], evicted: EvictionReport) -> list[_Op]:
@@ -671,7 +882,7 @@ class Outbox:
         self._free_space(conn, evicted)
         self._disk_checked = 0.0
         self._effective_cap()
-        if self._disk_free >= self._cfg.reserve_bytes:
+        if self._disk_free >= self._reserve_released:
             return ops
         appends = [op for op in ops if isinstance(op, _Append)]
         self._fail(loop, appends, OutboxFullError(
@@ -683,33 +894,53 @@ class Outbox:
         return self._cfg.path.with_name(self._cfg.path.name + ".reserve")
 
     def _release_reserve(self) -> None:
+        path = self._reserve_path()
         with contextlib.suppress(FileNotFoundError):
-            self._reserve_path().unlink()
-            log.warning("outbox: released the %d-byte disk reserve", self._cfg.reserve_bytes)
+            size = path.stat().st_size
+            path.unlink()
+            self._reserve_released = max(self._reserve_released, size)
+            log.warning("outbox: released the %d-byte disk reserve", size)
 
     def _ensure_reserve(self) -> None:
-        """Keep a ballast file so that, when the disk fills, deleting it leaves room to mark events sent."""
+        """Keep a ballast file so that, when the disk fills, deleting it leaves room to mark events sent.
+
+        Its size is what the disk can spare: ``reserve_bytes`` at most and a quarter of the free space
+        at most, so that a nearly full state filesystem still opens and takes events (a fixed 4 MiB
+        refused every event with 3 MB free). After a release it comes back, at the size given up,
+        only once four times that is free again."""
         path = self._reserve_path()
         if self._cfg.reserve_bytes <= 0 or path.exists():
             return
-        if self._disk_free < self._cfg.reserve_bytes * 4:
-            return
+        if self._reserve_released:
+            size = self._reserve_released
+            if self._disk_free < size * _RESERVE_FRACTION:
+                return
+        else:
+            size = min(self._cfg.reserve_bytes, self._disk_free // _RESERVE_FRACTION)
+            if size < _RESERVE_MIN_BYTES:
+                return
         try:
             with open(path, "wb") as fh:
-                fh.write(b"\0" * self._cfg.reserve_bytes)  # real blocks, not a sparse hole
+                fh.write(b"\0" * size)  # real blocks, not a sparse hole
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError:
             with contextlib.suppress(OSError):
                 path.unlink()
+            return
+        self._reserve_released = 0
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (self._next_seq, dict(self._cursor), dict(self._unsent_bytes), dict(self._unsent_rows),
-                self._history_bytes, self._evicted_total, self._coalesced_total)
+                self._history_bytes, self._history_rows, self._evicted_total, self._coalesced_total,
+                dict(self._oldest), set(self._oldest_dirty), dict(self._leased_hwm), self._dead_rows,
+                self._dead_bytes, self._dead_lettered_total)
 
     def _restore(self, s: tuple[Any, ...]) -> None:
         (self._next_seq, self._cursor, self._unsent_bytes, self._unsent_rows,
-         self._history_bytes, self._evicted_total, self._coalesced_total) = s
+         self._history_bytes, self._history_rows, self._evicted_total, self._coalesced_total,
+         self._oldest, self._oldest_dirty, self._leased_hwm, self._dead_rows,
+         self._dead_bytes, self._dead_lettered_total) = s
 
     def _apply(self, conn: sqlite3.Connection, op: _Op, evicted: EvictionReport) -> Any:
         if isinstance(op, _Append):
@@ -730,13 +961,18 @@ class Outbox:
             cur = conn.execute("INSERT OR IGNORE INTO nonces(nonce, expires_ms) VALUES (?, ?)",
                                (op.nonce, op.expires_ms))
             return cur.rowcount == 1
+        if isinstance(op, _DeadLetter):
+            return self._dead_letter(conn, op.seqs, op.reason)
         if isinstance(op, _CorrectClock):
-            return self._correct_clock(conn, op.boot_id, op.to_wall)
+            return self._correct_clock(conn, op.boot_id, op.to_wall, op.after_seq, op.limit)
+        if isinstance(op, _CountSentUnsynced):
+            return self._count_sent_unsynced(conn, op.boot_id)
         if isinstance(op, _Query):
             return op.fn(conn)
         if isinstance(op, _FreeSpace):
             # One small step; _free_space repeats it with checkpoints in between.
-            if self._trim_history(conn, keep_bytes=0, max_rows=_FREE_STEP_ROWS) == 0:
+            if (self._trim_history(conn, keep_bytes=0, max_rows=_FREE_STEP_ROWS) == 0
+                    and self._trim_dead_letters(conn, keep_bytes=0, max_rows=_FREE_STEP_ROWS) == 0):
                 self._evict(conn, max(1, sum(self._unsent_bytes.values()) // 10), evicted,
                             max_rows=_FREE_STEP_ROWS)
             return None
@@ -757,11 +993,14 @@ class Outbox:
             payload = ev.to_json(seq)
             size = len(payload) + _ROW_OVERHEAD_BYTES
             stamp = ev.stamp
+            created_ms = int(stamp.wall.timestamp() * 1000)
             rows.append((seq, ev.id, prio, ev.type, ev.device_id, ev.coalesce_key, int(ev.pinned),
-                         int(stamp.wall.timestamp() * 1000), int(not stamp.synced), stamp.monotonic_ns,
+                         created_ms, int(not stamp.synced), stamp.monotonic_ns,
                          stamp.boot_id, size, payload))
             self._unsent_bytes[prio] += size
             self._unsent_rows[prio] += 1
+            if self._oldest[prio] is None and prio not in self._oldest_dirty:
+                self._oldest[prio] = (seq, created_ms)  # [4] the class was empty: this is its oldest
             seqs.append(seq)
         if rows:
             conn.executemany(
@@ -772,16 +1011,18 @@ class Outbox:
         return seqs
 
     def _coalesce(self, conn: sqlite3.Connection, ev: Event) -> int | None:
-        """Fold telemetry into the unsent, unleased row of the same series, if there is one.
+        """Fold telemetry into the unsent, never leased row of the same series, if there is one.
 
         The row keeps its ``seq`` and ``id`` (so the cloud sees no gap) and takes the newest value
-        and time; ``coalesced`` counts the readings folded into it.
+        and time; ``coalesced`` counts the readings folded into it. [5] Only rows above the class's
+        leased high-water mark qualify: the lease cursor alone is not enough, since a reset (or a
+        restart) rewinds it over rows that may already be on the platform.
         """
         prio = ev.priority.value
         row = conn.execute(
             "SELECT seq, id, coalesced, size FROM outbox WHERE ckey=? AND sent_ms IS NULL AND seq>?"
             " ORDER BY seq DESC LIMIT 1",
-            (ev.coalesce_key, self._cursor[prio]),
+            (ev.coalesce_key, max(self._cursor[prio], self._leased_hwm[prio])),
         ).fetchone()
         if row is None:
             return None
@@ -800,6 +1041,9 @@ class Outbox:
         )
         self._unsent_bytes[prio] += size - old_size
         self._coalesced_total += 1
+        oldest = self._oldest[prio]
+        if oldest is not None and oldest[0] == seq:
+            self._oldest_dirty.add(prio)  # its time moved forward
         return int(seq)
 
     def _lease(self, conn: sqlite3.Connection, max_events: int, max_bytes: int) -> Batch | None:
@@ -823,6 +1067,8 @@ class Outbox:
                 payloads.append(payload)
                 total += len(payload)
             self._cursor[prio.value] = seqs[-1]
+            # [5] committed with the lease, before the batch is handed to the uplink [2].
+            self._leased_hwm[prio.value] = max(self._leased_hwm[prio.value], seqs[-1])
             return Batch(prio, tuple(seqs), tuple(payloads))
         return None
 
@@ -835,6 +1081,59 @@ class Outbox:
             self._unsent_rows[prio] -= n
             self._unsent_bytes[prio] -= nbytes
             self._history_bytes += nbytes
+            self._history_rows += n
+            self._oldest_dirty.add(prio)
+
+    def _dead_letter(self, conn: sqlite3.Connection, seqs: Sequence[int], reason: str) -> int:
+        """[6] Move the still-unsent rows among ``seqs`` to the dead-letter table."""
+        now = self._now_ms()
+        moved = 0
+        for i in range(0, len(seqs), 900):
+            chunk = tuple(seqs[i:i + 900])
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT prio, size FROM outbox WHERE sent_ms IS NULL AND seq IN ({marks})",  # noqa: S608 - placeholders only
+                chunk).fetchall()
+            if not rows:
+                continue
+            copy = (
+                "INSERT INTO dead_letters(seq, id, prio, type, device_id, created_ms, dead_ms, reason, size,"  # noqa: S608 - placeholders only
+                " payload) SELECT seq, id, prio, type, device_id, created_ms, ?, ?, size, payload FROM outbox"
+                f" WHERE sent_ms IS NULL AND seq IN ({marks})")
+            conn.execute(copy, (now, reason, *chunk))
+            conn.execute(f"DELETE FROM outbox WHERE sent_ms IS NULL AND seq IN ({marks})", chunk)  # noqa: S608
+            for prio, size in rows:
+                self._unsent_rows[prio] -= 1
+                self._unsent_bytes[prio] -= size
+                self._dead_bytes += size
+                self._oldest_dirty.add(prio)
+            self._dead_rows += len(rows)
+            moved += len(rows)
+        self._dead_lettered_total += moved
+        if moved:
+            log.warning("outbox: %d events dead-lettered: %s", moved, reason)
+        return moved
+
+    def _trim_dead_letters(self, conn: sqlite3.Connection, keep_bytes: int, max_rows: int = 1 << 62) -> int:
+        """Drop the oldest dead letters down to ``keep_bytes`` (at most ``max_rows`` now)."""
+        freed = 0
+        while self._dead_bytes > keep_bytes and max_rows > 0:
+            rows = conn.execute("SELECT seq, size FROM dead_letters ORDER BY seq LIMIT ?",
+                                (min(2000, max_rows),)).fetchall()
+            max_rows -= len(rows)
+            if not rows:
+                self._dead_bytes = self._dead_rows = 0
+                break
+            victims = []
+            for seq, size in rows:
+                victims.append((seq,))
+                self._dead_bytes -= size
+                freed += size
+                if self._dead_bytes <= keep_bytes:
+                    break
+            conn.executemany("DELETE FROM dead_letters WHERE seq=?", victims)
+            self._dead_rows -= len(victims)
+        return freed
 
     @staticmethod
     def _unsent_counts(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -898,6 +1197,7 @@ class Outbox:
                         break
                 conn.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in victims])
                 self._unsent_rows[prio.value] -= len(victims)
+                self._oldest_dirty.add(prio.value)
                 self._evicted_total += len(victims)
                 evicted.add(prio.value, victims)
             if need_bytes <= 0:
@@ -912,7 +1212,7 @@ class Outbox:
                                 (min(2000, max_rows),)).fetchall()
             max_rows -= len(rows)
             if not rows:
-                self._history_bytes = 0
+                self._history_bytes = self._history_rows = 0
                 break
             victims = []
             for seq, size in rows:
@@ -922,6 +1222,7 @@ class Outbox:
                 if self._history_bytes <= keep_bytes:
                     break
             conn.executemany("DELETE FROM outbox WHERE seq=?", victims)
+            self._history_rows -= len(victims)
         return freed
 
     def _maybe_housekeep(self, conn: sqlite3.Connection) -> None:
@@ -930,6 +1231,8 @@ class Outbox:
             return
         self._housekeeping_at = now + _HOUSEKEEPING_INTERVAL_S
         self._ensure_reserve()
+        if self._dead_bytes > self._cfg.dead_letter_bytes:
+            self._trim_dead_letters(conn, keep_bytes=self._cfg.dead_letter_bytes, max_rows=_TRIM_SLICE_ROWS)
         if self._history_bytes > self._cfg.history_bytes:
             # Trim in slices: deleting 100k rows at once stalls intake and sending for half a second
             # (measured in bench/uplink.py). Come back soon while there is more to trim.
@@ -938,39 +1241,76 @@ class Outbox:
                 self._housekeeping_at = now + _TRIM_AGAIN_S
 
     def _stats(self, conn: sqlite3.Connection) -> OutboxStats:
+        """[4] From the counters; the only SQL reads the database header (its size)."""
         now = self._now_ms()
         classes: dict[str, ClassStats] = {}
         for prio in Priority:
-            row = conn.execute(
-                "SELECT created_ms FROM outbox WHERE sent_ms IS NULL AND prio=? ORDER BY seq LIMIT 1",
-                (prio.value,),
-            ).fetchone()
-            age = None if row is None else max(0.0, (now - row[0]) / 1000)
+            oldest = self._oldest[prio.value]
+            age = None if oldest is None else max(0.0, (now - oldest[1]) / 1000)
             classes[prio.label] = ClassStats(self._unsent_rows[prio.value], self._unsent_bytes[prio.value], age)
-        history = conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_ms IS NOT NULL").fetchone()[0]
         page_count = conn.execute("PRAGMA page_count").fetchone()[0]
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         last = None if self._last_commit_mono is None else time.monotonic() - self._last_commit_mono
-        return OutboxStats(classes, history, self._next_seq, self._evicted_total, self._coalesced_total,
-                           self.intake_dropped_total, self._commits_total, page_count * page_size, last)
+        return OutboxStats(classes, self._history_rows, self._next_seq, self._evicted_total, self._coalesced_total,
+                           self.intake_dropped_total, self._commits_total, page_count * page_size, last,
+                           self._dead_lettered_total, self._dead_rows)
 
-    def _correct_clock(self, conn: sqlite3.Connection, boot_id: str,
-                       to_wall: Callable[[int], str]) -> tuple[int, int]:
+    def _correct_clock(self, conn: sqlite3.Connection, boot_id: str, to_wall: Callable[[int], str],
+                       after_seq: int, limit: int) -> tuple[int, int | None]:
+        """One slice: up to ``limit`` unsynced rows of ``boot_id`` above ``after_seq``. Returns (rows
+        corrected, the seq to continue after, or None when this was the last slice)."""
         rows = conn.execute(
-            "SELECT seq, payload, mono_ns FROM outbox WHERE unsynced=1 AND sent_ms IS NULL AND boot_id=?",
-            (boot_id,),
+            "SELECT seq, prio, payload, mono_ns, size FROM outbox"
+            " WHERE boot_id=? AND unsynced=1 AND seq>? AND sent_ms IS NULL ORDER BY seq LIMIT ?",
+            (boot_id, after_seq, limit),
         ).fetchall()
-        for seq, payload, mono_ns in rows:
+        corrected = 0
+        for seq, prio, payload, mono_ns, old_size in rows:
+            if seq <= self._leased_hwm[prio]:
+                continue  # [5] may be on the platform as it is; gateway.clock.synced covers it
             env = orjson.loads(payload)
-            env["occurred_at"] = to_wall(mono_ns)
+            wall = to_wall(mono_ns)
+            env["occurred_at"] = wall
             env["clock_synced"] = True
             env.setdefault("clock", {})["corrected"] = True
             new = orjson.dumps(env)
-            conn.execute("UPDATE outbox SET payload=?, unsynced=0 WHERE seq=?", (new, seq))
-        sent = conn.execute(
-            "SELECT COUNT(*) FROM outbox WHERE unsynced=1 AND sent_ms IS NOT NULL AND boot_id=?", (boot_id,)
-        ).fetchone()[0]
-        return len(rows), int(sent)
+            size = len(new) + _ROW_OVERHEAD_BYTES
+            created_ms = _parse_utc_ms(wall)
+            conn.execute("UPDATE outbox SET payload=?, size=?, unsynced=0, created_ms=? WHERE seq=?",
+                         (new, size, created_ms, seq))
+            self._unsent_bytes[prio] += size - old_size
+            oldest = self._oldest[prio]
+            if oldest is not None and oldest[0] == seq:
+                self._oldest[prio] = (seq, created_ms)
+            corrected += 1
+        last = int(rows[-1][0]) if len(rows) == limit else None
+        return corrected, last
+
+    def _count_sent_unsynced(self, conn: sqlite3.Connection, boot_id: str) -> int:
+        """Rows of ``boot_id`` with uncorrected times that were sent or may have been [5]."""
+        hwm = self._leased_hwm
+        row = conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE boot_id=? AND unsynced=1 AND (sent_ms IS NOT NULL"
+            " OR (prio=? AND seq<=?) OR (prio=? AND seq<=?) OR (prio=? AND seq<=?))",
+            (boot_id, *(x for p in Priority for x in (p.value, hwm[p.value]))),
+        ).fetchone()
+        return int(row[0])
+
+
+class _OpFailed(Exception):
+    """One operation of a group commit failed and was rolled back alone; ``error`` goes to its future."""
+
+    def __init__(self, error: OutboxError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _hwm_key(prio: int) -> str:
+    return f"leased_hwm_{prio}"
+
+
+def _parse_utc_ms(text: str) -> int:
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def _is_disk_full(exc: sqlite3.Error) -> bool:
