@@ -43,6 +43,18 @@ class ProtocolRefused(UplinkError):
     """The broker refused (or ignored) the MQTT protocol version we asked for."""
 
 
+class PublishRefused(UplinkError):
+    """The broker answered a QoS 1 publish with a failure reason code (MQTT 5); the connection stays up."""
+
+    def __init__(self, message: str, reason_code: int) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class PubackTimeout(UplinkError):
+    """No PUBACK arrived in time: the connection is presumed dead (a broker never forgets one)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str
@@ -70,6 +82,9 @@ class SessionParams:
     protocol: Protocol = "5"
     keepalive_s: int = 30
     connect_timeout_s: float = 10.0
+    # A QoS 1 publish that has no PUBACK after this long fails (the time includes waiting behind the
+    # in-flight window): a half-open connection must not hold a sender forever.
+    puback_timeout_s: float = 30.0
     username: str | None = None
     password: str | None = None  # resolved secret; never logged
     ssl_context: ssl.SSLContext | None = None
@@ -101,6 +116,8 @@ class MqttSession:
         self._misc_handle: asyncio.TimerHandle | None = None
         self._sock: Any = None
         self._tls_alert: str | None = None
+        # The broker's Maximum Packet Size from CONNACK (MQTT 5); None: no limit announced.
+        self.max_packet_size: int | None = None
 
     @property
     def protocol(self) -> Protocol:
@@ -178,7 +195,13 @@ class MqttSession:
     def _where(self) -> str:
         return f"mqtt {self._p.host}:{self._p.port}"
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:
+        if exc_type is not None:
+            # Leaving on an error (or a cancellation): no DISCONNECT, which would tell the broker to
+            # discard the Last Will; closing the socket makes it publish the will, so whoever watches
+            # the status topic learns that this client is gone.
+            self._teardown()
+            return
         client = self._client
         try:
             if client is not None and self.disconnected is not None and not self.disconnected.done():
@@ -189,7 +212,7 @@ class MqttSession:
             self._teardown()
 
     def abort(self) -> None:
-        """Drop the connection without DISCONNECT, so the broker publishes the Last Will (tests)."""
+        """Drop the connection without DISCONNECT, so the broker publishes the Last Will."""
         self._teardown()
 
     def _teardown(self) -> None:
@@ -224,9 +247,23 @@ class MqttSession:
             raise UplinkError(f"{self._where}: not connected")
         return self._client
 
+    def max_payload(self, topic: str) -> int | None:
+        """The largest payload a QoS 1 PUBLISH on ``topic`` (no properties) may carry under the broker's
+        Maximum Packet Size, or None when the broker announced no limit. A broker closes the connection
+        of a client that exceeds it, so the sender must fit its messages beforehand."""
+        if self.max_packet_size is None:
+            return None
+        # Fixed header (1 byte + up to 4 of remaining length), topic (2 + bytes), packet id (2),
+        # property length (1, MQTT 5 only; counted always).
+        return self.max_packet_size - (1 + 4 + 2 + len(topic.encode()) + 2 + 1)
+
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                       properties: Properties | None = None) -> None:
-        """Publish; for QoS 1 returns once the PUBACK arrived (and, on MQTT 5, reported success)."""
+        """Publish; for QoS 1 returns once the PUBACK arrived (and, on MQTT 5, reported success).
+
+        Raises PublishRefused for a failure reason code, PubackTimeout when no PUBACK came within
+        ``puback_timeout_s``, UplinkError when the connection is gone.
+        """
         client = self._require()
         assert self._loop is not None
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
@@ -237,7 +274,13 @@ class MqttSession:
         fut = self._pending_pub.get(info.mid)
         if fut is None:
             fut = self._pending_pub[info.mid] = self._loop.create_future()
-        await fut
+        try:
+            await asyncio.wait_for(fut, self._p.puback_timeout_s)
+        except TimeoutError as exc:
+            if self._pending_pub.get(info.mid) is fut:
+                del self._pending_pub[info.mid]
+            raise PubackTimeout(f"{self._where}: no PUBACK for a message on {topic!r} within "
+                                f"{self._p.puback_timeout_s:g} s") from exc
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
         client = self._require()
@@ -264,6 +307,8 @@ class MqttSession:
         if fut is None or fut.done():
             return
         if not rc.is_failure:
+            limit = getattr(_props, "MaximumPacketSize", None) if _props is not None else None
+            self.max_packet_size = int(limit) if limit else None
             fut.set_result(None)
             return
         value = rc.value
@@ -313,7 +358,7 @@ class MqttSession:
         if fut.done():
             return
         if rc.is_failure:
-            fut.set_exception(UplinkError(f"{self._where}: broker refused the message: {rc}"))
+            fut.set_exception(PublishRefused(f"{self._where}: broker refused the message: {rc}", rc.value))
         else:
             fut.set_result(None)
 

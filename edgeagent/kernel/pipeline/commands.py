@@ -9,6 +9,12 @@ re-serialisation of parsed JSON) leaves no canonicalisation ambiguity. Checks, i
 known key, signature, target gateway, clock synchronised, not yet valid / expired / TTL too long, the
 command exists and its arguments fit, then the nonce is recorded durably (replays are refused even
 after a restart). Only then does the handler run.
+
+Every outcome is audited, in a ``finally``: a run cut short (the daemon stopping) is audited as failed.
+Rejections of requests whose signature did not verify are the one exception to "one audit each": anyone
+who can publish on the command topic can send them by the thousand, and each audit is an event in the
+outbox that could push real events out. Those get at most ``unverified_audits_per_window`` audits per
+window, then one summary audit with the count; verified commands are always audited one by one.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import asyncio
 import base64
 import binascii
 import logging
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -133,6 +141,14 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
         raise ConfigError(f"{path}: not an Ed25519 public key (PEM or base64 of 32 bytes)") from exc
 
 
+@dataclass(slots=True)
+class _Progress:
+    """What one request's verification has established so far (for the audit of an interrupted run)."""
+
+    body: CommandBody | None = None
+    signed: bool = False
+
+
 class CommandService:
     """Verifies and runs commands. Transport-free: the bridge hands it bytes and publishes the result."""
 
@@ -150,6 +166,9 @@ class CommandService:
         max_ttl_s: int = 600,
         clock_skew_s: int = 30,
         max_concurrent: int = 4,
+        unverified_audits_per_window: int = 20,
+        unverified_window_s: float = 60.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._site_id = site_id
         self._gateway_id = gateway_id
@@ -167,32 +186,122 @@ class CommandService:
         self.rejected_total = 0
         self.executed_total = 0
         self.failed_total = 0
+        # Audits of unverified rejections: a fixed window, its budget, and what was left unaudited.
+        self._unverified_budget = unverified_audits_per_window
+        self._window_s = unverified_window_s
+        self._monotonic = monotonic
+        self._window_start = monotonic()
+        self._window_audits = 0
+        self.unaudited_total = 0
+        self._unaudited: Counter[str] = Counter()
+        self._unaudited_since: datetime | None = None
+        self._summary_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def handle(self, payload: bytes) -> CommandResult:
-        """Verify and run one request. Never raises for bad input: every outcome is a result."""
-        if self._busy >= self._max_concurrent * 4:
-            # Overflow policy: beyond 4x the concurrency, refuse at once rather than queue without bound.
-            result = self._reject(None, "busy", "too many commands in progress; retry later")
-            await self._audit(result)
-            return result
-        self._busy += 1
-        try:
-            async with self._slots:
-                result = await self._handle(payload)
-        finally:
-            self._busy -= 1
-        await self._audit(result)
-        return result
+        """Verify and run one request. Never raises for bad input: every outcome is a result.
 
-    async def _handle(self, payload: bytes) -> CommandResult:
+        The audit is written in ``finally``, so a run cancelled half-way (the gate may have moved) is
+        audited too; it is shielded, so the cancellation that ends the run cannot cancel its audit.
+        """
+        progress = _Progress()
+        result: CommandResult | None = None
+        try:
+            if self._busy >= self._max_concurrent * 4:
+                # Overflow policy: beyond 4x the concurrency, refuse at once rather than queue without bound.
+                self.rejected_total += 1
+                result = CommandResult(None, False, "rejected", None, "busy",
+                                       "too many commands in progress; retry later")
+                return result
+            self._busy += 1
+            try:
+                async with self._slots:
+                    result = await self._handle(payload, progress)
+            finally:
+                self._busy -= 1
+            return result
+        finally:
+            if result is None:
+                self.failed_total += 1
+                b = progress.body
+                result = CommandResult(
+                    b.id if b else None, False, "failed", None, "failed",
+                    "interrupted before it finished (the gateway was stopping); its effect is unknown",
+                    b.command if b else None, b.issuer if b else None)
+            await asyncio.shield(self._record(result, verified=progress.signed))
+
+    async def _record(self, result: CommandResult, *, verified: bool) -> None:
+        if verified or result.status != "rejected":
+            if result.status == "rejected":
+                log.warning("command %s rejected: %s (%s)", result.command_id or "?", result.error_code,
+                            result.error_message)
+            await self._audit(result)
+            return
+        now = self._monotonic()
+        if now - self._window_start >= self._window_s:
+            self._window_start = now
+            self._window_audits = 0
+        if self._window_audits < self._unverified_budget:
+            self._window_audits += 1
+            log.warning("command %s rejected: %s (%s)", result.command_id or "?", result.error_code,
+                        result.error_message)
+            await self._audit(result)
+            return
+        self._leave_unaudited(result.error_code or "rejected")
+
+    def note_dropped(self) -> None:
+        """The transport dropped a request unread (its own bound was reached): counted in the summary."""
+        self._leave_unaudited("dropped")
+
+    def _leave_unaudited(self, code: str) -> None:
+        if not self._unaudited:
+            self._unaudited_since = self._now()
+            log.warning("commands: unverified requests keep arriving; their rejections are summarised once "
+                        "per %g s instead of being audited one by one", self._window_s)
+        self._unaudited[code] += 1
+        self.unaudited_total += 1
+        if self._summary_timer is None:
+            loop = asyncio.get_running_loop()
+            due = max(0.0, self._window_start + self._window_s - self._monotonic())
+            self._summary_timer = loop.call_later(due, self._summary_due)
+
+    def _summary_due(self) -> None:
+        self._summary_timer = None
+        task = asyncio.get_running_loop().create_task(self._audit_summary(), name="command-audit-summary")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _audit_summary(self) -> None:
+        if not self._unaudited:
+            return
+        counts, self._unaudited = self._unaudited, Counter()
+        since = self._unaudited_since
+        n = sum(counts.values())
+        detail = ", ".join(f"{code} {k}" for code, k in counts.most_common())
+        at = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if since is not None else "?"
+        log.warning("commands: %d unverified requests rejected since %s without an audit each (%s)", n, at, detail)
+        await self._audit(CommandResult(
+            None, False, "rejected", None, "rate_limited",
+            f"{n} unverified requests rejected since {at} without an audit each ({detail})"))
+
+    async def flush_audits(self) -> None:
+        """Write the pending summary now (the daemon is stopping); the service stays usable."""
+        if self._summary_timer is not None:
+            self._summary_timer.cancel()
+            self._summary_timer = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._audit_summary()
+
+    async def _handle(self, payload: bytes, progress: _Progress) -> CommandResult:
         body: CommandBody | None = None
         try:
-            body = self._verify_signature(payload)
+            body = self._verify_signature(payload, progress)
+            progress.body = body
             spec = await self._authorise(body)
             args = self._check_args(spec, body)
         except CommandRejected as exc:
             self.rejected_total += 1
-            log.warning("command %s rejected: %s (%s)", body.id if body else "?", exc.code, exc.message)
             return CommandResult(body.id if body else None, False, "rejected", None, exc.code, exc.message,
                                  body.command if body else None, body.issuer if body else None)
         try:
@@ -209,12 +318,7 @@ class CommandService:
         log.info("command %s (%s) from %s executed", body.id, body.command, body.issuer)
         return CommandResult(body.id, True, "executed", result, None, None, body.command, body.issuer)
 
-    def _reject(self, command_id: str | None, code: str, message: str) -> CommandResult:
-        self.rejected_total += 1
-        log.warning("command %s rejected: %s (%s)", command_id or "?", code, message)
-        return CommandResult(command_id, False, "rejected", None, code, message)
-
-    def _verify_signature(self, payload: bytes) -> CommandBody:
+    def _verify_signature(self, payload: bytes, progress: _Progress) -> CommandBody:
         if len(payload) > MAX_COMMAND_BYTES:
             raise CommandRejected("too_large", f"command is {len(payload)} bytes; the limit is {MAX_COMMAND_BYTES}")
         try:
@@ -232,6 +336,7 @@ class CommandService:
             key.verify(sig, SIGNING_PREFIX + req.body.encode("utf-8"))
         except InvalidSignature:
             raise CommandRejected("bad_signature", "signature does not verify") from None
+        progress.signed = True
         try:
             return CommandBody.model_validate_json(req.body)
         except ValidationError as exc:
