@@ -1112,6 +1112,8 @@ class Outbox:
         self._dead_lettered_total += moved
         if moved:
             log.warning("outbox: %d events dead-lettered: %s", moved, reason)
+            if self._dead_bytes > self._cfg.dead_letter_bytes:
+                self._trim_dead_letters(conn, keep_bytes=self._cfg.dead_letter_bytes)
         return moved
 
     def _trim_dead_letters(self, conn: sqlite3.Connection, keep_bytes: int, max_rows: int = 1 << 62) -> int:
@@ -1231,8 +1233,6 @@ class Outbox:
             return
         self._housekeeping_at = now + _HOUSEKEEPING_INTERVAL_S
         self._ensure_reserve()
-        if self._dead_bytes > self._cfg.dead_letter_bytes:
-            self._trim_dead_letters(conn, keep_bytes=self._cfg.dead_letter_bytes, max_rows=_TRIM_SLICE_ROWS)
         if self._history_bytes > self._cfg.history_bytes:
             # Trim in slices: deleting 100k rows at once stalls intake and sending for half a second
             # (measured in bench/uplink.py). Come back soon while there is more to trim.

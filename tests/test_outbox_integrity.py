@@ -1,0 +1,348 @@
+"""The outbox's bookkeeping under stress: dead letters, rows already published, isolated failures in a
+group commit, counters that match the rows, clock correction in slices and after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from edgeagent.kernel.errors import OutboxError
+from edgeagent.kernel.pipeline.clock_fix import ClockFixer
+from edgeagent.kernel.pipeline.event_types import REGISTRY
+from edgeagent.kernel.pipeline.events import Event, EventFactory, Priority, utc_ms
+from edgeagent.kernel.pipeline.outbox import Batch, Outbox, OutboxConfig
+from edgeagent.kernel.pipeline.sink import EventSink
+from edgeagent.kernel.runtime.clock import Clock
+
+
+def contact(f: EventFactory, dev: str = "door-1") -> Event:
+    return f.make("contact.changed", dev, {"state": "open", "contact": "door"})
+
+
+def reading(f: EventFactory, dev: str, metric: str, value: float) -> Event:
+    return f.make("sensor.reading", dev, {"metric": metric, "value": value, "unit": "degC"})
+
+
+def alarm(f: EventFactory, where: str = "hall") -> Event:
+    return f.make("panic.pressed", "b1", {"location": where})
+
+
+# --- dead letters ------------------------------------------------------------------------------------
+
+async def test_dead_lettered_row_leaves_the_sendable_set_and_stays_listable(
+        tmp_path: Path, factory: EventFactory) -> None:
+    cfg = OutboxConfig(tmp_path / "o.db")
+    async with Outbox(cfg) as ob:
+        await ob.put_many([contact(factory, f"d{i}") for i in range(3)])
+        batch = await ob.lease(10, 1 << 20)
+        assert batch is not None and batch.seqs == (1, 2, 3)
+        # The broker refuses the message; the uplink gives up on seq 2 alone and sends the rest again.
+        assert await ob.dead_letter([2], "broker refused: payload format invalid") == 1
+        assert await ob.dead_letter([2, 99], "again") == 0  # already dead, unknown: ignored
+        await ob.reset_leases()
+        again = await ob.lease(10, 1 << 20)
+        assert again is not None and again.seqs == (1, 3)
+        ob.ack_nowait(Batch(again.priority, (1, 2, 3), again.payloads))  # acking a dead row is a no-op
+        await ob.put(contact(factory, "d3"))
+        nxt = await ob.lease(10, 1 << 20)
+        assert nxt is not None and nxt.seqs == (4,), "the dead row blocked its class"
+        ob.ack_nowait(nxt)
+        stats = await ob.stats()
+        dead = await ob.dead_letters(10)
+    assert stats.dead_lettered_total == 1 and stats.dead_letters == 1
+    assert stats.classes["event"].unsent == 0 and stats.classes["event"].unsent_bytes == 0
+    assert [(d.seq, d.priority, d.type, d.device_id) for d in dead] == [(2, Priority.EVENT, "contact.changed", "d1")]
+    assert dead[0].reason == "broker refused: payload format invalid"
+    assert orjson.loads(dead[0].payload)["seq"] == 2
+    # Durable: a restart neither sends it again nor forgets it, and seq goes on past it.
+    async with Outbox(cfg) as ob:
+        assert await ob.lease(10, 1 << 20) is None
+        stats = await ob.stats()
+        assert stats.dead_lettered_total == 1 and stats.dead_letters == 1
+        assert await ob.put(contact(factory)) == 5
+
+
+async def test_dead_letters_are_kept_only_up_to_their_cap(tmp_path: Path, factory: EventFactory) -> None:
+    async with Outbox(OutboxConfig(tmp_path / "o.db", dead_letter_bytes=3_000)) as ob:
+        await ob.put_many([contact(factory, f"d{i}") for i in range(40)])
+        batch = await ob.lease(100, 1 << 20)
+        assert batch is not None
+        assert await ob.dead_letter(batch.seqs, "refused") == 40
+        stats = await ob.stats()
+        kept = await ob.dead_letters(100)
+    assert stats.dead_lettered_total == 40
+    assert 0 < stats.dead_letters == len(kept) < 40
+    assert [d.seq for d in kept] == list(range(41 - len(kept), 41)), "not the newest that were kept"
+
+
+# --- coalescing never touches a row that may be on the platform ------------------------------------
+
+async def test_no_coalescing_into_a_row_published_before_a_reconnect(tmp_path: Path, factory: EventFactory) -> None:
+    async with Outbox(OutboxConfig(tmp_path / "o.db")) as ob:
+        await ob.put(reading(factory, "s1", "t", 1))
+        first = await ob.lease(10, 1 << 20)
+        assert first is not None  # published; the connection drops before its PUBACK
+        await ob.reset_leases()
+        await ob.put(reading(factory, "s1", "t", 2))
+        second = await ob.lease(10, 1 << 20)
+    assert second is not None
+    sent = [orjson.loads(p) for p in first.payloads + second.payloads]
+    by_id: dict[str, set[bytes]] = {}
+    for env in sent:
+        by_id.setdefault(env["id"], set()).add(orjson.dumps(env["data"]))
+    assert all(len(v) == 1 for v in by_id.values()), "one id went out with two different values"
+    assert [e["data"]["value"] for e in sent] == [1, 1, 2]
+
+
+async def test_no_coalescing_into_a_row_published_before_a_restart(tmp_path: Path, factory: EventFactory) -> None:
+    cfg = OutboxConfig(tmp_path / "o.db")
+    async with Outbox(cfg) as ob:
+        await ob.put(reading(factory, "s1", "t", 1))
+        first = await ob.lease(10, 1 << 20)
+        assert first is not None  # published; the daemon dies before the PUBACK
+    async with Outbox(cfg) as ob:
+        seq = await ob.put(reading(factory, "s1", "t", 2))
+        again = await ob.lease(10, 1 << 20)
+        # Readings arriving while nothing was ever leased still coalesce.
+        await ob.put(reading(factory, "s1", "t", 3))
+        await ob.put(reading(factory, "s1", "t", 4))
+        stats = await ob.stats()
+    assert seq == 2
+    assert again is not None and [orjson.loads(p)["data"]["value"] for p in again.payloads] == [1, 2]
+    assert stats.classes["telemetry"].unsent == 3 and stats.coalesced_total == 1
+
+
+# --- one failing operation does not fail its group ------------------------------------------------
+
+async def test_a_failing_operation_fails_alone_and_the_alarm_in_its_group_commits(
+        tmp_path: Path, factory: EventFactory) -> None:
+    cfg = OutboxConfig(tmp_path / "o.db")
+    async with Outbox(cfg) as ob:
+        gate = threading.Event()
+        # Hold the database thread so that everything below lands in one group commit.
+        held = asyncio.ensure_future(ob.query(lambda _c: gate.wait(10)))
+        before = asyncio.ensure_future(ob.put(contact(factory)))
+        bad = asyncio.ensure_future(ob.query(
+            lambda c: c.execute("INSERT INTO kv(key, value) VALUES ('lockout', NULL)")))  # NOT NULL fails
+        siren = asyncio.ensure_future(ob.put(alarm(factory)))
+        await asyncio.sleep(0)  # each task has queued its operation (nothing awaits before that)
+        gate.set()
+        await held
+        with pytest.raises(OutboxError, match="NOT NULL"):
+            await bad
+        assert await before == 1
+        assert await siren == 2, "the alarm was lost with the failing operation, or seq has a gap"
+        stats = await ob.stats()
+        assert stats.classes["alarm"].unsent == 1 and stats.classes["event"].unsent == 1
+    con = sqlite3.connect(cfg.path)
+    try:
+        assert con.execute("SELECT COUNT(*) FROM outbox WHERE prio=0").fetchone()[0] == 1
+        assert con.execute("SELECT COUNT(*) FROM kv").fetchone()[0] == 0
+    finally:
+        con.close()
+
+
+async def test_a_failing_operation_leaves_no_partial_writes(tmp_path: Path, factory: EventFactory) -> None:
+    def half_then_fail(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO kv(key, value) VALUES ('a', '1')")
+        raise RuntimeError("failed after one write")
+
+    async with Outbox(OutboxConfig(tmp_path / "o.db")) as ob:
+        with pytest.raises(OutboxError, match="failed after one write"):
+            await ob.query(half_then_fail)
+        await ob.kv_put("b", 2)
+        assert await ob.kv_get("a") is None
+        assert await ob.kv_get("b") == 2
+
+
+# --- counters -------------------------------------------------------------------------------------
+
+def recount(c: sqlite3.Connection, now_ms: int) -> dict[str, Any]:
+    """What stats() must say, from the rows themselves."""
+    out: dict[str, Any] = {}
+    for p in Priority:
+        n, nbytes = c.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NULL AND prio=?",
+                              (p.value,)).fetchone()
+        row = c.execute("SELECT created_ms FROM outbox WHERE sent_ms IS NULL AND prio=? ORDER BY seq LIMIT 1",
+                        (p.value,)).fetchone()
+        out[p.label] = (n, nbytes, None if row is None else max(0.0, (now_ms - row[0]) / 1000))
+    out["history"] = c.execute("SELECT COUNT(*) FROM outbox WHERE sent_ms IS NOT NULL").fetchone()[0]
+    out["dead"] = c.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+    return out
+
+
+def said(stats: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {label: (c.unsent, c.unsent_bytes, c.oldest_unsent_age_s)
+                           for label, c in stats.classes.items()}
+    out["history"] = stats.history_rows
+    out["dead"] = stats.dead_letters
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+async def test_stats_equal_a_recount_after_random_operations(tmp_path: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    wall = [1_790_000_000.0]
+    synced = [False]
+    clock = Clock("auto", wall=lambda: wall[0], monotonic_ns=lambda: int(wall[0] * 1e9),
+                  sync_probe=lambda: synced[0], boot_id="boot-r")
+    f = EventFactory(REGISTRY, "site-1", "gw-1", clock)
+    now = 1_790_000_500_000
+    leases: list[Batch] = []
+    async with Outbox(OutboxConfig(tmp_path / "o.db", cap_bytes=6_000), now_ms=lambda: now) as ob:
+        for step in range(400):
+            wall[0] += rnd.random()
+            op = rnd.random()
+            if op < 0.35:
+                await ob.put(reading(f, f"s{rnd.randrange(4)}", rnd.choice("th"), rnd.random()))
+            elif op < 0.55:
+                await ob.put(contact(f, f"d{rnd.randrange(5)}"))
+            elif op < 0.62:
+                await ob.put(alarm(f, f"r{step}"))
+            elif op < 0.75:
+                b = await ob.lease(rnd.randrange(1, 6), 1 << 20)
+                if b is not None:
+                    leases.append(b)
+            elif op < 0.85 and leases:
+                await ob.ack_nowait(leases.pop(rnd.randrange(len(leases))))
+            elif op < 0.9 and leases:
+                b = leases.pop(rnd.randrange(len(leases)))
+                await ob.dead_letter(rnd.sample(b.seqs, rnd.randrange(1, len(b) + 1)), "refused")
+            elif op < 0.95:
+                await ob.reset_leases()
+                leases.clear()
+            elif not synced[0]:
+                synced[0] = True
+                clock.poll()
+                await ob.correct_clock("boot-r", lambda m: utc_ms(clock.corrected_wall(m)), slice_rows=7)
+            if step % 20 == 0:
+                assert said(await ob.stats()) == await ob.query(lambda c: recount(c, now)), f"step {step}"
+        stats = await ob.stats()
+        assert said(stats) == await ob.query(lambda c: recount(c, now))
+    assert stats.evicted_total > 0 and stats.coalesced_total > 0 and stats.dead_lettered_total > 0
+    # And the recount at open agrees with what the counters had become.
+    async with Outbox(OutboxConfig(tmp_path / "o.db", cap_bytes=6_000), now_ms=lambda: now) as ob:
+        assert said(await ob.stats()) == said(stats)
+
+
+async def test_stats_do_not_read_the_event_table(tmp_path: Path, factory: EventFactory) -> None:
+    statements: list[str] = []
+    async with Outbox(OutboxConfig(tmp_path / "o.db")) as ob:
+        await ob.put_many([contact(factory) for _ in range(50)])
+        b = await ob.lease(20, 1 << 20)
+        assert b is not None
+        ob.ack_nowait(b)
+        await ob.flush()
+        await ob.query(lambda c: c.set_trace_callback(statements.append))
+        stats = await ob.stats()
+        await ob.query(lambda c: c.set_trace_callback(None))
+    assert stats.history_rows == 20 and stats.classes["event"].unsent == 30
+    assert statements, "the trace saw nothing"
+    scans = [s for s in statements if "from outbox" in s.lower()]
+    assert not scans, f"stats() read the table: {scans}"
+
+
+# --- clock correction -----------------------------------------------------------------------------
+
+def unsynced_clock(boot_id: str, synced: list[bool], wall: list[float], mono: list[int]) -> Clock:
+    return Clock("auto", wall=lambda: wall[0], monotonic_ns=lambda: mono[0], sync_probe=lambda: synced[0],
+                 boot_id=boot_id)
+
+
+async def test_clock_correction_works_in_slices_and_leaves_leased_rows_alone(tmp_path: Path) -> None:
+    wall, mono, synced = [1_000.0], [5_000_000_000], [False]
+    clock = unsynced_clock("boot-a", synced, wall, mono)
+    f = EventFactory(REGISTRY, "site-1", "gw-1", clock)
+    async with Outbox(OutboxConfig(tmp_path / "o.db")) as ob:
+        await ob.put_many([contact(f, f"d{i}") for i in range(1200)])
+        in_flight = await ob.lease(10, 1 << 20)
+        assert in_flight is not None
+        mono[0] += 3_000_000_000
+        wall[0], synced[0] = 1_790_000_000.0, True
+        assert clock.poll()
+        before = (await ob.stats()).commits_total
+        corrected, sent = await ob.correct_clock("boot-a", lambda m: utc_ms(clock.corrected_wall(m)),
+                                                 slice_rows=500)
+        after = (await ob.stats()).commits_total
+        await ob.reset_leases()
+        out = []
+        while (b := await ob.lease(1000, 1 << 30)) is not None:
+            out.extend(orjson.loads(p) for p in b.payloads)
+            ob.ack_nowait(b)
+        await ob.flush()
+        stats = await ob.stats()
+    assert (corrected, sent) == (1190, 10)
+    assert after - before >= 4, "the correction ran as one transaction"  # 3 slices + the count + stats
+    assert [e["clock_synced"] for e in out[:10]] == [False] * 10, "a row already leased was rewritten"
+    assert all(e["clock_synced"] and e["clock"]["corrected"] for e in out[10:])
+    assert str(out[10]["occurred_at"]).startswith("2026-")
+    # The oldest unsent age no longer dates from 1970 once times are corrected.
+    assert stats.classes["event"].oldest_unsent_age_s is None
+
+
+async def test_restart_after_sync_corrects_this_boots_unsynced_rows_once(tmp_path: Path) -> None:
+    wall, mono, synced = [1_000.0], [5_000_000_000], [False]
+    cfg = OutboxConfig(tmp_path / "o.db")
+    before = unsynced_clock("boot-b", synced, wall, mono)
+    async with Outbox(cfg) as ob:
+        await ob.put_many([contact(EventFactory(REGISTRY, "site-1", "gw-1", before), f"d{i}") for i in range(3)])
+        sent = await ob.lease(1, 1 << 20)
+        assert sent is not None
+        ob.ack_nowait(sent)
+        await ob.flush()
+    # NTP synced while the daemon was down; it starts again in the same boot with a synced clock.
+    mono[0] += 60_000_000_000
+    wall[0], synced[0] = 1_790_000_000.0, True
+
+    async def start() -> list[Event]:
+        clock = unsynced_clock("boot-b", synced, wall, mono)
+        assert clock.synced
+        seen: list[Event] = []
+        async with Outbox(cfg) as ob:
+            sink = EventSink(EventFactory(REGISTRY, "site-1", "gw-1", clock), ob)
+            sink.observe(lambda e, _s: seen.append(e))
+            await asyncio.wait_for(ClockFixer(clock, ob, sink.emit, gateway_id="gw-1", poll_s=0.01).run(), 10)
+        return seen
+
+    first = await start()
+    assert [e.type for e in first] == ["gateway.clock.synced"]
+    assert first[0].data["corrected_unsent"] == 2 and first[0].data["sent_uncorrected"] == 1
+    con = sqlite3.connect(cfg.path)
+    try:
+        rows = [orjson.loads(p) for (p,) in con.execute("SELECT payload FROM outbox WHERE seq IN (2, 3)")]
+    finally:
+        con.close()
+    assert all(r["clock_synced"] and r["clock"]["corrected"] for r in rows)
+    assert all(str(r["occurred_at"]).startswith("2026-") for r in rows)
+    # Another restart in the same boot: nothing left to correct, already reported.
+    assert await start() == []
+
+
+async def test_clock_fixer_corrects_on_the_transition(tmp_path: Path) -> None:
+    wall, mono, synced = [1_000.0], [5_000_000_000], [False]
+    clock = unsynced_clock("boot-c", synced, wall, mono)
+    f = EventFactory(REGISTRY, "site-1", "gw-1", clock)
+    seen: list[Event] = []
+    async with Outbox(OutboxConfig(tmp_path / "o.db")) as ob:
+        sink = EventSink(f, ob)
+        sink.observe(lambda e, _s: seen.append(e))
+        await ob.put(contact(f))
+        task = asyncio.create_task(ClockFixer(clock, ob, sink.emit, gateway_id="gw-1", poll_s=0.01).run())
+        await asyncio.sleep(0.05)
+        assert not task.done() and not seen
+        mono[0] += 1_000_000_000
+        wall[0], synced[0] = 1_790_000_000.0, True
+        await asyncio.wait_for(task, 10)
+        out = await ob.lease(10, 1 << 20)
+    assert out is not None
+    envs = [orjson.loads(p) for p in out.payloads]
+    assert [e["type"] for e in envs] == ["contact.changed", "gateway.clock.synced"]
+    assert envs[0]["clock_synced"] is True and envs[0]["clock"]["corrected"] is True
+    assert envs[1]["data"]["corrected_unsent"] == 1 and envs[1]["data"]["boot_id"] == "boot-c"
