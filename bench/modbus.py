@@ -339,7 +339,7 @@ class Recorder:
 
 def daemon_config(args: argparse.Namespace, workdir: Path, broker_url: str, ports: list[int],
                   profile_path: Path) -> Any:
-    from edgeagent.kernel.config.schema import Config
+    from edgeagent.capabilities import Config
 
     buses = {f"line{i + 1}": {"kind": "tcp", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)}
     devices = [{"type": "modbus.device", "id": device_id(i, u), "bus": f"line{i + 1}", "unit_id": u,

@@ -32,7 +32,7 @@ from rich.console import Console
 from edgeagent.app import Daemon
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
-from edgeagent.kernel.config.schema import Config
+from edgeagent.capabilities import Config
 from edgeagent.kernel.errors import UplinkError
 from edgeagent.kernel.pipeline.commands import sign_command
 from edgeagent.kernel.pipeline.events import Event
@@ -293,7 +293,7 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
     stop = asyncio.Event()
     platform = Platform(console, broker, key) if broker else None
     platform_task = None
-    runner: asyncio.Task[None] | None = None
+    runner: asyncio.Task[int] | None = None
     try:
         if platform is not None:
             # The platform listens before the gateway starts, so it sees gateway.started too.

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from edgeagent.cli import app, devices_table
 from edgeagent.drivers.modbus.profile import Profile, shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator
-from edgeagent.kernel.config.schema import load_config
+from edgeagent.capabilities import load_config
 from tests.peers import free_port
 
 GATE = shipped_profile("barrier-gate-generic")

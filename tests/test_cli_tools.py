@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from edgeagent.cli import app, devices
 from edgeagent.cli.support import check_tls, scrub
-from edgeagent.kernel.config.schema import Config, load_config
+from edgeagent.capabilities import Config, load_config
 from edgeagent.kernel.errors import DeviceUnavailable
 from edgeagent.kernel.pipeline.event_types import REGISTRY
 from edgeagent.kernel.pipeline.events import Event, EventFactory
@@ -495,7 +495,7 @@ def test_device_add_runs_the_types_probe_before_writing(commented_cfg: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[Any] = []
 
-    def unreachable(dev: Any) -> str:
+    def unreachable(dev: Any, _ctx: Any) -> str:
         seen.append(dev)
         raise DeviceUnavailable("no answer from 10.0.0.9:502 within 3 s")
 
@@ -509,7 +509,7 @@ def test_device_add_runs_the_types_probe_before_writing(commented_cfg: Path,
 
     r = cli("device", "add", "sim.contact", "--id", "gate", "--no-probe", "-c", commented_cfg)
     assert r.exit_code == 0, r.output
-    monkeypatch.setitem(devices.PROBES, "sim.panic", lambda dev: "model XY-1, firmware 2.3")
+    monkeypatch.setitem(devices.PROBES, "sim.panic", lambda dev, _ctx: "model XY-1, firmware 2.3")
     r = cli("device", "add", "sim.panic", "--id", "p2", "-c", commented_cfg)
     assert r.exit_code == 0 and "model XY-1" in r.stdout
     assert [d.id for d in load_config(commented_cfg).devices] == ["gate", "p2"]

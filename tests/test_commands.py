@@ -30,7 +30,7 @@ from paho.mqtt.properties import Properties
 
 from edgeagent.app import Daemon
 from edgeagent.cloud_bridge import contract
-from edgeagent.kernel.config.schema import Config
+from edgeagent.capabilities import Config
 from edgeagent.kernel.pipeline.commands import SIGNING_PREFIX
 from tests.helpers import wait_until
 from tests.peers import Mosquitto

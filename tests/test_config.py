@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from ruamel.yaml.comments import CommentedMap
 
 from edgeagent.cli.starter import starter_config
-from edgeagent.kernel.config.schema import Config, SecretRef, load_config, migrate, parse_yaml, redacted, validate_doc
+from edgeagent.kernel.config.schema import SecretRef, migrate, parse_yaml, redacted
+from edgeagent.capabilities import Config, load_config, validate_doc
 from edgeagent.kernel.errors import ConfigError, SecretError
 
 GOOD = """\

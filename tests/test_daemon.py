@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 
-from edgeagent import app as app_module
 from edgeagent.app import Daemon
-from edgeagent.kernel.config.schema import Config
+from edgeagent.capabilities import Config
 from edgeagent.kernel.runtime.clock import Clock
 from edgeagent.kernel.runtime.sdnotify import Notifier
 from tests.helpers import wait_until
@@ -94,7 +93,8 @@ async def test_ready_watchdog_stopping_and_health_endpoint(tmp_path: Path) -> No
             code, body = await asyncio.to_thread(get, f"{base}/status")
             st = json.loads(body)
             assert st["uplink"]["state"] == "disabled"
-            assert {t["name"] for t in st["tasks"]} == {"device:temp-1", "device:door-1", "alarms"}
+            assert {t["name"] for t in st["tasks"]} == {"device:temp-1", "device:door-1", "alarms", "heartbeat",
+                                                        "evictions", "clock"}
             assert st["outbox"]["classes"]["event"]["unsent"] > 0
             runtime = json.loads((tmp_path / "state" / "runtime.json").read_text())
             assert runtime["health_url"] == base
@@ -136,7 +136,9 @@ async def test_failing_driver_is_restarted_then_reported_while_others_run(
             attempts.append(time.monotonic())
             raise ConnectionError("RS-485 adapter unplugged")
 
-    monkeypatch.setitem(app_module.DRIVERS, "sim.contact", Broken)
+    import edgeagent.drivers.sim.capability as sim_capability
+
+    monkeypatch.setattr(sim_capability, "SimContact", Broken)
     daemon = Daemon(make_config(tmp_path))
     seen: list[tuple[str, str, dict[str, Any]]] = []
     daemon.sink.observe(lambda e, _s: seen.append((e.type, e.device_id, dict(e.data))))
@@ -204,7 +206,9 @@ async def test_events_before_clock_sync_are_marked_then_corrected(tmp_path: Path
     clock = Clock("auto", sync_probe=lambda: synced[0])
     daemon = Daemon(make_config(tmp_path, clock={"sync": "auto"}, devices=[
         {"type": "sim.contact", "id": "door-1", "mean_interval_s": 0.05}]), clock=clock)
-    app_module.CLOCK_POLL_S, saved = 0.5, app_module.CLOCK_POLL_S
+    from edgeagent.kernel.pipeline import clock_fix
+
+    clock_fix.CLOCK_POLL_S, saved = 0.5, clock_fix.CLOCK_POLL_S
     seen: list[Any] = []
     daemon.sink.observe(lambda e, s: seen.append((e, s)))
     try:
@@ -214,7 +218,7 @@ async def test_events_before_clock_sync_are_marked_then_corrected(tmp_path: Path
             synced[0] = True
             assert await wait_until(lambda: any(e.type == "gateway.clock.synced" for e, _ in seen), 10)
     finally:
-        app_module.CLOCK_POLL_S = saved
+        clock_fix.CLOCK_POLL_S = saved
     report = next(e for e, _ in seen if e.type == "gateway.clock.synced")
     assert report.data["corrected_unsent"] >= 5
     import sqlite3
@@ -228,7 +232,9 @@ async def test_events_before_clock_sync_are_marked_then_corrected(tmp_path: Path
 
 
 async def test_backlog_over_cap_evicts_and_reports_it_never_alarms(tmp_path: Path) -> None:
-    app_module.EVICTION_REPORT_MIN_S, saved = 0.2, app_module.EVICTION_REPORT_MIN_S
+    from edgeagent.kernel.pipeline import evictions
+
+    evictions.EVICTION_REPORT_MIN_S, saved = 0.2, evictions.EVICTION_REPORT_MIN_S
     cfg = make_config(tmp_path, outbox={"cap_mb": 0.05, "min_free_mb": 0}, devices=[
         *[{"type": "sim.sensor", "id": f"t{i}", "interval_s": 0.02} for i in range(20)],
         {"type": "sim.contact", "id": "door-1", "mean_interval_s": 0.005},
@@ -242,7 +248,7 @@ async def test_backlog_over_cap_evicts_and_reports_it_never_alarms(tmp_path: Pat
             assert await wait_until(lambda: any(e.type == "outbox.evicted" for e in seen), 15)
             st = await daemon.status()
     finally:
-        app_module.EVICTION_REPORT_MIN_S = saved
+        evictions.EVICTION_REPORT_MIN_S = saved
     alarms = sum(1 for e in seen if e.type == "panic.pressed")
     assert st["outbox"]["classes"]["alarm"]["unsent"] == alarms, "an alarm was evicted"
     report = next(e for e in seen if e.type == "outbox.evicted")
@@ -256,7 +262,7 @@ async def test_status_command_reads_the_running_daemon(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from edgeagent.kernel.config.schema import load_config
+    from edgeagent.capabilities import load_config
 
     cfg_path = tmp_path / "edgeagent.yaml"
     cfg_path.write_text(f"""\
@@ -285,7 +291,7 @@ devices:
     assert st["gateway_id"] == "gw-1" and st["uplink"]["state"] in ("connecting", "disconnected")
     assert st["outbox"]["classes"]["event"]["unsent"] >= 1
     assert st["outbox"]["classes"]["event"]["oldest_unsent_age_s"] is not None
-    assert [t["name"] for t in st["tasks"]] == ["uplink", "device:door-1", "alarms"]
+    assert [t["name"] for t in st["tasks"]] == ["uplink", "device:door-1", "alarms", "evictions", "clock", "heartbeat"]
     assert table.returncode == 0 and "device:door-1" in table.stdout and "oldest unsent" in table.stdout
     stopped = await asyncio.to_thread(status)
     assert stopped.returncode == 1 and "is it running?" in stopped.stderr

@@ -12,7 +12,7 @@ from typing import Any
 from edgeagent.app import Daemon
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
-from edgeagent.kernel.config.schema import load_config
+from edgeagent.capabilities import load_config
 from tests.helpers import wait_until
 from tests.peers import free_port
 

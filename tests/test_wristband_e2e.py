@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgeagent.app import Daemon
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator
-from edgeagent.kernel.config.schema import load_config
+from edgeagent.capabilities import load_config
 from tests.helpers import wait_until
 from tests.peers import Collector, Mosquitto, free_port
 

@@ -71,7 +71,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.pdu import ModbusPDU
 
-from edgeagent.kernel.config.schema import ModbusBusConfig as BusConfig
+from edgeagent.drivers.modbus.config import ModbusBusConfig as BusConfig
 from edgeagent.kernel.errors import DeviceProtocolError, DeviceUnavailable, EdgeagentError
 from edgeagent.kernel.runtime.backoff import full_jitter
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -20,15 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgeagent.drivers.modbus.bus import ModbusBus, Priority
 from edgeagent.drivers.modbus.charger import ChargerSafety, ResetRefused, SafetyLimits
-from edgeagent.drivers.modbus.device import ModbusDevice
-from edgeagent.drivers.modbus.profile import CommandError, Profile, ProfileError, load_profile, shipped_profiles
-from edgeagent.kernel.config.schema import (
-    Config,
+from edgeagent.drivers.modbus.config import (
+    ModbusBusConfig,
     ModbusChargerConfig,
     ModbusDeviceBase,
     ModbusGateConfig,
     ModbusRelayConfig,
 )
+from edgeagent.drivers.modbus.device import ModbusDevice
+from edgeagent.drivers.modbus.profile import CommandError, Profile, ProfileError, load_profile, shipped_profiles
 from edgeagent.kernel.errors import CommandRejected, ConfigError, DeviceProtocolError, DeviceUnavailable
 from edgeagent.kernel.pipeline.commands import CommandRouter, CommandSpec
 from edgeagent.kernel.pipeline.event_types import DEVICE_OFFLINE, DEVICE_ONLINE, GATE_COMMANDED, REGISTRY
@@ -123,9 +123,10 @@ class ChargerResetArgs(_Strict):
 class ModbusService:
     """Owns the buses and devices; use as an async context manager around the daemon's run."""
 
-    def __init__(self, cfg: Config, sink: EventSink, *, state: KeyValueStore | None = None,
-                 config_dir: Path | None = None) -> None:
-        self._cfg = cfg
+    def __init__(self, buses: Mapping[str, ModbusBusConfig], devices: Sequence[ModbusDeviceBase], sink: EventSink, *,
+                 state: KeyValueStore | None = None, config_dir: Path | None = None) -> None:
+        self._bus_cfgs = dict(buses)
+        self._devices = [d for d in devices if d.enabled]
         self._sink = sink
         self._state = state
         self.safety: dict[str, ChargerSafety] = {}
@@ -135,8 +136,8 @@ class ModbusService:
         self._by_unit: dict[tuple[str, int], str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._profiles: dict[str, Profile] = {}
-        for dev in cfg.devices:
-            if isinstance(dev, ModbusDeviceBase) and dev.enabled:
+        for dev in self._devices:
+            if dev.enabled:
                 profile = self._profile(dev, config_dir)
                 unknown = sorted(t for t in profile.event_types() if t not in REGISTRY)
                 if unknown:
@@ -155,15 +156,15 @@ class ModbusService:
         return bool(self._profiles)
 
     async def __aenter__(self) -> ModbusService:
-        needed = {d.bus for d in self._cfg.devices if isinstance(d, ModbusDeviceBase) and d.id in self._profiles}
+        needed = {d.bus for d in self._devices if d.id in self._profiles}
         for bus_id in sorted(needed):
-            bus_cfg = self._cfg.modbus.buses[bus_id]
+            bus_cfg = self._bus_cfgs[bus_id]
             if bus_cfg.name is None:
                 bus_cfg = bus_cfg.model_copy(update={"name": bus_id})
             bus = ModbusBus(bus_cfg, on_state_change=self._state_callback(bus_id))
             self.buses[bus_id] = await self._stack.enter_async_context(bus)
-        for dev in self._cfg.devices:
-            if not isinstance(dev, ModbusDeviceBase) or dev.id not in self._profiles:
+        for dev in self._devices:
+            if dev.id not in self._profiles:
                 continue
             device = ModbusDevice(dev.id, dev.unit_id, self._profiles[dev.id], self.buses[dev.bus], self._sink,
                                   poll_interval_s=dev.poll_interval_s)
@@ -214,16 +215,21 @@ class ModbusService:
 
     # --- commands --------------------------------------------------------------------------------
 
-    def register_commands(self, router: CommandRouter) -> None:
-        router.register(CommandSpec("gate.open", self._gate_open, GateOpenArgs,
-                                    "raise a barrier gate's arm once, with a reason (audited)"))
+    def command_specs(self) -> list[CommandSpec]:
+        specs = [CommandSpec("gate.open", self._gate_open, GateOpenArgs,
+                             "raise a barrier gate's arm once, with a reason (audited)")]
         for name, profile_cmd in (("gate.close", "close"), ("gate.hold_open", "hold_open"),
                                   ("gate.release", "release")):
-            router.register(CommandSpec(name, self._gate_simple(profile_cmd), GateArgs, f"gate: {profile_cmd}"))
-        router.register(CommandSpec("device.command", self._device_command, DeviceCommandArgs,
-                                    "run a named command of a Modbus device's profile"))
-        router.register(CommandSpec("charger.reset_lockout", self._reset_lockout, ChargerResetArgs,
-                                    "clear a charger port's (or the station's) safety lockout"))
+            specs.append(CommandSpec(name, self._gate_simple(profile_cmd), GateArgs, f"gate: {profile_cmd}"))
+        specs.append(CommandSpec("device.command", self._device_command, DeviceCommandArgs,
+                                 "run a named command of a Modbus device's profile"))
+        specs.append(CommandSpec("charger.reset_lockout", self._reset_lockout, ChargerResetArgs,
+                                 "clear a charger port's (or the station's) safety lockout"))
+        return specs
+
+    def register_commands(self, router: CommandRouter) -> None:
+        for spec in self.command_specs():
+            router.register(spec)
 
     async def reset_lockout(self, device_id: str, port: int | None, *, by: str,
                             via: Literal["cloud", "cli", "local"]) -> dict[str, Any]:
@@ -300,16 +306,22 @@ class ModbusService:
 
     # --- relay outputs as actions for local rules --------------------------------------------------
 
-    def register_outputs(self, outputs: Outputs) -> None:
+    def output_map(self) -> dict[str, RelayOutput]:
         """Each named relay channel becomes an output local rules can drive ('siren', 'strobe', ...),
-        also reachable as '<device id>.<name>'."""
+        also reachable as '<device id>.<name>'; the first relay module naming a channel owns the bare name."""
+        found: dict[str, RelayOutput] = {}
         for dev_id, entry in self.devices.items():
             if isinstance(entry.cfg, ModbusRelayConfig):
                 for channel, name in entry.cfg.channels.items():
                     out = RelayOutput(self, dev_id, channel)
-                    outputs.register(f"{dev_id}.{name}", out)
-                    if name not in outputs:
-                        outputs.register(name, out)
+                    found[f"{dev_id}.{name}"] = out
+                    found.setdefault(name, out)
+        return found
+
+    def register_outputs(self, outputs: Outputs) -> None:
+        for name, out in self.output_map().items():
+            if name not in outputs:
+                outputs.register(name, out)
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = time.monotonic()

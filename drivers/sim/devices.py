@@ -8,7 +8,7 @@ import math
 import random
 import time
 
-from edgeagent.kernel.config.schema import SimContactConfig, SimPanicConfig, SimSensorConfig
+from edgeagent.drivers.sim.config import SimContactConfig, SimPanicConfig, SimSensorConfig
 from edgeagent.kernel.pipeline.event_types import CONTACT_CHANGED, PANIC_PRESSED, SENSOR_READING
 from edgeagent.kernel.pipeline.sink import EventSink
 

@@ -36,7 +36,7 @@ from edgeagent.drivers.wristband.decoders import (
 )
 from edgeagent.kernel.alarms.engine import Alarm, AlarmError, AlarmKind
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
-from edgeagent.kernel.config.schema import ResidentConfig, WristbandsConfig
+from edgeagent.drivers.wristband.config import ResidentConfig, WristbandsConfig
 from edgeagent.kernel.errors import UplinkError
 from edgeagent.kernel.pipeline.event_types import WRISTBAND_VITALS
 from edgeagent.kernel.pipeline.sink import EventSink

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeagent import __version__
+from edgeagent.capabilities import validate_doc
 from edgeagent.cli.common import (
     ConfigOption,
     JsonOption,
@@ -26,7 +27,7 @@ from edgeagent.cli.common import (
     print_json,
 )
 from edgeagent.cli.starter import starter_config
-from edgeagent.kernel.config.schema import CONFIG_VERSION, migrate, parse_yaml, redacted, validate_doc, yaml_rt
+from edgeagent.kernel.config.schema import CONFIG_VERSION, migrate, parse_yaml, redacted, yaml_rt
 from edgeagent.kernel.errors import ConfigError
 from edgeagent.kernel.runtime.logsetup import setup_logging
 
@@ -142,9 +143,12 @@ def run(
         daemon = Daemon(cfg, config_dir=path.parent)
         if echo_events:
             daemon.sink.observe(echo_to(sys.stdout))
-        asyncio.run(daemon.run())
+        code = asyncio.run(daemon.run())
     except ConfigError as exc:
         fail(str(exc), 2)
+    if code:
+        # A critical task could not recover: a non-zero exit has systemd restart the daemon.
+        raise typer.Exit(code)
 
 
 @app.command()

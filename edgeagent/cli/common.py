@@ -11,7 +11,8 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 
-from edgeagent.kernel.config.schema import Config, load_config
+from edgeagent.capabilities import load_config
+from edgeagent.kernel.config.schema import Config
 from edgeagent.kernel.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edgeagent/edgeagent.yaml")

@@ -14,9 +14,6 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Callable
-from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -29,6 +26,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import CommentMark, YAMLError
 from ruamel.yaml.tokens import CommentToken
 
+from edgeagent.capabilities import DEVICE_TYPES, PROBES, validate_doc
 from edgeagent.cli.common import (
     ConfigOption,
     JsonOption,
@@ -38,33 +36,15 @@ from edgeagent.cli.common import (
     load_or_exit,
     print_json,
 )
-from edgeagent.kernel.config.schema import DEVICE_TYPES, Config, DeviceBase, parse_yaml, validate_doc, yaml_rt
+from edgeagent.kernel.capability import ProbeContext
+from edgeagent.kernel.config.schema import Config, DeviceBase, parse_yaml, yaml_rt
 from edgeagent.kernel.errors import ConfigError, EdgeagentError
 
 app = typer.Typer(no_args_is_help=True, help="List, add and remove devices in the config file.")
 
-# "Test before configure": a probe checks that a device of its type answers with the given settings
-# before ``device add`` writes it. It gets the validated device config and returns a short detail
-# to print (e.g. the model the device reported) or raises an EdgeagentError (DeviceUnavailable,
-# DeviceProtocolError...) saying what is wrong. Simulated devices have nothing to probe.
-Probe = Callable[[DeviceBase], str | None]
-PROBES: dict[str, Probe] = {}
+# "Test before configure": each capability's spec brings the probes of its device types
+# (edgeagent.capabilities.PROBES); ``device add`` runs the device's probe before it writes anything.
 
-
-@dataclass(frozen=True, slots=True)
-class ProbeContext:
-    """The rest of the edited config, for probes that need more than the device (e.g. its Modbus bus)."""
-
-    config: Config  # the whole config as it would be written, validated
-    path: Path  # the config file (relative profile paths are resolved against its folder)
-
-
-_probe_context: ContextVar[ProbeContext | None] = ContextVar("edgeagent_probe_context", default=None)
-
-
-def probe_context() -> ProbeContext | None:
-    """The config a probe runs for; set while ``device add`` runs the probe, None otherwise."""
-    return _probe_context.get()
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED = {"type", "id"}
@@ -388,14 +368,11 @@ def add_to_config(path: Path, dev_type: str, dev_id: str, values: dict[str, Any]
     check = PROBES.get(dev_type)
     if check is not None and probe and device is not None:
         console.print(f"testing {escape(dev_type)} device {escape(dev_id)}...")
-        token = _probe_context.set(ProbeContext(cfg, path))
         try:
-            detail = check(device)
+            detail = check(device, ProbeContext(cfg, path))
         except (EdgeagentError, OSError, TimeoutError) as exc:
             fail(escape(f"the device does not answer as configured, {path} left unchanged: {exc}\n"
                         "(fix the settings, or add it anyway with --no-probe)"))
-        finally:
-            _probe_context.reset(token)
         console.print(f"[green]ok[/] {escape(detail or '')}")
     _commit(path, old_text, new_text, f"added {escape(dev_type)} device [bold]{escape(dev_id)}[/] "
                                  f"to {escape(str(path))}")

@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from ruamel.yaml.comments import CommentedMap
 
+from edgeagent.capabilities import DEVICE_TYPES
 from edgeagent.cli import devices
 from edgeagent.cli.common import (
     ConfigOption,
@@ -41,7 +42,13 @@ from edgeagent.cli.common import (
     load_or_exit,
     print_json,
 )
-from edgeagent.kernel.config.schema import DEVICE_TYPES, DeviceBase, ModbusBusConfig, ModbusDeviceBase
+from edgeagent.drivers.modbus.capability import SPEC as MODBUS
+from edgeagent.drivers.modbus.config import ModbusBusConfig, ModbusDeviceBase
+from edgeagent.drivers.modbus.probe import GATEWAY_CODES as _GATEWAY_CODES
+from edgeagent.drivers.modbus.probe import exception_text as _exception_text
+from edgeagent.drivers.modbus.probe import show
+from edgeagent.drivers.modbus.probe import unavailable_text as _unavailable
+from edgeagent.kernel.config.schema import Config
 from edgeagent.kernel.errors import ConfigError, DeviceProtocolError, DeviceUnavailable, EdgeagentError
 
 if TYPE_CHECKING:
@@ -56,8 +63,6 @@ app.add_typer(bus_app, name="bus")
 
 T = TypeVar("T")
 
-# A gateway's "path unavailable" / "target failed to respond": nobody is there behind it.
-_GATEWAY_CODES = frozenset({0x0A, 0x0B})
 _SCAN_TIMEOUT_S = {"tcp": 0.3, "rtu": 0.3, "rtu_over_tcp": 1.0}
 _MAX_REGISTERS = 125
 _MAX_BITS = 2000
@@ -153,10 +158,11 @@ def target(*, bus: str | None, host: str | None, port: int, rtu_over_tcp: bool, 
     update: dict[str, Any] = {} if timeout is None else {"timeout_s": timeout}
     if bus:
         path, cfg = load_or_exit(config)
-        if bus not in cfg.modbus.buses:
-            known = ", ".join(sorted(cfg.modbus.buses)) or "none; add one with 'edgeagent modbus bus add'"
+        buses = _buses(cfg)
+        if bus not in buses:
+            known = ", ".join(sorted(buses)) or "none; add one with 'edgeagent modbus bus add'"
             fail(escape(f"no bus {bus!r} under modbus.buses in {path} (buses: {known})"))
-        bus_cfg = cfg.modbus.buses[bus]
+        bus_cfg = buses[bus]
         if bus_cfg.name is None:
             update["name"] = bus
         return Target(bus_cfg.model_copy(update=update), path.parent)
@@ -191,6 +197,11 @@ def _quiet_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _buses(cfg: Config) -> dict[str, ModbusBusConfig]:
+    section = MODBUS.section_of(cfg)
+    return dict(section.buses) if section is not None else {}
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     with _quiet_logs():
         return asyncio.run(coro)
@@ -200,24 +211,6 @@ def _open_bus(cfg: ModbusBusConfig) -> ModbusBus:
     from edgeagent.drivers.modbus.bus import ModbusBus  # noqa: PLC0415 - keeps `edgeagent --help` fast
 
     return ModbusBus(cfg)
-
-
-def _unavailable(bus: ModbusBus, unit: int, exc: Exception) -> str:
-    """'cannot connect ...' when the link is down, else 'no answer from unit N ...'."""
-    detail = str(exc).removeprefix(f"{bus.name}: ")
-    if not bus.connected:
-        detail = detail.removeprefix("cannot connect: ")
-        if detail.startswith("connection lost"):
-            detail = ("it closed the connection when asked (not a Modbus server, or a converter that takes one "
-                      "client at a time)")
-        return f"cannot connect to {bus.name}: {detail}"
-    return f"no answer from unit {unit} on {bus.name} ({detail.removeprefix(f'unit {unit} ')})"
-
-
-def _exception_text(exc: Exception) -> str:
-    code = getattr(exc, "code", None)
-    name = getattr(exc, "code_name", "")
-    return f"exception 0x{code:02X} ({name})" if isinstance(code, int) else str(exc)
 
 
 def _load_profile(name: str, base: Path) -> Profile:
@@ -239,19 +232,6 @@ def _spec(value_type: TypeName | None, table: str, word_order: Order, byte_order
         return ValueSpec(vt, word_order.value, byte_order.value, scale)  # type: ignore[arg-type]
     except CodecError as exc:
         fail(escape(str(exc)))
-
-
-def show(value: PointValue | None, unit: str | None = None) -> str:
-    """A decoded value as an installer reads it."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        on = [name for name, flag in value.items() if flag]
-        return ",".join(on) if on else "none"
-    text = str(value)
-    return f"{text} {unit}" if unit else text
 
 
 def _plain(value: PointValue | None) -> Any:
@@ -804,59 +784,6 @@ def _profile_detail(prof: Profile, as_json: bool) -> None:
 
 # --- add (test before configure) ----------------------------------------------------------------------
 
-async def probe_unit(cfg: ModbusBusConfig, unit: int, profile: Profile) -> str:
-    """Read the profile's first block from ``unit``. Returns what it read; raises DeviceUnavailable
-    ("cannot connect ...", "no answer from unit N ...") or DeviceProtocolError ("unsupported device ...")."""
-    from edgeagent.drivers.modbus.bus import ExceptionResponseError, Priority  # noqa: PLC0415
-    from edgeagent.drivers.modbus.codec import CodecError  # noqa: PLC0415
-
-    plan = profile.read_plan()
-    if not plan:
-        return f"{profile.model} has no register to read; the device was not tested"
-    block = plan[0]
-    span = f"{block.table} {block.address}+{block.count}"
-    async with _open_bus(cfg) as bus:
-        started = time.perf_counter()
-        try:
-            words = await bus.read(unit, block.table, block.address, block.count, priority=Priority.COMMAND)
-        except ExceptionResponseError as exc:
-            if exc.code in _GATEWAY_CODES:
-                raise DeviceUnavailable(f"no answer from unit {unit} on {bus.name} (the gateway answered "
-                                        f"{_exception_text(exc)})") from exc
-            raise DeviceProtocolError(f"unsupported device: {_exception_text(exc)} at {span} from unit {unit}; "
-                                      f"is it a {profile.model}?") from exc
-        except DeviceProtocolError as exc:
-            raise DeviceProtocolError(f"unsupported device: {exc}") from exc
-        except DeviceUnavailable as exc:
-            raise DeviceUnavailable(_unavailable(bus, unit, exc)) from exc
-        latency_ms = (time.perf_counter() - started) * 1000
-    try:
-        shown = [f"{s.item.name}={show(s.item.decode(part), s.item.unit)}"
-                 for s, (_item, part) in zip(block.slices, block.split([int(w) for w in words]), strict=True)]
-    except CodecError as exc:
-        raise DeviceProtocolError(f"unsupported device: {span} from unit {unit}: {exc}") from exc
-    more = f", ... ({len(shown)} values)" if len(shown) > 4 else ""
-    return (f"unit {unit} on {bus.name} answered {span} in {latency_ms:.1f} ms as {profile.model}: "
-            f"{', '.join(shown[:4])}{more}")
-
-
-def probe_device(device: DeviceBase) -> str | None:
-    """The ``device add`` probe of the Modbus device types: a real read on the configured bus."""
-    ctx = devices.probe_context()
-    if not isinstance(device, ModbusDeviceBase) or ctx is None:
-        raise ConfigError("a Modbus device is tested with its bus from the config file (edgeagent device add)")
-    from edgeagent.drivers.modbus.service import resolve_profile  # noqa: PLC0415
-
-    bus_cfg = ctx.config.modbus.buses[device.bus]  # the config was validated: the bus exists
-    if bus_cfg.name is None:
-        bus_cfg = bus_cfg.model_copy(update={"name": device.bus})
-    profile = resolve_profile(device.profile, ctx.path.parent)
-    return _run(probe_unit(bus_cfg, device.unit_id, profile))
-
-
-for _type in ("modbus.gate", "modbus.charger", "modbus.relay", "modbus.device"):
-    devices.PROBES[_type] = probe_device
-
 _OWN_OPTIONS = {"bus": "--bus", "unit_id": "--unit", "profile": "--profile"}
 
 
@@ -904,7 +831,7 @@ def bus_list(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> 
     """The Modbus buses of the config file and the devices on each."""
     path, cfg = load_or_exit(config)
     rows: list[dict[str, Any]] = []
-    for bus_id, b in cfg.modbus.buses.items():
+    for bus_id, b in _buses(cfg).items():
         on = [d for d in cfg.devices if isinstance(d, ModbusDeviceBase) and d.bus == bus_id]
         rows.append({"id": bus_id, "kind": b.kind, "address": b.label if b.name is None else b.model_copy(
             update={"name": None}).label, "timeout_s": b.response_timeout_s,

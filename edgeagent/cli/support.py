@@ -40,10 +40,11 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from edgeagent import __version__
+from edgeagent.capabilities import load_config
 from edgeagent.cli.common import ConfigOption, JsonOption, config_path, console, err_console, fail, print_json
 from edgeagent.cli.events import NoOutboxError, outbox_path, outbox_ro
 from edgeagent.kernel.config.base import SecretRef
-from edgeagent.kernel.config.schema import Config, load_config, redacted
+from edgeagent.kernel.config.schema import Config, redacted
 from edgeagent.kernel.errors import ConfigError, EdgeagentError, SecretError, UplinkAuthError
 from edgeagent.kernel.pipeline.events import Priority
 from edgeagent.kernel.runtime.clock import kernel_clock_synced

@@ -14,9 +14,9 @@ import difflib
 import io
 import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -40,9 +40,11 @@ from edgeagent.kernel.config.base import (
 from edgeagent.kernel.errors import ConfigError
 
 CONFIG_VERSION = 1
-__all__ = ["CONFIG_VERSION", "Config", "ConfigError", "SecretRef", "load_config", "parse_yaml", "redacted",
-           "validate_doc"]
-_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+__all__ = ["CONFIG_VERSION", "Config", "ConfigError", "CoreConfig", "SecretRef", "load_config", "parse_yaml",
+           "redacted", "validate_doc"]
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Issue = tuple[tuple[int | str, ...], str]
+ConfigT = TypeVar("ConfigT", bound="CoreConfig")
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -167,180 +169,26 @@ class HealthConfig(Strict):
 
 
 class SupervisorConfig(Strict):
-    restart_intensity: int = Field(default=5, ge=1, le=1000, description="restarts allowed per window")
+    restart_intensity: int = Field(default=5, ge=1, le=1000,
+                                   description="a device task failing more often than this per window is given up")
     restart_window_s: float = Field(default=60, gt=0)
     backoff_cap_s: float = Field(default=30, gt=0)
+    retry_failed_after_s: float = Field(default=300, gt=0, le=86_400,
+                                        description="a given-up device task is started again after this long")
+    critical_unhealthy_after_s: float = Field(
+        default=10, gt=0, le=3600,
+        description="health (and the systemd watchdog) turns false once a critical task has failed this long")
+    critical_give_up_after_s: float = Field(
+        default=30, gt=0, le=3600,
+        description="a critical task (uplink, alarms, alarm inputs) still failing after this long ends the "
+        "daemon with a non-zero exit, for systemd to restart it; keep it below "
+        "critical_unhealthy_after_s + WatchdogSec so that the stop is orderly")
+    stable_after_s: float = Field(default=30, gt=0, le=3600,
+                                  description="a task that ran this long since its last failure has recovered")
     shutdown_timeout_s: float = Field(default=20, gt=0, le=600)
 
 
-# --- Modbus buses ------------------------------------------------------------------------------------
-
-_RTU_GAP_CHARS = 3.5
-_RTU_FAST_GAP_S = 0.00175  # fixed gap above 19200 baud (Modbus over serial line V1.02, 2.5.1.1)
-_RTU_FAST_BAUD = 19200
-_MAX_ADU_CHARS = 256
-
-
-class ModbusBusConfig(Strict):
-    """One bus. ``kind`` picks the transport; the serial fields also describe the RS-485 side of an
-    RTU-over-TCP converter (they set the inter-frame gap there)."""
-
-    kind: Literal["tcp", "rtu", "rtu_over_tcp"] = Field(
-        description="tcp: Modbus TCP; rtu: a serial line; rtu_over_tcp: RTU frames through a TCP converter/DTU")
-    name: str | None = Field(default=None, max_length=64, description="for logs; derived from the address if unset")
-    host: str | None = Field(default=None, description="tcp and rtu_over_tcp: server or converter address")
-    port: int = Field(default=502, ge=1, le=65535, description="tcp and rtu_over_tcp: TCP port")
-    serial_port: str | None = Field(default=None, description="rtu: serial device, e.g. /dev/ttyUSB0")
-    baudrate: int = Field(default=9600, ge=300, le=4_000_000)
-    parity: Literal["N", "E", "O"] = "N"
-    stopbits: Literal[1, 2] = 1
-    bytesize: Literal[7, 8] = 8
-    timeout_s: float | None = Field(
-        default=None, gt=0, le=30,
-        description="wait for an answer; default 1 s on TCP, else 0.5 s or more at low baud rates (+0.5 s via TCP)")
-    connect_timeout_s: float = Field(default=3.0, gt=0, le=60)
-    retries: int = Field(default=1, ge=0, le=5,
-                         description="tries after a timeout (polls and commands to healthy units)")
-    inter_frame_gap_s: float | None = Field(
-        default=None, ge=0, le=1,
-        description="silence between frames; default 3.5 characters (1.75 ms above 19200 baud)")
-    max_pending_polls: int = Field(default=64, ge=1, le=100_000, description="polls waiting beyond this are refused")
-    offline_after_failures: int = Field(default=2, ge=1, le=100, description="failed requests in a row before offline")
-    backoff_base_s: float = Field(default=1.0, gt=0, le=60)
-    backoff_cap_s: float = Field(default=30.0, gt=0, le=3600)
-    reconnect_base_s: float = Field(default=0.5, gt=0, le=60)
-    reconnect_cap_s: float = Field(default=10.0, gt=0, le=3600)
-    drop_after_silent: int = Field(
-        default=5, ge=1, le=1000, description="TCP: reconnect after this many unanswered frames in a row")
-    broadcast_turnaround_s: float = Field(default=0.1, ge=0, le=5, description="RTU: quiet time after a broadcast")
-
-    @model_validator(mode="after")
-    def _address_fits_kind(self) -> ModbusBusConfig:
-        if self.kind == "rtu":
-            if not self.serial_port:
-                raise ValueError("an rtu bus needs 'serial_port' (e.g. /dev/ttyUSB0)")
-            if self.host is not None:
-                raise ValueError("'host' is for tcp and rtu_over_tcp buses; an rtu bus has 'serial_port'")
-        else:
-            if not self.host:
-                raise ValueError(f"a {self.kind} bus needs 'host'")
-            if self.serial_port is not None:
-                raise ValueError(f"'serial_port' is for rtu buses, not {self.kind}")
-        return self
-
-    @property
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        if self.kind == "rtu":
-            return f"rtu {self.serial_port}"
-        return f"{self.kind.replace('_', '-')} {self.host}:{self.port}"
-
-    @property
-    def rtu_framing(self) -> bool:
-        return self.kind != "tcp"
-
-    @property
-    def char_time_s(self) -> float:
-        bits = 1 + self.bytesize + (0 if self.parity == "N" else 1) + self.stopbits
-        return bits / self.baudrate
-
-    @property
-    def frame_gap_s(self) -> float:
-        """Silence kept between the end of one exchange and the next frame."""
-        if self.inter_frame_gap_s is not None:
-            return self.inter_frame_gap_s
-        if not self.rtu_framing:
-            return 0.0
-        if self.baudrate > _RTU_FAST_BAUD:
-            return _RTU_FAST_GAP_S
-        return _RTU_GAP_CHARS * self.char_time_s
-
-    @property
-    def response_timeout_s(self) -> float:
-        if self.timeout_s is not None:
-            return self.timeout_s
-        if self.kind == "tcp":
-            return 1.0
-        # Leave room for the longest frame each way at the line's speed (0.27 s per frame at 9600 8N1).
-        serial = max(0.5, 0.2 + 2 * _MAX_ADU_CHARS * self.char_time_s)
-        return serial if self.kind == "rtu" else serial + 0.5
-
-
-class ModbusSection(Strict):
-    buses: dict[Annotated[str, Field(pattern=_ID_RE)], ModbusBusConfig] = Field(
-        default_factory=dict, description="Modbus buses by id: a serial line, or a TCP connection to a device or DTU")
-
-
-# --- wristbands and alarms -------------------------------------------------------------------------
-
-class ResidentConfig(Strict):
-    """A resident who wears a wristband. Names and rooms stay on the box (events carry the id)."""
-
-    id: str = Field(pattern=_ID_RE, description="the resident's id, as the platform knows them")
-    name: str | None = Field(default=None, max_length=64, description="local only, unless alarms.include_names")
-    room: str | None = Field(default=None, max_length=64, description="local only")
-    devices: list[Annotated[str, Field(pattern=r"^[0-9a-f]{8,32}$")]] = Field(
-        min_length=1, description="wristband ids: BLE MAC or LoRaWAN devEui, lower-case hex without separators")
-    heart_rate_low: int = Field(default=45, ge=20, le=120)
-    heart_rate_high: int = Field(default=130, ge=60, le=250)
-    spo2_low: int = Field(default=90, ge=50, le=99)
-    low_battery_pct: int = Field(default=15, ge=0, le=100)
-
-    @model_validator(mode="after")
-    def _range(self) -> ResidentConfig:
-        if self.heart_rate_low >= self.heart_rate_high:
-            raise ValueError("heart_rate_low must be below heart_rate_high")
-        return self
-
-
-class WristbandInputConfig(Strict):
-    decoder: Literal["ble-json", "ble-adv-hex", "chirpstack-v4"] = Field(description="the gateway's format")
-    topics: list[str] | None = Field(default=None, description="topic filters; the decoder's usual ones if unset")
-
-
-class WristbandsConfig(Strict):
-    """Wristband readings from BLE gateways or LoRaWAN, through the box's own MQTT broker."""
-
-    enabled: bool = True
-    broker: str = Field(default="mqtt://127.0.0.1:1883", description="the local broker the BLE/LoRa gateways use")
-    username: str | None = None
-    password: SecretField | None = None
-    inputs: list[WristbandInputConfig] = Field(min_length=1)
-    residents: list[ResidentConfig] = Field(default_factory=list)
-    zones: dict[str, Literal["inside", "outside"]] = Field(
-        default_factory=dict,
-        description="BLE gateway id -> where it is; a band heard 'outside' has left the compound")
-    no_signal_after_s: float = Field(default=900, gt=0, le=86_400)
-    guard_topic: str = Field(default="edgeagent/local/alarms", description="alarm states for guard-room panels")
-    ack_topic: str = Field(default="edgeagent/local/alarms/ack",
-                           description='guard-room buttons publish {"alarm_id": ..., "by": ...} here')
-
-    @field_validator("password", mode="before")
-    @classmethod
-    def _password_ref(cls, v: Any) -> Any:
-        return _no_clear_secret(v)
-
-    @field_validator("broker")
-    @classmethod
-    def _broker_url(cls, v: str) -> str:
-        return check_broker_url(v)
-
-    def cross_checks(self) -> list[tuple[tuple[int | str, ...], str]]:
-        issues: list[tuple[tuple[int | str, ...], str]] = []
-        owner: dict[str, str] = {}
-        ids: set[str] = set()
-        for i, r in enumerate(self.residents):
-            if r.id in ids:
-                issues.append((("wristbands", "residents", i, "id"), f"resident {r.id!r} is listed twice"))
-            ids.add(r.id)
-            for j, dev in enumerate(r.devices):
-                if dev in owner:
-                    issues.append((("wristbands", "residents", i, "devices", j),
-                                   f"wristband {dev} is already worn by {owner[dev]!r}"))
-                owner.setdefault(dev, r.id)
-        return issues
-
+# --- alarms -------------------------------------------------------------------------------------------
 
 class AlarmLevelConfig(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
@@ -370,121 +218,23 @@ class AlarmsSection(Strict):
         default_factory=dict, description="per-kind overrides of the shipped policies")
 
 
-# --- devices (one config class per driver type, joined by a discriminated union) ----------------
+# --- devices (each capability has its config classes, joined by a discriminated union) -----------
 
 class DeviceBase(Strict):
-    id: str = Field(pattern=_ID_RE, description="device id, unique on this gateway")
+    """What every device entry has; each capability's device classes add ``type: Literal[...]`` and their keys."""
+
+    id: str = Field(pattern=ID_PATTERN, description="device id, unique on this gateway")
     enabled: bool = True
     name: str | None = Field(default=None, description="human label, local only")
 
 
-class SimSensorConfig(DeviceBase):
-    type: Literal["sim.sensor"]
-    metric: str = Field(default="temperature", pattern=r"^[a-z][a-z0-9_]*$")
-    unit: str = "degC"
-    base: float = 25.0
-    amplitude: float = Field(default=5.0, ge=0)
-    interval_s: float = Field(default=1.0, gt=0, le=86_400)
-
-
-class SimContactConfig(DeviceBase):
-    type: Literal["sim.contact"]
-    contact: str = "door"
-    mean_interval_s: float = Field(default=5.0, gt=0)
-
-
-class SimPanicConfig(DeviceBase):
-    type: Literal["sim.panic"]
-    location: str = "guard-room"
-    mean_interval_s: float = Field(default=30.0, gt=0)
-
-
-class ModbusDeviceBase(DeviceBase):
-    bus: str = Field(pattern=_ID_RE, description="id of a bus under modbus.buses")
-    unit_id: int = Field(ge=1, le=247, description="Modbus unit (slave) id on that bus")
-    profile: str = Field(description="a shipped device model (see 'edgeagent modbus profiles') or a profile file path")
-    poll_interval_s: float | None = Field(default=None, gt=0, le=86_400,
-                                          description="poll at least this often (overrides the profile's default)")
-
-
-class ModbusGateConfig(ModbusDeviceBase):
-    """A car barrier gate."""
-
-    type: Literal["modbus.gate"]
-    profile: str = "barrier-gate-generic"
-
-
-class ChargerSafetyConfig(Strict):
-    """Local cut-offs of an e-bike charging station; they act without the cloud."""
-
-    max_current_a: float = Field(default=3.5, gt=0, le=100, description="a port above this is cut and locked out")
-    max_temperature_c: float = Field(default=65.0, gt=0, le=200,
-                                     description="a port above this is cut and locked out")
-    cut_on_smoke: bool = Field(default=True, description="the smoke input cuts the whole station")
-    full_current_a: float = Field(default=0.15, ge=0, le=10,
-                                  description="a charging port drawing less than this is considered full")
-    full_after_s: float = Field(default=1800, gt=0, le=86_400,
-                                description="a full battery left on charge this long is cut")
-    temperature_hysteresis_c: float = Field(default=5.0, ge=0, le=50,
-                                            description="a lockout may be reset below max_temperature_c minus this")
-    idle_current_a: float = Field(default=0.05, gt=0, le=10, description="above this (relay on) a session starts")
-    unplugged_after_s: float = Field(default=120, gt=0, le=86_400, description="no current this long ends a session")
-    cut_verify_s: float = Field(default=10, gt=0, le=600,
-                                description="a cut port still on after this long: the whole station is cut")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ChargerSafetyConfig:
-        if not self.idle_current_a < self.full_current_a < self.max_current_a:
-            raise ValueError("need idle_current_a < full_current_a < max_current_a "
-                             f"(got {self.idle_current_a}, {self.full_current_a}, {self.max_current_a})")
-        return self
-
-
-class ModbusChargerConfig(ModbusDeviceBase):
-    """A multi-port e-bike charging station."""
-
-    type: Literal["modbus.charger"]
-    profile: str = "ebike-charger-8port"
-    safety: ChargerSafetyConfig = ChargerSafetyConfig()
-
-
-class ModbusRelayConfig(ModbusDeviceBase):
-    """A relay/IO module driving sirens, strobes, door-hold contacts."""
-
-    type: Literal["modbus.relay"]
-    profile: str = "relay-io-8ch"
-    channels: dict[Annotated[int, Field(ge=1, le=64)], Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] = Field(
-        default_factory=dict, description="names for output channels, e.g. {1: siren, 2: strobe}")
-
-
-class ModbusGenericConfig(ModbusDeviceBase):
-    """Any other Modbus device described by a profile."""
-
-    type: Literal["modbus.device"]
-
-
-DeviceConfig = Annotated[
-    SimSensorConfig | SimContactConfig | SimPanicConfig | ModbusGateConfig | ModbusChargerConfig
-    | ModbusRelayConfig | ModbusGenericConfig,
-    Field(discriminator="type"),
-]
-DEVICE_TYPES: dict[str, type[DeviceBase]] = {
-    "sim.sensor": SimSensorConfig,
-    "sim.contact": SimContactConfig,
-    "sim.panic": SimPanicConfig,
-    "modbus.gate": ModbusGateConfig,
-    "modbus.charger": ModbusChargerConfig,
-    "modbus.relay": ModbusRelayConfig,
-    "modbus.device": ModbusGenericConfig,
-}
-
-
-class Config(Strict):
-    """The whole file."""
+class CoreConfig(Strict):
+    """The sections every gateway has. The whole file's model is assembled at the app layer
+    (``edgeagent.capabilities``): this plus each capability's section and device types."""
 
     version: int = Field(description=f"config schema version; this edgeagent writes {CONFIG_VERSION}")
-    site_id: str = Field(pattern=_ID_RE, description="the compound, as the platform knows it")
-    gateway_id: str = Field(pattern=_ID_RE, description="this box, unique within the site")
+    site_id: str = Field(pattern=ID_PATTERN, description="the compound, as the platform knows it")
+    gateway_id: str = Field(pattern=ID_PATTERN, description="this box, unique within the site")
     state_dir: Path = Field(default=Path("/var/lib/edgeagent"),
                             description="outbox and local state; $STATE_DIRECTORY overrides under systemd")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -494,12 +244,11 @@ class Config(Strict):
     commands: CommandsConfig = CommandsConfig()
     health: HealthConfig = HealthConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
-    modbus: ModbusSection = ModbusSection()
-    wristbands: WristbandsConfig | None = None
     alarms: AlarmsSection = AlarmsSection()
     notifiers: NotifiersSection = Field(
         default_factory=dict, description="how alarm notifications reach people: mqtt, webhook, sms")
-    devices: list[DeviceConfig] = Field(default_factory=list)
+    # The assembled model replaces this with the discriminated union of every capability's device types.
+    devices: Sequence[DeviceBase] = Field(default_factory=list)
 
     @field_validator("version")
     @classmethod
@@ -511,26 +260,34 @@ class Config(Strict):
             raise ValueError(f"version {v} is old; run 'edgeagent config migrate'")
         return v
 
-    def cross_checks(self) -> list[tuple[tuple[int | str, ...], str]]:
+    def cross_checks(self) -> list[Issue]:
         """Checks that span sections, each with the location of the offending key."""
-        issues: list[tuple[tuple[int | str, ...], str]] = []
+        issues: list[Issue] = []
         seen: set[str] = set()
-        units: dict[tuple[str, int], str] = {}
         for i, dev in enumerate(self.devices):
             if dev.id in seen:
                 issues.append((("devices", i, "id"), f"device id {dev.id!r} is used twice"))
             seen.add(dev.id)
-            if isinstance(dev, ModbusDeviceBase):
-                if dev.bus not in self.modbus.buses:
-                    known = ", ".join(sorted(self.modbus.buses)) or "none defined"
-                    issues.append((("devices", i, "bus"), f"no bus {dev.bus!r} under modbus.buses (known: {known})"))
-                elif (dev.bus, dev.unit_id) in units:
-                    issues.append((("devices", i, "unit_id"), f"unit id {dev.unit_id} on bus {dev.bus!r} is already "
-                                   f"device {units[(dev.bus, dev.unit_id)]!r}"))
-                units.setdefault((dev.bus, dev.unit_id), dev.id)
-        if self.wristbands is not None:
-            issues.extend(self.wristbands.cross_checks())
         return issues
+
+    @classmethod
+    def device_types(cls) -> dict[str, type[DeviceBase]]:
+        """The device config classes this model accepts, by their ``type`` tag."""
+        found: dict[str, type[DeviceBase]] = {}
+        field = cls.model_fields["devices"]
+        todo = list(typing.get_args(field.annotation))
+        while todo:
+            arg = todo.pop()
+            if isinstance(arg, type) and issubclass(arg, DeviceBase):
+                tag_field = arg.model_fields.get("type")
+                for tag in typing.get_args(tag_field.annotation) if tag_field is not None else ():
+                    found[str(tag)] = arg
+            else:
+                todo.extend(typing.get_args(arg))
+        return found
+
+
+Config = CoreConfig  # the static type of a loaded config; its sections beyond the core are read by capabilities
 
 
 # --- migrations -----------------------------------------------------------------------------------
@@ -593,7 +350,8 @@ def _locate(doc: Any, loc: tuple[int | str, ...]) -> tuple[int, int] | None:
     return pos
 
 
-def _dotted(loc: tuple[int | str, ...], doc: Any) -> str:
+def _dotted(loc: tuple[int | str, ...], doc: Any, root: type[CoreConfig]) -> str:
+    device_types = root.device_types()
     out = ""
     node = doc
     for part in loc:
@@ -601,26 +359,27 @@ def _dotted(loc: tuple[int | str, ...], doc: Any) -> str:
             out += f"[{part}]"
             node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
         else:
-            if isinstance(node, Mapping) and part not in node and part in DEVICE_TYPES:
+            if isinstance(node, Mapping) and part not in node and part in device_types:
                 continue  # the discriminator tag pydantic adds for unions
             out += ("." if out else "") + part
             node = node.get(part) if isinstance(node, Mapping) else None
     return out or "(top level)"
 
 
-def _model_at(loc: tuple[int | str, ...], doc: Any) -> type[BaseModel] | None:
+def _model_at(loc: tuple[int | str, ...], doc: Any, root: type[CoreConfig]) -> type[BaseModel] | None:
     """The config model that owns the last key of ``loc`` (to list the keys it allows)."""
-    model: type[BaseModel] | None = Config
+    device_types = root.device_types()
+    model: type[BaseModel] | None = root
     node = doc
     for part in loc[:-1]:
         if model is None:
             return None
         if isinstance(part, int):
             node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
-            if isinstance(node, Mapping) and node.get("type") in DEVICE_TYPES:
-                model = DEVICE_TYPES[str(node["type"])]
+            if isinstance(node, Mapping) and node.get("type") in device_types:
+                model = device_types[str(node["type"])]
             continue
-        if part in DEVICE_TYPES and not (isinstance(node, Mapping) and part in node):
+        if part in device_types and not (isinstance(node, Mapping) and part in node):
             continue  # the union tag pydantic puts in the location
         field = model.model_fields.get(part)
         if field is None:
@@ -633,9 +392,9 @@ def _model_at(loc: tuple[int | str, ...], doc: Any) -> type[BaseModel] | None:
     return model
 
 
-def _unknown_key(loc: tuple[int | str, ...], doc: Any) -> str:
+def _unknown_key(loc: tuple[int | str, ...], doc: Any, root: type[CoreConfig]) -> str:
     key = str(loc[-1]) if loc else "?"
-    model = _model_at(loc, doc)
+    model = _model_at(loc, doc, root)
     if model is None:
         return "unknown key"
     allowed = sorted(model.model_fields)
@@ -644,7 +403,7 @@ def _unknown_key(loc: tuple[int | str, ...], doc: Any) -> str:
     return f"unknown key ({hint}allowed here: {', '.join(allowed)})"
 
 
-def _plain(err: Mapping[str, Any], doc: Any = None) -> str:
+def _plain(err: Mapping[str, Any], doc: Any, model: type[CoreConfig]) -> str:
     kind = err["type"]
     msg = str(err["msg"])
     ctx = err.get("ctx") or {}
@@ -659,11 +418,11 @@ def _plain(err: Mapping[str, Any], doc: Any = None) -> str:
     if kind == "list_type":
         return f"must be a list (got {type(got).__name__})"
     if kind == "extra_forbidden":
-        return _unknown_key(tuple(err["loc"]), doc)
+        return _unknown_key(tuple(err["loc"]), doc, model)
     if kind == "missing":
         return "required key is missing"
     if kind == "union_tag_invalid":
-        return f"unknown device type {ctx.get('tag')!r} (known: {', '.join(sorted(DEVICE_TYPES))})"
+        return f"unknown device type {ctx.get('tag')!r} (known: {', '.join(sorted(model.device_types()))})"
     if kind == "union_tag_not_found":
         return "a device needs a 'type' key"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
@@ -680,13 +439,13 @@ def _plain(err: Mapping[str, Any], doc: Any = None) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _format_errors(path: Path | str, doc: Any, exc: ValidationError) -> str:
+def _format_errors(path: Path | str, doc: Any, exc: ValidationError, model: type[CoreConfig]) -> str:
     located = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         pos = _locate(doc, loc)
         where = f"{path}:{pos[0]}:{pos[1]}" if pos else str(path)
-        located.append((pos or (0, 0), f"{where}: {_dotted(loc, doc)}: {_plain(err, doc)}"))
+        located.append((pos or (0, 0), f"{where}: {_dotted(loc, doc, model)}: {_plain(err, doc, model)}"))
     return "\n".join(line for _pos, line in sorted(located, key=lambda x: x[0]))
 
 
@@ -706,23 +465,24 @@ def parse_yaml(text: str, path: Path | str) -> CommentedMap:
     return doc
 
 
-def validate_doc(doc: CommentedMap, path: Path | str) -> Config:
+def validate_doc(doc: CommentedMap, path: Path | str, model: type[ConfigT]) -> ConfigT:
+    """Validate a parsed document against ``model`` (the assembled config model of the app layer)."""
     try:
-        cfg = Config.model_validate(_to_builtin(doc))
+        cfg = model.model_validate(_to_builtin(doc))
     except ValidationError as exc:
-        raise ConfigError(_format_errors(path, doc, exc)) from None
+        raise ConfigError(_format_errors(path, doc, exc, model)) from None
     issues = cfg.cross_checks()
     if issues:
         lines = []
         for loc, msg in issues:
             pos = _locate(doc, loc)
             where = f"{path}:{pos[0]}:{pos[1]}" if pos else str(path)
-            lines.append(f"{where}: {_dotted(loc, doc)}: {msg}")
+            lines.append(f"{where}: {_dotted(loc, doc, model)}: {msg}")
         raise ConfigError("\n".join(lines))
     return cfg
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, model: type[ConfigT]) -> ConfigT:
     """Read and validate the file; every failure is a :class:`ConfigError` with a location."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -732,7 +492,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return validate_doc(parse_yaml(text, path), path)
+    return validate_doc(parse_yaml(text, path), path, model)
 
 
 def _to_builtin(node: Any) -> Any:
@@ -748,7 +508,34 @@ def _to_builtin(node: Any) -> Any:
 _SECRETISH = re.compile(r"pass|secret|token|key$|private", re.IGNORECASE)
 
 
-def redacted(cfg: Config) -> dict[str, Any]:
+PERSONAL = "personal"  # json_schema_extra marker of a field holding personal data
+
+
+def _redact_personal(data: Any, model: Any) -> None:
+    """Replace the values of fields marked ``json_schema_extra={"personal": True}``, walking nested models."""
+    if isinstance(data, list):
+        for item in data:
+            _redact_personal(item, model)
+        return
+    if not isinstance(data, dict):
+        return
+    models = [m for m in (typing.get_args(model) or (model,)) if isinstance(m, type) and issubclass(m, BaseModel)]
+    if not models and typing.get_args(model):
+        for arg in typing.get_args(model):
+            _redact_personal(data, arg)
+        return
+    for m in models:
+        for name, field in m.model_fields.items():
+            if name not in data:
+                continue
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get(PERSONAL) and data[name]:
+                data[name] = "<redacted>"
+            else:
+                _redact_personal(data[name], field.annotation)
+
+
+def redacted(cfg: CoreConfig) -> dict[str, Any]:
     """The effective config as plain data, safe to print: secrets show only where they come from."""
     data = cfg.model_dump(mode="json")
 
@@ -768,11 +555,9 @@ def redacted(cfg: Config) -> dict[str, Any]:
         return node
 
     result: dict[str, Any] = walk(data)
-    # Personal data stays on the box too: residents' names and rooms, phone numbers for SMS.
-    for resident in (result.get("wristbands") or {}).get("residents", []):
-        for key in ("name", "room"):
-            if resident.get(key):
-                resident[key] = "<redacted>"
+    # Personal data stays on the box too: keys a config model marks as personal (residents' names and
+    # rooms, ...) and phone numbers for SMS.
+    _redact_personal(result, type(cfg))
     for notifier in (result.get("notifiers") or {}).values():
         if isinstance(notifier, dict) and isinstance(notifier.get("numbers"), dict):
             notifier["numbers"] = dict.fromkeys(notifier["numbers"], "<redacted>")
