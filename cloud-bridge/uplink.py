@@ -73,6 +73,7 @@ class _Reply:
     payload: bytes
     correlation_data: bytes | None
     command_id: str | None
+    qos: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,7 +475,12 @@ class Uplink:
         # Only the default topic or one under it (".../cmd/result" is not), never a wildcard filter.
         if wanted and (wanted == topic or wanted.startswith(topic + "/")) and not {"+", "#"} & set(wanted):
             topic = wanted
-        await self._answer(_Reply(topic, result.to_json(self._now()), msg.correlation_data, result.command_id))
+        # A request whose signature did not verify is answered at QoS 0 (best effort, not kept for
+        # the next connection): a flood of them then costs no PUBACK round trip each, and the
+        # bounded set of command tasks stays free for real commands.
+        reply = _Reply(topic, result.to_json(self._now()), msg.correlation_data, result.command_id,
+                       qos=1 if result.verified else 0)
+        await self._answer(reply)
 
     async def _answer(self, reply: _Reply) -> None:
         session = self._session
@@ -485,10 +491,14 @@ class Uplink:
                 log.warning("command %s: the broker refused the answer: %s", reply.command_id, exc)
                 return
             except UplinkError as exc:
+                if reply.qos == 0:
+                    return
                 log.warning("command %s: answer not delivered (%s); sending it on the next connection",
                             reply.command_id, exc)
             else:
                 return
+        elif reply.qos == 0:
+            return  # best effort only (see _run_command)
         else:
             log.info("command %s: no connection; answering on the next one", reply.command_id)
         if len(self._unanswered) >= self._max_unanswered:
@@ -503,7 +513,7 @@ class Uplink:
         if session.protocol == "5" and reply.correlation_data is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = reply.correlation_data
-        await session.publish(reply.topic, reply.payload, qos=1, properties=props)
+        await session.publish(reply.topic, reply.payload, qos=reply.qos, properties=props)
 
     async def _answer_backlog(self, session: MqttSession) -> None:
         """Send answers that an earlier connection could not; a connection failure leaves them queued."""

@@ -84,6 +84,8 @@ class CommandResult:
     error_message: str | None
     command: str | None = None
     issuer: str | None = None
+    # False when the request's signature never verified: anyone on the broker could have sent it.
+    verified: bool = True
 
     def to_json(self, now: datetime) -> bytes:
         error = None if self.error_code is None else {"code": self.error_code, "message": self.error_message}
@@ -211,7 +213,7 @@ class CommandService:
                 # Overflow policy: beyond 4x the concurrency, refuse at once rather than queue without bound.
                 self.rejected_total += 1
                 result = CommandResult(None, False, "rejected", None, "busy",
-                                       "too many commands in progress; retry later")
+                                       "too many commands in progress; retry later", verified=False)
                 return result
             self._busy += 1
             try:
@@ -227,11 +229,11 @@ class CommandService:
                 result = CommandResult(
                     b.id if b else None, False, "failed", None, "failed",
                     "interrupted before it finished (the gateway was stopping); its effect is unknown",
-                    b.command if b else None, b.issuer if b else None)
-            await asyncio.shield(self._record(result, verified=progress.signed))
+                    b.command if b else None, b.issuer if b else None, verified=progress.signed)
+            await asyncio.shield(self._record(result))
 
-    async def _record(self, result: CommandResult, *, verified: bool) -> None:
-        if verified or result.status != "rejected":
+    async def _record(self, result: CommandResult) -> None:
+        if result.verified or result.status != "rejected":
             if result.status == "rejected":
                 log.warning("command %s rejected: %s (%s)", result.command_id or "?", result.error_code,
                             result.error_message)
@@ -303,7 +305,8 @@ class CommandService:
         except CommandRejected as exc:
             self.rejected_total += 1
             return CommandResult(body.id if body else None, False, "rejected", None, exc.code, exc.message,
-                                 body.command if body else None, body.issuer if body else None)
+                                 body.command if body else None, body.issuer if body else None,
+                                 verified=progress.signed)
         try:
             result = await spec.handler(args)
         except CommandRejected as exc:
