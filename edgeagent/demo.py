@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from rich.console import Console
 
 from edgeagent.app import Daemon
+from edgeagent.capabilities import Config
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
-from edgeagent.capabilities import Config
 from edgeagent.kernel.errors import UplinkError
 from edgeagent.kernel.pipeline.commands import sign_command
 from edgeagent.kernel.pipeline.events import Event
