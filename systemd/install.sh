@@ -3,18 +3,22 @@
 # box. Run as root from a checkout (or release tarball) that has this systemd/ directory.
 # Idempotent: running it again updates the code and the unit files and leaves the config,
 # the credentials and the outbox alone.
+# With --root DIR it writes the same files under DIR instead, as any user, and leaves the machine
+# itself alone (no user, owner, kernel module or systemctl changes): for tests and for looking
+# at an install.
 set -euo pipefail
 
-readonly PREFIX=/opt/edgeagent
-readonly VENV=$PREFIX/venv
-readonly CONFIG_DIR=/etc/edgeagent
-readonly CONFIG=$CONFIG_DIR/edgeagent.yaml
+# Where the files go; with --root DIR each of these is prefixed with DIR once the arguments are read.
+PREFIX=/opt/edgeagent
+VENV=$PREFIX/venv
+CONFIG_DIR=/etc/edgeagent
+CONFIG=$CONFIG_DIR/edgeagent.yaml
 # /usr/local/lib/... rather than /etc/...: files of the same name in /etc override these, so an
 # administrator's own copies and `systemctl edit` drop-ins survive a re-install.
-readonly UNIT_DIR=/usr/local/lib/systemd/system
-readonly SYSUSERS_DIR=/usr/local/lib/sysusers.d
-readonly TMPFILES_DIR=/usr/local/lib/tmpfiles.d
-readonly MODULES_LOAD=/etc/modules-load.d/edgeagent.conf
+UNIT_DIR=/usr/local/lib/systemd/system
+SYSUSERS_DIR=/usr/local/lib/sysusers.d
+TMPFILES_DIR=/usr/local/lib/tmpfiles.d
+MODULES_LOAD=/etc/modules-load.d/edgeagent.conf
 readonly UNIT=edgeagent.service
 # The system interpreter by default: a venv links back to the Python it was made with, and one
 # under /root or /home (pyenv, conda, ...) is hidden from the service by ProtectHome=yes.
@@ -38,6 +42,13 @@ Options:
   --site-id ID      site id for a new config (needed on the first install only)
   --gateway-id ID   gateway id for a new config (needed on the first install only)
   --enable          enable the service and start it now (restart it if it runs)
+  --root DIR        write every file under DIR (DIR/opt/edgeagent, DIR/etc/edgeagent,
+                    DIR/usr/local/lib/..., DIR/etc/modules-load.d) instead of /, as any
+                    user. The machine is left alone: no user is created, no owner
+                    changed, no module loaded, systemctl is not run (so no --enable),
+                    and any \$PYTHON is accepted. For tests and for looking at an
+                    install: the venv's scripts name DIR/opt/edgeagent/venv, so the
+                    tree cannot be copied elsewhere and run.
   -h, --help        show this help
 
 What it does:
@@ -53,6 +64,7 @@ What it does:
 Examples:
   sudo ./systemd/install.sh --site-id acacia-gardens --gateway-id gw-01 --enable dist/edgeagent-0.1.0-py3-none-any.whl
   sudo ./systemd/install.sh .          # update from the source tree, keep the service as it is
+  ./systemd/install.sh --root /tmp/ea --site-id s1 --gateway-id gw-01 edgeagent-0.1.0-py3-none-any.whl
 EOF
 }
 
@@ -73,6 +85,7 @@ source_arg=""
 site_id=""
 gateway_id=""
 enable=0
+root=""
 while [ $# -gt 0 ]; do
     case $1 in
         --site-id | --gateway-id)
@@ -83,6 +96,12 @@ while [ $# -gt 0 ]; do
         --site-id=*) site_id=${1#*=}; shift ;;
         --gateway-id=*) gateway_id=${1#*=}; shift ;;
         --enable) enable=1; shift ;;
+        --root)
+            if [ $# -lt 2 ] || [ -z "$2" ]; then usage_error "$1 needs a value"; fi
+            root=$2
+            shift 2
+            ;;
+        --root=*) root=${1#*=}; shift ;;
         -h | --help) usage; exit 0 ;;
         --) shift; break ;;
         -*) usage_error "unknown option: $1" ;;
@@ -98,9 +117,15 @@ if [ $# -gt 0 ]; then
     source_arg=$1
 fi
 [ -n "$source_arg" ] || usage_error "missing SOURCE (a wheel or a source tree)"
+if [ -n "$root" ]; then
+    [ "$enable" -eq 0 ] || usage_error "--enable cannot be used with --root (nothing runs from DIR)"
+    [ "$(realpath -m -- "$root")" != / ] || usage_error "--root /: leave --root out for a real install"
+fi
 
 # --- checks before anything is changed ---------------------------------------------------------
-[ "$(id -u)" -eq 0 ] || die "must run as root (try: sudo $0 ...)"
+if [ -z "$root" ]; then
+    [ "$(id -u)" -eq 0 ] || die "must run as root (try: sudo $0 ...)"
+fi
 
 [ -e "$source_arg" ] || die "SOURCE not found: $source_arg"
 source_path=$(realpath -- "$source_arg")
@@ -118,9 +143,11 @@ for f in edgeagent.service edgeagent.sysusers edgeagent.tmpfiles; do
     [ -f "$HERE/$f" ] || die "missing $HERE/$f (run this script from its systemd/ directory)"
 done
 
-for cmd in systemctl systemd-sysusers systemd-tmpfiles; do
-    command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found: this box does not use systemd"
-done
+if [ -z "$root" ]; then
+    for cmd in systemctl systemd-sysusers systemd-tmpfiles; do
+        command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found: this box does not use systemd"
+    done
+fi
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     die "$PYTHON not found (apt-get install python3 python3-venv)"
@@ -132,9 +159,22 @@ fi
 python_real=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable))')
 case $python_real in
     /root/* | /home/* | /run/user/*)
-        die "$PYTHON is $python_real, which the service cannot see (ProtectHome=yes); use PYTHON=/usr/bin/python3"
+        # Under --root the service never runs this venv: any interpreter will do.
+        [ -n "$root" ] \
+            || die "$PYTHON is $python_real, which the service cannot see (ProtectHome=yes); use PYTHON=/usr/bin/python3"
         ;;
 esac
+
+# Every path written below starts with ROOT: empty for a real install.
+if [ -n "$root" ]; then
+    mkdir -p -- "$root"
+    root=$(realpath -- "$root")
+fi
+readonly ROOT=$root
+PREFIX=$ROOT$PREFIX VENV=$ROOT$VENV CONFIG_DIR=$ROOT$CONFIG_DIR CONFIG=$ROOT$CONFIG
+UNIT_DIR=$ROOT$UNIT_DIR SYSUSERS_DIR=$ROOT$SYSUSERS_DIR TMPFILES_DIR=$ROOT$TMPFILES_DIR
+MODULES_LOAD=$ROOT$MODULES_LOAD
+readonly PREFIX VENV CONFIG_DIR CONFIG UNIT_DIR SYSUSERS_DIR TMPFILES_DIR MODULES_LOAD
 
 if [ ! -e "$CONFIG" ] && { [ -z "$site_id" ] || [ -z "$gateway_id" ]; }; then
     die "no $CONFIG yet: the first install needs --site-id and --gateway-id (or write the config first)"
@@ -142,19 +182,35 @@ fi
 
 systemd_running=0
 # The documented test for "booted with systemd" (sd_booted(3)); false in a chroot or image build.
-[ -d /run/systemd/system ] && systemd_running=1
+# Under --root this machine's systemd is left alone whether it runs or not.
+if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then systemd_running=1; fi
 
 # Whatever root's umask is, the venv and the unit files must be readable by the edgeagent user.
 umask 0022
 
+if [ -n "$ROOT" ]; then
+    log "installing under $ROOT (--root): this machine's users, owners, modules and systemd are left alone"
+fi
+
 # --- user, group and directories -----------------------------------------------------------------
 log "system user 'edgeagent' (sysusers.d)"
 install -D -m 0644 "$HERE/edgeagent.sysusers" "$SYSUSERS_DIR/edgeagent.conf"
-systemd-sysusers "$SYSUSERS_DIR/edgeagent.conf"
+if [ -z "$ROOT" ]; then
+    systemd-sysusers "$SYSUSERS_DIR/edgeagent.conf"
+else
+    log "skipping systemd-sysusers (--root): no user 'edgeagent' is created"
+fi
 
 log "$CONFIG_DIR and $CONFIG_DIR/credentials (tmpfiles.d)"
 install -D -m 0644 "$HERE/edgeagent.tmpfiles" "$TMPFILES_DIR/edgeagent.conf"
-systemd-tmpfiles --create "$TMPFILES_DIR/edgeagent.conf"
+if [ -z "$ROOT" ]; then
+    systemd-tmpfiles --create "$TMPFILES_DIR/edgeagent.conf"
+else
+    # The modes of the tmpfiles.d entries; the owner is whoever runs this.
+    log "skipping systemd-tmpfiles (--root): directories made with the same modes, owned by $(id -un)"
+    install -d -m 0755 "$CONFIG_DIR"
+    install -d -m 0700 "$CONFIG_DIR/credentials"
+fi
 
 # The unit's DeviceAllow=char-ttyUSB/char-ttyACM is resolved through /proc/devices when the
 # service starts, and those names are only there once usbserial/cdc_acm are loaded. Loading them
@@ -168,7 +224,9 @@ if [ ! -f "$MODULES_LOAD" ] || [ "$(cat -- "$MODULES_LOAD")" != "$modules_conf" 
     install -d -m 0755 "$(dirname -- "$MODULES_LOAD")"
     printf '%s\n' "$modules_conf" >"$MODULES_LOAD"
 fi
-if command -v modprobe >/dev/null 2>&1; then
+if [ -n "$ROOT" ]; then
+    log "skipping modprobe (--root)"
+elif command -v modprobe >/dev/null 2>&1; then
     modprobe -q -a usbserial cdc_acm || warn "could not load usbserial/cdc_acm now (built in, or not in this kernel)"
 fi
 
@@ -188,7 +246,12 @@ trap 'rm -rf -- "$work"' EXIT
 
 if [ "$source_kind" = tree ]; then
     log "building a wheel from $source_path"
-    "$VENV/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$work" "$source_path"
+    # From a clean copy: setuptools puts into the wheel whatever an earlier build left in build/lib
+    # (modules since moved or deleted), and a build run as root would leave root's files in the tree.
+    mkdir -- "$work/src"
+    tar -C "$source_path" --exclude=./build --exclude=./dist --exclude=./.venv --exclude=./.git \
+        --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$work/src" -xf -
+    "$VENV/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$work" "$work/src"
     wheels=("$work"/edgeagent-*.whl)
     [ -f "${wheels[0]}" ] || die "building $source_path produced no edgeagent wheel"
     wheel=${wheels[0]}
@@ -211,7 +274,9 @@ fi
 # --- unit ----------------------------------------------------------------------------------------
 log "installing $UNIT_DIR/$UNIT"
 install -D -m 0644 "$HERE/edgeagent.service" "$UNIT_DIR/$UNIT"
-if [ "$systemd_running" -eq 1 ]; then
+if [ -n "$ROOT" ]; then
+    log "skipping systemctl daemon-reload (--root)"
+elif [ "$systemd_running" -eq 1 ]; then
     systemctl daemon-reload
 fi
 
@@ -228,7 +293,11 @@ else
         die "'edgeagent init' failed; nothing was written to $CONFIG"
     fi
     # Readable by the daemon's group, writable by root only: the daemon never writes its config.
-    chown root:edgeagent "$CONFIG"
+    if [ -z "$ROOT" ]; then
+        chown root:edgeagent "$CONFIG"
+    else
+        log "skipping chown root:edgeagent $CONFIG (--root)"
+    fi
     chmod 0640 "$CONFIG"
 fi
 
@@ -257,5 +326,9 @@ Installed.
   credentials: $CONFIG_DIR/credentials/{mqtt-password,mqtt-client-key} (0600 root)
   state:       /var/lib/edgeagent
   unit:        $UNIT_DIR/$UNIT
-Check it with: systemctl status edgeagent; journalctl -u edgeagent; $VENV/bin/edgeagent status
 EOF
+if [ -z "$ROOT" ]; then
+    echo "Check it with: systemctl status edgeagent; journalctl -u edgeagent; $VENV/bin/edgeagent status"
+else
+    echo "Under $ROOT only: no user, no state directory, nothing enabled (--root)."
+fi
