@@ -64,8 +64,7 @@ class EvictionReporter:
         """The outbox's ``on_evicted`` callback: never blocks, only records and wakes :meth:`run`."""
         self._pending.merge(report)
         self._total = max(self._total, total)
-        log.warning("outbox over its cap: evicted %d telemetry and %d events", report.telemetry, report.event)
-        self._wake.set()
+        self._wake.set()  # logged once per report, not once per commit: evictions come in bursts
 
     async def run(self) -> None:
         """Report pending evictions, at most every ``min_interval_s``; runs until cancelled."""
@@ -107,5 +106,7 @@ class EvictionReporter:
                 self._pending = sending
                 raise
             self.reported_total += sending.telemetry + sending.event
+            log.warning("outbox over its cap: evicted %d telemetry and %d events (seq %s to %s)",
+                        sending.telemetry, sending.event, sending.first_seq, sending.last_seq)
             return not self._pending
 
