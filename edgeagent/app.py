@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 RUNTIME_FILE = "runtime.json"
 EXIT_CRITICAL_FAILURE = 1
+STORAGE_WATCH_S = 1.0
+STOP_STATS_TIMEOUT_S = 5.0
 
 
 def alarm_config(cfg: Config) -> AlarmConfig:
@@ -295,6 +297,7 @@ class Daemon:
                 sup.start(task.name, task.run, critical=task.critical)
         await self.alarms.restore()  # alarms active before a restart sound and notify again
         sup.start("alarms", self.alarms.run, critical=True)
+        sup.start("storage", self._watch_storage, critical=True)
         sup.start("evictions", self.evictions.run)
         fixer = clock_fix.ClockFixer(self.clock, self.outbox, self._emit, gateway_id=cfg.gateway_id,
                                      poll_s=clock_fix.CLOCK_POLL_S)
@@ -356,6 +359,16 @@ class Daemon:
         device_id = info.name.split(":", 1)[1] if ":" in info.name else self.cfg.gateway_id
         await self.sink.emit(DEVICE_FAULT.name, device_id, {
             "task": info.name, "error": info.last_error or "?", "restarts": info.restarts})
+
+    async def _watch_storage(self) -> None:
+        """The outbox as a critical part: while its writes keep failing (an SD card fault), this task
+        fails too, so the supervisor's bounds apply: health false after critical_unhealthy_after_s, an
+        orderly non-zero exit after critical_give_up_after_s. Alarms keep running locally meanwhile."""
+        while True:
+            await asyncio.sleep(STORAGE_WATCH_S)
+            since = self.outbox.write_failing_since
+            if since is not None:
+                raise OutboxError(f"outbox writes failing for {time.monotonic() - since:.0f} s")
 
     def _on_critical_failure(self, info: TaskInfo) -> None:
         self.request_stop(f"critical task {info.name} cannot recover: {info.last_error}", EXIT_CRITICAL_FAILURE)
@@ -425,8 +438,13 @@ class Daemon:
         if not await self.evictions.flush():
             log.error("evictions not reported before the stop (kept for the next start's log only)")
         try:
-            stats = await self.outbox.stats()
-            unsent = sum(c.unsent for c in stats.classes.values())
+            try:
+                stats = await asyncio.wait_for(self.outbox.stats(), STOP_STATS_TIMEOUT_S)
+                unsent = sum(c.unsent for c in stats.classes.values())
+            except (OutboxError, TimeoutError) as exc:  # the stop record matters more than its count
+                log.warning("outbox stats unavailable at stop (%s); the last known count is reported", exc)
+                last = self.heartbeat.last_stats if self.heartbeat is not None else None
+                unsent = sum(c.unsent for c in last.classes.values()) if last is not None else 0
             await self.sink.emit(GATEWAY_STOPPED.name, self.cfg.gateway_id, {"reason": reason, "unsent": unsent})
             await self.outbox.flush()  # 2. everything accepted is committed
         except OutboxError as exc:

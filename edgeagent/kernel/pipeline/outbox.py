@@ -357,6 +357,9 @@ class Outbox:
         self._coalesced_total = 0
         self._commits_total = 0
         self._last_commit_mono: float | None = None
+        # Monotonic time of the first failed group commit since the last good one (None: writes work).
+        # Read by the daemon's storage watch: a database that keeps failing is a critical fault.
+        self.write_failing_since: float | None = None
         self._disk_free = 1 << 62
         self._disk_checked = 0.0
         self._housekeeping_at = 0.0  # monotonic time of the next housekeeping
@@ -783,6 +786,7 @@ class Outbox:
             raise
         self._commits_total += 1
         self._last_commit_mono = time.monotonic()
+        self.write_failing_since = None
         return results, changed
 
     def _apply_isolated(self, conn: sqlite3.Connection, op: _Op, evicted: EvictionReport) -> Any:
@@ -814,6 +818,10 @@ class Outbox:
 
     def _fail(self, loop: asyncio.AbstractEventLoop, ops: Sequence[_Op], err: BaseException,
               evicted: EvictionReport | None = None) -> None:
+        # A full disk refusing new events is the outbox working as designed (it still commits acks and
+        # frees space); any other failed group commit means the database cannot be written.
+        if self.write_failing_since is None and not isinstance(err, OutboxFullError):
+            self.write_failing_since = time.monotonic()
         results: list[_Result] = [(op.future, None, err) for op in ops if op.future is not None]
         loop.call_soon_threadsafe(self._deliver, results, False, evicted if evicted else None)
 

@@ -150,6 +150,9 @@ class Supervisor:
                 continue
             if info.state == "failed":
                 return f"critical task {info.name} failed: {info.last_error}"
+            if (info.state == "running" and info.started_at is not None
+                    and now - info.started_at >= self.policy.stable_after_s):
+                info.failing_since = None  # it has run stably since its last failure: recovered
             if (info.failing_since is not None
                     and now - info.failing_since > self.policy.critical_unhealthy_after_s):
                 return (f"critical task {info.name} failing for {now - info.failing_since:.0f} s "

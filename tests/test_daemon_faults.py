@@ -1,0 +1,122 @@
+"""Faults the daemon must survive honestly: the state database failing for a while (an SD card
+fault) must not leave an active SOS without repeats and escalation; a fault it cannot get past ends
+the daemon in order with a non-zero exit, for systemd to restart it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from edgeagent.app import Daemon
+from tests.helpers import wait_until
+from tests.test_daemon import make_config
+
+
+def _alarm_config(tmp_path: Path, **supervisor: float) -> Any:
+    return make_config(
+        tmp_path, devices=[],
+        supervisor={"restart_intensity": 2, "restart_window_s": 30, "backoff_cap_s": 0.05, "shutdown_timeout_s": 15,
+                    "critical_unhealthy_after_s": 1, "stable_after_s": 2, **supervisor},
+        alarms={"levels": [{"name": "guard_room", "targets": ["guard_room"]},
+                           {"name": "grid_worker", "targets": ["grid_worker"]},
+                           {"name": "family", "targets": ["family"]}],
+                "policies": {"sos": {"severity": "critical", "repeat_s": 0.5, "escalate_after_s": [4, 8]}}})
+
+
+def _break_database(daemon: Daemon) -> list[bool]:
+    """Every group commit fails with a disk I/O error while the returned flag is set."""
+    broken = [True]
+    real = daemon.outbox._transaction
+
+    def transaction(*args: Any, **kw: Any) -> Any:
+        if broken[0]:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(*args, **kw)
+
+    daemon.outbox._transaction = transaction  # type: ignore[method-assign]  # the fault, injected
+    return broken
+
+
+async def test_active_sos_repeats_and_escalates_after_a_database_fault(tmp_path: Path) -> None:
+    daemon = Daemon(_alarm_config(tmp_path, critical_give_up_after_s=120))
+    seen: list[tuple[str, dict[str, Any]]] = []
+    daemon.sink.observe(lambda e, _s: seen.append((e.type, dict(e.data))))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 15)
+        await daemon.alarms.raise_("sos", "r-1", "band-1", {"presses": 1})
+        assert await wait_until(lambda: any(t == "alarm.raised" for t, _ in seen), 5)
+        broken = _break_database(daemon)
+        await asyncio.sleep(3)  # the fault lasts longer than the repeat period, several times over
+        fault_seen = len(seen)
+        broken[0] = False
+        # The SOS is still served: its repeats reach the notifier hub (no notifier is configured, so
+        # the hub counts each as unrouted) and it escalates to the next level, durably.
+        hub = daemon.notifiers
+        assert hub is not None
+        handed = hub.stats.unrouted
+        assert await wait_until(lambda: hub.stats.unrouted >= handed + 2, 10)
+        assert await wait_until(lambda: any(t == "alarm.escalated" for t, _ in seen[fault_seen:]), 15), \
+            [t for t, _ in seen]
+        assert await wait_until(lambda: daemon.healthy()[0], 10), daemon.healthy()
+        tasks = {t["name"]: t["state"] for t in daemon.supervisor.snapshot()}  # type: ignore[union-attr]
+        assert tasks["alarms"] == "running"
+        assert not task.done()
+    finally:
+        stop.set()
+        code = await asyncio.wait_for(task, 30)
+    assert code == 0
+
+
+async def test_a_fault_that_does_not_clear_ends_the_daemon_non_zero(tmp_path: Path) -> None:
+    daemon = Daemon(_alarm_config(tmp_path, critical_give_up_after_s=3))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 15)
+        await daemon.alarms.raise_("sos", "r-1", "band-1", {"presses": 1})
+        _break_database(daemon)
+        # Health turns false once a critical task has been failing for critical_unhealthy_after_s...
+        assert await wait_until(lambda: not daemon.healthy()[0], 10)
+        assert "critical task" in daemon.healthy()[1]
+        # ...and the daemon ends by itself, in order, with a non-zero exit code for systemd.
+        code = await asyncio.wait_for(asyncio.shield(task), 30)
+    finally:
+        stop.set()
+        if not task.done():
+            await asyncio.wait_for(task, 30)
+    assert code == 1
+
+
+async def test_a_failing_heartbeat_never_takes_the_daemon_down(tmp_path: Path) -> None:
+    from edgeagent.kernel.runtime import heartbeat as heartbeat_module
+
+    daemon = Daemon(make_config(tmp_path))
+    seen: list[str] = []
+    daemon.sink.observe(lambda e, _s: seen.append(e.type))
+    calls = [0]
+
+    async def slow_stats() -> Any:
+        calls[0] += 1
+        raise TimeoutError  # what asyncio.wait_for raises when stats() takes longer than its bound
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+    saved = heartbeat_module.STATS_EVERY_BEATS
+    heartbeat_module.STATS_EVERY_BEATS = 1
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 15)
+        daemon.outbox.stats = slow_stats  # type: ignore[method-assign]  # the fault, injected
+        assert await wait_until(lambda: calls[0] >= 3, 10)
+        before = len(seen)
+        assert await wait_until(lambda: len(seen) > before + 5, 5), "intake stopped"
+        assert not task.done()
+        assert daemon.heartbeat is not None and daemon.heartbeat.progress.failed_beats >= 3
+    finally:
+        heartbeat_module.STATS_EVERY_BEATS = saved
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+    assert "gateway.stopped" in seen  # an orderly stop, not a crash
