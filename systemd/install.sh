@@ -286,6 +286,14 @@ if [ -e "$CONFIG" ]; then
     if [ -n "$site_id" ] || [ -n "$gateway_id" ]; then
         warn "--site-id/--gateway-id are used only for a new config; $CONFIG was left as it is"
     fi
+    # The new code must accept the existing config, with every file it refers to in place (secret files,
+    # TLS files, platform keys), before the service is restarted on it.
+    if ! "$VENV/bin/edgeagent" config validate --strict --config "$CONFIG"; then
+        if [ "$enable" -eq 1 ]; then
+            die "$CONFIG does not pass 'edgeagent config validate --strict' with the new code; fix it, then run again"
+        fi
+        warn "$CONFIG does not pass 'edgeagent config validate --strict'; fix it before restarting the service"
+    fi
 else
     log "writing $CONFIG (edgeagent init)"
     if ! "$VENV/bin/edgeagent" init --site-id "$site_id" --gateway-id "$gateway_id" --config "$CONFIG"; then

@@ -569,3 +569,36 @@ def test_doctor_by_hand_with_a_systemd_credential(cfg: Path, monkeypatch: pytest
     assert "only visible to the service" in checks["secret uplink.password"]["detail"]
     # Without the password it still tries the port, which is closed.
     assert checks["broker"]["status"] == "fail" and "cannot connect" in checks["broker"]["detail"]
+
+
+def test_config_validate_names_missing_referenced_files_and_strict_fails(tmp_path: Path) -> None:
+    key = tmp_path / "platform.pub"
+    key.write_text("not checked here")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"""version: 1
+site_id: s1
+gateway_id: g1
+state_dir: {tmp_path / 'state'}
+uplink:
+  broker: mqtts://127.0.0.1:8883
+  username: gw
+  password: {{file: {tmp_path / 'creds' / 'mqtt-password'}}}
+  tls: {{ca_file: {tmp_path / 'ca.pem'}}}
+commands:
+  public_keys: {{k1: {key}, k2: {tmp_path / 'gone.pub'}}}
+""")
+    r = cli("config", "validate", "-c", path)
+    assert r.exit_code == 0, r.output
+    assert "valid" in r.stdout and "3 referenced file(s) missing" in r.stdout
+    err = r.stderr
+    assert f"warning: uplink.password (secret file): {tmp_path / 'creds' / 'mqtt-password'} does not exist" in err
+    assert f"uplink.tls.ca_file: {tmp_path / 'ca.pem'} does not exist" in err
+    assert "commands.public_keys.k2" in err and "k1" not in err
+    r = cli("config", "validate", "--strict", "-c", path)
+    assert r.exit_code == 1 and "error: uplink.password" in r.stderr
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "mqtt-password").write_text("s3cret-value")
+    (tmp_path / "ca.pem").write_text("-")
+    (tmp_path / "gone.pub").write_text("-")
+    r = cli("config", "validate", "--strict", "-c", path)
+    assert r.exit_code == 0 and "missing" not in r.output and "s3cret-value" not in r.output

@@ -75,10 +75,24 @@ def init(
 
 
 @config_app.command("validate")
-def config_validate(config: Path | None = ConfigOption) -> None:
-    """Validate the config file; errors name the line and the key."""
+def config_validate(
+    config: Path | None = ConfigOption,
+    strict: bool = typer.Option(False, "--strict",
+                                help="files the config refers to (secrets, TLS, keys) must exist: an error, not a "
+                                "warning (doctor and the installer check this way)"),
+) -> None:
+    """Validate the config file; errors name the line and the key. Missing referenced files are warnings."""
+    from edgeagent.cli.support import missing_files  # noqa: PLC0415
+
     path, cfg = load_or_exit(config)
-    console.print(f"{path}: valid (site {cfg.site_id}, gateway {cfg.gateway_id}, {len(cfg.devices)} devices)")
+    missing = missing_files(cfg)
+    for line in missing:
+        err_console.print(f"{'error' if strict else 'warning'}: {escape(line)}", soft_wrap=True)
+    if missing and strict:
+        fail(f"{path}: {len(missing)} referenced file(s) missing", 1)
+    note = f"; {len(missing)} referenced file(s) missing" if missing else ""
+    console.print(f"{path}: valid (site {cfg.site_id}, gateway {cfg.gateway_id}, {len(cfg.devices)} devices){note}",
+                  soft_wrap=True)
 
 
 @config_app.command("show")

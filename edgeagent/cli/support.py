@@ -40,7 +40,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from edgeagent import __version__
-from edgeagent.capabilities import load_config
+from edgeagent.capabilities import doctor_checks, load_config
 from edgeagent.cli.common import ConfigOption, JsonOption, config_path, console, err_console, fail, print_json
 from edgeagent.cli.events import NoOutboxError, outbox_path, outbox_ro
 from edgeagent.kernel.config.base import SecretRef
@@ -110,6 +110,26 @@ def secret_refs(node: Any, where: str = "") -> list[tuple[str, SecretRef]]:
     elif isinstance(node, dict):
         for k, item in node.items():
             out += secret_refs(item, f"{where}.{k}" if where else str(k))
+    return out
+
+
+def missing_files(cfg: Config) -> list[str]:
+    """Files the config refers to that are not there (or not readable): secret files, TLS files and the
+    platform's public keys. Each line names the key and the path, never a secret's value."""
+    wanted: list[tuple[str, Path]] = [(f"{where} (secret file)", ref.file) for where, ref in secret_refs(cfg)
+                                      if ref.file is not None]
+    up = cfg.uplink
+    if up is not None and up.tls is not None:
+        wanted += [(f"uplink.tls.{name}", path) for name, path in (("ca_file", up.tls.ca_file),
+                                                                    ("cert_file", up.tls.cert_file)) if path]
+    if cfg.commands.enabled:
+        wanted += [(f"commands.public_keys.{kid}", path) for kid, path in sorted(cfg.commands.public_keys.items())]
+    out = []
+    for where, path in wanted:
+        if not path.exists():
+            out.append(f"{where}: {path} does not exist")
+        elif not os.access(path, os.R_OK):
+            out.append(f"{where}: {path} is not readable by this user")
     return out
 
 
@@ -525,6 +545,7 @@ def run_checks(path: Path, env: Mapping[str, str] | None = None,
         ("command keys", lambda: [check_command_keys(cfg)]),
         ("daemon", daemon),
         ("broker", lambda: [check_broker(cfg, env, running)]),
+        ("capabilities", lambda: [Check(c.name, c.status, c.detail) for c in doctor_checks(cfg)]),
     ]
     for name, step in steps:
         if on_step is not None:
