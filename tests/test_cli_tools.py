@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
+from edgeagent.capabilities import Config, load_config
 from edgeagent.cli import app, devices
 from edgeagent.cli.support import check_tls, scrub
-from edgeagent.capabilities import Config, load_config
 from edgeagent.kernel.errors import DeviceUnavailable
 from edgeagent.kernel.pipeline.event_types import REGISTRY
 from edgeagent.kernel.pipeline.events import Event, EventFactory
