@@ -14,10 +14,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from edgeagent.capabilities import load_config
 from edgeagent.cli import app, devices_table
 from edgeagent.drivers.modbus.profile import Profile, shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator
-from edgeagent.capabilities import load_config
 from tests.peers import free_port
 
 GATE = shipped_profile("barrier-gate-generic")

@@ -29,8 +29,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeagent.app import Daemon
-from edgeagent.cloud_bridge import contract
 from edgeagent.capabilities import Config
+from edgeagent.cloud_bridge import contract
 from edgeagent.kernel.pipeline.commands import SIGNING_PREFIX
 from tests.helpers import wait_until
 from tests.peers import Mosquitto

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml.comments import CommentedMap
 
+from edgeagent.capabilities import Config, load_config, validate_doc
 from edgeagent.cli.starter import starter_config
 from edgeagent.kernel.config.schema import SecretRef, migrate, parse_yaml, redacted
-from edgeagent.capabilities import Config, load_config, validate_doc
 from edgeagent.kernel.errors import ConfigError, SecretError
 
 GOOD = """\

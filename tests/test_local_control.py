@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.app import Daemon
+from edgeagent.capabilities import load_config
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
-from edgeagent.capabilities import load_config
 from tests.helpers import wait_until
 from tests.peers import free_port
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.app import Daemon
+from edgeagent.capabilities import Config
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
-from edgeagent.capabilities import Config
 from tests.helpers import wait_until
 from tests.peers import free_port
 
@@ -125,8 +125,8 @@ async def test_dead_device_goes_offline_once_and_back_online(tmp_path: Path) -> 
 async def test_unknown_profile_or_bus_is_a_config_error(tmp_path: Path) -> None:
     import pytest
 
-    from edgeagent.kernel.config.schema import parse_yaml
     from edgeagent.capabilities import validate_doc
+    from edgeagent.kernel.config.schema import parse_yaml
     from edgeagent.kernel.errors import ConfigError
 
     cfg = config(tmp_path, 1).model_dump(mode="json")

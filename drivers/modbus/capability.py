@@ -30,7 +30,6 @@ from edgeagent.kernel.config.schema import CoreConfig, DeviceBase, Issue
 from edgeagent.kernel.pipeline.commands import CommandSpec
 from edgeagent.kernel.runtime.outputs import Output
 
-
 if TYPE_CHECKING:  # the CLI reads the spec; pymodbus loads only when the capability is built
     from edgeagent.drivers.modbus.service import ModbusService
 

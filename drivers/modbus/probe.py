@@ -13,8 +13,7 @@ from edgeagent.kernel.errors import ConfigError, DeviceProtocolError, DeviceUnav
 
 if TYPE_CHECKING:  # the CLI imports this module; pymodbus loads only when a probe runs
     from edgeagent.drivers.modbus.bus import ModbusBus
-    from edgeagent.drivers.modbus.profile import PointValue
-    from edgeagent.drivers.modbus.profile import Profile
+    from edgeagent.drivers.modbus.profile import PointValue, Profile
     from edgeagent.kernel.capability import ProbeContext
     from edgeagent.kernel.config.schema import DeviceBase
 

@@ -12,7 +12,6 @@ from edgeagent.drivers.wristband.config import WristbandsConfig
 from edgeagent.kernel.capability import Capability, CapabilityContext, CapabilitySpec, DoctorCheck, TaskSpec
 from edgeagent.kernel.config.schema import CoreConfig, DeviceBase, Issue
 
-
 if TYPE_CHECKING:  # the CLI reads the spec; paho loads only when the capability is built
     from edgeagent.drivers.wristband.service import WristbandService
 
