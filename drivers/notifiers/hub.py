@@ -61,6 +61,7 @@ class HubStats:
     dropped_repeats: int = 0  # overflow policy
     over_bound: int = 0       # new/escalated admitted beyond max_pending
     unrouted: int = 0         # targets no notifier serves
+    served_elsewhere: int = 0  # targets told outside the hub (the guard-room topic), see serve_elsewhere()
 
 
 @dataclass(slots=True)
@@ -104,6 +105,8 @@ class NotifierHub:
         self._lanes: dict[str, _Lane] = {}
         self._routes: dict[str, list[str]] = {}
         self._pending: dict[_Delivery, None] = {}  # insertion-ordered: oldest first
+        self._elsewhere: dict[str, str] = {}
+        self._unrouted_logged: set[str] = set()
         self._closed = False
         self.stats = HubStats()
 
@@ -128,6 +131,11 @@ class NotifierHub:
         for target in targets:
             self._routes.setdefault(target, []).append(name)
 
+    def serve_elsewhere(self, target: str, by: str) -> None:
+        """``target`` is told by something outside the hub (``by``, e.g. the wristband input's guard-room
+        topic, which gets every alarm change): a message for it that no notifier serves is not an error."""
+        self._elsewhere[target] = by
+
     @property
     def targets(self) -> dict[str, tuple[str, ...]]:
         return {t: tuple(n) for t, n in self._routes.items()}
@@ -146,9 +154,17 @@ class NotifierHub:
         for target in dict.fromkeys(targets):
             names = self._routes.get(target)
             if not names:
+                if target in self._elsewhere:
+                    self.stats.served_elsewhere += 1
+                    log.debug("notify: target %r is told by %s (alarm %s)", target, self._elsewhere[target],
+                              message.alarm_id)
+                    continue
                 self.stats.unrouted += 1
-                log.error("notify: no notifier serves target %r (alarm %s); check the notifiers section",
-                          target, message.alarm_id)
+                # Once per target: every repeat of every alarm would otherwise log the same config mistake.
+                if target not in self._unrouted_logged:
+                    self._unrouted_logged.add(target)
+                    log.error("notify: no notifier serves target %r (alarm %s); check the notifiers section "
+                              "(logged once; counted in stats.unrouted)", target, message.alarm_id)
                 continue
             for name in names:
                 d = _Delivery(name, target, message)

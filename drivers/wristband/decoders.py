@@ -13,7 +13,10 @@ in :data:`SUBSCRIPTIONS` and drawn in its docstring:
     chirpstack-v4   application/{app}/device/{devEui}/event/up|status     LoRaWAN via ChirpStack v4
 
 Failure is a :class:`DecodeError` with a short ``code`` (see :data:`DECODE_ERROR_CODES`) and nothing else:
-the caller counts rejections by code. A batch is the exception to all-or-nothing: one bad entry becomes a
+the caller counts rejections by code. That holds for hostile input too: JSON nested deeper than
+:data:`MAX_DEPTH` (no wristband message needs more than 4 levels) is ``too_deep``, and the excerpt of a bad
+value in an error's detail never recurses into it, so a payload nested 1,000 levels deep cannot raise
+RecursionError out of the error path. A batch is the exception to all-or-nothing: one bad entry becomes a
 :class:`Rejected` item in the list (same codes) and the other wristbands in the message still count, so a
 neighbour's corrupt frame cannot hide an SOS.
 
@@ -55,12 +58,14 @@ DecodeErrorCode = Literal[
     "bad_length",     # a binary frame longer than its version defines
     "bad_checksum",   # the frame's checksum byte disagrees
     "unknown_type",   # unknown event name, frame version, fPort or gateway state
+    "too_deep",       # JSON nested deeper than MAX_DEPTH
 ]
 DECODE_ERROR_CODES: Final[tuple[DecodeErrorCode, ...]] = get_args(DecodeErrorCode)
 
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
 MAX_BATCH: Final = 256
 MAX_ADV_BYTES: Final = 255  # an extended advertisement's AdvData in one PDU; legacy ones are 31
+MAX_DEPTH: Final = 16  # JSON nesting, counting the outermost array or object as 1
 
 HEART_RATE_RANGE: Final = (20, 250)
 SPO2_RANGE: Final = (50, 100)
@@ -153,8 +158,37 @@ _HEX_RE: Final = re.compile(r"(?:[0-9A-Fa-f]{2})*")
 
 
 def _excerpt(value: object) -> str:
-    text = repr(value)
+    """A short, safe description of a bad value for an error's detail. A container is described, never
+    rendered (``repr`` of a deeply nested list recurses once per level); a string is cut before ``repr``."""
+    if isinstance(value, dict | list):
+        return f"<{'object' if isinstance(value, dict) else 'array'} of {len(value)}>"
+    if isinstance(value, str):
+        text = repr(value[:40])
+    elif isinstance(value, bool | float | None):
+        text = repr(value)
+    elif isinstance(value, int):
+        text = repr(value) if abs(value) < 10**30 else "<a huge integer>"
+    else:
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    """True if ``value`` nests more than ``limit`` arrays/objects deep. Iterative, stops at the first
+    level over the limit; visits each node at most once."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: list[object] = list(node.values())
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def normalize_mac(raw: object) -> str:
@@ -186,13 +220,58 @@ def _gateway_id(raw: object) -> str:
     return raw
 
 
-def _loads(payload: bytes) -> object:
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise DecodeError("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+def _parse(payload: bytes | str) -> object:
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
+        # orjson refuses nesting beyond 1024 levels with this message; anything else is not JSON.
+        if "depth" in str(exc) or "recursion" in str(exc):
+            raise DecodeError("too_deep", f"nested deeper than {MAX_DEPTH} levels") from exc
         raise DecodeError("not_json", str(exc)[:80]) from exc
+
+
+def _loads(payload: bytes, *, max_depth: int = MAX_DEPTH) -> object:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise DecodeError("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    doc = _parse(payload)
+    if _depth_exceeds(doc, max_depth):
+        raise DecodeError("too_deep", f"nested deeper than {max_depth} levels")
+    return doc
+
+
+_TOKEN_RE: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+
+
+def _split_array(payload: bytes) -> list[bytes]:
+    """The texts of a JSON array's top-level elements, found by scanning brackets outside strings; used only
+    when the whole array cannot be parsed because one element nests too deep, so the others still decode.
+    Raises ``not_json`` when the text is not one array of elements."""
+    text = payload.strip()
+    if not text.startswith(b"[") or not text.endswith(b"]"):
+        raise DecodeError("not_json", "not a JSON array")
+    elements: list[bytes] = []
+    depth = 0
+    start = 1
+    for m in _TOKEN_RE.finditer(text):
+        tok = m.group()
+        if tok in (b"[", b"{"):
+            depth += 1
+        elif tok in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                if m.end() != len(text):
+                    raise DecodeError("not_json", "text after the array")
+                elements.append(text[start:m.start()])
+        elif tok == b"," and depth == 1:
+            elements.append(text[start:m.start()])
+            start = m.end()
+        if depth < 0:
+            raise DecodeError("not_json", "unbalanced brackets")
+    if depth != 0:
+        raise DecodeError("not_json", "unbalanced brackets")
+    if len(elements) == 1 and not elements[0].strip():
+        return []
+    return elements
 
 
 def _object(value: object, what: str) -> dict[str, object]:
@@ -497,22 +576,52 @@ def decode_ble_adv_hex(topic: str, payload: bytes, now: float) -> list[Decoded]:
     if len(parts) != 3 or parts[0] != "ble" or parts[2] != "adv":
         raise DecodeError("bad_topic", f"expected ble/{{gateway}}/adv: {_excerpt(topic)}")
     gateway = _gateway_id(parts[1])
-    doc = _loads(payload)
-    if not isinstance(doc, list):
-        reading = _adv_entry(gateway, doc, now)
-        return [] if reading is None else [reading]
-    if len(doc) > MAX_BATCH:
-        raise DecodeError("too_large", f"batch of {len(doc)} entries > {MAX_BATCH}")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise DecodeError("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    entries: list[object | DecodeError]
+    try:
+        doc = _parse(payload)
+    except DecodeError as exc:
+        if exc.code != "too_deep" or not payload.lstrip().startswith(b"["):
+            raise
+        # One entry too deep for the parser must not hide the SOS next to it: parse entry by entry.
+        texts = _split_array(payload)
+        if len(texts) > MAX_BATCH:
+            raise DecodeError("too_large", f"batch of {len(texts)} entries > {MAX_BATCH}") from exc
+        entries = []
+        for text in texts:
+            try:
+                entries.append(_parse(text))
+            except DecodeError as entry_exc:
+                entries.append(entry_exc)
+    else:
+        if not isinstance(doc, list):
+            if _depth_exceeds(doc, MAX_DEPTH):
+                raise DecodeError("too_deep", f"nested deeper than {MAX_DEPTH} levels")
+            reading = _adv_entry(gateway, doc, now)
+            return [] if reading is None else [reading]
+        if len(doc) > MAX_BATCH:
+            raise DecodeError("too_large", f"batch of {len(doc)} entries > {MAX_BATCH}")
+        entries = list(doc)
     out: list[Decoded] = []
-    for index, entry in enumerate(doc):
+    for index, entry in enumerate(entries):
         try:
-            reading = _adv_entry(gateway, entry, now)
+            reading = _batch_entry(gateway, entry, now)
         except DecodeError as exc:
-            out.append(Rejected(exc.code, exc.detail, index, _entry_device(entry)))
+            out.append(Rejected(exc.code, exc.detail, index,
+                                None if isinstance(entry, DecodeError) else _entry_device(entry)))
             continue
         if reading is not None:
             out.append(reading)
     return out
+
+
+def _batch_entry(gateway: str, entry: object, now: float) -> Reading | None:
+    if isinstance(entry, DecodeError):  # the entry's own text failed to parse
+        raise entry
+    if _depth_exceeds(entry, MAX_DEPTH - 1):  # the batch array is the first level
+        raise DecodeError("too_deep", f"nested deeper than {MAX_DEPTH} levels")
+    return _adv_entry(gateway, entry, now)
 
 
 def _entry_device(entry: object) -> str | None:

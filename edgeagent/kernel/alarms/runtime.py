@@ -1,15 +1,28 @@
 """Runs the pure :class:`~edgeagent.kernel.alarms.engine.AlarmEngine`: carries out its actions, persists its
 state, ticks it on time, and takes acknowledgements from any source.
 
-Order of effects for every operation (raise, tick, ack, resolve):
+Order of effects for every operation (raise, tick, ack, resolve), all under one lock (the engine is not
+re-entrant), none of them waiting on a device:
 
-1. outputs (siren, strobe) switch at once: people on site hear it first;
-2. events are made durable, then the engine state is saved (``kv_put``), in one await each;
-3. notifications go to the notifier hub, which sends them in the background (a slow SMS modem
-   never delays the next alarm).
+1. outputs (siren, strobe) are *requested*: :meth:`Outputs.request
+   <edgeagent.kernel.runtime.outputs.Outputs.request>` returns at once and a background lane per output
+   switches it, bounded by a timeout, latest request winning. A relay module whose link is down (seconds
+   per Modbus timeout) therefore never delays the alarm's durability, its notifications or later alarms;
+2. events are made durable, then the engine state is saved (``kv_put``), in one await each. A failure of
+   either is logged and does not stop step 3: people must be told even when the disk is full. An event
+   that could not be stored is kept (at most ``MAX_UNSTORED``; beyond that the oldest is dropped, logged
+   and counted in ``unstored_dropped``) and stored again first by the next operation or tick;
+3. notifications go to the notifier hub, which sends them in the background (a slow SMS modem never
+   delays the next alarm), and change listeners (the guard-room topic) are told; a listener only queues
+   (each is bounded by ``LISTENER_TIMEOUT_S`` in case one does not).
 
 A caller that must not lose an alarm (the wristband input acknowledging its MQTT message) awaits
-:meth:`raise_`: when it returns, the alarm's events and state are durable.
+:meth:`raise_`: when it returns, the alarm's events and state are durable; when they could not be made
+durable it raises :class:`AlarmNotDurable` (an OutboxError) *after* steps 1 and 3 ran, so the caller can
+leave its message unacknowledged for the broker to deliver again.
+
+Targets served outside the notifier hub (the guard room, told through the wristband input's guard-room
+topic) are declared with :meth:`serve_locally`, so the hub does not report them as unserved.
 """
 
 from __future__ import annotations
@@ -41,6 +54,12 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "alarms"
 _IDLE_TICK_S = 1.0
+LISTENER_TIMEOUT_S = 1.0
+MAX_UNSTORED = 10_000
+
+
+class AlarmNotDurable(OutboxError):
+    """The alarm ran locally (outputs, notifications) but its events or state were not stored."""
 
 
 class Sink(Protocol):
@@ -57,6 +76,12 @@ class Dispatch(Protocol):
     def notify(self, targets: tuple[str, ...], message: Message) -> int: ...
 
 
+class LocalTargets(Protocol):
+    """A dispatcher that can be told a target is served outside it (:meth:`NotifierHub.serve_elsewhere`)."""
+
+    def serve_elsewhere(self, target: str, by: str) -> None: ...
+
+
 class AlarmRuntime:
     def __init__(self, engine: AlarmEngine, *, sink: Sink, state: KeyValue, outputs: Outputs,
                  notifiers: Dispatch | None, clock: WallMonoClock) -> None:
@@ -70,7 +95,11 @@ class AlarmRuntime:
         self._lock = asyncio.Lock()  # one operation at a time: the engine is not re-entrant
         self._wake = asyncio.Event()
         self._missing_outputs: set[str] = set()
+        self._local_targets: dict[str, str] = {}
         self.raised_total = 0
+        self.not_durable = 0  # operations whose events or state could not be stored
+        self._unstored: list[Emit] = []  # alarm events not stored yet, oldest first
+        self.unstored_dropped = 0
 
     def listen(self, listener: Callable[[Alarm], Awaitable[None]]) -> None:
         """Called with every changed alarm (guard-room panels)."""
@@ -78,6 +107,18 @@ class AlarmRuntime:
 
     def set_notifiers(self, notifiers: Dispatch) -> None:
         self._notifiers = notifiers
+        self._tell_local_targets()
+
+    def serve_locally(self, target: str, by: str) -> None:
+        """``target`` is told by ``by`` (e.g. the guard-room topic), outside the notifier hub."""
+        self._local_targets[target] = by
+        self._tell_local_targets()
+
+    def _tell_local_targets(self) -> None:
+        serve = getattr(self._notifiers, "serve_elsewhere", None)
+        if serve is not None:
+            for target, by in self._local_targets.items():
+                serve(target, by)
 
     def now(self) -> Instant:
         return Instant.of(self._clock)
@@ -93,7 +134,8 @@ class AlarmRuntime:
             except AlarmError as exc:
                 log.error("saved alarms could not be restored: %s", exc)
                 return 0
-            await self._carry_out(actions)
+            with contextlib.suppress(AlarmNotDurable):  # logged; the restored alarms sound and notify anyway
+                await self._carry_out(actions)
         n = len(self.engine.active())
         if n:
             log.warning("restored %d active alarm(s) from before the restart", n)
@@ -104,10 +146,13 @@ class AlarmRuntime:
         async with self._lock:
             actions = self.engine.raise_(kind, resident_id, device_id, self.now(), details)
             self.raised_total += 1
-            await self._carry_out(actions)
-        self._wake.set()
+            try:
+                await self._carry_out(actions)
+            finally:
+                self._wake.set()  # its repeats and escalations are due whether or not it was stored
 
     async def ack(self, alarm_id: str, by: str, via: str) -> Alarm:
+        """Raises AlarmNotDurable when the acknowledgement took effect but was not stored."""
         async with self._lock:
             actions = self.engine.ack(alarm_id, by, via, self.now())
             await self._carry_out(actions)
@@ -129,22 +174,36 @@ class AlarmRuntime:
                 await asyncio.wait_for(self._wake.wait(), wait)
             async with self._lock:
                 actions = self.engine.tick(self.now())
-                if actions:
-                    await self._carry_out(actions)
+                if actions or self._unstored:
+                    # Logged where it failed; a repeat that could not be stored must not end the ticking.
+                    with contextlib.suppress(AlarmNotDurable):
+                        await self._carry_out(actions)
 
     async def _carry_out(self, actions: list[Action]) -> None:
-        outputs = [a for a in actions if isinstance(a, SetOutput)]
-        for out in outputs:
-            await self._switch(out)
-        for emit in (a for a in actions if isinstance(a, Emit)):
+        """Raises AlarmNotDurable at the end if an event or the state could not be stored."""
+        for out in (a for a in actions if isinstance(a, SetOutput)):
+            self._switch(out)
+        failures: list[str] = []
+        # Events an earlier operation could not store go first, so the platform sees them in order.
+        emits, self._unstored = [*self._unstored, *(a for a in actions if isinstance(a, Emit))], []
+        for emit in emits:
+            if self._unstored:  # the outbox refused the one before: keep the order, do not try the rest now
+                self._keep_unstored(emit)
+                continue
             try:
                 await self._sink.emit(emit.event_type, emit.device_id, emit.data)
             except OutboxError as exc:
-                # The alarm still runs locally (siren, notifications); the cloud misses this record.
-                log.error("alarm event %s not stored: %s", emit.event_type, exc)
+                # The alarm still runs locally (siren, notifications); the caller learns it is not durable.
+                log.error("alarm event %s not stored (kept to store again): %s", emit.event_type, exc)
+                failures.append(f"event {emit.event_type}: {exc}")
+                self._keep_unstored(emit)
         if any(isinstance(a, Persist) for a in actions):
             # Folded raises each produce a snapshot; the engine's export is the latest of all of them.
-            await self._state.kv_put(STATE_KEY, self.engine.export())
+            try:
+                await self._state.kv_put(STATE_KEY, self.engine.export())
+            except Exception as exc:  # noqa: BLE001 - an unsaved state must not keep anyone from being told
+                log.error("alarm state not saved (notifications go out anyway): %s", exc)
+                failures.append(f"state: {exc}")
         for note in (a for a in actions if isinstance(a, Notify)):
             if self._notifiers is not None:
                 try:
@@ -155,21 +214,31 @@ class AlarmRuntime:
         for alarm in changed.values():
             for listener in self._listeners:
                 try:
-                    await listener(alarm)
+                    async with asyncio.timeout(LISTENER_TIMEOUT_S):
+                        await listener(alarm)
                 except Exception:
                     log.exception("alarm %s: change listener failed", alarm.id)
+        if failures or self._unstored:
+            self.not_durable += 1
+            raise AlarmNotDurable("; ".join(failures) or f"{len(self._unstored)} alarm events wait to be stored")
 
-    async def _switch(self, action: SetOutput) -> None:
+    def _keep_unstored(self, emit: Emit) -> None:
+        if len(self._unstored) >= MAX_UNSTORED:
+            dropped = self._unstored.pop(0)
+            self.unstored_dropped += 1
+            log.error("alarm event %s dropped: %d events wait for the outbox already", dropped.event_type,
+                      MAX_UNSTORED)
+        self._unstored.append(emit)
+
+    @property
+    def unstored(self) -> int:
+        return len(self._unstored)
+
+    def _switch(self, action: SetOutput) -> None:
         if action.name not in self._outputs:
             if action.name not in self._missing_outputs:
                 self._missing_outputs.add(action.name)
                 log.warning("alarm output %r is not configured (name a relay channel %r)", action.name, action.name)
             return
-        try:
-            if action.on and action.pulse_s is not None:
-                await self._outputs.pulse(action.name, action.pulse_s)
-            else:
-                await self._outputs.set(action.name, action.on)
-        except Exception as exc:  # noqa: BLE001 - a dead relay must not stop the alarm's other effects
-            log.error("alarm output %s could not be switched %s: %s", action.name, "on" if action.on else "off",
-                      exc)
+        # [outputs off the lock] the lane switches it in the background, with its own timeout and logging.
+        self._outputs.request(action.name, action.on, action.pulse_s)

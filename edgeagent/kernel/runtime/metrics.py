@@ -32,3 +32,6 @@ TASK_RESTARTS = Counter("edgeagent_task_restarts_total", "Supervised task restar
                         registry=REGISTRY)
 TASK_FAILED = Gauge("edgeagent_task_failed", "1 when a supervised task gave up", ["task"], registry=REGISTRY)
 LOOP_LAG = Gauge("edgeagent_loop_lag_seconds", "Event-loop lag measured by the heartbeat", registry=REGISTRY)
+WRISTBAND_REJECTED = Counter("edgeagent_wristband_rejected_total",
+                             "Wristband payloads (or batch entries) rejected by the decoders", ["reason"],
+                             registry=REGISTRY)
