@@ -446,7 +446,7 @@ class Uplink:
 
     async def _dead_letter(self, batch: Batch, reason: str) -> None:
         # The payload is never logged: it may carry residents' data.
-        log.error("uplink: giving up on %s event seq %d: %s (kept in the outbox's dead letters)",
+        log.error("uplink: giving up on the %s-class event seq %d: %s (kept in the outbox's dead letters)",
                   batch.priority.label, batch.seqs[0], reason)
         self.dead_lettered_events += await self._outbox.dead_letter(batch.seqs, reason)
 
