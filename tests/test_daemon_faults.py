@@ -5,6 +5,7 @@ the daemon in order with a non-zero exit, for systemd to restart it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -120,3 +121,50 @@ async def test_a_failing_heartbeat_never_takes_the_daemon_down(tmp_path: Path) -
         stop.set()
         assert await asyncio.wait_for(task, 30) == 0
     assert "gateway.stopped" in seen  # an orderly stop, not a crash
+
+
+async def test_drivers_run_again_after_a_full_disk_and_their_faults_are_reported(
+        tmp_path: Path, small_disk: Path) -> None:
+    cfg = make_config(
+        tmp_path, state_dir=str(small_disk / "state"), outbox={"min_free_mb": 0, "history_mb": 0},
+        supervisor={"restart_intensity": 2, "restart_window_s": 30, "backoff_cap_s": 0.05, "shutdown_timeout_s": 15,
+                    "retry_failed_after_s": 1.0},
+        # Panic buttons raise alarm-class events, which are never evicted to make room: they fill the disk.
+        devices=[{"type": "sim.panic", "id": "btn-1", "mean_interval_s": 0.002},
+                 {"type": "sim.panic", "id": "btn-2", "mean_interval_s": 0.002}])
+    daemon = Daemon(cfg)
+    seen: list[tuple[str, str]] = []
+    daemon.sink.observe(lambda e, _s: seen.append((e.type, e.device_id)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+    filler = small_disk / "filler"
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 15)
+        assert await wait_until(lambda: {d for t, d in seen if t == "panic.pressed"} == {"btn-1", "btn-2"}, 5)
+        # The disk fills up (another process's log, say) and stays full for a while; what the outbox
+        # frees for itself (its reserve file) is taken too.
+        with filler.open("wb") as f:
+            for _ in range(20):
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * (1 << 16))
+                        f.flush()
+                await asyncio.sleep(0.2)
+        sup = daemon.supervisor
+        assert sup is not None
+        assert await wait_until(lambda: all(sup.tasks[f"device:btn-{i}"].state == "failed" for i in (1, 2)), 20)
+        assert sup.pending_reports >= 1 or all(t != "device.fault" for t, _ in seen)
+        await asyncio.sleep(3)  # full for longer than retry_failed_after_s: the retries fail too
+        filler.unlink()
+        mark = len(seen)
+        # Every driver runs again, and each one's fault is reported once the outbox can take it.
+        assert await wait_until(
+            lambda: {d for t, d in seen[mark:] if t == "panic.pressed"} == {"btn-1", "btn-2"}, 20), seen[mark:]
+        assert await wait_until(lambda: {d for t, d in seen if t == "device.fault"} == {"btn-1", "btn-2"}, 30)
+        assert all(sup.tasks[f"device:btn-{i}"].state == "running" for i in (1, 2))
+        assert daemon.healthy()[0], daemon.healthy()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            filler.unlink()
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0

@@ -22,20 +22,6 @@ from edgeagent.kernel.pipeline.sink import EventSink
 from tests.helpers import wait_until
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        pytest.fail(f"this test mounts a 24 MB tmpfs and needs root (CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 async def test_full_disk_evicts_then_refuses_alarms_clearly_without_corruption(
         small_disk: Path, factory: EventFactory) -> None:
     path = small_disk / "o.db"
