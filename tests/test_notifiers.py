@@ -639,6 +639,20 @@ def hub_with(outcomes: list[Outcome], **kw: Any) -> NotifierHub:
     return NotifierHub(retry_base_s=0.01, on_outcome=outcomes.append, rng=random.Random(1), **kw)
 
 
+async def test_a_target_served_elsewhere_is_no_error_and_an_unserved_one_is_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The demo's own config logged an ERROR for every alarm: the guard room is told by the wristband
+    input's guard-room topic, outside the hub."""
+    caplog.set_level(logging.DEBUG, logger="edgeagent.drivers.notifiers")
+    async with hub_with([]) as hub:
+        hub.serve_elsewhere("guard_room", "the guard-room topic")
+        for alarm_id in ("A1", "A2", "A3"):
+            assert hub.notify(["guard_room", "family"], message(alarm_id=alarm_id)) == 0
+        assert hub.stats.served_elsewhere == 3 and hub.stats.unrouted == 3
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "'family'" in errors[0], errors
+
+
 async def test_hub_fans_out_to_every_notifier_of_a_target() -> None:
     outcomes: list[Outcome] = []
     panel, office, gsm = Scripted(), Scripted(), Scripted(gate=asyncio.Event())

@@ -4,6 +4,7 @@ property tests that whatever arrives (bytes, JSON, half-right JSON) decodes or r
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import orjson
@@ -521,3 +522,122 @@ def test_dedup_properties(ops: list[tuple[int, int, float]]) -> None:
 def test_dedup_rejects_a_nonsense_bound() -> None:
     with pytest.raises(ValueError, match="positive"):
         Deduplicator(keys_per_device=0)
+
+
+# --- hostile structure: deep nesting, huge sizes, recursive values (issue 7, item 13) -------------------
+#
+# Built as JSON *text*: orjson cannot even serialise 1,000 levels, but a gateway (or an attacker on the
+# local broker) can publish them. Every decoder must answer with a counted rejection, never RecursionError,
+# and a deep entry in a BLE advertisement batch must not hide the valid SOS beside it.
+
+SOS_ENTRY = dumps({"mac": "112233445566", "adv": advert(adv_frame(flags=0x05, seq=9))})
+
+
+def nest(depth: int, kinds: str = "[", inner: bytes = b"1") -> bytes:
+    """``inner`` inside ``depth`` levels of arrays and/or objects (``kinds`` cycles: ``[`` array, ``{`` object)."""
+    opens = [b"[" if kinds[i % len(kinds)] == "[" else b'{"k":' for i in range(depth)]
+    closes = [b"]" if o == b"[" else b"}" for o in reversed(opens)]
+    return b"".join(opens) + inner + b"".join(closes)
+
+
+# (decoder, topic, template): the deep value goes where %s is; every template is a single document.
+DEEP_PLACES: list[tuple[str, str, bytes]] = [
+    ("ble-json", f"iot/gw1/{MAC}/data", b"%s"),
+    ("ble-json", f"iot/gw1/{MAC}/data", b'{"event": "sos", "hr": %s}'),
+    ("ble-json", f"iot/gw1/{MAC}/data", b'{"event": %s}'),
+    ("ble-json", f"iot/gw1/{MAC}/data", b'{"event": "sos", "unknown_key": %s}'),
+    ("ble-json", "iot/gw1/status", b'{"state": %s}'),
+    ("ble-json", "iot/gw1/status", b"%s"),
+    ("ble-adv-hex", "ble/gw1/adv", b"%s"),
+    ("ble-adv-hex", "ble/gw1/adv", b'{"mac": %s, "adv": "020106"}'),
+    ("ble-adv-hex", "ble/gw1/adv", b'{"mac": "112233445566", "adv": "020106", "rssi": %s}'),
+    ("chirpstack-v4", UP, b"%s"),
+    ("chirpstack-v4", UP, b'{"deviceInfo": %s}'),
+    ("chirpstack-v4", UP, b'{"deviceInfo": {"devEui": "' + EUI.encode() + b'"}, "rxInfo": %s}'),
+    ("chirpstack-v4", UP, b'{"deviceInfo": {"devEui": "' + EUI.encode() + b'"}, "fCnt": %s}'),
+    ("chirpstack-v4", f"application/a/device/{EUI}/event/status",
+     b'{"deviceInfo": {"devEui": "' + EUI.encode() + b'"}, "batteryLevel": %s}'),
+]
+depths = st.sampled_from([1_000, 100_000]) | st.integers(17, 3_000)
+
+
+def deep_rejection(name: str, topic: str, payload: bytes) -> str:
+    """The code the whole message, or else its only batch entry (a top-level array is a BLE batch), was
+    rejected with; fails if it decoded to anything else."""
+    try:
+        items = DECODERS[name](topic, payload, NOW)
+    except DecodeError as exc:
+        return exc.code
+    assert len(items) == 1 and isinstance(items[0], Rejected), items
+    return items[0].code
+kinds = st.sampled_from(["[", "{", "[{", "{[", "[[{"])
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+@pytest.mark.parametrize(("name", "topic", "template"), DEEP_PLACES)
+def test_deep_nesting_is_a_counted_rejection(name: str, topic: str, template: bytes, depth: int) -> None:
+    payload = template.replace(b"%s", nest(depth, "[{"))
+    assert deep_rejection(name, topic, payload) == ("too_large" if len(payload) > 64 * 1024 else "too_deep")
+
+
+@settings(max_examples=150, deadline=None)
+@given(place=st.sampled_from(DEEP_PLACES), depth=depths, kind=kinds)
+def test_deep_nesting_anywhere_in_any_decoder(place: tuple[str, str, bytes], depth: int, kind: str) -> None:
+    name, topic, template = place
+    payload = template.replace(b"%s", nest(depth, kind))
+    check(name, topic, payload)
+    assert deep_rejection(name, topic, payload) in ("too_deep", "too_large")
+
+
+@settings(max_examples=100, deadline=None)
+@given(depth=depths, kind=kinds, where=st.sampled_from(["entry", "mac", "adv", "rssi", "extra"]),
+       sos_first=st.booleans())
+def test_a_deep_batch_entry_never_hides_the_sos_beside_it(depth: int, kind: str, where: str,
+                                                          sos_first: bool) -> None:
+    deep = nest(depth, kind)
+    bad = deep if where == "entry" else {
+        "mac": b'{"mac": %s, "adv": "020106"}', "adv": b'{"mac": "aabbccddee01", "adv": %s}',
+        "rssi": b'{"mac": "aabbccddee01", "adv": "020106", "rssi": %s}',
+        "extra": b'{"mac": "aabbccddee01", "adv": "020106", "note": %s}'}[where].replace(b"%s", deep)
+    entries = [SOS_ENTRY, bad] if sos_first else [bad, SOS_ENTRY]
+    payload = b"[" + b", ".join(entries) + b"]"
+    if len(payload) > 64 * 1024:
+        assert codes(decode_ble_adv_hex, "ble/gw1/adv", payload) == "too_large"
+        return
+    items = decode_ble_adv_hex("ble/gw1/adv", payload, NOW)
+    bad_index = 1 if sos_first else 0
+    assert [(i.index, i.code) for i in items if isinstance(i, Rejected)] == [(bad_index, "too_deep")]
+    assert [(i.device, i.sos) for i in items if isinstance(i, Reading)] == [("112233445566", True)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=decoder_names, size=st.integers(64 * 1024 + 1, 4 * 1024 * 1024),
+       shape=st.sampled_from(["string", "array", "deep", "spaces"]))
+def test_megabyte_payloads_are_too_large_in_every_decoder(name: str, size: int, shape: str) -> None:
+    topic = {"ble-json": f"iot/gw1/{MAC}/data", "ble-adv-hex": "ble/gw1/adv", "chirpstack-v4": UP}[name]
+    payload = {"string": b'{"pad": "' + b"x" * size + b'"}', "array": b"[" + b"1," * (size // 2) + b"1]",
+               "deep": nest(size // 2), "spaces": b" " * size + SOS_ENTRY}[shape]
+    assert codes(DECODERS[name], topic, payload) == "too_large"
+
+
+# Recursive structures: JSON values built recursively (arrays and objects of arrays and objects...), at
+# every place a decoder reads, deeper or shallower than the limit; the answer is items or DecodeError.
+recursive_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3),
+    max_leaves=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(place=st.sampled_from(DEEP_PLACES), value=recursive_json, wrap=st.integers(0, 40), kind=kinds)
+def test_recursive_structures_in_every_decoder(place: tuple[str, str, bytes], value: Any, wrap: int,
+                                               kind: str) -> None:
+    name, topic, template = place
+    text = json.dumps(value).encode()  # stdlib: big integers too (orjson stops at 64 bits), as a gateway may send
+    payload = template.replace(b"%s", nest(wrap, kind, text) if wrap else text)
+    check(name, topic, payload)
+    batch = b"[" + payload + b", " + SOS_ENTRY + b"]"
+    if name == "ble-adv-hex":
+        items = decode_ble_adv_hex(topic, batch, NOW)
+        assert any(isinstance(i, Reading) and i.sos for i in items), "the SOS beside it was lost"
