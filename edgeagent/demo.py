@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from edgeagent.kernel.errors import UplinkError
 from edgeagent.kernel.pipeline.commands import sign_command
 from edgeagent.kernel.pipeline.events import Event
 from edgeagent.kernel.runtime.logsetup import setup_logging
-from edgeagent.transport.mqtt import Incoming, MqttSession, SessionParams
+from edgeagent.transport.mqtt import Incoming, MqttSession, ProtocolRefused, SessionParams
 
 SITE = "demo-site"
 GATEWAY = "demo-gw"
@@ -115,8 +116,10 @@ def demo_config_data(workdir: Path, broker: str | None, public_key: Path, modbus
         "modbus": {"buses": {"lan": {"kind": "tcp", "host": "127.0.0.1", "port": modbus_port}}},
     }
     if broker is not None:
+        # A short connect timeout: against a broker that speaks only MQTT 3.1.1 the first (MQTT 5)
+        # attempt goes unanswered, and the demo is short.
         data["uplink"] = {"broker": broker, "retry": {"first_max_s": 0.5, "short_cap_s": 2},
-                          "flush_on_stop_s": 5}
+                          "flush_on_stop_s": 5, "connect_timeout_s": 3}
     if local is not None:
         # Two residents' wristbands, heard by a BLE gateway that publishes JSON to the box's broker.
         data["wristbands"] = {
@@ -218,17 +221,29 @@ class Platform:
             self.console.print(f"  [bold magenta]platform[/] ← gateway is {st['state']} ({st['reason']})")
 
     async def run(self, ready: asyncio.Event) -> None:
-        async with MqttSession(self.params, on_message=self.on_message) as s:
+        # A broker given with --broker may speak only MQTT 3.1.1 and leave an MQTT 5 CONNECT unanswered:
+        # ask for 5 with a short timeout, then 3.1.1, as the gateway's uplink does.
+        try:
+            await self._listen(replace(self.params, protocol="5", connect_timeout_s=3), ready)
+        except ProtocolRefused:
+            await self._listen(replace(self.params, protocol="3.1.1"), ready)
+
+    async def _listen(self, params: SessionParams, ready: asyncio.Event) -> None:
+        async with MqttSession(params, on_message=self.on_message) as s:
             self.session = s
-            await s.subscribe(f"{self.base}/#", qos=1)
-            ready.set()
-            await asyncio.Event().wait()
+            try:
+                await s.subscribe(f"{self.base}/#", qos=1)
+                ready.set()
+                await asyncio.Event().wait()
+            finally:
+                self.session = None
 
     async def send_ping(self, nonce: str | None = None) -> tuple[str, str]:
         return await self.send("gateway.ping", {}, nonce=nonce)
 
     async def send(self, command: str, args: dict[str, Any], nonce: str | None = None) -> tuple[str, str]:
-        assert self.session is not None
+        if self.session is None:
+            raise UplinkError("the simulated platform is not connected to the broker")
         now = datetime.now(UTC)
         cmd_id = f"cmd-{uuid.uuid4().hex[:6]}"
         nonce = nonce or uuid.uuid4().hex

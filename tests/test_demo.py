@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.peers import Collector, Mosquitto
+from tests.peers import Amqtt, Collector, Mosquitto
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,5 +48,22 @@ def test_demo_forwards_to_a_given_broker(tmp_path: Path) -> None:
             assert col.wait_for(lambda c: any(e["type"] == "gateway.stopped" for e in c.events), 10)
             types = {e["type"] for e in col.events}
             assert {"gateway.started", "sensor.reading", "gateway.stopped"} <= types
+        finally:
+            col.stop()
+
+
+def test_demo_forwards_to_a_broker_that_speaks_only_mqtt311(tmp_path: Path) -> None:
+    """amqtt leaves an MQTT 5 CONNECT unanswered: the simulated platform and the gateway fall back to
+    3.1.1 (before: the demo crashed on an assert, its platform had no fallback)."""
+    with Amqtt(tmp_path / "amqtt") as broker:
+        col = Collector(broker.port, topic="edgeagent/v1/demo-site/demo-gw/#", mqtt311=True).start()
+        try:
+            r = run_demo("--seconds", "12", "--broker", broker.url)
+            assert r.returncode == 0, r.stderr
+            assert "Traceback" not in r.stderr and "AssertionError" not in r.stdout + r.stderr, r.stderr[-3000:]
+            assert col.wait_for(lambda c: any(e["type"] == "gateway.stopped" for e in c.events), 10)
+            assert {"gateway.started", "gate.commanded"} <= {e["type"] for e in col.events}
+            # The platform's signed commands went through a 3.1.1 broker and were answered.
+            assert re.search(r"command cmd-\w+: executed", r.stdout), r.stdout[-3000:]
         finally:
             col.stop()
