@@ -325,3 +325,12 @@ def test_encode_gives_words_or_codec_error(value: Any, s: ValueSpec) -> None:
     assert len(words) == s.count and all(isinstance(w, int) and 0 <= w <= 0xFFFF for w in words)
     if s.type not in FLOAT_TYPES and s.type != "bits":
         assert decode(words, s) is not None
+
+
+@settings(max_examples=500)
+@given(word, st.sampled_from(["u16", "i16"]), st.sampled_from(["big", "little"]))
+def test_single_word_fast_path_matches_the_bytes(w: int, t: ValueType, word_order: WordOrder) -> None:
+    """One plain u16/i16 word skips the bytes round trip; it must read exactly as the bytes say."""
+    expected = int.from_bytes(w.to_bytes(2, "big"), "big", signed=t == "i16")
+    assert decode([w], ValueSpec(t, word_order, "big")) == expected
+    assert decode((w,), ValueSpec(t, word_order, "big")) == expected

@@ -114,6 +114,7 @@ class ValueSpec:
     _identity: bool = field(init=False, repr=False, compare=False, default=True)
     _integral: bool = field(init=False, repr=False, compare=False, default=True)
     _ndigits: int = field(init=False, repr=False, compare=False, default=0)
+    _plain16: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         if self.type not in VALUE_TYPES:
@@ -141,6 +142,7 @@ class ValueSpec:
         object.__setattr__(self, "_identity", identity)
         object.__setattr__(self, "_integral", float(self.scale).is_integer() and float(self.offset).is_integer())
         object.__setattr__(self, "_ndigits", max(_decimals(self.scale), _decimals(self.offset)))
+        object.__setattr__(self, "_plain16", identity and self.type in ("u16", "i16") and self.byte_order == "big")
 
     @property
     def count(self) -> int:
@@ -208,6 +210,11 @@ def _bytes_to_words(data: bytes, spec: ValueSpec) -> list[int]:
 
 def decode(registers: Sequence[int], spec: ValueSpec) -> Value:
     """Words as read from the device -> the value. Raises only :class:`CodecError`."""
+    if spec._plain16 and type(registers) in (list, tuple) and len(registers) == 1:
+        # The commonest register by far (one u16/i16 word, no scale, big-endian): skip the bytes round trip.
+        w = registers[0]
+        if type(w) is int and 0 <= w <= 0xFFFF:
+            return w - 0x10000 if spec.type == "i16" and w >= 0x8000 else w
     words = _check_words(registers, spec.count)
     if spec.type == "bool":
         return words[0] != 0

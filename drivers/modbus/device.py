@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from edgeagent.drivers.modbus.codec import CodecError
 from edgeagent.drivers.modbus.profile import OnChange, OnEdge, OnState, OnThreshold, Pause, Point, Profile, ReadBlock
 from edgeagent.kernel.errors import DeviceProtocolError, DeviceUnavailable
-from edgeagent.kernel.pipeline.event_types import SENSOR_READING
+from edgeagent.kernel.pipeline.event_types import SENSOR_READING, SensorReading
+from edgeagent.kernel.pipeline.events import EventData
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,17 @@ class PointTracker:
             return None
         return None
 
+    def heartbeat_at(self, point: Point) -> float:
+        """When an unchanged reading of ``point`` would next be reported (its ``max_interval_s`` since the last
+        report): ``inf`` if it has no heartbeat, ``-inf`` if it has one and nothing was reported yet."""
+        tel = point.telemetry
+        if tel is None or tel.max_interval_s is None:
+            return math.inf
+        st = self._state.get(point.name)
+        if st is None or st.reported_at is None:
+            return -math.inf
+        return st.reported_at + tel.max_interval_s
+
     @staticmethod
     def _telemetry(point: Point, st: _PointState, value: Value, now: float) -> float | None:
         tel = point.telemetry
@@ -153,7 +165,7 @@ class Bus(Protocol):
 class Sink(Protocol):
     async def emit(self, type_name: str, device_id: str, data: Mapping[str, Any]) -> Any: ...
 
-    def emit_telemetry(self, type_name: str, device_id: str, data: Mapping[str, Any]) -> None: ...
+    def emit_telemetry(self, type_name: str, device_id: str, data: Mapping[str, Any] | EventData) -> None: ...
 
 
 ValueListener = Callable[[Point, Value, Value | None], Awaitable[None]]
@@ -176,6 +188,13 @@ class ModbusDevice:
         self._blocks: list[tuple[ReadBlock[Point], float]] = [
             (b, min(b.poll_interval_s, poll_interval_s) if poll_interval_s else b.poll_interval_s) for b in plan]
         self._listeners: list[ValueListener] = []
+        # Per point: the words it had when last decoded, and when its heartbeat falls due. A point whose words
+        # did not move decodes to the same value, so (with no listener to tell) it raises no event and no
+        # telemetry beyond its heartbeat: most registers of most polls stop there. Decoding and tracking every
+        # register of every poll were the largest part of the daemon's own polling CPU (bench/RESULTS.md).
+        self._last: dict[str, tuple[list[int], float]] = {}
+        # Each block's points with their word spans, worked out once (a poll reads them 40 times a second).
+        self._spans: dict[int, tuple[ReadBlock[Point], tuple[tuple[Point, str, int, int], ...]]] = {}
         self.last_poll_at: float | None = None
         self.last_error: str | None = None
         self.polls = 0
@@ -207,8 +226,9 @@ class ModbusDevice:
 
     async def poll_block(self, block: ReadBlock[Point]) -> None:
         try:
-            words = await self._bus.read(self.unit, block.table, block.address, block.count)
-            parts = block.split([int(w) for w in words])
+            words = list(map(int, await self._bus.read(self.unit, block.table, block.address, block.count)))
+            if len(words) < block.count:
+                block.split(words)  # raises CodecError naming the short answer
         except (DeviceUnavailable, DeviceProtocolError, CodecError) as exc:
             # The bus reports offline/online transitions once each; here only count and remember.
             self.poll_failures += 1
@@ -217,22 +237,45 @@ class ModbusDevice:
         self.polls += 1
         now = self._now()
         self.last_poll_at = now
-        for point, point_words in parts:
+        last = self._last
+        listening = bool(self._listeners)
+        tracker = self.tracker
+        for point, name, start, stop in self._spans_of(block):
+            point_words = words[start:stop]
+            # Unchanged words give the same value: no trigger can fire (each compares with the previous value,
+            # and a threshold's arming is settled by the first reading of a value), only a heartbeat can be
+            # due. Listeners (local safety rules) still see every reading.
+            seen = last.get(name)
+            if seen is not None and not listening and seen[0] == point_words and now < seen[1]:
+                continue
             try:
                 value = point.decode(point_words)
             except CodecError as exc:
-                log.warning("%s: %s: cannot decode %s: %s", self.device_id, point.name, list(point_words), exc)
+                last.pop(name, None)
+                log.warning("%s: %s: cannot decode %s: %s", self.device_id, name, point_words, exc)
                 continue
-            previous = self.tracker.value(point.name)
+            previous = tracker.value(name)
             for listener in self._listeners:
                 await listener(point, value, previous)
-            telemetry, events = self.tracker.update(point, value, now)
+            telemetry, events = tracker.update(point, value, now)
+            last[name] = (point_words, tracker.heartbeat_at(point))
             if telemetry is not None:
-                metric = point.name if point.port is not None else point.metric
-                self._sink.emit_telemetry(SENSOR_READING.name, self.device_id,
-                                          {"metric": metric, "value": telemetry, "unit": point.unit or ""})
+                metric = name if point.port is not None else point.metric
+                # Built without validation: a str, a float and a str by construction here.
+                reading = SensorReading.model_construct(metric=metric, value=telemetry, unit=point.unit or "")
+                self._sink.emit_telemetry(SENSOR_READING.name, self.device_id, reading)
             for ev in events:
                 await self._sink.emit(ev.type, self.device_id, ev.data)
+
+    def _spans_of(self, block: ReadBlock[Point]) -> tuple[tuple[Point, str, int, int], ...]:
+        found = self._spans.get(id(block))
+        if found is not None and found[0] is block:
+            return found[1]
+        spans = tuple((s.item, s.item.name, s.start, s.stop) for s in block.slices)
+        if len(self._spans) >= 256:  # callers passing fresh blocks each time (tests, tools) stay bounded
+            self._spans.clear()
+        self._spans[id(block)] = (block, spans)
+        return spans
 
     async def command(self, name: str, args: Mapping[str, object] | None = None, *,
                       priority: Any = None) -> list[dict[str, Any]]:
