@@ -93,8 +93,8 @@ async def test_ready_watchdog_stopping_and_health_endpoint(tmp_path: Path) -> No
             code, body = await asyncio.to_thread(get, f"{base}/status")
             st = json.loads(body)
             assert st["uplink"]["state"] == "disabled"
-            assert {t["name"] for t in st["tasks"]} == {"device:temp-1", "device:door-1", "alarms", "heartbeat",
-                                                        "evictions", "clock"}
+            assert {t["name"] for t in st["tasks"]} == {"device:temp-1", "device:door-1", "alarms", "storage",
+                                                        "heartbeat", "evictions", "clock"}
             assert st["outbox"]["classes"]["event"]["unsent"] > 0
             runtime = json.loads((tmp_path / "state" / "runtime.json").read_text())
             assert runtime["health_url"] == base
@@ -291,7 +291,8 @@ devices:
     assert st["gateway_id"] == "gw-1" and st["uplink"]["state"] in ("connecting", "disconnected")
     assert st["outbox"]["classes"]["event"]["unsent"] >= 1
     assert st["outbox"]["classes"]["event"]["oldest_unsent_age_s"] is not None
-    assert [t["name"] for t in st["tasks"]] == ["uplink", "device:door-1", "alarms", "evictions", "clock", "heartbeat"]
+    assert [t["name"] for t in st["tasks"]] == ["uplink", "device:door-1", "alarms", "storage", "evictions", "clock",
+                                                  "heartbeat"]
     assert table.returncode == 0 and "device:door-1" in table.stdout and "oldest unsent" in table.stdout
     stopped = await asyncio.to_thread(status)
     assert stopped.returncode == 1 and "is it running?" in stopped.stderr
