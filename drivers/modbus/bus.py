@@ -19,9 +19,11 @@ Health per unit id: a request that gets no answer, a garbled answer or a gateway
 as a failure. After each failure the unit is backed off, ``backoff_base_s * 2**(n-1)`` capped at
 ``backoff_cap_s``, times a random factor in [0.5, 1]; while it lasts, its polls fail at once with
 DeviceUnavailable and never reach the wire, so a dead charger cannot slow its neighbours on the line. A command
-to a backed-off unit is still sent, once, without retries. ``offline_after_failures`` failures in a row make
-the unit offline and the first good answer brings it back; ``on_state_change(unit, online, reason)`` is called
-once per change (the first verdict on a unit counts as a change) and the bus logs each change once.
+to a backed-off unit is still sent, once, without retries. Once a unit is offline, the poll that goes out when its
+backoff has run out is a probe: one try, no retries, and a timeout cut to three times the unit's slowest answer
+(plus the frames' time on the wire, at least 50 ms, at most ``timeout_s``). ``offline_after_failures`` failures in
+a row make the unit offline and the first good answer brings it back; ``on_state_change(unit, online, reason)``
+is called once per change (the first verdict on a unit counts as a change) and the bus logs each change once.
 
 Errors, translated here with the cause kept:
 
@@ -98,6 +100,9 @@ _EXCEPTION_NAMES = {
     0x0A: "gateway path unavailable",
     0x0B: "gateway target device failed to respond",
 }
+# The least an offline unit's single probe waits, whatever its answers took before (loopback answers in
+# microseconds; a real device's firmware may pause for tens of milliseconds now and then).
+_PROBE_FLOOR_S = 0.05
 # A gateway saying its target is unreachable is the device being down, not the device talking back.
 _GATEWAY_CODES = frozenset({0x0A, 0x0B})
 
@@ -154,6 +159,8 @@ class UnitHealth:
     backoff_until: float = 0.0
     last_error: str = ""
     changed_at: float = 0.0
+    slowest_answer_s: float = 0.0  # the longest request → answer time seen from this unit
+    probes: int = 0  # single short tries sent while it was offline
 
 
 @dataclass(slots=True)
@@ -201,7 +208,7 @@ class ModbusBus:
     """
 
     def __init__(self, cfg: BusConfig, *, on_state_change: StateCallback | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, probe_floor_s: float = _PROBE_FLOOR_S) -> None:
         self.cfg = cfg
         self.name = cfg.label
         self.stats = BusStats()
@@ -209,6 +216,7 @@ class ModbusBus:
         self._rng = rng or random.Random()
         self._timeout_s = cfg.response_timeout_s
         self._gap_s = cfg.frame_gap_s
+        self._probe_floor_s = probe_floor_s
         self._commands: deque[_Request] = deque()
         self._polls: deque[_Request] = deque()
         self._wakeup = asyncio.Event()
@@ -396,9 +404,17 @@ class ModbusBus:
         if backed_off and req.priority is Priority.POLL:
             self._refuse_if_backed_off(req, health)  # raises: it went into backoff while this poll waited
         broadcast = req.unit == 0 and self.cfg.rtu_framing
+        # A unit known to be offline gets one short try per backoff period: no retries, and a timeout cut to
+        # what its own answers have taken, so a dead charger costs its healthy neighbours one brief silence
+        # per period instead of (1 + retries) full timeouts.
+        probing = health.online is False and not broadcast
+        timeout_s = self._probe_timeout(req, health) if probing else self._timeout_s
+        if probing:
+            health.probes += 1
         try:
             await self._ensure_connected(req)
-            result = await self._exchange(req, tries=1 if backed_off else 1 + self.cfg.retries, broadcast=broadcast)
+            result = await self._exchange(req, tries=1 if backed_off or probing else 1 + self.cfg.retries,
+                                          broadcast=broadcast, timeout_s=timeout_s)
         except ExceptionResponseError as exc:
             self.stats.exception_responses += 1
             health.exception_responses += 1
@@ -417,8 +433,22 @@ class ModbusBus:
             self._unit_answered(health)
         return result
 
-    async def _exchange(self, req: _Request, *, tries: int, broadcast: bool) -> list[int] | list[bool] | None:
+    def _probe_timeout(self, req: _Request, health: UnitHealth) -> float:
+        """The wait for an offline unit's one try: three times its slowest answer so far, plus the frames' time
+        on the wire, at least ``probe_floor_s``; never more than the normal timeout, which is also what a unit
+        that has never answered gets (nothing is known of how slow it is)."""
+        if health.slowest_answer_s <= 0:
+            return self._timeout_s
+        wire_s = 0.0
+        if self.cfg.rtu_framing:
+            answer = 5 + (2 * req.count if req.table in ("holding", "input") else (req.count + 7) // 8)
+            wire_s = (8 + answer) * self.cfg.char_time_s if req.op == "read" else 16 * self.cfg.char_time_s
+        return min(self._timeout_s, max(self._probe_floor_s, 3 * health.slowest_answer_s) + wire_s)
+
+    async def _exchange(self, req: _Request, *, tries: int, broadcast: bool,
+                        timeout_s: float | None = None) -> list[int] | list[bool] | None:
         health = self._unit(req.unit)
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         for attempt in range(1, tries + 1):
             wait_s = self._quiet_until - self._now()
             if wait_s > 0:
@@ -430,7 +460,7 @@ class ModbusBus:
             health.wire_attempts += 1
             started = self._now()
             try:
-                async with asyncio.timeout(self._timeout_s):
+                async with asyncio.timeout(timeout_s):
                     pdu = await self._send(client, req, broadcast)
             except TimeoutError:
                 self._quiet_until = self._now() + self._gap_s
@@ -442,7 +472,7 @@ class ModbusBus:
                               attempt, tries)
                     continue
                 raise _NoAnswer(f"{self.name}: unit {req.unit} {req.describe()}: no answer within "
-                                f"{self._timeout_s:g} s ({tries} tries)") from None
+                                f"{timeout_s:g} s ({tries} {'try' if tries == 1 else 'tries'})") from None
             except ConnectionException as exc:
                 raise _LinkDown(f"{self.name}: not connected: {exc}") from exc
             except ModbusException as exc:
@@ -456,7 +486,9 @@ class ModbusBus:
                 return None
             self._quiet_until = self._now() + self._gap_s
             self._silent_in_row = 0
-            self.stats.last_latency_s = self._now() - started
+            latency_s = self._now() - started
+            self.stats.last_latency_s = latency_s
+            health.slowest_answer_s = max(health.slowest_answer_s, latency_s)
             return self._check(req, pdu)
         raise AssertionError("unreachable: tries >= 1")
 
