@@ -87,9 +87,61 @@ def snapper():
         tmp = os.path.join(outdir, f"snap-{i:04d}.tmp")
         snap.dump(tmp)
         os.replace(tmp, os.path.join(outdir, f"snap-{i:04d}.tm"))
+        del snap  # else it is alive (and traced) while the next one is taken
         i += 1
 
 threading.Thread(target=snapper, name="soak-tracemalloc", daemon=True).start()
+from edgeagent.cli import main
+sys.argv = ["edgeagent", "run", "--config", cfg]
+main()
+"""
+
+# The daemon with its memory taken apart, without tracemalloc's cost: every N seconds a thread writes
+# one JSON line with glibc's malloc figures (mallinfo2: bytes in use, free inside the arenas, mmapped
+# chunks), SQLite's own allocator total (sqlite3_memory_used, from the libsqlite3 that _sqlite3 links),
+# CPython's allocated block count, and the RSS. Growth then lands on one of: Python objects, SQLite,
+# other C allocations, or free-but-kept memory (fragmentation, arenas).
+PROBED_DAEMON = """\
+import ctypes, ctypes.util, json, os, sys, threading, time
+cfg, out, every = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+import _sqlite3
+sqlite = None
+with open("/proc/self/maps") as f:
+    for line in f:
+        if "libsqlite3" in line:
+            sqlite = ctypes.CDLL(line.split()[-1])
+            break
+if sqlite is not None:
+    sqlite.sqlite3_memory_used.restype = ctypes.c_int64
+
+def probe():
+    with open(out, "a") as f:
+        while True:
+            mi = libc.mallinfo2()
+            rss = anon = 0
+            with open("/proc/self/status") as st:
+                for line in st:
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1]) * 1024
+                    elif line.startswith("RssAnon:"):
+                        anon = int(line.split()[1]) * 1024
+            f.write(json.dumps({"t": time.monotonic(), "rss": rss, "anon": anon,
+                                "malloc_in_use": mi.uordblks + mi.hblkhd, "malloc_free": mi.fordblks,
+                                "malloc_arena": mi.arena, "malloc_mmapped": mi.hblkhd,
+                                "sqlite": sqlite.sqlite3_memory_used() if sqlite is not None else -1,
+                                "py_blocks": sys.getallocatedblocks(),
+                                "threads": threading.active_count()}) + "\\n")
+            f.flush()
+            time.sleep(every)
+
+threading.Thread(target=probe, name="soak-probe", daemon=True).start()
 from edgeagent.cli import main
 sys.argv = ["edgeagent", "run", "--config", cfg]
 main()
@@ -438,6 +490,28 @@ def outbox_unsent(db: Path) -> int:
         return -1
 
 
+def probe_report(path: Path, warm_s: float) -> list[str]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if len(rows) < 3:
+        return ["  (too few probe lines)"]
+    t0 = rows[0]["t"]
+    warm = [r for r in rows if r["t"] - t0 >= warm_s] or rows[-2:]
+    xs = [r["t"] for r in warm]
+    lines = []
+    for key, label, scale in (("rss", "RSS", 1 << 20), ("anon", "anonymous RSS", 1 << 20),
+                              ("malloc_in_use", "malloc: in use", 1 << 20),
+                              ("malloc_free", "malloc: free, kept in the arenas", 1 << 20),
+                              ("malloc_arena", "malloc: arena bytes (brk + thread arenas)", 1 << 20),
+                              ("malloc_mmapped", "malloc: large chunks (mmap)", 1 << 20),
+                              ("sqlite", "SQLite allocator", 1 << 20),
+                              ("py_blocks", "CPython allocated blocks (thousands)", 1000),
+                              ("threads", "threads", 1)):
+        ys = [r[key] / scale for r in warm]
+        lines.append(f"  {label:44s} {rows[0][key] / scale:9.2f} -> {warm[0][key] / scale:9.2f} -> "
+                     f"{warm[-1][key] / scale:9.2f}   {slope_per_h(xs, ys):+8.2f} /h after warm-up")
+    return lines
+
+
 def tracemalloc_report(snaps: list[Path], warm_s: float, every_s: float, top: int) -> list[str]:
     import tracemalloc
 
@@ -495,6 +569,8 @@ async def amain(args: argparse.Namespace, workdir: Path, cloud: Mosquitto, local
     if args.tracemalloc:
         snapdir.mkdir(exist_ok=True)
         cmd = [sys.executable, "-c", TRACED_DAEMON, str(cfg), str(snapdir), str(args.tracemalloc)]
+    elif args.probe:
+        cmd = [sys.executable, "-c", PROBED_DAEMON, str(cfg), str(workdir / "probe.jsonl"), str(args.probe)]
     else:
         cmd = [sys.executable, "-m", "edgeagent", "run", "--config", str(cfg)]
     env = dict(os.environ)
@@ -580,6 +656,9 @@ def main() -> int:
     ap.add_argument("--print-every-min", type=float, default=5, help="progress lines (default every 5 min)")
     ap.add_argument("--tracemalloc", type=float, default=0, metavar="N",
                     help="run the daemon under tracemalloc, a snapshot every N seconds, and report the growth")
+    ap.add_argument("--probe", type=float, default=0, metavar="N",
+                    help="run the daemon with a thread that records glibc malloc, SQLite and CPython memory "
+                         "figures every N seconds, and report the slope of each")
     ap.add_argument("--top", type=int, default=12, help="lines of the tracemalloc report (default 12)")
     ap.add_argument("--from-git", metavar="REV",
                     help="run the code committed at REV (e.g. HEAD), not the working tree (which others may be "
@@ -627,6 +706,9 @@ def main() -> int:
     if args.tracemalloc:
         print("\n== tracemalloc (daemon) ==")
         print("\n".join(tracemalloc_report(r["snaps"], args.warmup_min * 60, args.tracemalloc, args.top)))
+    if args.probe:
+        print("\n== where the memory is (daemon, --probe) ==")
+        print("\n".join(probe_report(workdir / "probe.jsonl", args.warmup_min * 60)))
     ok = slope < TARGET_MB_PER_H and r["gaps"] == 0
     print(f"\n  {'PASS' if ok else 'FAIL'}  RSS slope {slope:+.2f} MB/h < {TARGET_MB_PER_H:g} MB/h, {r['gaps']} gaps")
     if own_dir and not args.keep:
