@@ -128,6 +128,40 @@ def test_scan_counts_an_exception_response_as_a_device(sim: SimThread) -> None:
     assert "server device failure" in row["how"]
 
 
+def test_scan_warns_when_the_server_answers_for_every_unit_id() -> None:
+    # pymodbus' device 0 stands for every unit id: 247 "devices" that are one.
+    with SimThread({0: GATE}) as any_id:
+        r = cli("modbus", "scan", *at(any_id), "--units", "1-247")
+        assert r.exit_code == 0, r.output
+        assert "247 of 247 unit ids answered" in r.stdout
+        out = " ".join(r.stdout.split())
+        assert "warning: unit 248, an id no device can have, answered too" in out
+        assert "answers for any unit id" in out and "ONE device" in out
+        r = cli("modbus", "scan", *at(any_id), "--units", "1-3", "--json")
+        doc = json.loads(r.stdout)
+        assert doc["answers_any_unit_id"] is True and "unit 248" in doc["warning"]
+
+
+def test_scan_warns_on_a_long_run_of_identical_answers() -> None:
+    # Unit 248 scanned too, and refused with an exception (no data: no canary warning); ten ids in a row give
+    # the same data, which is what one device answering for many ids looks like.
+    with SimThread(dict.fromkeys(range(10, 20), GATE)) as same:
+        r = cli("modbus", "scan", *at(same), "--units", "10-19,248", "--json")
+        doc = json.loads(r.stdout)
+        assert [u["unit"] for u in doc["units"] if u["value"] is not None] == list(range(10, 20))
+        assert doc["units"][-1]["exception_code"] == 0x04
+        assert doc["answers_any_unit_id"] is True
+        assert doc["warning"].startswith("10 consecutive unit ids answered with exactly the same data")
+
+
+def test_scan_of_a_normal_bus_warns_of_nothing(sim: SimThread) -> None:
+    r = cli("modbus", "scan", *at(sim), "--units", "1-5", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["answers_any_unit_id"] is False and doc["warning"] is None
+    r = cli("modbus", "scan", *at(sim), "--units", "1-5")
+    assert "warning" not in r.stdout
+
+
 def test_scan_says_cannot_connect_when_nothing_listens() -> None:
     r = cli("modbus", "scan", "--host", "127.0.0.1", "--port", free_port(), "--units", "1-3")
     assert r.exit_code == 1

@@ -64,6 +64,12 @@ app.add_typer(bus_app, name="bus")
 T = TypeVar("T")
 
 _SCAN_TIMEOUT_S = {"tcp": 0.3, "rtu": 0.3, "rtu_over_tcp": 1.0}
+# Unit id 248 is reserved (Modbus over serial line V1.02, 2.2): no device can have it, so an answer with data
+# there means the server ignores the unit id and every "found" id is the same device.
+_CANARY_UNIT = 248
+# This many ids in a row giving the very same data is one device answering for all of them, not a bus of
+# identical devices that all happen to hold the same value (and the scan says so, rather than staying silent).
+_SAME_ANSWER_RUN = 8
 _MAX_REGISTERS = 125
 _MAX_BITS = 2000
 _BIT_TABLES = ("coil", "discrete_input")
@@ -263,41 +269,72 @@ def parse_units(text: str, *, low: int = 1, high: int = 247) -> list[int]:
 
 
 async def _scan(cfg: ModbusBusConfig, units: list[int], table: str, address: int,
-                progress: Progress | None) -> list[dict[str, Any]]:
-    from edgeagent.drivers.modbus.bus import ExceptionResponseError, Priority  # noqa: PLC0415
-
+                progress: Progress | None) -> tuple[list[dict[str, Any]], str | None]:
+    """Each id's row, and a warning when the server evidently answers for any unit id (else None)."""
     rows: list[dict[str, Any]] = []
     task = progress.add_task("scanning", total=len(units)) if progress is not None else None
     async with _open_bus(cfg) as bus:
         for unit in units:
             if progress is not None and task is not None:
                 progress.update(task, description=f"unit {unit}")
-            row: dict[str, Any] = {"unit": unit, "answered": False, "how": "silent", "exception_code": None,
-                                   "latency_ms": None}
-            started = time.perf_counter()
-            try:
-                values = await bus.read(unit, table, address, 1, priority=Priority.COMMAND)  # type: ignore[call-overload]
-            except ExceptionResponseError as exc:
-                row["exception_code"] = exc.code
-                row["how"] = _exception_text(exc)
-                # A gateway saying its target did not respond: nobody is at that id.
-                row["answered"] = exc.code not in _GATEWAY_CODES
-            except DeviceProtocolError as exc:
-                row["answered"] = True
-                row["how"] = f"garbled answer ({str(exc).rpartition(': ')[2]})"
-            except DeviceUnavailable as exc:
-                if not bus.connected:
-                    fail(escape(_unavailable(bus, unit, exc)))
-            else:
-                row["answered"] = True
-                word = int(values[0])
-                row["how"] = f"{table} {address} = {word}" + ("" if table in _BIT_TABLES else f" (0x{word:04X})")
-            if row["answered"]:
-                row["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
-            rows.append(row)
+            rows.append(await _scan_one(bus, unit, table, address))
             if progress is not None and task is not None:
                 progress.advance(task)
-    return rows
+        canary = next((r for r in rows if r["unit"] == _CANARY_UNIT), None)
+        if canary is None and any(r["value"] is not None for r in rows):
+            canary = await _scan_one(bus, _CANARY_UNIT, table, address)
+    return rows, _any_unit_warning(rows, canary)
+
+
+async def _scan_one(bus: ModbusBus, unit: int, table: str, address: int) -> dict[str, Any]:
+    from edgeagent.drivers.modbus.bus import ExceptionResponseError, Priority  # noqa: PLC0415
+
+    row: dict[str, Any] = {"unit": unit, "answered": False, "how": "silent", "exception_code": None,
+                           "latency_ms": None, "value": None}
+    started = time.perf_counter()
+    try:
+        values = await bus.read(unit, table, address, 1, priority=Priority.COMMAND)  # type: ignore[call-overload]
+    except ExceptionResponseError as exc:
+        row["exception_code"] = exc.code
+        row["how"] = _exception_text(exc)
+        # A gateway saying its target did not respond: nobody is at that id.
+        row["answered"] = exc.code not in _GATEWAY_CODES
+    except DeviceProtocolError as exc:
+        row["answered"] = True
+        row["how"] = f"garbled answer ({str(exc).rpartition(': ')[2]})"
+    except DeviceUnavailable as exc:
+        if not bus.connected:
+            fail(escape(_unavailable(bus, unit, exc)))
+    else:
+        row["answered"] = True
+        word = int(values[0])
+        row["value"] = word
+        row["how"] = f"{table} {address} = {word}" + ("" if table in _BIT_TABLES else f" (0x{word:04X})")
+    if row["answered"]:
+        row["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return row
+
+
+def _any_unit_warning(rows: list[dict[str, Any]], canary: dict[str, Any] | None) -> str | None:
+    """Why the answers look like one server answering for every unit id, or None."""
+    found = sum(1 for r in rows if r["answered"])
+    if canary is not None and canary["value"] is not None:
+        return (f"unit {_CANARY_UNIT}, an id no device can have, answered too ({canary['how']}): this server "
+                f"answers for any unit id, so the {found} ids found are most likely ONE device (a device or "
+                "gateway that ignores the unit id, or a simulator). Configure one unit id for it; do not add "
+                "a device per id.")
+    run, longest, previous = 0, 0, None
+    for r in sorted(rows, key=lambda r: r["unit"]):
+        same = r["value"] is not None and previous is not None and r["value"] == previous["value"] \
+            and r["unit"] == previous["unit"] + 1
+        run = run + 1 if same else (1 if r["value"] is not None else 0)
+        longest = max(longest, run)
+        previous = r
+    if longest >= _SAME_ANSWER_RUN:
+        return (f"{longest} consecutive unit ids answered with exactly the same data: probably one device or "
+                f"gateway answering for every unit id rather than {longest} devices. Check a few with "
+                "'edgeagent modbus read --unit N' (an identity or serial-number register tells them apart).")
+    return None
 
 
 @app.command("scan")
@@ -331,10 +368,11 @@ def scan(
     progress = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), console=err_console, transient=True)
     with progress:
-        rows = _run(_scan(cfg, ids, table.value, address, progress))
+        rows, warning = _run(_scan(cfg, ids, table.value, address, progress))
     found = [r for r in rows if r["answered"]]
     if as_json:
-        print_json({"bus": cfg.label, "table": table.value, "address": address, "units": rows})
+        print_json({"bus": cfg.label, "table": table.value, "address": address, "units": rows,
+                    "answers_any_unit_id": warning is not None, "warning": warning})
         return
     t = Table(title=f"{len(found)} of {len(rows)} unit ids answered on {escape(cfg.label)}", title_justify="left")
     for col, justify in (("unit", "right"), ("answered", "left"), ("how", "left"), ("latency ms", "right")):
@@ -347,6 +385,8 @@ def scan(
     for r in found:
         if r["exception_code"] is not None:
             by_code[r["exception_code"]] = by_code.get(r["exception_code"], 0) + 1
+    if warning is not None:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     for code, n in by_code.items():
         if n >= 3:
             console.print(f"[yellow]note:[/] {n} ids answered with exception 0x{code:02X}: some servers (pymodbus, "
