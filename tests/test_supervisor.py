@@ -151,3 +151,24 @@ async def test_given_up_device_task_runs_again_later_and_its_report_waits_for_th
         assert await wait_until(lambda: stored == ["device:gate-1"], 2)
         assert sup.pending_reports == 0
         await sup.stop_all()
+
+
+async def test_the_error_inside_a_task_group_is_what_gets_reported() -> None:
+    reported: list[TaskInfo] = []
+
+    async def pump() -> None:
+        async def reader() -> None:
+            raise ConnectionResetError("broker closed the connection")
+
+        async with asyncio.TaskGroup() as inner:
+            inner.create_task(reader())
+
+    async def report(info: TaskInfo) -> None:
+        reported.append(info)
+
+    async with asyncio.TaskGroup() as tg:
+        sup = Supervisor(tg, policy=_fast(intensity=0), on_give_up=report)
+        sup.start("device:x", pump)
+        assert await wait_until(lambda: bool(reported), 2)
+        await sup.stop_all()
+    assert reported[0].last_error == "ConnectionResetError: broker closed the connection"

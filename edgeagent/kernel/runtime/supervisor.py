@@ -74,6 +74,13 @@ class SupervisionPolicy:
     report_retry_s: float = 10.0
 
 
+def describe(exc: BaseException) -> str:
+    """'Type: message' of the error itself, looking inside the groups a TaskGroup raises."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Supervisor:
     """Runs named coroutine factories in a TaskGroup owned by the caller."""
 
@@ -177,7 +184,7 @@ class Supervisor:
                 info.state = "stopped"
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure of a supervised task is handled here
-                info.last_error = f"{type(exc).__name__}: {exc}"
+                info.last_error = describe(exc)
                 now = self._clock()
                 if now - info.started_at >= p.stable_after_s:
                     info.failing_since = None  # it had recovered; this is a new fault
