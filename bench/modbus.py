@@ -32,8 +32,10 @@ polling: call to acknowledged write; the simulator logs when it applied the writ
 gateway's poll timestamp → receipt by the subscriber). After the daemon stopped, on the same simulator:
 registers/s flat out for coalesced polling (ModbusDevice.poll_block on ModbusBus, 40-register blocks)
 against a bare pymodbus loop reading the same registers one at a time (AsyncModbusTcpClient, one connection
-per line, as fast as it can), plus pymodbus block reads for reference, and the bare one-at-a-time loop paced
-at the same 1 Hz schedule (its CPU is the steady-state comparison). The output ends with one RESULT line.
+per line, as fast as it can), plus pymodbus block reads for reference, and two bare loops paced at the same
+1 Hz schedule: one register at a time, and the daemon's own 40-register block reads. The daemon's CPU over the
+latter's is ``cpu_ratio_vs_bare_paced``: what decoding, deadbands, durable events and MQTT cost on top of the
+reads themselves (the ratio is the figure to watch on a shared, noisy machine). The output ends with one RESULT line.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ SETPOINT_REG = 39
 DEADBAND = 5
 STEP = 10
 
-TARGET_CPU_PCT = 5.0
+TARGET_CPU_PCT = 2.5  # issue 7: was 5, measured at 4.0-6.3 before the polling-cost work
 TARGET_CMD_P99_MS = 30.0
 TARGET_R2B_P50_MS = 50.0
 TARGET_RATIO = 2.0
@@ -710,13 +712,16 @@ async def amain(args: argparse.Namespace, workdir: Path, broker: Mosquitto, port
     out: dict[str, Any] = {"cfg": cfg}
     out["daemon"] = await run_daemon_phase(args, cfg, profile_path, counters, sim_conn, pids)
     print(f"[2/2] throughput on the same simulator, {args.flat_s:g} s each: coalesced, bare one at a time, "
-          f"bare blocks; then bare one at a time paced at 1 Hz for {args.paced_s:g} s ...", flush=True)
+          f"bare blocks; then bare one at a time and bare 40-register blocks, each paced at 1 Hz for "
+          f"{args.paced_s:g} s ...", flush=True)
     sim_pid = pids.get("simulator")
     out["tput"] = [
         await coalesced_flat_out(cfg, profile, args.units, args.flat_s, sim_pid),
         await bare_loop(ports, args.units, 1, args.flat_s, sim_pid),
         await bare_loop(ports, args.units, N_REGS, args.flat_s, sim_pid),
         await bare_loop(ports, args.units, 1, args.paced_s, sim_pid, paced_hz=1.0),
+        # The same block reads as the daemon's, at its 1 Hz: the floor any gateway pays for this load.
+        await bare_loop(ports, args.units, N_REGS, args.paced_s, sim_pid, paced_hz=1.0),
     ]
     return out
 
@@ -724,11 +729,13 @@ async def amain(args: argparse.Namespace, workdir: Path, broker: Mosquitto, port
 def report(args: argparse.Namespace, r: dict[str, Any], sim: dict[str, Any], sub: dict[str, Any]) -> str:
     bus_names = list(r["cfg"].modbus.buses)
     m, lines = analyze(args, r["daemon"], sim, sub, bus_names)
-    coal, bare1, _bare40, paced = r["tput"]
+    coal, bare1, _bare40, paced, paced_blocks = r["tput"]
     coal_rps = coal["registers"] / coal["elapsed"]
     bare_rps = bare1["registers"] / bare1["elapsed"]
     ratio = coal_rps / bare_rps if bare_rps else 0.0
     paced_rps = paced["registers"] / paced["elapsed"]
+    paced_blocks_pct = paced_blocks["cpu_s"] / paced_blocks["elapsed"] * 100
+    cpu_ratio = m["cpu_pct"] / paced_blocks_pct if paced_blocks_pct > 0 else float("nan")
     lines += [
         "",
         "== read throughput on the same simulator (daemon stopped) ==",
@@ -736,6 +743,9 @@ def report(args: argparse.Namespace, r: dict[str, Any], sim: dict[str, Any], sub
         f"  1 Hz steady state: coalesced through the daemon {m['steady_regs']:,.0f} registers/s at "
         f"{m['cpu_pct']:.1f}% CPU (whole gateway incl. outbox and uplink); bare one at a time paced "
         f"{paced_rps:,.0f} registers/s at {paced['cpu_s'] / paced['elapsed'] * 100:.1f}% CPU (reading only)",
+        f"  bare pymodbus 40-register blocks paced at 1 Hz (the daemon's reads, nothing else): "
+        f"{paced_blocks['registers'] / paced_blocks['elapsed']:,.0f} registers/s at {paced_blocks_pct:.2f}% CPU",
+        f"  cpu_ratio_vs_bare_paced (daemon CPU / that loop's CPU): {cpu_ratio:.1f}",
         f"  ratio_vs_bare (flat out, coalesced / bare one at a time): {ratio:.1f}",
         "",
         "== targets ==",
@@ -752,7 +762,8 @@ def report(args: argparse.Namespace, r: dict[str, Any], sim: dict[str, Any], sub
     print("\n".join(lines))
     return (f"RESULT cpu_pct_one_core={m['cpu_pct']:.1f} poll_jitter_p99_ms={m['jitter_p99']:.1f} "
             f"cmd_p50_ms={m['cmd_p50']:.1f} cmd_p99_ms={m['cmd_p99']:.1f} "
-            f"read_to_broker_p50_ms={m['r2b_p50']:.1f} ratio_vs_bare={ratio:.1f}")
+            f"read_to_broker_p50_ms={m['r2b_p50']:.1f} ratio_vs_bare={ratio:.1f} "
+            f"cpu_ratio_vs_bare_paced={cpu_ratio:.1f}")
 
 
 def stop_process(p: Any, conn: Any) -> None:
