@@ -52,7 +52,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -118,6 +118,26 @@ _FREE_MAX_STEPS = 200
 # let intake and the uplink through between them.
 CLOCK_SLICE_ROWS = 500
 _REASON_MAX_CHARS = 500
+# The longest ``IN (...)`` list in one statement: under the 999 variables of SQLite before 3.32, with
+# room for a statement's other parameters.
+_IN_LIST_MAX = 900
+
+
+def _in_lists(seqs: Sequence[int]) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """``seqs`` as (placeholders, parameters) for ``seq IN (...)``, at most _IN_LIST_MAX at a time, each
+    list padded to a power of two (or _IN_LIST_MAX) by repeating its last seq, which IN ignores.
+
+    SQLite compiles one statement per distinct SQL text and the connection keeps the last 128. With
+    exactly one placeholder per row, every batch size ever acknowledged got its own statement (about
+    36 kB for 500 rows): the cache and its churn grew the daemon's memory for hours, most after an
+    outage (bench/soak.py; tests/test_outbox_memory.py). Padded, a query has at most 11 texts.
+    """
+    for i in range(0, len(seqs), _IN_LIST_MAX):
+        chunk = tuple(seqs[i:i + _IN_LIST_MAX])
+        width = min(_IN_LIST_MAX, 1 << (len(chunk) - 1).bit_length())
+        yield ",".join("?" * width), chunk + (chunk[-1],) * (width - len(chunk))
+
+
 # The disk reserve is scaled to the free space at hand (a quarter at most); below this it is not worth
 # a file (it would not cover one WAL checkpoint).
 _RESERVE_MIN_BYTES = 256 * 1024
@@ -1096,9 +1116,7 @@ class Outbox:
         """[6] Move the still-unsent rows among ``seqs`` to the dead-letter table."""
         now = self._now_ms()
         moved = 0
-        for i in range(0, len(seqs), 900):
-            chunk = tuple(seqs[i:i + 900])
-            marks = ",".join("?" * len(chunk))
+        for marks, chunk in _in_lists(seqs):
             rows = conn.execute(
                 f"SELECT prio, size FROM outbox WHERE sent_ms IS NULL AND seq IN ({marks})",  # noqa: S608 - placeholders only
                 chunk).fetchall()
@@ -1149,11 +1167,10 @@ class Outbox:
     def _unsent_counts(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[tuple[int, int, int]]:
         """(prio, rows, bytes) of the still-unsent rows among ``seqs``; chunked under SQLite's limit."""
         totals: dict[int, list[int]] = {}
-        for i in range(0, len(seqs), 900):
-            chunk = tuple(seqs[i:i + 900])
+        for marks, chunk in _in_lists(seqs):
             for prio, n, nbytes in conn.execute(
                 f"SELECT prio, COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE sent_ms IS NULL"  # noqa: S608 - placeholders only
-                f" AND seq IN ({','.join('?' * len(chunk))}) GROUP BY prio",
+                f" AND seq IN ({marks}) GROUP BY prio",
                 chunk,
             ):
                 t = totals.setdefault(prio, [0, 0])
