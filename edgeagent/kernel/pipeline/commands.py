@@ -10,6 +10,14 @@ known key, signature, target gateway, clock synchronised, not yet valid / expire
 command exists and its arguments fit, then the nonce is recorded durably (replays are refused even
 after a restart). Only then does the handler run.
 
+The clock may be moved back (a bad NTP source, a hand-set date, an attacker on the box's network time).
+Nonces are therefore kept by the command's signed issue time, never by this box's clock: with
+``claim_command`` (the outbox's :meth:`~edgeagent.kernel.pipeline.outbox.Outbox.claim_command`) a durable
+floor, the newest issue time seen minus the horizon (``max_ttl_s + clock_skew_s``), refuses older
+commands as expired, and only nonces below that floor are ever purged. No legitimate command falls below
+it: one issued at ``t`` is accepted only before ``t + max_ttl_s``, and no command accepted by then can
+claim an issue time beyond that moment plus ``clock_skew_s``.
+
 Every outcome is audited, in a ``finally``: a run cut short (the daemon stopping) is audited as failed.
 Rejections of requests whose signature did not verify are the one exception to "one audit each": anyone
 who can publish on the command topic can send them by the thousand, and each audit is an event in the
@@ -97,6 +105,8 @@ class CommandResult:
 
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
+# (nonce, issued_ms, horizon_ms) -> "claimed" | "replay" | "stale": see Outbox.claim_command.
+ClaimCommand = Callable[[str, int, int], Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +171,7 @@ class CommandService:
         gateway_id: str,
         keys: Mapping[str, Ed25519PublicKey],
         router: CommandRouter,
-        claim_nonce: Callable[[str, int], Awaitable[bool]],
+        claim_nonce: Callable[[str, int], Awaitable[bool]] | None = None,
         now: Callable[[], datetime],
         clock_synced: Callable[[], bool],
         audit: Callable[[CommandResult], Awaitable[None]],
@@ -171,12 +181,19 @@ class CommandService:
         unverified_audits_per_window: int = 20,
         unverified_window_s: float = 60.0,
         monotonic: Callable[[], float] = time.monotonic,
+        claim_command: ClaimCommand | None = None,
     ) -> None:
+        """``claim_command(nonce, issued_ms, horizon_ms)`` (preferred) keeps nonces by issue time and survives
+        a clock moved back; ``claim_nonce(nonce, keep_until_ms)`` is the older store, purged by wall-clock
+        time, which a clock moved back defeats once the nonce is gone. One of the two is required."""
+        if claim_command is None and claim_nonce is None:
+            raise ValueError("CommandService needs claim_command (or the older claim_nonce)")
         self._site_id = site_id
         self._gateway_id = gateway_id
         self._keys = dict(keys)
         self._router = router
         self._claim_nonce = claim_nonce
+        self._claim_command = claim_command
         self._now = now
         self._clock_synced = clock_synced
         self._audit = audit
@@ -361,6 +378,17 @@ class CommandService:
         spec = self._router.get(body.command)
         if spec is None:
             raise CommandRejected("unknown_command", f"this gateway has no command {body.command!r}")
+        if self._claim_command is not None:
+            horizon = self._max_ttl + self._skew
+            outcome = await self._claim_command(body.nonce, _ms(issued), _ms_span(horizon))
+            if outcome == "stale":
+                raise CommandRejected(
+                    "expired", f"issued more than {int(horizon.total_seconds())} s before a command this gateway "
+                    "already accepted; refused whatever this box's clock says (was it moved back?)")
+            if outcome != "claimed":
+                raise CommandRejected("replay", "this nonce was used before")
+            return spec
+        assert self._claim_nonce is not None
         keep_until_ms = int((expires + self._skew).timestamp() * 1000)
         if not await self._claim_nonce(body.nonce, keep_until_ms):
             raise CommandRejected("replay", "this nonce was used before")
@@ -376,6 +404,14 @@ class CommandService:
             return spec.args_model.model_validate(body.args).model_dump()
         except ValidationError as exc:
             raise CommandRejected("bad_args", _first_error(exc)) from None
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def _ms_span(span: timedelta) -> int:
+    return int(span.total_seconds() * 1000)
 
 
 def _aware(dt: datetime) -> datetime:

@@ -40,12 +40,20 @@ to the ``dead_letters`` table in the same transaction:
   up to ``dead_letter_bytes`` (oldest dropped first), and are freed after sent history when the disk
   is full;
 * ``dead_lettered_total`` counts them (persisted); the platform sees their ``seq`` as a gap.
+
+[7] One Outbox per database file, enforced with a lock file (see ``_take_lock``): the counters,
+cursors and ``next_seq`` above are this object's, valid only while nobody else writes the rows.
+
+[8] Nonces of signed commands (:meth:`Outbox.claim_command`) are kept by their signed issue time, not by
+this box's clock: a floor (the newest issue time seen minus the command horizon, in ``kv``) only rises;
+commands issued below it are refused and only nonces below it are purged, in the same transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -56,7 +64,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -104,6 +112,8 @@ CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created_ms);
 CREATE INDEX IF NOT EXISTS outbox_unsynced ON outbox(boot_id, seq) WHERE unsynced=1;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+-- Nonces of commands kept by issue time (claim_command): purged only below the floor, see [8].
+CREATE TABLE IF NOT EXISTS command_nonces (nonce TEXT PRIMARY KEY, issued_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Per-row bookkeeping in SQLite beyond the payload (keys, index entries); used for the cap.
@@ -117,6 +127,9 @@ _FREE_MAX_STEPS = 200
 # Rows per clock-correction transaction: a payload rewrite each, so slices keep one commit short and
 # let intake and the uplink through between them.
 CLOCK_SLICE_ROWS = 500
+# kv key of the issue-time floor of signed commands [8]: refused below it, nonces purged below it.
+COMMAND_FLOOR_KEY = "commands.issued_floor_ms"
+ClaimOutcome = Literal["claimed", "replay", "stale"]
 _REASON_MAX_CHARS = 500
 # The longest ``IN (...)`` list in one statement: under the 999 variables of SQLite before 3.32, with
 # room for a statement's other parameters.
@@ -277,6 +290,13 @@ class _ClaimNonce(_Op):
 
 
 @dataclass(slots=True)
+class _ClaimCommand(_Op):
+    nonce: str
+    issued_ms: int
+    horizon_ms: int
+
+
+@dataclass(slots=True)
 class _DeadLetter(_Op):
     seqs: Sequence[int]
     reason: str
@@ -358,6 +378,7 @@ class Outbox:
         self.quarantined: Path | None = None
         # Database-thread state (touched only by that thread after open).
         self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None  # [7]
         self._next_seq = 1
         self._cursor: dict[int, int] = {p.value: 0 for p in Priority}
         self._unsent_bytes: dict[int, int] = {p.value: 0 for p in Priority}
@@ -514,6 +535,15 @@ class Outbox:
         result: bool = await self._submit(_ClaimNonce(None, nonce, expires_ms, self._now_ms()))
         return result
 
+    async def claim_command(self, nonce: str, issued_ms: int, horizon_ms: int) -> ClaimOutcome:
+        """Record a verified command's nonce durably, judged by issue times, never by this box's clock [8].
+
+        ``"stale"``: issued before the floor (the newest issue time seen minus ``horizon_ms``), so it is refused
+        whether or not its nonce is still kept; ``"replay"``: the nonce is kept; ``"claimed"``: first use.
+        """
+        result: ClaimOutcome = await self._submit(_ClaimCommand(None, nonce, issued_ms, horizon_ms))
+        return result
+
     async def correct_clock(self, boot_id: str, to_wall: Callable[[int], str], *,
                             slice_rows: int = CLOCK_SLICE_ROWS) -> tuple[int, int]:
         """Rewrite times of unsent events of ``boot_id`` stamped before clock sync.
@@ -587,8 +617,10 @@ class Outbox:
         loop = self._loop
         assert loop is not None
         try:
+            self._take_lock()
             self._open_db()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting open()
+            self._drop_lock()
             loop.call_soon_threadsafe(_set_exc_if_pending, ready, exc)
             return
         loop.call_soon_threadsafe(_set_result_if_pending, ready, None)
@@ -604,6 +636,47 @@ class Outbox:
                     self._conn.execute("PRAGMA optimize")
                 self._conn.close()
                 self._conn = None
+            self._drop_lock()
+
+    def _take_lock(self) -> None:
+        """[7] Hold an exclusive flock on ``<db>.lock`` while open: one Outbox per database.
+
+        The counters [4], the lease cursors and ``next_seq`` live in this object, so a second Outbox
+        on the same file would hand out the same seqs and keep counters that never see the other's
+        acks and dead letters (a test reading stats from the instance that did not send saw 1,045
+        unsent alarms and no dead letters where the rows said none and three). flock, not a POSIX
+        lock: it is per open file, so it also refuses a second instance in the same process, and the
+        kernel drops it when the process dies, so a killed daemon leaves nothing stale. Readers
+        (``edgeagent events``) open the database read-only and never take it."""
+        path = self._cfg.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(path.name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise OutboxError(f"{lock}: cannot create the outbox lock file: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            try:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            os.close(fd)
+            who = "this process" if holder == str(os.getpid()) else f"pid {holder}"
+            raise OutboxError(
+                f"{path}: the outbox is already open (by {who}); only one outbox may use a database: "
+                "is another edgeagent running with this state directory?") from exc
+        # Who holds it, for the message above; informational, so a full disk does not stop the open.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _drop_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
     def _fail_queued(self, loop: asyncio.AbstractEventLoop, exc: BaseException) -> None:
         results: list[_Result] = []
@@ -636,7 +709,6 @@ class Outbox:
 
     def _open_db_once(self) -> None:
         path = self._cfg.path
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -989,6 +1061,8 @@ class Outbox:
             cur = conn.execute("INSERT OR IGNORE INTO nonces(nonce, expires_ms) VALUES (?, ?)",
                                (op.nonce, op.expires_ms))
             return cur.rowcount == 1
+        if isinstance(op, _ClaimCommand):
+            return _claim_command(conn, op.nonce, op.issued_ms, op.horizon_ms)
         if isinstance(op, _DeadLetter):
             return self._dead_letter(conn, op.seqs, op.reason)
         if isinstance(op, _CorrectClock):
@@ -1341,6 +1415,27 @@ def _parse_utc_ms(text: str) -> int:
 def _is_disk_full(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
+
+
+def _claim_command(conn: sqlite3.Connection, nonce: str, issued_ms: int, horizon_ms: int) -> ClaimOutcome:
+    """[8] The floor only rises, and the refusal and the purge use the same floor in one transaction: a
+    nonce is deleted only once its command would be refused as stale anyway. Moving this box's clock
+    (back or forth) changes neither, so a command run once cannot be run again by rolling the clock back
+    until its nonce was purged. Nonces the older wall-clock path (``nonces``) still keeps count too."""
+    row = conn.execute("SELECT value FROM kv WHERE key=?", (COMMAND_FLOOR_KEY,)).fetchone()
+    floor = int(orjson.loads(row[0])) if row is not None else None
+    if floor is not None and issued_ms < floor:
+        return "stale"
+    if conn.execute("SELECT 1 FROM nonces WHERE nonce=?", (nonce,)).fetchone() is not None:
+        return "replay"
+    cur = conn.execute("INSERT OR IGNORE INTO command_nonces(nonce, issued_ms) VALUES (?, ?)", (nonce, issued_ms))
+    if cur.rowcount != 1:
+        return "replay"
+    new_floor = issued_ms - horizon_ms
+    if floor is None or new_floor > floor:
+        conn.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (COMMAND_FLOOR_KEY, str(new_floor)))
+        conn.execute("DELETE FROM command_nonces WHERE issued_ms < ?", (new_floor,))
+    return "claimed"
 
 
 def _set_result_if_pending(fut: asyncio.Future[Any], value: Any) -> None:
