@@ -4,8 +4,12 @@ group commit, counters that match the rows, clock correction in slices and after
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import random
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -80,6 +84,49 @@ async def test_dead_letters_are_kept_only_up_to_their_cap(tmp_path: Path, factor
     assert stats.dead_lettered_total == 40
     assert 0 < stats.dead_letters == len(kept) < 40
     assert [d.seq for d in kept] == list(range(41 - len(kept), 41)), "not the newest that were kept"
+
+
+# --- one outbox per database ---------------------------------------------------------------------
+
+OPEN_AGAIN = """
+import asyncio, sys
+from pathlib import Path
+from edgeagent.kernel.errors import OutboxError
+from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
+
+async def main():
+    try:
+        async with Outbox(OutboxConfig(Path(sys.argv[1]))):
+            print("opened")
+    except OutboxError as exc:
+        print(exc)
+asyncio.run(main())
+"""
+
+
+async def test_a_second_outbox_on_the_same_database_is_refused(tmp_path: Path, factory: EventFactory) -> None:
+    """Two Outbox objects on one file keep two sets of counters and seqs: the one that did not send
+    said 5 unsent alarms and no dead letters where the rows said none unsent and one dead letter."""
+    cfg = OutboxConfig(tmp_path / "o.db")
+    async with Outbox(cfg) as ob:
+        await ob.put_many([alarm(factory) for _ in range(5)])
+        with pytest.raises(OutboxError, match=r"already open \(by this process\)"):
+            async with Outbox(cfg):
+                pass
+        other = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", OPEN_AGAIN, str(cfg.path)],
+                                        capture_output=True, text=True, timeout=60, check=True)
+        assert f"already open (by pid {os.getpid()})" in other.stdout, other.stdout + other.stderr
+        batch = await ob.lease(10, 1 << 20)
+        assert batch is not None
+        ob.ack_nowait(batch)
+        stats = await ob.stats()
+        assert stats.classes["alarm"].unsent == 0
+    # Closing gives the database up: the next daemon opens it, and finds what the first one left.
+    async with Outbox(cfg) as ob:
+        assert (await ob.stats()).history_rows == 5
+    assert "opened" in (await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", OPEN_AGAIN, str(cfg.path)], capture_output=True, text=True,
+        timeout=60, check=True)).stdout
 
 
 # --- coalescing never touches a row that may be on the platform ------------------------------------
@@ -346,3 +393,86 @@ async def test_clock_fixer_corrects_on_the_transition(tmp_path: Path) -> None:
     assert [e["type"] for e in envs] == ["contact.changed", "gateway.clock.synced"]
     assert envs[0]["clock_synced"] is True and envs[0]["clock"]["corrected"] is True
     assert envs[1]["data"]["corrected_unsent"] == 1 and envs[1]["data"]["boot_id"] == "boot-c"
+
+
+def split(b: Batch, rnd: random.Random) -> list[Batch]:
+    """A lease cut into runs, in order, as the uplink cuts one the broker cannot take whole."""
+    cuts = sorted(rnd.sample(range(1, len(b)), rnd.randrange(len(b)))) if len(b) > 1 else []
+    bounds = [0, *cuts, len(b)]
+    return [Batch(b.priority, b.seqs[i:j], b.payloads[i:j]) for i, j in itertools.pairwise(bounds)]
+
+
+async def send_through_another_outbox(cfg: OutboxConfig) -> None:
+    other = Outbox(cfg)
+    try:
+        await other.open()
+    except OutboxError:
+        return
+    try:
+        if (b := await other.lease(5, 1 << 20)) is not None:
+            await other.dead_letter(b.seqs[:1], "too big")
+            other.ack_nowait(b)
+        await other.flush()
+    finally:
+        await other.close()
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_counters_survive_split_leases_partial_acks_and_dead_letters(tmp_path: Path, seed: int) -> None:
+    """Lease → split → ack some parts → dead-letter one event of a part → ack the rest of it (the whole
+    part, dead seq included) → reset → restart, in random order: the counters equal a recount after
+    every step, and dead_lettered_total is what dead_letter() returned, across restarts too."""
+    rnd = random.Random(1000 + seed)
+    f = EventFactory(REGISTRY, "site-1", "gw-1", Clock(mode="synced"))
+    now = 1_790_000_500_000
+    cfg = OutboxConfig(tmp_path / "o.db", cap_bytes=40_000, durability="normal")
+    in_flight: list[Batch] = []
+    dead_total = 0
+    ob = Outbox(cfg, now_ms=lambda: now)
+    await ob.open()
+    try:
+        for step in range(300):
+            op = rnd.random()
+            if op < 0.3:
+                makers = [lambda: alarm(f, f"r{step}"), lambda: contact(f, f"d{rnd.randrange(6)}"),
+                          lambda: reading(f, f"s{rnd.randrange(3)}", "t", rnd.random())]
+                await ob.put_many([rnd.choice(makers)() for _ in range(rnd.randrange(1, 6))])
+            elif op < 0.45:
+                b = await ob.lease(rnd.randrange(1, 12), rnd.choice([400, 1 << 20]))
+                if b is not None:
+                    in_flight.extend(split(b, rnd))
+            elif op < 0.6 and in_flight:
+                ob.ack_nowait(in_flight.pop(rnd.randrange(len(in_flight))))  # not awaited: [3] orders it
+            elif op < 0.75 and in_flight:
+                part = in_flight.pop(rnd.randrange(len(in_flight)))
+                victim = rnd.choice(part.seqs)
+                dead_total += await ob.dead_letter([victim], "too big")
+                if rnd.random() < 0.7:
+                    ob.ack_nowait(part)  # the rest of the part, its dead seq too (a no-op for that one)
+                else:
+                    in_flight.append(part)  # acked, dead-lettered again or forgotten later
+            elif op < 0.8 and in_flight:
+                part = in_flight.pop(rnd.randrange(len(in_flight)))
+                dead_total += await ob.dead_letter(part.seqs, "refused")
+                ob.ack_nowait(part)  # a late PUBACK for rows already dead: ignored
+            elif op < 0.9:
+                await ob.reset_leases()
+                in_flight.clear()
+            elif op < 0.93:
+                # What test_uplink_packet_size once did: a second Outbox on the file doing the sending
+                # (its acks and dead letters never reached this one's counters). It must be refused.
+                await send_through_another_outbox(cfg)
+            elif op < 0.97:
+                await ob.close()
+                ob = Outbox(cfg, now_ms=lambda: now)
+                await ob.open()
+                in_flight.clear()
+            await ob.flush()
+            stats = await ob.stats()
+            assert said(stats) == await ob.query(lambda c: recount(c, now)), f"seed {seed} step {step}"
+            assert stats.dead_lettered_total == dead_total, f"seed {seed} step {step}"
+        stored = await ob.query(lambda c: c.execute(
+            "SELECT value FROM meta WHERE key='dead_lettered_total'").fetchone()[0])
+        assert stored == dead_total > 0
+    finally:
+        await ob.close()

@@ -62,7 +62,9 @@ async def test_backlog_under_a_small_max_packet_size_is_delivered_whole(
         col = Collector(broker.port).start()
         try:
             began = time.monotonic()
-            async with running_uplink(tmp_path, broker.url) as (_ob, up):
+            # The uplink sends from this outbox, not a second one on the same file (refused now: it
+            # kept its own counters, so stats() here said 1,045 unsent alarms and no dead letters).
+            async with running_uplink(tmp_path, broker.url, outbox=ob) as (_ob, up):
                 done = await wait_until(lambda: len(set(col.seqs())) >= len(expected), timeout_s=90)
                 took = time.monotonic() - began
                 snapshot = up.snapshot()
@@ -84,6 +86,10 @@ async def test_backlog_under_a_small_max_packet_size_is_delivered_whole(
             assert all("maximum packet size" in d.reason for d in dead)
             # Every row is either sent (its PUBACK came) or a dead letter: nothing left to block a class.
             assert unsent == 0
+            stats = await ob.stats()
+            assert {label: c.unsent for label, c in stats.classes.items()} == {
+                "alarm": 0, "event": 0, "telemetry": 0}
+            assert stats.dead_lettered_total == stats.dead_letters == len(lost)
         finally:
             col.stop()
     finally:
