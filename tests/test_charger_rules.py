@@ -16,16 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeagent.drivers.modbus.bus import Priority as BusPriority
-from edgeagent.drivers.modbus.charger import (
+from edgeagent.drivers.modbus.charger import ChargerSafety, MemoryStateStore
+from edgeagent.drivers.modbus.charger_rules import (
     Action,
     ChargerRules,
-    ChargerSafety,
     CutPort,
     CutStation,
     EnforceLockout,
     FullCut,
     LockoutReset,
-    MemoryStateStore,
     ResetRefused,
     SafetyLimits,
     SessionEnded,

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edgeagent.drivers.modbus.codec import CodecError
-from edgeagent.drivers.modbus.profile import OnChange, OnEdge, OnState, OnThreshold, Pause, Point, Profile, ReadBlock
+from edgeagent.drivers.modbus.plan import ReadBlock
+from edgeagent.drivers.modbus.profile_model import OnChange, OnEdge, OnState, OnThreshold, Pause, Point, Profile
 from edgeagent.kernel.errors import DeviceProtocolError, DeviceUnavailable
 from edgeagent.kernel.pipeline.event_types import SENSOR_READING, SensorReading
 from edgeagent.kernel.pipeline.events import EventData

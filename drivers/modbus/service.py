@@ -19,7 +19,8 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeagent.drivers.modbus.bus import ModbusBus, Priority
-from edgeagent.drivers.modbus.charger import ChargerSafety, ResetRefused, SafetyLimits
+from edgeagent.drivers.modbus.charger import ChargerSafety
+from edgeagent.drivers.modbus.charger_rules import ResetRefused, SafetyLimits
 from edgeagent.drivers.modbus.config import (
     ModbusBusConfig,
     ModbusChargerConfig,
