@@ -266,7 +266,7 @@ def devices_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _register_subcommands() -> None:
-    from edgeagent.cli import devices, events, local, modbus, support  # noqa: PLC0415
+    from edgeagent.cli import broker, devices, events, local, modbus, support  # noqa: PLC0415
 
     app.add_typer(events.app, name="events")
     app.add_typer(devices.app, name="device")
@@ -277,6 +277,7 @@ def _register_subcommands() -> None:
     app.add_typer(local.output_app, name="output")
     app.add_typer(local.alarms_app, name="alarms")
     app.command("diagnose")(support.diagnose)
+    app.add_typer(broker.app, name="broker")
 
 
 _register_subcommands()
