@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ from edgeagent.drivers.notifiers import (
     WebhookNotifier,
     encode_sms,
     mask_number,
+    key_id_of,
+    signature,
+    verify_signature,
 )
 from edgeagent.kernel.alarms.engine import MessageKind
 from edgeagent.kernel.alarms.notify import Message, NotifyError
@@ -118,17 +122,22 @@ class Hook:
     an int is a status, a float is a delay (in seconds) before answering 200."""
 
     key: bytes | None = None
+    key_id: str = "webhook-hmac"
     script: list[int | float] = field(default_factory=list)
     requests: list[tuple[dict[str, str], bytes, str]] = field(default_factory=list)
     url: str = ""
+    tolerance_s: float = 300.0
+    seen: set[str] = field(default_factory=set)
+    refusals: list[str] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.requests.append((dict(request.headers), body, request.query_string))
         if self.key is not None:
-            want = "sha256=" + hmac.new(self.key, body, hashlib.sha256).hexdigest()
-            if not hmac.compare_digest(request.headers.get(SIGNATURE_HEADER, ""), want):
-                return web.Response(status=401, text="bad signature")
+            why = self.refuse(request.headers.get(SIGNATURE_HEADER, ""), body)
+            if why:
+                self.refusals.append(why)
+                return web.Response(status=401, text=why)
         action = self.script.pop(0) if self.script else 200
         if isinstance(action, float):
             await asyncio.sleep(action)
@@ -136,6 +145,25 @@ class Hook:
         if 300 <= action < 400:
             return web.Response(status=action, headers={"Location": "http://127.0.0.1:1/elsewhere"})
         return web.Response(status=action, text="thanks")
+
+    def refuse(self, header: str, body: bytes) -> str | None:
+        """The receiver's checks, written from the documented header format (not the product's helper):
+        ``t=<unix s>,kid=<key id>,v1=<hex HMAC-SHA256 over "<t>." + body>``."""
+        fields = dict(part.partition("=")[::2] for part in header.split(","))
+        if set(fields) != {"t", "kid", "v1"} or not fields["t"].isdigit():
+            return "bad signature header"
+        if fields["kid"] != self.key_id:
+            return "unknown key id"
+        assert self.key is not None
+        want = hmac.new(self.key, fields["t"].encode() + b"." + body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(fields["v1"], want):
+            return "bad signature"
+        if abs(time.time() - int(fields["t"])) > self.tolerance_s:
+            return "stale"
+        if fields["v1"] in self.seen:
+            return "replayed"
+        self.seen.add(fields["v1"])
+        return None
 
 
 @pytest.fixture
@@ -177,7 +205,11 @@ async def test_webhook_posts_signed_json(hook: Hook, hmac_file: Path) -> None:
     assert query == "token=abc123"
     assert headers["Content-Type"] == "application/json"
     assert headers["X-Compound"] == "c-7"
-    assert headers[SIGNATURE_HEADER] == "sha256=" + hmac.new(b"s3cret-key", body, hashlib.sha256).hexdigest()
+    t = orjson.loads(body)["at"]
+    header = headers[SIGNATURE_HEADER]
+    assert header.startswith("t=") and ",kid=webhook-hmac,v1=" in header
+    assert abs(int(header[2:header.index(",")]) - time.time()) < 60
+    assert t.endswith("Z") and not hook.refusals
     doc = orjson.loads(body)
     assert doc["alarm_id"] == "A9"
     assert doc["kind"] == "escalated"
@@ -187,6 +219,51 @@ async def test_webhook_posts_signed_json(hook: Hook, hmac_file: Path) -> None:
     assert doc["title"].startswith("ALARM [critical]")
     assert "wristband wb-7" in doc["text"]
     assert doc["at"].endswith("Z")
+
+
+async def test_webhook_signature_lets_the_receiver_refuse_stale_and_replayed_calls(hook: Hook) -> None:
+    """The signature carries its time and key id (issue 8 item 4; before: ``sha256=<hex>`` over the body
+    alone, so a captured call verified for ever)."""
+    import aiohttp
+
+    hook.key = b"k-2026-0123456789"
+    hook.key_id = "HOOK_KEY_2026"  # the key id is the name of the secret reference
+    cfg = webhook_cfg(hook.url, secret={"env": "HOOK_KEY_2026"})
+    environ = {"HOOK_KEY_2026": "k-2026-0123456789"}
+    n = WebhookNotifier(cfg, environ=environ)
+    late = WebhookNotifier(cfg, environ=environ, now=lambda: datetime.now(UTC) - timedelta(minutes=10))
+    try:
+        await n.send("guard_room", message())
+        assert not hook.refusals
+        with pytest.raises(NotifyError, match="HTTP 401"):
+            await late.send("guard_room", message())
+        assert hook.refusals == ["stale"]
+    finally:
+        await n.aclose()
+        await late.aclose()
+    # A captured call sent again, byte for byte, is a replay.
+    headers, body, _ = hook.requests[0]
+    async with aiohttp.ClientSession() as session, session.post(
+            hook.url, data=body, headers={SIGNATURE_HEADER: headers[SIGNATURE_HEADER]}) as resp:
+        assert resp.status == 401
+    assert hook.refusals == ["stale", "replayed"]
+    # The timestamp is signed: moving it forward breaks the signature.
+    sig = headers[SIGNATURE_HEADER]
+    forged = f"t={int(sig[2:sig.index(',')]) + 60}" + sig[sig.index(","):]
+    assert hook.refuse(forged, body) == "bad signature"
+
+
+def test_signature_helpers_round_trip() -> None:
+    keys = {"a": b"key-a-0123456789", "b": b"key-b-0123456789"}
+    header = signature(keys["b"], b'{"x":1}', timestamp=1_777_622_400, key_id="b")
+    assert verify_signature(header, keys, b'{"x":1}', now_s=1_777_622_400 + 10) == ("b", 1_777_622_400)
+    for bad_body, now_s, words in ((b'{"x":2}', 1_777_622_400, "does not verify"),
+                                   (b'{"x":1}', 1_777_622_400 + 301, "stale")):
+        with pytest.raises(ValueError, match=words):
+            verify_signature(header, keys, bad_body, now_s=now_s)
+    with pytest.raises(ValueError, match="unknown key id"):
+        verify_signature(header, {"a": keys["a"]}, b'{"x":1}', now_s=1_777_622_400)
+    assert key_id_of(SecretRef(file=Path("/etc/edgeagent/credentials/webhook hmac"))) == "webhook_hmac"
 
 
 async def test_webhook_wrong_key_is_a_permanent_failure(hook: Hook, tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ One module per seam (config in :mod:`edgeagent.kernel.alarms.notify_config`), ea
 :class:`edgeagent.kernel.alarms.notify.Notifier`:
 
 - :mod:`.mqtt`: :class:`MqttNotifier`, JSON on a topic of the box's local broker (a guard-room panel subscribes);
-- :mod:`.webhook`: :class:`WebhookNotifier`, the same JSON POSTed over HTTP(S), optionally HMAC-signed;
+- :mod:`.webhook`: :class:`WebhookNotifier`, the same JSON POSTed over HTTP(S), optionally HMAC-signed with a
+  timestamp and a key id (``X-Edgeagent-Signature: t=<unix s>,kid=<key id>,v1=<hex HMAC-SHA256 of "<t>." + body>``;
+  a receiver refuses stale and replayed calls, see :mod:`.webhook`);
 - :mod:`.sms`: :class:`SmsModemNotifier`, an SMS through a GSM/LTE modem spoken to with AT commands on a serial port;
 - :mod:`.hub`: :class:`NotifierHub`, what the alarm runtime calls (fan-out, retries, bounded pending deliveries);
 - :mod:`.registry`: the ``type`` of a notifier's config -> how to build it; :mod:`.common`: the shared JSON body.
@@ -13,7 +15,7 @@ Failures come out as :class:`~edgeagent.kernel.alarms.notify.NotifyError`, cause
 cannot help (a 4xx answer, a number the network rejects, a wrong SIM PIN).
 
 Logging: a phone number shows only its last 4 digits, message bodies never show at info level or above, and a
-webhook URL shows without its query string.
+webhook URL shows without its user info and query string.
 
 Everything public is re-exported here, so ``from edgeagent.drivers.notifiers import NotifierHub`` keeps working.
 """
@@ -32,7 +34,14 @@ from edgeagent.drivers.notifiers.sms import (
     SmsText,
     encode_sms,
 )
-from edgeagent.drivers.notifiers.webhook import SIGNATURE_HEADER, WebhookNotifier, signature
+from edgeagent.drivers.notifiers.webhook import (
+    SIGNATURE_HEADER,
+    SIGNATURE_TOLERANCE_S,
+    WebhookNotifier,
+    key_id_of,
+    signature,
+    verify_signature,
+)
 
 __all__ = [
     "CMS_PERMANENT",
@@ -41,6 +50,7 @@ __all__ = [
     "ESC",
     "NOTIFIER_TYPES",
     "SIGNATURE_HEADER",
+    "SIGNATURE_TOLERANCE_S",
     "UCS2_MAX_CHARS",
     "AnyNotifierConfig",
     "Builder",
@@ -54,7 +64,9 @@ __all__ = [
     "SmsText",
     "WebhookNotifier",
     "encode_sms",
+    "key_id_of",
     "mask_number",
     "payload",
     "signature",
+    "verify_signature",
 ]
