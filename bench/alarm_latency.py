@@ -101,9 +101,9 @@ def _seq(msg):
     return None
 
 orig_on_message = ws.WristbandService._on_message
-def _on_message(self, msg):
+def _on_message(self, msg, *a):
     rows.append(("recv", now(), _seq(msg)))
-    return orig_on_message(self, msg)
+    return orig_on_message(self, msg, *a)
 ws.WristbandService._on_message = _on_message
 
 orig_handle = ws.WristbandService._handle
@@ -124,15 +124,17 @@ async def _raise(self, *a, **k):
         rows.append(("raise_done", now(), None))
 ar.AlarmRuntime.raise_ = _raise
 
-orig_switch = ar.AlarmRuntime._switch
-async def _switch(self, action):
-    tag = f"{action.name}:{'on' if action.on else 'off'}"
+# Outputs switch in background lanes (the alarm path only requests them): time the lane's write.
+from edgeagent.kernel.runtime import outputs as _outputs
+orig_apply = _outputs.Outputs._apply
+async def _apply(self, name, lane, req):
+    tag = f"{name}:{'on' if req.on else 'off'}"
     rows.append(("switch", now(), tag))
     try:
-        return await orig_switch(self, action)
+        return await orig_apply(self, name, lane, req)
     finally:
         rows.append(("switch_done", now(), tag))
-ar.AlarmRuntime._switch = _switch
+_outputs.Outputs._apply = _apply
 
 # Finer stages (rows only; the analysis below uses the ones above).
 from edgeagent.kernel.pipeline import sink as _sink

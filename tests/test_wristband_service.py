@@ -23,7 +23,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.drivers.wristband.config import WristbandsConfig
-from edgeagent.drivers.wristband.service import WristbandService
+from edgeagent.drivers.wristband.service import WristbandInputError, WristbandService
 from edgeagent.kernel.alarms.engine import AlarmEngine, AlarmKind
 from edgeagent.kernel.alarms.notify import Message
 from edgeagent.kernel.alarms.runtime import AlarmNotDurable, AlarmRuntime
@@ -371,3 +371,24 @@ async def test_rejected_payloads_are_prometheus_counters_by_reason(tmp_path: Pat
 async def test_the_guard_room_target_is_served_by_the_guard_topic(tmp_path: Path, broker: Mosquitto) -> None:
     async with rig(tmp_path, broker.port) as r:
         assert "guard_room" in r.notes.elsewhere
+
+
+async def test_a_task_that_ends_ends_run_with_an_exception_the_supervisor_sees(tmp_path: Path,
+                                                                              broker: Mosquitto) -> None:
+    """The broker password cannot be read (a missing secret file): the connection task ends, and run()
+    ends with it, cause kept, instead of the input living on deaf (the other loops cancelled)."""
+    outbox = Outbox(OutboxConfig(tmp_path / "outbox.db"))
+    await outbox.open()
+    try:
+        clock = Clock(mode="synced")
+        sink = EventSink(EventFactory(REGISTRY, "site-1", "gw-1", clock), outbox)
+        alarms = AlarmRuntime(AlarmEngine(), sink=sink, state=outbox, outputs=Outputs(), notifiers=None,
+                              clock=clock)
+        cfg = config(broker.port, username="edge", password={"file": str(tmp_path / "missing-secret")})
+        service = WristbandService(cfg, sink, alarms, client_id="edgeagent-test-secret")
+        with pytest.raises(WristbandInputError) as info:
+            await asyncio.wait_for(service.run(), 10)
+        assert "wristband-broker" in str(info.value) and info.value.__cause__ is not None
+        assert all(t.get_name() != "wristband-consumer" for t in asyncio.all_tasks())
+    finally:
+        await outbox.close()

@@ -72,6 +72,16 @@ PANEL_RETRY_S = 1.0
 GUARD_ROOM_TARGET = "guard_room"
 
 
+def _pass_cancellation(exc: BaseException) -> None:
+    """Re-raise a cancellation that arrived as another exception. On Python 3.11, ``asyncio.wait_for``
+    (the transport's PUBACK wait) returns the inner future's outcome when it completes in the same loop
+    step as the cancel (a connection torn down by the same shutdown): the CancelledError is lost and a
+    loop that catches the UplinkError would run on, holding the shutdown forever (seen in the e2e test)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
 class WristbandInputError(RuntimeError):
     """One of the input's tasks ended; ``run()`` ends with this so the supervisor restarts the input."""
 
@@ -249,13 +259,15 @@ class WristbandService:
             try:
                 await self._handle(item.msg)
             except OutboxError as exc:
+                _pass_cancellation(exc)
                 # [durable before ack] not stored: no ack; the broker delivers it again on the next session.
                 self.counters["not_acked:not_durable"] += 1
                 log.error("wristbands: a message on %s raised an alarm that was not stored (%s); left "
                           "unacknowledged for the broker to deliver again", item.msg.topic, exc)
                 self._resync.set()
                 continue
-            except Exception:
+            except Exception as exc:
+                _pass_cancellation(exc)
                 self.counters["errors"] += 1
                 log.exception("wristbands: handling a message on %s failed", item.msg.topic)
             # [durable before ack] alarms raised by this message are committed by now.
@@ -342,7 +354,8 @@ class WristbandService:
             await asyncio.sleep(period_s)
             try:
                 await self._signal_round()
-            except Exception:
+            except Exception as exc:
+                _pass_cancellation(exc)
                 # One bad round must not end no-signal detection for the life of the process.
                 self.counters["errors:no_signal"] += 1
                 log.exception("wristbands: no-signal check failed; next round in %.1f s", period_s)
@@ -360,6 +373,7 @@ class WristbandService:
                 await self._alarms.raise_(AlarmKind.NO_SIGNAL, resident.id, device,
                                           {"silent_s": round(now - band.last_seen_mono)})
             except OutboxError as exc:
+                _pass_cancellation(exc)
                 band.no_signal_raised = False  # not stored: the next round tries again (it folds)
                 self.counters["errors:no_signal"] += 1
                 log.error("wristbands: no-signal alarm for %s not stored: %s", device, exc)
@@ -415,7 +429,8 @@ class WristbandService:
             self._panel_wake.clear()
             try:
                 await self._drain_panel()
-            except Exception:
+            except Exception as exc:
+                _pass_cancellation(exc)
                 self.counters["errors:panel"] += 1
                 log.exception("wristbands: guard-room publisher failed; continuing")
                 await asyncio.sleep(PANEL_RETRY_S)
@@ -431,6 +446,7 @@ class WristbandService:
             try:
                 await self._publish_one(session, alarm)
             except (UplinkError, TimeoutError) as exc:
+                _pass_cancellation(exc)
                 self.counters["panel:failed"] += 1
                 if alarm_id not in self._panel:  # put it back first in line, unless a newer state came
                     self._panel[alarm_id] = alarm

@@ -114,6 +114,11 @@ class AlarmRuntime:
         self._local_targets[target] = by
         self._tell_local_targets()
 
+    @property
+    def local_targets(self) -> dict[str, str]:
+        """Targets served outside the notifier hub, and by what (for the start-up check of unserved targets)."""
+        return dict(self._local_targets)
+
     def _tell_local_targets(self) -> None:
         serve = getattr(self._notifiers, "serve_elsewhere", None)
         if serve is not None:

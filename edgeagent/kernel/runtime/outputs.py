@@ -145,7 +145,11 @@ class Outputs:
                     await self.pulse(name, req.pulse_s)
                 else:
                     await self.set(name, req.on)
-        except Exception as exc:  # noqa: BLE001 - a dead output must not end its lane; the next request retries
+        except Exception as exc:  # a dead output must not end its lane; the next request retries
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A driver's wait_for (Python 3.11) can turn our cancellation into its own error: stop anyway.
+                raise asyncio.CancelledError from exc
             self.failures[name] += 1
             why = f"no answer within {self._timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
             if not lane.failing:
