@@ -77,6 +77,8 @@ BROKEN: list[tuple[str, str, int, str]] = [
     ("cap not a number", GOOD + "outbox: {cap_mb: lots}\n", 13, "outbox.cap_mb"),
     ("secret of the wrong shape", GOOD.replace("{credential: mqtt-password}", "[hunter2]"), 8,
      "uplink.password: must be a section of keys"),
+    ("password over plain mqtt", GOOD.replace("mqtts://broker.example:8883", "mqtt://broker.example:1883"), 6,
+     "uplink.broker: mqtt://broker.example:1883 is plain MQTT and uplink.password would cross the network"),
 ]
 
 
@@ -202,3 +204,35 @@ devices:
     assert "r-1" in shown
     for secret in ("Wang", "3-2-501", "13900139000"):
         assert secret not in shown, secret
+
+
+def test_plaintext_uplink_password_needs_allow_plaintext(tmp_path: Path) -> None:
+    """Issue 8 item 4: a password over plain MQTT to another host is refused unless the config says so;
+    on loopback it never crosses a wire; TLS by a 'tls' section counts as TLS."""
+    path = tmp_path / "c.yaml"
+    plain = GOOD.replace("mqtts://broker.example:8883", "mqtt://broker.example:1883")
+    path.write_text(plain.replace("  username: gw-1", "  allow_plaintext: true\n  username: gw-1"))
+    cfg = load_config(path)
+    assert cfg.uplink is not None and cfg.uplink.allow_plaintext and cfg.uplink.password_in_clear
+    for broker in ("mqtt://127.0.0.1:1883", "mqtt://localhost:1883", "mqtt://[::1]:1883"):
+        path.write_text(GOOD.replace("mqtts://broker.example:8883", broker))
+        assert load_config(path).uplink is not None, broker
+    path.write_text(plain.replace("  username: gw-1", "  tls: {ca_file: /etc/ssl/ca.pem}\n  username: gw-1"))
+    assert load_config(path).uplink is not None
+    path.write_text(plain.replace("  password: {credential: mqtt-password}\n", ""))
+    assert load_config(path).uplink is not None  # no password, nothing secret in clear
+
+
+def test_redacted_hides_tokens_in_urls() -> None:
+    text = GOOD.replace("devices:\n", """notifiers:
+  office:
+    type: webhook
+    url: https://hooks.example/edgeagent?token=Tk-9c2f7e1d&site=a
+    targets: [guard_room]
+devices:
+""")
+    shown = redacted(validate_doc(parse_yaml(text, "x"), "x"))
+    url = shown["notifiers"]["office"]["url"]
+    assert url == "https://hooks.example/edgeagent?token=<redacted>&site=<redacted>"
+    assert "Tk-9c2f7e1d" not in str(shown)
+    assert shown["uplink"]["broker"] == "mqtts://broker.example:8883"

@@ -34,8 +34,8 @@ from edgeagent.drivers.notifiers import (
     SmsModemNotifier,
     WebhookNotifier,
     encode_sms,
-    mask_number,
     key_id_of,
+    mask_number,
     signature,
     verify_signature,
 )

@@ -6,10 +6,12 @@ read from ``$CREDENTIALS_DIRECTORY``), ``{file: PATH}`` or ``{env: NAME}``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -94,3 +96,56 @@ def _no_clear_secret(value: Any) -> Any:
 
 
 SecretField = Annotated[SecretRef, Field(description="secret by reference")]
+
+
+# --- URLs ----------------------------------------------------------------------------------------------
+
+REDACTED = "<redacted>"
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to show or log: user info, every query value and the fragment replaced by ``<redacted>``.
+    Webhook receivers often take their token in the query (``?token=...``); the keys stay so that a support
+    ticket still shows which parameters were set. Not a URL: returned unchanged. The placeholder has one
+    length whatever it hides."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return url
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = (f"{REDACTED}@" if parts.username is not None or parts.password is not None else "") + host
+    netloc += f":{port}" if port is not None else ""
+    # A bare item (``?abc123``) may be the token itself: it goes too.
+    query = "&".join(f"{pair.partition('=')[0]}={REDACTED}" if "=" in pair else REDACTED
+                     for pair in parts.query.split("&") if pair)
+    fragment = REDACTED if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of a URL :func:`redact_url` hides (user info and query values), to scrub them elsewhere."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [v for v in (parts.username, parts.password) if v]
+    found += [v or k for k, v in parse_qsl(parts.query, keep_blank_values=True) if v or k]
+    if parts.fragment:
+        found.append(parts.fragment)
+    return found
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves the box."""
+    if not host:
+        return False
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

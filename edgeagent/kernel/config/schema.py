@@ -10,7 +10,6 @@ read from ``$CREDENTIALS_DIRECTORY``), ``{file: PATH}`` or ``{env: NAME}``.
 
 from __future__ import annotations
 
-import difflib
 import io
 import re
 import typing
@@ -27,15 +26,18 @@ from pydantic import (
     model_validator,
 )
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from edgeagent.kernel.alarms.notify_config import NotifiersSection
+from edgeagent.kernel.config import yamlerr
 from edgeagent.kernel.config.base import (
     SecretField,
     SecretRef,
     Strict,
     _no_clear_secret,
+    is_loopback_host,
+    redact_url,
 )
 from edgeagent.kernel.errors import ConfigError
 
@@ -103,6 +105,9 @@ class UplinkConfig(Strict):
     username: str | None = None
     password: SecretField | None = None
     tls: TLSConfig | None = None
+    allow_plaintext: bool = Field(
+        default=False, description="accept a password over plain mqtt:// to a broker off this box (it travels "
+        "in clear text); without it such a config is refused")
     # 1000 events (~300 KB) per message: at 500 the uplink fell behind a 28k events/s intake on a busy
     # 2-core box (bench/RESULTS.md). Lower batch_max_bytes for brokers with a small packet limit.
     batch_max_events: int = Field(default=1000, ge=1, le=10_000)
@@ -135,6 +140,11 @@ class UplinkConfig(Strict):
     @property
     def uses_tls(self) -> bool:
         return urlsplit(self.broker).scheme == "mqtts" or self.tls is not None
+
+    @property
+    def password_in_clear(self) -> bool:
+        """A password would cross a network in clear text: plain MQTT, a password, a broker off this box."""
+        return self.password is not None and not self.uses_tls and not is_loopback_host(self.host)
 
 
 def check_broker_url(v: str) -> str:
@@ -263,6 +273,13 @@ class CoreConfig(Strict):
     def cross_checks(self) -> list[Issue]:
         """Checks that span sections, each with the location of the offending key."""
         issues: list[Issue] = []
+        up = self.uplink
+        if up is not None and up.enabled and up.password_in_clear and not up.allow_plaintext:
+            # Checked here rather than on UplinkConfig itself so the error is located at the broker key.
+            issues.append((("uplink", "broker"),
+                           f"{up.broker} is plain MQTT and uplink.password would cross the network in clear "
+                           "text: use mqtts:// (or a 'tls' section), or set 'uplink.allow_plaintext: true' to "
+                           "accept that"))
         seen: set[str] = set()
         for i, dev in enumerate(self.devices):
             if dev.id in seen:
@@ -329,124 +346,37 @@ def yaml_rt() -> YAML:
 
 def _locate(doc: Any, loc: tuple[int | str, ...]) -> tuple[int, int] | None:
     """(line, column), 1-based, of the deepest node of ``loc`` that exists in the YAML document."""
-    node = doc
-    pos: tuple[int, int] | None = None
-    for part in loc:
-        if isinstance(node, CommentedMap) and isinstance(part, str) and part in node:
-            ln, col = node.lc.key(part)
-            pos = (ln + 1, col + 1)
-            node = node[part]
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
-            ln, col = node.lc.item(part)
-            pos = (ln + 1, col + 1)
-            node = node[part]
-        elif isinstance(node, CommentedMap) and isinstance(part, str):
-            # A tag of a union member (e.g. 'sim.sensor') sits between list item and key: skip it.
-            continue
-        else:
-            break
-    if pos is None and isinstance(doc, CommentedMap):
-        pos = (1, 1)
-    return pos
+    return yamlerr.locate(doc, loc)[0]
 
 
 def _dotted(loc: tuple[int | str, ...], doc: Any, root: type[CoreConfig]) -> str:
-    device_types = root.device_types()
-    out = ""
-    node = doc
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
-        else:
-            if isinstance(node, Mapping) and part not in node and part in device_types:
-                continue  # the discriminator tag pydantic adds for unions
-            out += ("." if out else "") + part
-            node = node.get(part) if isinstance(node, Mapping) else None
-    return out or "(top level)"
+    """``loc`` as the file writes it (``devices[2].bus``), without the union tags pydantic adds."""
+    return yamlerr.locate(doc, loc, root)[1]
 
 
 def _model_at(loc: tuple[int | str, ...], doc: Any, root: type[CoreConfig]) -> type[BaseModel] | None:
     """The config model that owns the last key of ``loc`` (to list the keys it allows)."""
-    device_types = root.device_types()
-    model: type[BaseModel] | None = root
-    node = doc
-    for part in loc[:-1]:
-        if model is None:
-            return None
-        if isinstance(part, int):
-            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
-            if isinstance(node, Mapping) and node.get("type") in device_types:
-                model = device_types[str(node["type"])]
-            continue
-        if part in device_types and not (isinstance(node, Mapping) and part in node):
-            continue  # the union tag pydantic puts in the location
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        node = node.get(part) if isinstance(node, Mapping) else None
-        candidates = [a for a in typing.get_args(field.annotation) or (field.annotation,)
-                      if isinstance(a, type) and issubclass(a, BaseModel)]
-        # A list of devices: the item's own `type` picks the model at the next (index) step.
-        model = candidates[0] if candidates else (DeviceBase if part == "devices" else None)
-    return model
+    return yamlerr.model_at(root, loc, doc)
 
 
 def _unknown_key(loc: tuple[int | str, ...], doc: Any, root: type[CoreConfig]) -> str:
-    key = str(loc[-1]) if loc else "?"
-    model = _model_at(loc, doc, root)
-    if model is None:
-        return "unknown key"
-    allowed = sorted(model.model_fields)
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown key ({hint}allowed here: {', '.join(allowed)})"
+    return yamlerr.unknown_key(root, loc, doc)
+
+
+def _words(model: type[CoreConfig]) -> dict[str, Any]:
+    """How the config words what the shared formatter leaves open: device types, and secrets never echoed."""
+    def unknown_type(ctx: Mapping[str, Any]) -> str:
+        return f"unknown device type {ctx.get('tag')!r} (known: {', '.join(sorted(model.device_types()))})"
+
+    return {"tag_invalid": unknown_type, "tag_missing": "a device needs a 'type' key", "hide": _SECRETISH}
 
 
 def _plain(err: Mapping[str, Any], doc: Any, model: type[CoreConfig]) -> str:
-    kind = err["type"]
-    msg = str(err["msg"])
-    ctx = err.get("ctx") or {}
-    got = err.get("input")
-    if any(isinstance(p, str) and _SECRETISH.search(p) for p in err["loc"]):
-        got = "<hidden>"  # never echo what sits where a secret belongs
-    if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return f"must be a section of keys (got {type(got).__name__} {got!r})" if got != "<hidden>" \
-            else "must be a section of keys"
-    if kind == "string_type" and isinstance(got, int | float) and not isinstance(got, bool):
-        return f"must be text; YAML read {got!r} as a number: put it in quotes"
-    if kind == "list_type":
-        return f"must be a list (got {type(got).__name__})"
-    if kind == "extra_forbidden":
-        return _unknown_key(tuple(err["loc"]), doc, model)
-    if kind == "missing":
-        return "required key is missing"
-    if kind == "union_tag_invalid":
-        return f"unknown device type {ctx.get('tag')!r} (known: {', '.join(sorted(model.device_types()))})"
-    if kind == "union_tag_not_found":
-        return "a device needs a 'type' key"
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        bound = {"greater_than_equal": "at least", "greater_than": "more than",
-                 "less_than_equal": "at most", "less_than": "less than"}[kind]
-        limit = next(iter(ctx.values()), "?")
-        return f"must be {bound} {limit} (got {got!r})"
-    if kind == "string_pattern_mismatch":
-        return f"{got!r} is not allowed here (must match {ctx.get('pattern')})"
-    if kind == "literal_error":
-        return f"{got!r} is not one of {ctx.get('expected')}"
-    if kind.endswith(("_type", "_parsing")):
-        return f"{msg.lower()} (got {type(got).__name__} {got!r})" if not isinstance(got, dict) else msg.lower()
-    return msg.removeprefix("Value error, ")
+    return yamlerr.plain(err, root=model, doc=doc, **_words(model))
 
 
 def _format_errors(path: Path | str, doc: Any, exc: ValidationError, model: type[CoreConfig]) -> str:
-    located = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(err["loc"])
-        pos = _locate(doc, loc)
-        where = f"{path}:{pos[0]}:{pos[1]}" if pos else str(path)
-        located.append((pos or (0, 0), f"{where}: {_dotted(loc, doc, model)}: {_plain(err, doc, model)}"))
-    return "\n".join(line for _pos, line in sorted(located, key=lambda x: x[0]))
+    return yamlerr.format_errors(path, doc, exc, root=model, **_words(model))
 
 
 def parse_yaml(text: str, path: Path | str) -> CommentedMap:
@@ -506,6 +436,7 @@ def _to_builtin(node: Any) -> Any:
 # --- showing config without secrets ----------------------------------------------------------------
 
 _SECRETISH = re.compile(r"pass|secret|token|key$|private", re.IGNORECASE)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 PERSONAL = "personal"  # json_schema_extra marker of a field holding personal data
@@ -547,6 +478,8 @@ def redacted(cfg: CoreConfig) -> dict[str, Any]:
                     out[k] = {kk: vv for kk, vv in v.items() if vv is not None} | {"value": "<redacted>"}
                 elif _SECRETISH.search(k) and isinstance(v, str) and k != "public_keys":
                     out[k] = "<redacted>"
+                elif isinstance(v, str) and _URL.match(v):
+                    out[k] = redact_url(v)  # a webhook's token in the query, user info
                 else:
                     out[k] = walk(v)
             return out
