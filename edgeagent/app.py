@@ -124,6 +124,7 @@ class Daemon:
                 on_corrupt="quarantine",
             ),
             on_evicted=self.evictions.on_evicted,
+            on_dead_lettered=self.evictions.on_dead_lettered,
         )
         self.sink = EventSink(self.factory, self.outbox)
         self.router = CommandRouter()

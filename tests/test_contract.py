@@ -48,6 +48,9 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "gateway.stopped": {"reason": "SIGTERM", "unsent": 12},
     "outbox.evicted": {"evicted_telemetry": 40, "evicted_event": 2, "first_seq": 100, "last_seq": 141,
                        "total_evicted": 42, "cap_bytes": 268_435_456},
+    "outbox.dead_lettered": {"count": 2, "alarms": 0, "first_seq": 1000, "last_seq": 50000, "seqs": [1000, 50000],
+                             "types": ["device.offline"], "reason": "70212 bytes, more than the broker's maximum "
+                             "packet size (65536 bytes)", "total_dead_lettered": 3},
     "panic.pressed": {"location": "guard-room", "presses": 2},
     "sensor.reading": {"metric": "temperature", "value": 21.5, "unit": "degC"},
     "charger.port.cutoff": {"port": 3, "reason": "over_temperature", "value": 71.5, "limit": 65.0, "unit": "degC",

@@ -142,3 +142,45 @@ async def test_every_eviction_is_reported_once_a_full_disk_has_room_again(
     lo = min(r.first_seq for r in evicted if r.first_seq is not None)
     hi = max(r.last_seq for r in evicted if r.last_seq is not None)
     assert min(r["first_seq"] for r in reports) == lo and max(r["last_seq"] for r in reports) == hi
+
+
+async def test_a_dead_letter_report_refused_on_a_full_disk_is_written_once_there_is_room(
+        small_disk: Path, factory: EventFactory) -> None:
+    path = small_disk / "o.db"
+    cfg = OutboxConfig(path, cap_bytes=1 << 40, min_free_bytes=0)
+    sinks: list[EventSink] = []
+    reporter = EvictionReporter(lambda *a: sinks[0].emit(*a),  # noqa: PLW0108 - no sink before the outbox
+                                gateway_id="gw-1", cap_bytes=cfg.cap_bytes,
+                                min_interval_s=0.01, retry_s=0.05)
+    reports: list[dict[str, object]] = []
+    async with Outbox(cfg, on_dead_lettered=reporter.on_dead_lettered) as ob:
+        sink = EventSink(factory, ob)
+        sinks.append(sink)
+        sink.observe(lambda e, _s: reports.append(dict(e.data)) if e.type == "outbox.dead_lettered" else None)
+        seqs = await ob.put_many([factory.make("device.offline", f"dev-{i}", {"reason": "y" * 70_000})
+                                  for i in range(3)])
+        batch = await ob.lease(10, 1 << 30)
+        assert batch is not None and list(batch.seqs) == seqs
+        assert await ob.dead_letter(batch.seqs, "70 KiB, more than the broker's maximum packet size") == 3
+        with pytest.raises(OutboxFullError):
+            for i in range(200_000):
+                await ob.put(factory.make("panic.pressed", "b1", {"location": f"room {i:06d} " + "x" * 200}))
+        # The disk is full: the report cannot be written now, and must not be lost.
+        assert await reporter.flush() is False
+        assert reporter.failed_reports == 1 and reporter.pending_dead_letters.seqs == seqs
+        task = asyncio.create_task(reporter.run())
+        try:
+            # The alarms go out (PUBACK), so their rows become history the outbox may free.
+            while (b := await ob.lease(500, 1 << 30)) is not None:
+                ob.ack_nowait(b)
+            await ob.flush()
+            assert await wait_until(lambda: not reporter.pending_dead_letters, 30), "never written"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        stats = await ob.stats()
+    assert reports == [{"count": 3, "alarms": 0, "first_seq": seqs[0], "last_seq": seqs[-1], "seqs": seqs,
+                        "types": ["device.offline"], "reason": "70 KiB, more than the broker's maximum packet size",
+                        "total_dead_lettered": 3}]
+    assert stats.dead_lettered_total == reporter.dead_reported_total == 3

@@ -16,12 +16,23 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgeagent.kernel.errors import OutboxError
 from edgeagent.kernel.pipeline.clock_fix import ClockFixer
 from edgeagent.kernel.pipeline.event_types import REGISTRY
 from edgeagent.kernel.pipeline.events import Event, EventFactory, Priority, utc_ms
-from edgeagent.kernel.pipeline.outbox import Batch, Outbox, OutboxConfig
+from edgeagent.kernel.pipeline.evictions import EvictionReporter
+from edgeagent.kernel.pipeline.outbox import (
+    DEAD_REASON_CHARS,
+    DEAD_SEQS_LISTED,
+    DEAD_TYPES_LISTED,
+    Batch,
+    DeadLetterReport,
+    Outbox,
+    OutboxConfig,
+)
 from edgeagent.kernel.pipeline.sink import EventSink
 from edgeagent.kernel.runtime.clock import Clock
 
@@ -84,6 +95,70 @@ async def test_dead_letters_are_kept_only_up_to_their_cap(tmp_path: Path, factor
     assert stats.dead_lettered_total == 40
     assert 0 < stats.dead_letters == len(kept) < 40
     assert [d.seq for d in kept] == list(range(41 - len(kept), 41)), "not the newest that were kept"
+
+
+async def test_dead_letters_are_reported_to_the_platform_with_their_seqs(
+        tmp_path: Path, factory: EventFactory) -> None:
+    sinks: list[EventSink] = []
+    reporter = EvictionReporter(lambda *a: sinks[0].emit(*a),  # noqa: PLW0108 - no sink before the outbox
+                                gateway_id="gw-1", cap_bytes=1 << 20,
+                                min_interval_s=0.01, retry_s=0.05)
+    cfg = OutboxConfig(tmp_path / "o.db")
+    async with Outbox(cfg, on_dead_lettered=reporter.on_dead_lettered) as ob:
+        sinks.append(EventSink(factory, ob))
+        await ob.put_many([alarm(factory), contact(factory, "d1"), contact(factory, "d2"),
+                           reading(factory, "s1", "t", 1), contact(factory, "d3")])
+        first = await ob.lease(1, 1 << 20)
+        rest = await ob.lease(10, 1 << 20)
+        assert first is not None and rest is not None and rest.seqs == (2, 3, 5)
+        assert await ob.dead_letter(first.seqs, "refused: alarm too big") == 1
+        assert await ob.dead_letter([5, 3], "x" * 1000) == 2
+        # Pending as soon as dead_letter() returned: a crash of the reporter task later cannot lose it.
+        pending = reporter.pending_dead_letters
+        assert (pending.count, pending.alarms, pending.seqs) == (3, 1, [1, 3, 5])
+        assert await reporter.flush()
+        assert not reporter.pending_dead_letters and reporter.dead_reported_total == 3
+        ob.ack_nowait(Batch(rest.priority, (2,), rest.payloads[:1]))
+        out = await ob.lease(10, 1 << 20)
+    assert out is not None
+    envs = [orjson.loads(p) for p in out.payloads]
+    assert [e["type"] for e in envs] == ["outbox.dead_lettered"]
+    REGISTRY.get("outbox.dead_lettered").data_model.model_validate(envs[0]["data"])
+    assert envs[0]["data"] == {
+        "count": 3, "alarms": 1, "first_seq": 1, "last_seq": 5, "seqs": [1, 3, 5],
+        "types": ["panic.pressed", "contact.changed"], "reason": "x" * 200, "total_dead_lettered": 3}
+    assert envs[0]["seq"] == 6
+
+
+dead_rows = st.lists(
+    st.tuples(st.integers(1, 10**9), st.sampled_from([p.value for p in Priority]),
+              st.sampled_from([f"type.{i}" for i in range(30)]), st.text(min_size=1, max_size=300)),
+    unique_by=lambda r: r[0], max_size=300)
+
+
+@given(dead_rows, st.data())
+@settings(max_examples=200, deadline=None)
+def test_dead_letter_reports_merged_in_any_split_equal_one_report(
+        rows: list[tuple[int, int, str, str]], data: st.DataObject) -> None:
+    """However the rows fall into commits and pending reports, the one reported says the same: the
+    lowest 100 seqs in order, the first 20 types, the latest reason; counts and range over all."""
+    whole = DeadLetterReport()
+    for r in rows:
+        whole.add(*r)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(rows)), max_size=6)))
+    merged = DeadLetterReport()
+    for a, b in itertools.pairwise([0, *cuts, len(rows)]):
+        part = DeadLetterReport()
+        for r in rows[a:b]:
+            part.add(*r)
+        merged.merge(part.copy())
+    assert merged == whole
+    assert whole.count == len(rows) and whole.alarms == sum(1 for r in rows if r[1] == Priority.ALARM)
+    assert whole.seqs == sorted(r[0] for r in rows)[:DEAD_SEQS_LISTED]
+    assert whole.types == list(dict.fromkeys(r[2] for r in rows))[:DEAD_TYPES_LISTED]
+    assert whole.reason == (rows[-1][3][:DEAD_REASON_CHARS] if rows else "")
+    if rows:
+        assert (whole.first_seq, whole.last_seq) == (min(r[0] for r in rows), max(r[0] for r in rows))
 
 
 # --- one outbox per database ---------------------------------------------------------------------

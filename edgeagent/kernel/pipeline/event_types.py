@@ -53,6 +53,20 @@ class OutboxEvicted(EventData):
     cap_bytes: int = Field(ge=0, description="configured backlog cap")
 
 
+class OutboxDeadLettered(EventData):
+    count: int = Field(ge=1, description="events dead-lettered since the last report")
+    alarms: int = Field(ge=0, description="how many of them were alarms")
+    first_seq: int = Field(description="lowest seq dead-lettered in this report")
+    last_seq: int = Field(description="highest seq dead-lettered in this report")
+    seqs: list[int] = Field(
+        max_length=100,
+        description="their seqs in order, the first 100 only when there are more (first_seq..last_seq "
+        "spans them all, but other events in that range may have been sent)")
+    types: list[str] = Field(max_length=20, description="their event types (the first 20 distinct ones)")
+    reason: str = Field(max_length=200, description="why the broker refused them, as given last (truncated)")
+    total_dead_lettered: int = Field(ge=0, description="all events dead-lettered since the outbox was created")
+
+
 class DeviceFault(EventData):
     task: str = Field(description="supervised task (driver) that gave up")
     error: str = Field(description="last error, without secrets")
@@ -103,6 +117,12 @@ CLOCK_SYNCED = REGISTRY.register(EventType(
 OUTBOX_EVICTED = REGISTRY.register(EventType(
     "outbox.evicted", Priority.EVENT, OutboxEvicted,
     "The backlog cap was reached and events were evicted (telemetry first, never alarms).",
+    pinned=True))
+OUTBOX_DEAD_LETTERED = REGISTRY.register(EventType(
+    "outbox.dead_lettered", Priority.EVENT, OutboxDeadLettered,
+    "The broker refused events for good (e.g. bigger than its maximum packet size); they were set aside, "
+    "kept on the gateway for inspection (`edgeagent events dead-letters`) and will not be sent. Their seqs "
+    "are a gap the platform should not wait for.",
     pinned=True))
 DEVICE_FAULT = REGISTRY.register(EventType(
     "device.fault", Priority.EVENT, DeviceFault,

@@ -52,6 +52,7 @@ commands issued below it are refused and only nonces below it are purged, in the
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import fcntl
 import logging
@@ -61,7 +62,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -244,6 +245,69 @@ class EvictionReport:
         return EvictionReport(self.telemetry, self.event, self.first_seq, self.last_seq)
 
 
+# What one outbox.dead_lettered report lists at most; first_seq..last_seq and count cover the rest.
+DEAD_SEQS_LISTED = 100
+DEAD_TYPES_LISTED = 20
+DEAD_REASON_CHARS = 200
+
+
+@dataclass(slots=True)
+class DeadLetterReport:
+    """Rows dead-lettered (by one commit, or pending a report): bounded, whatever the burst.
+
+    ``seqs`` holds the lowest ``DEAD_SEQS_LISTED`` of them in order, ``types`` the first
+    ``DEAD_TYPES_LISTED`` distinct types seen, ``reason`` the latest reason (truncated)."""
+
+    count: int = 0
+    alarms: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    seqs: list[int] = field(default_factory=list)
+    types: list[str] = field(default_factory=list)
+    reason: str = ""
+
+    def add(self, seq: int, prio: int, type_: str, reason: str) -> None:
+        self.count += 1
+        if prio == Priority.ALARM:
+            self.alarms += 1
+        self.first_seq = seq if self.first_seq is None else min(self.first_seq, seq)
+        self.last_seq = seq if self.last_seq is None else max(self.last_seq, seq)
+        # The lowest DEAD_SEQS_LISTED seqs, sorted, whatever order they come in (so merge can keep it).
+        if len(self.seqs) < DEAD_SEQS_LISTED:
+            bisect.insort(self.seqs, seq)
+        elif seq < self.seqs[-1] and seq not in self.seqs:
+            bisect.insort(self.seqs, seq)
+            self.seqs.pop()
+        if type_ not in self.types and len(self.types) < DEAD_TYPES_LISTED:
+            self.types.append(type_)
+        self.reason = reason[:DEAD_REASON_CHARS]
+
+    def merge(self, later: DeadLetterReport) -> None:
+        """Add a later report: counts add up, the range widens, the lists fill up to their bounds in
+        seq order, and the later reason wins."""
+        if not later:
+            return
+        self.count += later.count
+        self.alarms += later.alarms
+        for seq in (later.first_seq, later.last_seq):
+            if seq is not None:
+                self.first_seq = seq if self.first_seq is None else min(self.first_seq, seq)
+                self.last_seq = seq if self.last_seq is None else max(self.last_seq, seq)
+        # Each list holds the lowest seqs of its own rows, so the lowest of all rows are among them.
+        self.seqs = sorted(set(self.seqs) | set(later.seqs))[:DEAD_SEQS_LISTED]
+        for t in later.types:
+            if t not in self.types and len(self.types) < DEAD_TYPES_LISTED:
+                self.types.append(t)
+        self.reason = later.reason  # set by its latest add (it is not empty)
+
+    def copy(self) -> DeadLetterReport:
+        return DeadLetterReport(self.count, self.alarms, self.first_seq, self.last_seq, list(self.seqs),
+                                list(self.types), self.reason)
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
 # --- operations sent to the database thread -------------------------------------------------------
 
 @dataclass(slots=True)
@@ -358,10 +422,14 @@ class Outbox:
         config: OutboxConfig,
         *,
         on_evicted: Callable[[EvictionReport, int], None] | None = None,
+        on_dead_lettered: Callable[[DeadLetterReport, int], None] | None = None,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._cfg = config
         self._on_evicted = on_evicted
+        # Called on the loop after each commit that dead-lettered rows, with them and the total; before
+        # the dead_letter() call that moved them returns.
+        self._on_dead_lettered = on_dead_lettered
         self._now_ms = now_ms
         self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -394,6 +462,9 @@ class Outbox:
         self._dead_rows = 0
         self._dead_bytes = 0
         self._dead_lettered_total = 0
+        # Rows dead-lettered in the transaction under way; part of the snapshot, so a rollback forgets
+        # them, and handed to on_dead_lettered only once committed.
+        self._dead_report = DeadLetterReport()
         self._evicted_total = 0
         self._coalesced_total = 0
         self._commits_total = 0
@@ -876,6 +947,10 @@ class Outbox:
                 conn.execute("ROLLBACK")
             self._restore(state)
             raise
+        dead, self._dead_report = self._dead_report, DeadLetterReport()
+        if dead and self._on_dead_lettered is not None and self._loop is not None:
+            # Queued before this cycle's results, so the report is pending before dead_letter() returns.
+            self._loop.call_soon_threadsafe(self._on_dead_lettered, dead, self._dead_lettered_total)
         self._commits_total += 1
         self._last_commit_mono = time.monotonic()
         self.write_failing_since = None
@@ -1034,13 +1109,14 @@ class Outbox:
         return (self._next_seq, dict(self._cursor), dict(self._unsent_bytes), dict(self._unsent_rows),
                 self._history_bytes, self._history_rows, self._evicted_total, self._coalesced_total,
                 dict(self._oldest), set(self._oldest_dirty), dict(self._leased_hwm), self._dead_rows,
-                self._dead_bytes, self._dead_lettered_total)
+                self._dead_bytes, self._dead_lettered_total, self._dead_report.copy())
 
     def _restore(self, s: tuple[Any, ...]) -> None:
         (self._next_seq, self._cursor, self._unsent_bytes, self._unsent_rows,
          self._history_bytes, self._history_rows, self._evicted_total, self._coalesced_total,
          self._oldest, self._oldest_dirty, self._leased_hwm, self._dead_rows,
-         self._dead_bytes, self._dead_lettered_total) = s
+         self._dead_bytes, self._dead_lettered_total, self._dead_report) = s
+        self._dead_report = self._dead_report.copy()  # the snapshot may be restored more than once
 
     def _apply(self, conn: sqlite3.Connection, op: _Op, evicted: EvictionReport) -> Any:
         if isinstance(op, _Append):
@@ -1192,8 +1268,8 @@ class Outbox:
         moved = 0
         for marks, chunk in _in_lists(seqs):
             rows = conn.execute(
-                f"SELECT prio, size FROM outbox WHERE sent_ms IS NULL AND seq IN ({marks})",  # noqa: S608 - placeholders only
-                chunk).fetchall()
+                f"SELECT seq, prio, type, size FROM outbox WHERE sent_ms IS NULL AND seq IN ({marks})"  # noqa: S608 - placeholders only
+                " ORDER BY seq", chunk).fetchall()
             if not rows:
                 continue
             copy = (
@@ -1202,7 +1278,8 @@ class Outbox:
                 f" WHERE sent_ms IS NULL AND seq IN ({marks})")
             conn.execute(copy, (now, reason, *chunk))
             conn.execute(f"DELETE FROM outbox WHERE sent_ms IS NULL AND seq IN ({marks})", chunk)  # noqa: S608
-            for prio, size in rows:
+            for seq, prio, type_, size in rows:
+                self._dead_report.add(seq, prio, type_, reason)
                 self._unsent_rows[prio] -= 1
                 self._unsent_bytes[prio] -= size
                 self._dead_bytes += size
