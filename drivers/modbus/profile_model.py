@@ -81,6 +81,7 @@ from edgeagent.drivers.modbus.plan import (
     plan_reads,
 )
 from edgeagent.kernel.config.base import Strict
+from edgeagent.kernel.config.yamlerr import LocatedIssues
 from edgeagent.kernel.errors import ConfigError
 
 WRITABLE_TABLES: Final[frozenset[str]] = frozenset({"coil", "holding"})
@@ -103,14 +104,8 @@ class CommandError(ValueError):
     """A command is unknown, or its arguments are missing, unknown or out of range."""
 
 
-class ProfileIssues(ValueError):
+class ProfileIssues(LocatedIssues):
     """Several located problems found by one validator; the loader reports each at its own place."""
-
-    def __init__(self, issues: Sequence[tuple[Loc, str]]) -> None:
-        self.issues = list(issues)
-        first = self.issues[0][1] if self.issues else "invalid profile"
-        more = f" (and {len(self.issues) - 1} more)" if len(self.issues) > 1 else ""
-        super().__init__(first + more)
 
 
 # --- sections -------------------------------------------------------------------------------------
