@@ -1,5 +1,10 @@
 """Local HTTP endpoint: ``/healthz`` (200 or 503), Prometheus ``/metrics`` and ``/status`` (JSON for
-``edgeagent status``). Bound to 127.0.0.1 by default: it is for the box, not the LAN."""
+``edgeagent status``). Bound to 127.0.0.1 by default: it is for the box, not the LAN.
+
+Any local user can reach it (no credentials on loopback), so ``/status`` says nothing about residents:
+keys naming a resident (ids, names, rooms) are dropped wherever they occur. Who has an alarm is for root
+and the edgeagent group, through the control socket (``edgeagent alarms list``).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,19 @@ class StatusSource(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
 log = logging.getLogger(__name__)
+
+# Keys that identify a resident, at any depth of the status; dropped from /status (see the docstring).
+PERSONAL_KEYS = frozenset({"resident_id", "resident_ids", "resident", "residents", "resident_name", "names",
+                           "room"})
+
+
+def public_status(node: Any) -> Any:
+    """The status without anything that names a resident (a copy; the daemon's own is left as it is)."""
+    if isinstance(node, dict):
+        return {k: public_status(v) for k, v in node.items() if k not in PERSONAL_KEYS}
+    if isinstance(node, list | tuple):
+        return [public_status(v) for v in node]
+    return node
 
 
 class HealthServer:
@@ -67,4 +85,4 @@ class HealthServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _status(self, _req: web.Request) -> web.Response:
-        return web.json_response(await self._daemon.status())
+        return web.json_response(public_status(await self._daemon.status()))

@@ -602,3 +602,157 @@ commands:
     (tmp_path / "gone.pub").write_text("-")
     r = cli("config", "validate", "--strict", "-c", path)
     assert r.exit_code == 0 and "missing" not in r.output and "s3cret-value" not in r.output
+
+
+# --- issue 8: secrets, clear text, files root must not trust -------------------------------------------
+
+def test_scrub_does_not_reveal_a_short_secret_by_position() -> None:
+    """A 3-character secret was replaced wherever the letters occurred ("c<redacted>fig"), which showed
+    what it was; now short secrets go only where they stand as a whole value, long ones everywhere."""
+    text = b'{"password": "abc", "note": "the abc config is xabcx"}\nuser=abc&x=1\nrepr: \'abc\''
+    out = scrub(text, ["abc"])
+    assert out == (b'{"password": "<redacted>", "note": "the abc config is xabcx"}\nuser=<redacted>&x=1\n'
+                   b"repr: '<redacted>'")
+    long_secret = "S3cret-Planted-9f2c"
+    assert scrub(f"x{long_secret}y".encode(), [long_secret]) == b"x<redacted>y"
+
+
+def test_doctor_warns_of_secrets_in_clear_text(tmp_path: Path) -> None:
+    from edgeagent.cli.support import check_plaintext, resolvable_secrets
+
+    cfg = Config.model_validate({
+        "version": 1, "site_id": "s1", "gateway_id": "g1",
+        "uplink": {"broker": "mqtt://192.0.2.10:1883", "username": "gw", "allow_plaintext": True,
+                   "password": {"env": "P"}},
+        "notifiers": {
+            "office": {"type": "webhook", "url": "http://192.0.2.20/hook?token=Tk-77aa99bb", "targets": ["g"]},
+            "bearer": {"type": "webhook", "url": "http://192.0.2.21/hook", "targets": ["g"],
+                       "authorization": {"env": "A"}},
+            "tls": {"type": "webhook", "url": "https://hooks.example/h?token=Tk-77aa99bb", "targets": ["g"]},
+            "local": {"type": "webhook", "url": "http://127.0.0.1:8080/h?token=Tk-77aa99bb", "targets": ["g"]},
+        }})
+    checks = {c.name: c for c in check_plaintext(cfg)}
+    assert checks["clear text uplink.broker"].status == "warn"
+    assert "allow_plaintext" in checks["clear text uplink.broker"].detail
+    assert checks["clear text notifiers.office.url"].status == "warn"
+    assert "token in the URL's query" in checks["clear text notifiers.office.url"].detail
+    assert checks["clear text notifiers.bearer.url"].status == "warn"
+    assert "authorization" in checks["clear text notifiers.bearer.url"].detail
+    assert "clear text notifiers.tls.url" not in checks
+    assert checks["clear text notifiers.local.url"].status == "ok"
+    assert not any("Tk-77aa99bb" in c.detail for c in checks.values())
+    assert "Tk-77aa99bb" in resolvable_secrets(cfg, {})  # scrubbed from a diagnose bundle too
+
+
+def test_webhook_token_is_hidden_by_config_show_and_diagnose(cfg: Path, tmp_path: Path) -> None:
+    token = "Tk-Q8w7e6r5t4y3"
+    cfg.write_text(cfg.read_text() + f"""
+notifiers:
+  office:
+    type: webhook
+    url: https://hooks.example/edgeagent?token={token}
+    targets: [guard_room]
+""")
+    r = cli("config", "show", "--json", "-c", cfg)
+    assert r.exit_code == 0, r.output
+    assert token not in r.stdout
+    assert json.loads(r.stdout)["notifiers"]["office"]["url"].endswith("?token=<redacted>")
+    out = tmp_path / "diag.tar.gz"
+    assert cli("diagnose", "-c", cfg, "-o", out).exit_code == 0
+    with tarfile.open(out) as tar:
+        for m in tar.getmembers():
+            assert token.encode() not in tar.extractfile(m).read(), m.name  # type: ignore[union-attr]
+
+
+def test_init_neither_follows_a_planted_link_nor_loosens_the_mode(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = etc / "c.yaml"
+    # Before: init wrote 'c.yaml.tmp' through whatever was there, then renamed it.
+    (etc / "c.yaml.tmp").symlink_to(victim)
+    args = ("init", "--site-id", "s1", "--gateway-id", "g1", "--broker", "mqtt://127.0.0.1:1",
+            "--state-dir", tmp_path / "state", "--config", path)
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert victim.read_text() == "root's file\n"
+    assert path.stat().st_mode & 0o777 == 0o640  # a new config: not world-readable (was 0644 by umask)
+    path.chmod(0o600)
+    assert cli(*args, "--force").exit_code == 0
+    assert path.stat().st_mode & 0o777 == 0o600  # kept, not loosened
+    assert sorted(p.name for p in etc.iterdir()) == ["c.yaml", "c.yaml.tmp"]  # no temp files left
+
+    link = etc / "linked.yaml"
+    link.symlink_to(victim)
+    r = cli(*args[:-1], link, "--force")
+    assert r.exit_code == 1 and "symbolic link" in r.stderr
+    assert victim.read_text() == "root's file\n"
+
+
+def test_config_migrate_neither_follows_a_planted_link_nor_loosens_the_mode(
+        cfg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeagent.kernel.config import schema
+
+    monkeypatch.setitem(schema.MIGRATIONS, 0, lambda _doc: None)  # a version 0 -> 1 step
+    cfg.write_text(cfg.read_text().replace("version: 1\n", "version: 0\n"))
+    cfg.chmod(0o600)
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    backup = cfg.with_name(cfg.name + ".v0.bak")
+    backup.symlink_to(victim)  # before: the backup was written through it
+    r = cli("config", "migrate", "-c", cfg)
+    assert r.exit_code == 1 and "symbolic link" in r.stderr
+    assert victim.read_text() == "root's file\n"
+    assert "version: 0\n" in cfg.read_text()  # left unchanged
+
+    backup.unlink()
+    r = cli("config", "migrate", "-c", cfg)
+    assert r.exit_code == 0, r.output
+    assert "version: 1\n" in cfg.read_text() and "version: 0\n" in backup.read_text()
+    assert cfg.stat().st_mode & 0o777 == 0o600 and backup.stat().st_mode & 0o777 == 0o600  # before: 0644
+
+    linked = tmp_path / "linked.yaml"
+    linked.symlink_to(backup)
+    r = cli("config", "migrate", "--dry-run", "-c", linked)
+    assert r.exit_code == 1 and "symbolic link" in r.stderr
+
+
+def test_status_ignores_a_runtime_file_pointing_elsewhere(cfg: Path, tmp_path: Path) -> None:
+    """runtime.json is the daemon account's to write; root's CLI used its health URL as given, so
+    ``file://...#`` made root read (and print) any file. Now only a loopback HTTP URL from it is used."""
+    secret = tmp_path / "root-only.json"
+    secret.write_text(json.dumps({"stolen": "root-only data"}))
+    state = load_config(cfg).state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "runtime.json").write_text(json.dumps({"pid": os.getpid(), "health_url": f"file://{secret}#"}))
+    r = cli("status", "--json", "-c", cfg)
+    assert "root-only data" not in r.output
+    assert r.exit_code == 1 and "127.0.0.1:9108" in r.stderr  # the configured address instead
+
+
+def test_runtime_values_root_may_trust(tmp_path: Path) -> None:
+    import socket
+
+    from edgeagent.cli.common import trusted_control_socket, trusted_health_url
+
+    assert trusted_health_url("http://127.0.0.1:9108") == "http://127.0.0.1:9108"
+    assert trusted_health_url("http://[::1]:9108/") == "http://[::1]:9108"
+    for bad in ("file:///etc/shadow#", "http://192.0.2.1:9108", "https://127.0.0.1:9108", "http://127.0.0.1",
+                "http://127.0.0.1:9108/admin", "http://u:p@127.0.0.1:9108", "http://127.0.0.1:9108?x=1", 42, None):
+        assert trusted_health_url(bad) is None, bad
+
+    state = tmp_path / "s"
+    state.mkdir()
+    sock_path = state / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(sock_path))
+        env = {"RUNTIME_DIRECTORY": str(tmp_path / "run")}
+        assert trusted_control_socket(str(sock_path), state, env) == str(sock_path)
+        other = tmp_path / "elsewhere.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s2:
+            s2.bind(str(other))
+            assert trusted_control_socket(str(other), state, env) is None  # not where the daemon puts it
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "control.sock").symlink_to(sock_path)
+        assert trusted_control_socket(str(tmp_path / "run" / "control.sock"), state, env) is None  # a link

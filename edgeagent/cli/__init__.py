@@ -25,6 +25,10 @@ from edgeagent.cli.common import (
     fail,
     load_or_exit,
     print_json,
+    read_config_text,
+    read_runtime,
+    trusted_health_url,
+    write_config_file,
 )
 from edgeagent.cli.starter import starter_config
 from edgeagent.kernel.config.schema import CONFIG_VERSION, migrate, parse_yaml, redacted, yaml_rt
@@ -60,6 +64,8 @@ def init(
 ) -> None:
     """Write a commented starter config for a site."""
     path = config_path(config)
+    if path.is_symlink():
+        fail(f"{path} is a symbolic link; refusing to write through it")
     if path.exists() and not force:
         fail(f"{path} exists; use --force to overwrite it")
     text = starter_config(site_id, gateway_id, broker, state_dir, with_auth=broker.startswith("mqtts"))
@@ -68,9 +74,10 @@ def init(
     except ConfigError as exc:
         fail(f"these values do not make a valid config:\n{exc}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        write_config_file(path, text)
+    except (ConfigError, OSError) as exc:
+        fail(escape(str(exc)))
     console.print(f"wrote {path}; check it with [bold]edgeagent config validate --config {path}[/]")
 
 
@@ -118,7 +125,8 @@ def config_migrate(config: Path | None = ConfigOption,
 
     path = config_path(config)
     try:
-        doc = parse_yaml(path.read_text(encoding="utf-8"), path)
+        original = read_config_text(path)
+        doc = parse_yaml(original, path)
         passed = migrate(doc)
     except (ConfigError, OSError) as exc:
         fail(str(exc))
@@ -135,10 +143,11 @@ def config_migrate(config: Path | None = ConfigOption,
     except ConfigError as exc:
         fail(f"the migrated config does not validate; file left unchanged:\n{exc}")
     backup = path.with_name(path.name + f".v{passed[0] - 1}.bak")
-    backup.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        write_config_file(backup, original, like=path)  # as closed as the config it copies
+        write_config_file(path, buf.getvalue())
+    except (ConfigError, OSError) as exc:
+        fail(escape(str(exc)))
     console.print(f"migrated {path} to version {passed[-1]} (backup in {backup})")
 
 
@@ -186,13 +195,10 @@ def health_url_for(cfg_path: Path | None) -> str:
     from edgeagent.app import RUNTIME_FILE, state_dir_for  # noqa: PLC0415
 
     _, cfg = load_or_exit(cfg_path)
-    runtime = state_dir_for(cfg) / RUNTIME_FILE
-    try:
-        info = json.loads(runtime.read_text(encoding="utf-8"))
-        if info.get("health_url"):
-            return str(info["health_url"])
-    except (OSError, ValueError):
-        pass
+    # The runtime file is the daemon account's to write: only a loopback HTTP URL from it is used.
+    url = trusted_health_url(read_runtime(state_dir_for(cfg), RUNTIME_FILE).get("health_url"))
+    if url is not None:
+        return url
     host = f"[{cfg.health.host}]" if ":" in cfg.health.host else cfg.health.host
     return f"http://{host}:{cfg.health.port}"
 

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import sqlite3
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import typer
 from pydantic import BaseModel
@@ -41,9 +43,19 @@ from rich.table import Table
 
 from edgeagent import __version__
 from edgeagent.capabilities import doctor_checks, load_config
-from edgeagent.cli.common import ConfigOption, JsonOption, config_path, console, err_console, fail, print_json
+from edgeagent.cli.common import (
+    ConfigOption,
+    JsonOption,
+    config_path,
+    console,
+    err_console,
+    fail,
+    print_json,
+    read_runtime,
+    trusted_health_url,
+)
 from edgeagent.cli.events import NoOutboxError, outbox_path, outbox_ro
-from edgeagent.kernel.config.base import SecretRef
+from edgeagent.kernel.config.base import SecretRef, is_loopback_host, url_secrets
 from edgeagent.kernel.config.schema import Config, redacted
 from edgeagent.kernel.errors import ConfigError, EdgeagentError, SecretError, UplinkAuthError
 from edgeagent.kernel.pipeline.events import Priority
@@ -58,6 +70,12 @@ HTTP_TIMEOUT_S = 3.0
 PACKAGES = ("paho-mqtt", "aiomqtt", "pydantic", "pydantic-core", "cryptography", "aiohttp", "ruamel.yaml",
             "orjson", "python-ulid", "prometheus-client", "typer", "rich")
 REDACTED = b"<redacted>"
+# A secret shorter than this is replaced only where it stands as a whole value (a quoted string, the value
+# after '='), never inside other text: replacing a 3-character secret everywhere it occurs ("c<redacted>fig")
+# would show where it was, and so what it is.
+SHORT_SECRET_CHARS = 8
+# Query values shorter than this are parameters (?v=2), not tokens: scrubbing them only mangles the bundle.
+URL_TOKEN_MIN_CHARS = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,21 +151,50 @@ def missing_files(cfg: Config) -> list[str]:
     return out
 
 
+def config_urls(node: Any, where: str = "") -> list[tuple[str, str, BaseModel]]:
+    """Every ``url`` and ``broker`` in the config: (dotted place, URL, the section holding it)."""
+    out: list[tuple[str, str, BaseModel]] = []
+    if isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            value = getattr(node, name)
+            place = f"{where}.{name}" if where else name
+            if name in ("url", "broker") and isinstance(value, str):
+                out.append((place, value, node))
+            else:
+                out += config_urls(value, place)
+    elif isinstance(node, list | tuple):
+        for i, item in enumerate(node):
+            out += config_urls(item, f"{where}[{i}]")
+    elif isinstance(node, dict):
+        for k, item in node.items():
+            out += config_urls(item, f"{where}.{k}" if where else str(k))
+    return out
+
+
 def resolvable_secrets(cfg: Config, env: Mapping[str, str]) -> list[str]:
-    """The values of every secret that resolves here (to scrub them; never to show them)."""
+    """The values of every secret that resolves here, and tokens in configured URLs (to scrub them;
+    never to show them)."""
     values = []
     for _, ref in secret_refs(cfg):
         with contextlib.suppress(SecretError):
             values.append(ref.resolve(env).get_secret_value())
+    for _, url, _ in config_urls(cfg):
+        values += [v for v in url_secrets(url) if len(v) >= URL_TOKEN_MIN_CHARS]
     return values
+
+
+def _forms(s: str) -> set[bytes]:
+    forms = {s, json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1], repr(s)[1:-1]}
+    return {f.encode("utf-8") for f in forms if f}
 
 
 def _needles(secrets: Iterable[str]) -> list[bytes]:
     """The byte strings a secret may appear as in collected text: as is, JSON- or repr-escaped, and
-    the long lines of a multi-line secret (a PEM key) one by one."""
+    the long lines of a multi-line secret (a PEM key) one by one. Short secrets are not needles (see
+    :data:`SHORT_SECRET_CHARS`)."""
     found: set[bytes] = set()
     for s in secrets:
-        if not s:
+        if len(s) < SHORT_SECRET_CHARS:
             continue
         forms = {s, json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1], repr(s)[1:-1]}
         forms.update(line.strip() for line in s.splitlines() if len(line.strip()) >= 16)
@@ -155,10 +202,26 @@ def _needles(secrets: Iterable[str]) -> list[bytes]:
     return sorted(found, key=len, reverse=True)
 
 
+def _whole_values(secrets: Iterable[str]) -> re.Pattern[bytes] | None:
+    """Short secrets where they stand as a whole value: between quotes, or after '=' up to a separator."""
+    forms = sorted({f for s in secrets if s and len(s) < SHORT_SECRET_CHARS for f in _forms(s)},
+                   key=len, reverse=True)
+    if not forms:
+        return None
+    alt = b"(?:" + b"|".join(re.escape(f) for f in forms) + b")"
+    quoted = rb'(?<=")' + alt + rb'(?=")|' + rb"(?<=')" + alt + rb"(?=')"
+    assigned = rb"(?<==)" + alt + rb"""(?=[\s&;,"')\]}]|$)"""
+    return re.compile(quoted + rb"|" + assigned, re.MULTILINE)
+
+
 def scrub(data: bytes, secrets: Iterable[str]) -> bytes:
+    """Every secret replaced by one fixed placeholder: long ones wherever they occur, short ones only as
+    whole values (see :data:`SHORT_SECRET_CHARS`)."""
+    secrets = list(secrets)
     for needle in _needles(secrets):
         data = data.replace(needle, REDACTED)
-    return data
+    pattern = _whole_values(secrets)
+    return data if pattern is None else pattern.sub(REDACTED, data)
 
 
 def _scrub_text(text: str, secrets: list[str]) -> str:
@@ -301,8 +364,47 @@ def check_secrets(cfg: Config, env: Mapping[str, str]) -> list[Check]:
             else:
                 out.append(Check(name, "fail", str(exc)))
         else:
-            out.append(Check(name, "ok", f"{ref.describe()} resolves"))
+            if len(ref.resolve(env).get_secret_value()) < SHORT_SECRET_CHARS:
+                out.append(Check(name, "warn", f"{ref.describe()} resolves but is shorter than "
+                                               f"{SHORT_SECRET_CHARS} characters: easy to guess"))
+            else:
+                out.append(Check(name, "ok", f"{ref.describe()} resolves"))
     return out
+
+
+_CLEAR_SCHEMES = {"mqtt": "mqtts", "http": "https", "ws": "wss"}
+# Fields that travel to the server named by the URL beside them (an HMAC key, a TLS key never do).
+_SENT_SECRETS = ("password", "authorization", "token")
+_TOKEN_KEY = re.compile(r"token|key|secret|sig|auth|pass", re.IGNORECASE)
+
+
+def check_plaintext(cfg: Config) -> list[Check]:
+    """Passwords, bearer tokens and URL tokens that would cross the network in clear text."""
+    out: list[Check] = []
+    for where, url, section in config_urls(cfg):
+        parts = urlsplit(url)
+        if parts.scheme not in _CLEAR_SCHEMES or getattr(section, "tls", None) is not None:
+            continue
+        sent = [name for name in _SENT_SECRETS if getattr(section, name, None) is not None]
+        if parts.password or parts.username:
+            sent.append("user info in the URL")
+        if any(_TOKEN_KEY.search(key) for key, _ in _query_pairs(parts.query)):
+            sent.append("a token in the URL's query")
+        if not sent:
+            continue
+        if is_loopback_host(parts.hostname):
+            out.append(Check(f"clear text {where}", "ok", f"{where}: {', '.join(sent)} over {parts.scheme}:// stays on "
+                                                 "this box (loopback)"))
+            continue
+        allowed = " (allowed by uplink.allow_plaintext)" if getattr(section, "allow_plaintext", False) else ""
+        out.append(Check(f"clear text {where}", "warn",
+                         f"{where}: {', '.join(sent)} would cross the network in clear text over "
+                         f"{parts.scheme}://{parts.hostname}{allowed}; use {_CLEAR_SCHEMES[parts.scheme]}://"))
+    return out
+
+
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    return [(p.partition("=")[0], p.partition("=")[2]) for p in query.split("&") if p]
 
 
 def _cert_dates(cert: Any) -> tuple[datetime, datetime]:
@@ -440,11 +542,11 @@ def daemon_endpoint(cfg: Config) -> tuple[int | None, str | None]:
     from edgeagent.app import RUNTIME_FILE, state_dir_for  # noqa: PLC0415
 
     pid: int | None = None
-    url: str | None = None
-    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-        info = json.loads((state_dir_for(cfg) / RUNTIME_FILE).read_text(encoding="utf-8"))
+    info = read_runtime(state_dir_for(cfg), RUNTIME_FILE)
+    with contextlib.suppress(ValueError, TypeError):
         pid = int(info["pid"]) if info.get("pid") is not None else None
-        url = str(info["health_url"]) if info.get("health_url") else None
+    # The runtime file is the daemon account's to write: only a loopback HTTP URL from it is used.
+    url = trusted_health_url(info.get("health_url"))
     return pid, url or _config_health_url(cfg)
 
 
@@ -541,6 +643,7 @@ def run_checks(path: Path, env: Mapping[str, str] | None = None,
         ("outbox", lambda: [check_outbox(cfg)]),
         ("clock", lambda: [check_clock(cfg)]),
         ("secrets", lambda: check_secrets(cfg, env)),
+        ("clear text", lambda: check_plaintext(cfg)),
         ("tls", lambda: check_tls(cfg, env)),
         ("command keys", lambda: [check_command_keys(cfg)]),
         ("daemon", daemon),
