@@ -208,7 +208,8 @@ class Daemon:
 
     def _notifier_hub(self) -> NotifierHub:
         targets = {t for lv in self.cfg.alarms.levels for t in lv.targets}
-        missing = unserved(self.cfg.notifiers, targets)
+        # Targets a capability tells itself (the guard-room topic tells 'guard_room') need no notifier.
+        missing = [t for t in unserved(self.cfg.notifiers, targets) if t not in self.alarms.local_targets]
         if missing and self.capability("wristbands") is not None:
             log.warning("alarm targets with no notifier: %s (only the guard-room topic and outputs will tell "
                         "anyone); add them under 'notifiers'", ", ".join(sorted(missing)))
@@ -408,6 +409,8 @@ class Daemon:
             "devices": caps.get("modbus") or [],
             "alarms": [{"id": al.id, "kind": al.kind.value, "state": al.state.value, "resident_id": al.resident_id,
                         "count": al.count, "level": al.level} for al in self.alarms.engine.active()],
+            "alarm_store": {"not_durable": self.alarms.not_durable, "unstored_dropped": self.alarms.unstored_dropped},
+            "outputs": self.outputs.snapshot(),
             "wristbands": caps.get("wristbands"),
             "notifiers": self.notifiers.snapshot() if self.notifiers is not None else None,
         } | {name: value for name, value in caps.items() if name not in ("modbus", "wristbands", "sim")}
