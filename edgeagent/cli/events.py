@@ -35,9 +35,10 @@ from edgeagent.cli.common import (
 )
 from edgeagent.kernel.config.schema import Config
 from edgeagent.kernel.pipeline.events import Priority
+from edgeagent.kernel.pipeline.outbox import DeadLetter, read_dead_letters
 
 app = typer.Typer(no_args_is_help=True,
-                  help="Show events kept in the local outbox (sent history and the unsent backlog).")
+                  help="Show events kept in the local outbox (sent history, the unsent backlog, dead letters).")
 
 OUTBOX_FILE = "outbox.db"
 POLL_S = 0.5
@@ -327,6 +328,62 @@ def tail_events(
         fail(escape(str(exc)))
     except sqlite3.Error as exc:
         fail(escape(f"cannot read the outbox {path}: {exc}"))
+
+
+def dead_letter_json(d: DeadLetter) -> dict[str, Any]:
+    """A dead letter for ``--json``: where and why it stopped, and the envelope it would have sent."""
+    try:
+        envelope: Any = json.loads(d.payload)
+    except ValueError as exc:
+        envelope = {"error": f"undecodable payload: {exc}"}
+    return {"seq": d.seq, "id": d.id, "priority": d.priority.label, "type": d.type, "device_id": d.device_id,
+            "created_at": _iso(d.created_ms), "dead_at": _iso(d.dead_ms), "reason": d.reason,
+            "payload_bytes": len(d.payload), "envelope": envelope}
+
+
+@app.command("dead-letters")
+def dead_letters(
+    *,
+    config: Path | None = ConfigOption,
+    limit: int = typer.Option(100, "--limit", min=1, help="show at most the newest N"),
+    as_json: bool = JsonOption,
+) -> None:
+    """List events the broker refused for good (too big for it, say): set aside, never sent, kept here
+    for inspection and reported to the platform as outbox.dead_lettered (--json: with their envelopes)."""
+    path = _db_for(config)
+    try:
+        with outbox_ro(path) as conn:
+            dead = read_dead_letters(conn, limit)
+    except NoOutboxError as exc:
+        fail(escape(str(exc)))
+    except sqlite3.Error as exc:
+        fail(escape(f"cannot read the outbox {path}: {exc}"))
+    if as_json:
+        print_json([dead_letter_json(d) for d in dead])
+        return
+    if not dead:
+        console.print("no dead letters")
+        return
+    console.print(f"[dim]{len(dead)} dead letters from {escape(str(path))}, oldest first[/]")
+    console.print(_dead_table(dead, console.width))
+    if len(dead) == limit:
+        console.print(f"[dim](the newest {limit}; use --limit to see more)[/]")
+
+
+def _dead_table(dead: list[DeadLetter], width: int) -> Table:
+    """The fixed columns whole; the reason, what the reader came for, wraps in the room left."""
+    cells = [(str(d.seq), _iso(d.dead_ms)[:19].replace("T", " "), d.priority.label, d.type[:24],
+              d.device_id[:16], str(len(d.payload))) for d in dead]
+    heads = ("seq", "set aside (UTC)", "prio", "type", "device", "bytes")
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    t = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0))
+    for i, (head, w) in enumerate(zip(heads, widths, strict=True)):
+        t.add_column(head, justify="right" if i in (0, 5) else "left", no_wrap=True, min_width=w)
+    t.add_column("reason", overflow="fold", min_width=max(12, width - sum(w + 1 for w in widths) - 1))
+    for d, (seq, when, prio, typ, dev, size) in zip(dead, cells, strict=True):
+        t.add_row(seq, when, f"[{_PRIO_STYLE.get(prio, 'white')}]{prio}[/]", escape(typ), escape(dev), size,
+                  escape(d.reason))
+    return t
 
 
 def _quiet_stdout() -> None:

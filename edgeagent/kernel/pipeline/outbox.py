@@ -580,13 +580,7 @@ class Outbox:
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The most recently dead-lettered rows (at most ``limit``), in ``seq`` order."""
-        def read(conn: sqlite3.Connection) -> list[DeadLetter]:
-            rows = conn.execute(
-                "SELECT seq, id, prio, type, device_id, created_ms, dead_ms, reason, payload FROM dead_letters"
-                " ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-            return [DeadLetter(r[0], r[1], Priority(r[2]), r[3], r[4], r[5], r[6], r[7], bytes(r[8]))
-                    for r in reversed(rows)]
-        result: list[DeadLetter] = await self.query(read)
+        result: list[DeadLetter] = await self.query(lambda conn: read_dead_letters(conn, limit))
         return result
 
     async def reset_leases(self) -> None:
@@ -1471,6 +1465,19 @@ class Outbox:
             (boot_id, *(x for p in Priority for x in (p.value, hwm[p.value]))),
         ).fetchone()
         return int(row[0])
+
+
+def read_dead_letters(conn: sqlite3.Connection, limit: int = 100) -> list[DeadLetter]:
+    """The newest ``limit`` dead letters, in ``seq`` order, from any connection to an outbox database
+    (the outbox's own, or the CLI's read-only one while the daemon runs). A database from before the
+    table existed has none."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='dead_letters'").fetchone() is None:
+        return []
+    rows = conn.execute(
+        "SELECT seq, id, prio, type, device_id, created_ms, dead_ms, reason, payload FROM dead_letters"
+        " ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+    return [DeadLetter(r[0], r[1], Priority(r[2]), r[3], r[4], r[5], r[6], r[7], bytes(r[8]))
+            for r in reversed(rows)]
 
 
 class _OpFailed(Exception):
