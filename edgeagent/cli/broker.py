@@ -506,7 +506,7 @@ def list_clients(root: Path | None = RootOption, as_json: bool = JsonOption,
 @app.command("remove")
 def remove_client(name: str = typer.Argument(...), root: Path | None = RootOption,
                   config: Path | None = ConfigOption) -> None:
-    """Delete an account: it can no longer log in (a connected device is refused on its next connect)."""
+    """Delete an account: on the reload mosquitto drops its connection, and it can no longer log in."""
     paths = BrokerPaths(root.resolve() if root else Path("/"))
     _need_root(paths)
     if name == bf.DAEMON_USER:
