@@ -351,11 +351,11 @@ class MqttSession:
                     _props: Properties | None = None) -> None:
         assert self._loop is not None
         fut = self._pending_pub.pop(mid, None)
-        if fut is None:
-            # PUBACK before publish() registered its future: leave a completed one for it.
-            fut = self._loop.create_future()
-            self._pending_pub[mid] = fut
-        if fut.done():
+        # Nobody waits: a QoS 0 message (paho reports it once written) or a PUBACK after the timeout.
+        # Never keep a placeholder: a PUBACK cannot beat the registration (both run on this loop, and
+        # publish() registers before it yields), and a kept one, one per QoS 0 message, grew the session
+        # to 65,535 futures and let a later QoS 1 publish reusing the id return unacknowledged.
+        if fut is None or fut.done():
             return
         if rc.is_failure:
             fut.set_exception(PublishRefused(f"{self._where}: broker refused the message: {rc}", rc.value))
