@@ -551,3 +551,33 @@ async def test_counters_survive_split_leases_partial_acks_and_dead_letters(tmp_p
         assert stored == dead_total > 0
     finally:
         await ob.close()
+
+
+async def test_the_daemon_reports_its_dead_letters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeagent.app import Daemon
+    from edgeagent.capabilities import Config
+    from edgeagent.kernel.pipeline import evictions
+    from tests.helpers import wait_until
+
+    monkeypatch.setattr(evictions, "EVICTION_REPORT_MIN_S", 0.05)
+    # No uplink configured: nothing but this test leases.
+    daemon = Daemon(Config.model_validate({
+        "version": 1, "site_id": "site-1", "gateway_id": "gw-1", "state_dir": str(tmp_path / "state"),
+        "clock": {"sync": "synced"}, "health": {"port": 0}, "devices": []}))
+    seen: list[Event] = []
+    daemon.sink.observe(lambda e, _s: seen.append(e))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 15)
+        seq = await daemon.outbox.put(contact(daemon.factory, "door-9"))
+        batch = await daemon.outbox.lease(100, 1 << 30)
+        assert batch is not None and seq in batch.seqs
+        assert await daemon.outbox.dead_letter([seq], "refused") == 1
+        assert await wait_until(lambda: any(e.type == "outbox.dead_lettered" for e in seen), 15)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    report = next(e for e in seen if e.type == "outbox.dead_lettered")
+    assert report.data["seqs"] == [seq] and report.data["types"] == ["contact.changed"]
+    assert report.data["total_dead_lettered"] == 1
