@@ -512,3 +512,30 @@ def test_audit_of_what_setup_writes_is_clean_and_follows_include_dir(tmp_path: P
     os.unlink(b.paths.acl)
     findings, _ = audit_files(b.paths)
     assert any("does not exist" in f.text and "acl" in f.text for f in findings)
+
+
+def test_doctor_flags_an_open_local_broker_until_setup(tmp_path: Path) -> None:
+    from edgeagent.capabilities import load_config
+    from edgeagent.cli.support import check_local_broker
+
+    cfg_path = tmp_path / "edgeagent.yaml"
+    r = cli("init", "--site-id", "s1", "--gateway-id", "g1", "--broker", "mqtt://127.0.0.1:1",
+            "--state-dir", tmp_path / "state", "--config", cfg_path)
+    assert r.exit_code == 0, r.output
+    cfg_path.write_text(cfg_path.read_text() + "wristbands:\n  inputs: [{decoder: ble-json}]\n")
+    cfg = load_config(cfg_path)
+    b = Box(tmp_path / "root", free_port(), free_port())
+    assert check_local_broker(cfg, b.root).status == "fail"  # no mosquitto config at all
+    b.write_main_conf()
+    # What a quick manual install often leaves: every interface, anyone welcome.
+    b.paths.conf.parent.mkdir(parents=True, exist_ok=True)
+    old = b.paths.conf.parent / "local.conf"
+    old.write_text("listener 1883\nallow_anonymous true\n")
+    check = check_local_broker(cfg, b.root)
+    assert check.status == "fail"
+    for words in ("allow_anonymous true", "no password_file", "no acl_file", "listener 1883 on every interface"):
+        assert words in check.detail, (words, check.detail)
+    old.unlink()
+    assert b.setup().exit_code == 0
+    check = check_local_broker(cfg, b.root)
+    assert check.status == "ok", check.detail

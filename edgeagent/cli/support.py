@@ -587,6 +587,33 @@ def check_daemon(cfg: Config) -> tuple[Check, bool]:
     return Check("daemon", "fail", f"running ({who}) but unhealthy (HTTP {code}): {detail}"), True
 
 
+def check_local_broker(cfg: Config, root: Path = Path("/")) -> Check:
+    """The box's own mosquitto, read from its config files: no anonymous access, a password file, an ACL,
+    per_listener_settings handled, TLS on every listener that is not loopback (issue 8)."""
+    from edgeagent.cli.broker import audit as audit_broker  # noqa: PLC0415
+    from edgeagent.drivers.broker.files import BrokerPaths  # noqa: PLC0415
+
+    wb = getattr(cfg, "wristbands", None)
+    if wb is None or not wb.enabled:
+        return Check("local broker", "skip", "no wristbands: the box's own broker is not used")
+    host = urlsplit(wb.broker).hostname or ""
+    if host not in {"127.0.0.1", "::1", "localhost"}:
+        return Check("local broker", "skip", f"wristbands use the broker at {host}; check its config there")
+    paths = BrokerPaths(root)
+    if not paths.main_conf.exists():
+        return Check("local broker", "fail", f"no {paths.main_conf}: install mosquitto (apt-get install "
+                                             "mosquitto), then run 'edgeagent broker setup'")
+    findings, _ = audit_broker(paths)
+    fails = [f.text for f in findings if f.severity == "fail"]
+    warns = [f.text for f in findings if f.severity == "warn"]
+    if fails:
+        return Check("local broker", "fail", "; ".join(fails + warns) + " (edgeagent broker setup fixes this)")
+    if warns:
+        return Check("local broker", "warn", "; ".join(warns))
+    return Check("local broker", "ok", "no anonymous access, an account per client and an ACL; the LAN "
+                                       "listener uses TLS")
+
+
 def check_broker(cfg: Config, env: Mapping[str, str], daemon_running: bool) -> Check:
     up = cfg.uplink
     if up is None:
@@ -648,6 +675,7 @@ def run_checks(path: Path, env: Mapping[str, str] | None = None,
         ("command keys", lambda: [check_command_keys(cfg)]),
         ("daemon", daemon),
         ("broker", lambda: [check_broker(cfg, env, running)]),
+        ("local broker", lambda: [check_local_broker(cfg)]),
         ("capabilities", lambda: [Check(c.name, c.status, c.detail) for c in doctor_checks(cfg)]),
     ]
     for name, step in steps:
