@@ -452,7 +452,7 @@ def add_client(
              f"'edgeagent broker remove {name}' deletes it")
     if existing is None and name in bf.passwd_users(passwd_text):
         fail(f"{name!r} is in {paths.passwd} but not an edgeagent account; choose another name")
-    client = Client(name, role)  # type: ignore[arg-type] # checked against CLIENT_ROLES above
+    client = Client(name, role)  # narrowed to a Role by the check against CLIENT_ROLES above
     password = new_password()
     passwd_text = bf.passwd_set(passwd_text, name, hash_line(name, password))
     clients = [c for c in clients if c.name != name] + [client]
@@ -460,7 +460,7 @@ def add_client(
     reloaded = reload_broker(paths)
     host, port = _lan_endpoint(paths)
     ca = _load_cert(paths.ca_cert)
-    info = {"host": host, "port": port, "tls": True, "ca_certificate": str(paths.ca_cert),
+    info: dict[str, Any] = {"host": host, "port": port, "tls": True, "ca_certificate": str(paths.ca_cert),
             "ca_sha256": bf.fingerprint(ca) if ca else None, "username": name, "password": password,
             "client_id": f"{name} (any id unique to this device)", "role": role,
             "may_publish": bf.publishes(client, topics), "may_read": bf.reads(client, topics),
@@ -486,8 +486,9 @@ def list_clients(root: Path | None = RootOption, as_json: bool = JsonOption,
     topics, _ = topics_from_config(config_path(config))
     users = set(bf.passwd_users(_read(paths.passwd)))
     clients = _clients(paths)
-    rows = [{"name": c.name, "role": c.role, "password": c.name in users, "may_publish": bf.publishes(c, topics)}
-            for c in clients]
+    rows: list[dict[str, Any]] = [
+        {"name": c.name, "role": c.role, "password": c.name in users, "may_publish": bf.publishes(c, topics)}
+        for c in clients]
     # Accounts someone added by hand: they can log in, and the ACL gives them nothing.
     rows += [{"name": u, "role": None, "password": True, "may_publish": []}
              for u in sorted(users - {c.name for c in clients})]
