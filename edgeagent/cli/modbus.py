@@ -374,7 +374,9 @@ def scan(
         print_json({"bus": cfg.label, "table": table.value, "address": address, "units": rows,
                     "answers_any_unit_id": warning is not None, "warning": warning})
         return
-    t = Table(title=f"{len(found)} of {len(rows)} unit ids answered on {escape(cfg.label)}", title_justify="left")
+    suspect = " [bold yellow](probably one device answering for every id: see the warning below)[/]" if warning else ""
+    t = Table(title=f"{len(found)} of {len(rows)} unit ids answered on {escape(cfg.label)}{suspect}",
+              title_justify="left")
     for col, justify in (("unit", "right"), ("answered", "left"), ("how", "left"), ("latency ms", "right")):
         t.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in rows if show_all else found:
