@@ -3,11 +3,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeagent.app import Daemon
 from edgeagent.cloud_bridge.uplink import Uplink
 from edgeagent.kernel.config.schema import UplinkConfig
+from edgeagent.kernel.pipeline.events import Event
 from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 
 
@@ -46,3 +49,39 @@ async def wait_until(predicate: Any, timeout_s: float = 20.0, interval_s: float 
             return True
         await asyncio.sleep(interval_s)
     return bool(predicate())
+
+
+@dataclass
+class RunningDaemon:
+    daemon: Daemon
+    task: asyncio.Task[int]
+    seen: list[Event] = field(default_factory=list)  # every durable event, in order
+
+    def of(self, type_name: str, device_id: str | None = None) -> list[Event]:
+        return [e for e in self.seen if e.type == type_name and (device_id is None or e.device_id == device_id)]
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(daemon: Daemon, *, ready_s: float = 15.0, stop_s: float = 30.0,
+                         exit_code: int | None = 0) -> AsyncIterator[RunningDaemon]:
+    """The daemon running in this loop until the block ends; then an orderly stop, whose exit code must be
+    ``exit_code`` (None: not checked). Durable events are collected in ``.seen``."""
+    seen: list[Event] = []
+    daemon.sink.observe(lambda e, _s: seen.append(e))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+    ready = asyncio.create_task(daemon.ready.wait())
+    try:
+        done, _ = await asyncio.wait({ready, task}, timeout=ready_s, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            raise AssertionError(f"the daemon stopped during start-up (exit code {task.result()})")
+        if not done:
+            raise TimeoutError(f"the daemon was not ready within {ready_s} s")
+        yield RunningDaemon(daemon, task, seen)
+    finally:
+        ready.cancel()
+        stop.set()
+        code = await asyncio.wait_for(task, stop_s)
+    if exit_code is not None:
+        assert code == exit_code, f"exit code {code}"

@@ -27,7 +27,7 @@ from edgeagent.kernel.config.schema import DeviceBase, parse_yaml, validate_doc
 from edgeagent.kernel.errors import ConfigError
 from edgeagent.kernel.pipeline.commands import CommandSpec
 from edgeagent.kernel.pipeline.event_types import CONTACT_CHANGED
-from tests.helpers import wait_until
+from tests.helpers import running_daemon, wait_until
 
 
 class CameraSection(Strict):
@@ -157,10 +157,7 @@ async def test_a_new_capability_runs_through_its_spec_alone(tmp_path: Path) -> N
     cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Model)
     built.clear()
     daemon = Daemon(cfg, capabilities=SPECS)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
+    async with running_daemon(daemon):
         cam = built[0]
         assert cam.entered and not cam.exited
         assert await wait_until(lambda: cam.frames >= 3, 5)
@@ -173,9 +170,6 @@ async def test_a_new_capability_runs_through_its_spec_alone(tmp_path: Path) -> N
         st = await daemon.status()
         assert st["cameras"]["detector"] == "nanodet" and "cameras" in st["capabilities"]
         assert {t["name"] for t in st["tasks"]} >= {"device:cam-1", "device:t-1"}
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
     assert cam.exited
 
 

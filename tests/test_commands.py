@@ -32,7 +32,7 @@ from edgeagent.app import Daemon
 from edgeagent.capabilities import Config
 from edgeagent.cloud_bridge import contract
 from edgeagent.kernel.pipeline.commands import SIGNING_PREFIX
-from tests.helpers import wait_until
+from tests.helpers import running_daemon, wait_until
 from tests.peers import Mosquitto
 
 SITE, GATEWAY = "site-1", "gw-1"
@@ -193,27 +193,18 @@ def platform(broker: Mosquitto) -> Iterator[Platform]:
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(cfg: Config, platform: Platform) -> AsyncIterator[Daemon]:
+async def daemon_with_platform(cfg: Config, platform: Platform) -> AsyncIterator[Daemon]:
     """A Daemon running in this loop, connected and subscribed to its command topic."""
     started_before = len(platform.events("gateway.started"))
-    daemon = Daemon(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
-    try:
-        assert await wait_until(lambda: daemon.ready.is_set() or task.done(), WAIT_S)
-        if task.done():
-            task.result()
-            raise AssertionError("daemon stopped during start-up")
+    async with running_daemon(Daemon(cfg), ready_s=WAIT_S) as run:
+        daemon = run.daemon
         assert await wait_until(lambda: daemon.uplink is not None and daemon.uplink.state == "connected",
                                 WAIT_S), daemon.uplink.snapshot() if daemon.uplink else "no uplink"
         # The uplink subscribes to cmd/req before it sends anything: once this run's
         # gateway.started has arrived, commands will be heard.
         assert await wait_until(lambda: len(platform.events("gateway.started")) > started_before, WAIT_S)
         yield daemon
-        assert not task.done(), "the daemon stopped on its own"
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
+        assert not run.task.done(), "the daemon stopped on its own"
 
 
 async def call(platform: Platform, payload: bytes, **props: Any) -> tuple[Received, dict[str, Any]]:
@@ -262,7 +253,7 @@ async def ping_ok(platform: Platform, key: Ed25519PrivateKey, **props: Any
 # --- tests ------------------------------------------------------------------------------------------
 
 async def test_signed_ping_is_executed_answered_and_audited(setup: Setup, platform: Platform) -> None:
-    async with running_daemon(setup.config(), platform) as daemon:
+    async with daemon_with_platform(setup.config(), platform) as daemon:
         reply, _ = await ping_ok(platform, setup.key)
         assert reply.topic == RES
         audit_event = platform.events("command.audit")[0]
@@ -327,7 +318,7 @@ async def test_bad_command_is_rejected_answered_audited_and_daemon_keeps_running
         setup: Setup, platform: Platform, case: str) -> None:
     code, build = REJECTIONS[case]
     payload, known_id = build(setup.key)
-    async with running_daemon(setup.config(), platform) as daemon:
+    async with daemon_with_platform(setup.config(), platform) as daemon:
         _, result = await call(platform, payload)
         assert result["ok"] is False, result
         assert result["status"] == "rejected"
@@ -345,7 +336,7 @@ async def test_every_rejection_in_a_burst_then_ping(setup: Setup, platform: Plat
     """All the bad requests back to back, without waiting for answers: each is answered once."""
     # Up to 16 at once are queued (4x max_concurrent); beyond that "busy" would be a fair answer.
     cases = [(code, *build(setup.key)) for code, build in list(REJECTIONS.values())[:12]]
-    async with running_daemon(setup.config(), platform):
+    async with daemon_with_platform(setup.config(), platform):
         for _code, payload, _id in cases:
             platform.send(payload)
         assert await wait_until(lambda: len(platform.replies()) >= len(cases), WAIT_S)
@@ -358,7 +349,7 @@ async def test_every_rejection_in_a_burst_then_ping(setup: Setup, platform: Plat
 
 
 async def test_same_nonce_twice_is_a_replay(setup: Setup, platform: Platform) -> None:
-    async with running_daemon(setup.config(), platform):
+    async with daemon_with_platform(setup.config(), platform):
         first = body()
         payload = signed(setup.key, first)
         _, result = await call(platform, payload)
@@ -379,10 +370,10 @@ async def test_replay_protection_survives_a_restart(setup: Setup, platform: Plat
     cfg = setup.config()
     first = body()
     payload = signed(setup.key, first)
-    async with running_daemon(cfg, platform):
+    async with daemon_with_platform(cfg, platform):
         _, result = await call(platform, payload)
         assert result["status"] == "executed"
-    async with running_daemon(cfg, platform):
+    async with daemon_with_platform(cfg, platform):
         _, result = await call(platform, payload)
         assert (result["status"], result["error"]["code"]) == ("rejected", "replay"), result
         await wait_audit(platform, first["id"], "rejected", "replay")
@@ -391,7 +382,7 @@ async def test_replay_protection_survives_a_restart(setup: Setup, platform: Plat
 
 
 async def test_response_topic_and_correlation_data_are_honoured(setup: Setup, platform: Platform) -> None:
-    async with running_daemon(setup.config(), platform):
+    async with daemon_with_platform(setup.config(), platform):
         reply, _ = await ping_ok(platform, setup.key, response_topic=f"{RES}/req-42",
                                  correlation=b"corr-\x00\x01")
         assert reply.topic == f"{RES}/req-42"
@@ -418,7 +409,7 @@ async def test_response_topic_and_correlation_data_are_honoured(setup: Setup, pl
 ])
 async def test_response_topic_outside_cmd_res_is_ignored(setup: Setup, platform: Platform, outside: str
                                                          ) -> None:
-    async with running_daemon(setup.config(), platform):
+    async with daemon_with_platform(setup.config(), platform):
         reply, _ = await ping_ok(platform, setup.key, response_topic=outside, correlation=b"c1")
         assert reply.topic == RES
         assert reply.correlation == b"c1"
@@ -427,7 +418,7 @@ async def test_response_topic_outside_cmd_res_is_ignored(setup: Setup, platform:
 
 
 async def test_unsynchronised_clock_rejects_commands(setup: Setup, platform: Platform) -> None:
-    async with running_daemon(setup.config(clock={"sync": "unsynced"}), platform) as daemon:
+    async with daemon_with_platform(setup.config(clock={"sync": "unsynced"}), platform) as daemon:
         assert not daemon.clock.synced
         b = body()
         _, result = await call(platform, signed(setup.key, b))
@@ -442,7 +433,7 @@ async def test_unsynchronised_clock_rejects_commands(setup: Setup, platform: Pla
 
 
 async def test_gateway_status_command_returns_the_snapshot(setup: Setup, platform: Platform) -> None:
-    async with running_daemon(setup.config(), platform):
+    async with daemon_with_platform(setup.config(), platform):
         b = body(command="gateway.status")
         _, result = await call(platform, signed(setup.key, b))
         assert result["status"] == "executed", result

@@ -7,8 +7,6 @@ import json
 import socket
 import time
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from edgeagent.app import Daemon
 from edgeagent.capabilities import Config
 from edgeagent.kernel.runtime.clock import Clock
 from edgeagent.kernel.runtime.sdnotify import Notifier
-from tests.helpers import wait_until
+from tests.helpers import running_daemon, wait_until
 from tests.peers import Collector, Mosquitto
 
 
@@ -38,18 +36,6 @@ def make_config(tmp_path: Path, broker_url: str | None = None, **extra: Any) -> 
                           "flush_on_stop_s": 5, "connect_timeout_s": 2}
     data.update(extra)
     return Config.model_validate(data)
-
-
-@asynccontextmanager
-async def running(daemon: Daemon) -> AsyncIterator[asyncio.Task[None]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -80,7 +66,7 @@ async def test_ready_watchdog_stopping_and_health_endpoint(tmp_path: Path) -> No
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"})
     daemon = Daemon(make_config(tmp_path), notifier=notifier)
     try:
-        async with running(daemon):
+        async with running_daemon(daemon):
             assert "READY=1" in ns.drain()
             assert daemon.health is not None and daemon.health.url
             base = daemon.health.url
@@ -109,7 +95,7 @@ async def test_watchdog_is_withheld_when_the_outbox_dies(tmp_path: Path) -> None
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"})
     daemon = Daemon(make_config(tmp_path, devices=[]), notifier=notifier)
     try:
-        async with running(daemon):
+        async with running_daemon(daemon):
             await asyncio.sleep(1.5)
             ns.drain()
             ns.messages.clear()
@@ -142,7 +128,7 @@ async def test_failing_driver_is_restarted_then_reported_while_others_run(
     daemon = Daemon(make_config(tmp_path))
     seen: list[tuple[str, str, dict[str, Any]]] = []
     daemon.sink.observe(lambda e, _s: seen.append((e.type, e.device_id, dict(e.data))))
-    async with running(daemon):
+    async with running_daemon(daemon):
         assert await wait_until(lambda: any(t == "device.fault" for t, _d, _x in seen), 10)
         readings_before = sum(1 for t, *_ in seen if t == "sensor.reading")
         await asyncio.sleep(0.5)
@@ -163,7 +149,7 @@ async def test_dead_uplink_never_stalls_drivers_and_shutdown_is_bounded(tmp_path
     accepted: list[float] = []
     daemon.sink.observe(lambda _e, _s: accepted.append(time.monotonic()))
     t0 = time.monotonic()
-    async with running(daemon):
+    async with running_daemon(daemon):
         await asyncio.sleep(2.0)
         st = await daemon.status()
         stop_at = time.monotonic()
@@ -180,7 +166,7 @@ async def test_orderly_shutdown_flushes_and_says_offline(tmp_path: Path) -> None
         col = Collector(broker.port).start()
         try:
             daemon = Daemon(make_config(tmp_path, broker.url))
-            async with running(daemon):
+            async with running_daemon(daemon):
                 assert await wait_until(lambda: daemon.uplink is not None and daemon.uplink.state == "connected")
                 await asyncio.sleep(1.0)
             stats_types = [e["type"] for e in col.events]
@@ -212,7 +198,7 @@ async def test_events_before_clock_sync_are_marked_then_corrected(tmp_path: Path
     seen: list[Any] = []
     daemon.sink.observe(lambda e, s: seen.append((e, s)))
     try:
-        async with running(daemon):
+        async with running_daemon(daemon):
             assert await wait_until(lambda: len(seen) > 5, 5)
             assert not seen[1][0].stamp.synced
             synced[0] = True
@@ -244,7 +230,7 @@ async def test_backlog_over_cap_evicts_and_reports_it_never_alarms(tmp_path: Pat
     seen: list[Any] = []
     daemon.sink.observe(lambda e, _s: seen.append(e))
     try:
-        async with running(daemon):
+        async with running_daemon(daemon):
             assert await wait_until(lambda: any(e.type == "outbox.evicted" for e in seen), 15)
             st = await daemon.status()
     finally:
@@ -282,7 +268,7 @@ devices:
         return subprocess.run([sys.executable, "-m", "edgeagent", "status", "--config", str(cfg_path), *extra],
                               capture_output=True, text=True, timeout=30, env={"COLUMNS": "120"})
 
-    async with running(daemon):
+    async with running_daemon(daemon):
         await asyncio.sleep(1.5)
         as_json = await asyncio.to_thread(status, "--json")
         table = await asyncio.to_thread(status)

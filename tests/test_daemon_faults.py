@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.app import Daemon
-from tests.helpers import wait_until
+from tests.helpers import running_daemon, wait_until
 from tests.test_daemon import make_config
 
 
@@ -44,10 +44,7 @@ async def test_active_sos_repeats_and_escalates_after_a_database_fault(tmp_path:
     daemon = Daemon(_alarm_config(tmp_path, critical_give_up_after_s=120))
     seen: list[tuple[str, dict[str, Any]]] = []
     daemon.sink.observe(lambda e, _s: seen.append((e.type, dict(e.data))))
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
+    async with running_daemon(daemon) as run:
         await daemon.alarms.raise_("sos", "r-1", "band-1", {"presses": 1})
         assert await wait_until(lambda: any(t == "alarm.raised" for t, _ in seen), 5)
         broken = _break_database(daemon)
@@ -65,62 +62,44 @@ async def test_active_sos_repeats_and_escalates_after_a_database_fault(tmp_path:
         assert await wait_until(lambda: daemon.healthy()[0], 10), daemon.healthy()
         tasks = {t["name"]: t["state"] for t in daemon.supervisor.snapshot()}  # type: ignore[union-attr]
         assert tasks["alarms"] == "running"
-        assert not task.done()
-    finally:
-        stop.set()
-        code = await asyncio.wait_for(task, 30)
-    assert code == 0
+        assert not run.task.done()
 
 
 async def test_a_fault_that_does_not_clear_ends_the_daemon_non_zero(tmp_path: Path) -> None:
     daemon = Daemon(_alarm_config(tmp_path, critical_give_up_after_s=3))
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
+    async with running_daemon(daemon, exit_code=1) as run:
         await daemon.alarms.raise_("sos", "r-1", "band-1", {"presses": 1})
         _break_database(daemon)
         # Health turns false once a critical task has been failing for critical_unhealthy_after_s...
         assert await wait_until(lambda: not daemon.healthy()[0], 10)
         assert "critical task" in daemon.healthy()[1]
         # ...and the daemon ends by itself, in order, with a non-zero exit code for systemd.
-        code = await asyncio.wait_for(asyncio.shield(task), 30)
-    finally:
-        stop.set()
-        if not task.done():
-            await asyncio.wait_for(task, 30)
-    assert code == 1
+        assert await asyncio.wait_for(asyncio.shield(run.task), 30) == 1
 
 
 async def test_a_failing_heartbeat_never_takes_the_daemon_down(tmp_path: Path) -> None:
     from edgeagent.kernel.runtime import heartbeat as heartbeat_module
 
     daemon = Daemon(make_config(tmp_path))
-    seen: list[str] = []
-    daemon.sink.observe(lambda e, _s: seen.append(e.type))
     calls = [0]
 
     async def slow_stats() -> Any:
         calls[0] += 1
         raise TimeoutError  # what asyncio.wait_for raises when stats() takes longer than its bound
 
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
     saved = heartbeat_module.STATS_EVERY_BEATS
     heartbeat_module.STATS_EVERY_BEATS = 1
     try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
-        daemon.outbox.stats = slow_stats  # type: ignore[method-assign]  # the fault, injected
-        assert await wait_until(lambda: calls[0] >= 3, 10)
-        before = len(seen)
-        assert await wait_until(lambda: len(seen) > before + 5, 5), "intake stopped"
-        assert not task.done()
-        assert daemon.heartbeat is not None and daemon.heartbeat.progress.failed_beats >= 3
+        async with running_daemon(daemon) as run:
+            daemon.outbox.stats = slow_stats  # type: ignore[method-assign]  # the fault, injected
+            assert await wait_until(lambda: calls[0] >= 3, 10)
+            before = len(run.seen)
+            assert await wait_until(lambda: len(run.seen) > before + 5, 5), "intake stopped"
+            assert not run.task.done()
+            assert daemon.heartbeat is not None and daemon.heartbeat.progress.failed_beats >= 3
     finally:
         heartbeat_module.STATS_EVERY_BEATS = saved
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
-    assert "gateway.stopped" in seen  # an orderly stop, not a crash
+    assert run.of("gateway.stopped")  # an orderly stop, not a crash
 
 
 async def test_drivers_run_again_after_a_full_disk_and_their_faults_are_reported(
@@ -135,11 +114,16 @@ async def test_drivers_run_again_after_a_full_disk_and_their_faults_are_reported
     daemon = Daemon(cfg)
     seen: list[tuple[str, str]] = []
     daemon.sink.observe(lambda e, _s: seen.append((e.type, e.device_id)))
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
     filler = small_disk / "filler"
     try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
+        await _full_disk_then_room(daemon, seen, filler)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            filler.unlink()
+
+
+async def _full_disk_then_room(daemon: Daemon, seen: list[tuple[str, str]], filler: Path) -> None:
+    async with running_daemon(daemon):
         assert await wait_until(lambda: {d for t, d in seen if t == "panic.pressed"} == {"btn-1", "btn-2"}, 5)
         # The disk fills up (another process's log, say) and stays full for a while; what the outbox
         # frees for itself (its reserve file) is taken too.
@@ -163,8 +147,3 @@ async def test_drivers_run_again_after_a_full_disk_and_their_faults_are_reported
         assert await wait_until(lambda: {d for t, d in seen if t == "device.fault"} == {"btn-1", "btn-2"}, 30)
         assert all(sup.tasks[f"device:btn-{i}"].state == "running" for i in (1, 2))
         assert daemon.healthy()[0], daemon.healthy()
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            filler.unlink()
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0

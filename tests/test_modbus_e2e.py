@@ -5,8 +5,6 @@ says."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from edgeagent.app import Daemon
 from edgeagent.capabilities import Config
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
-from tests.helpers import wait_until
+from tests.helpers import running_daemon, wait_until
 from tests.peers import free_port
 
 GATE = shipped_profile("barrier-gate-generic")
@@ -37,20 +35,6 @@ def config(tmp_path: Path, port: int) -> Config:
     })
 
 
-@asynccontextmanager
-async def running(daemon: Daemon) -> AsyncIterator[list[Any]]:
-    seen: list[Any] = []
-    daemon.sink.observe(lambda e, _s: seen.append(e))
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
-        yield seen
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
-
 def of(seen: list[Any], type_name: str, device: str | None = None) -> list[Any]:
     return [e for e in seen if e.type == type_name and (device is None or e.device_id == device)]
 
@@ -63,7 +47,8 @@ async def test_gate_charger_relay_end_to_end(tmp_path: Path) -> None:
     sim[2].set("port3_temperature", 31.0)
     async with sim:
         daemon = Daemon(config(tmp_path, port))
-        async with running(daemon) as seen:
+        async with running_daemon(daemon) as run_seen:
+            seen = run_seen.seen
             # Telemetry: the first reading of every value with a telemetry rule is reported.
             assert await wait_until(lambda: any(e.data.get("metric") == "port3_temperature"
                                                 for e in of(seen, "sensor.reading", "shed-a")), 10)
@@ -105,7 +90,8 @@ async def test_dead_device_goes_offline_once_and_back_online(tmp_path: Path) -> 
     await sim.start()
     try:
         daemon = Daemon(config(tmp_path, port))
-        async with running(daemon) as seen:
+        async with running_daemon(daemon) as run_seen:
+            seen = run_seen.seen
             assert await wait_until(lambda: daemon.modbus.devices["car-gate"].device.polls > 3, 10)
             sim[2].silent = True  # the charger stops answering; the others on the same bus do not
             assert await wait_until(lambda: of(seen, "device.offline", "shed-a"), 10)
@@ -149,7 +135,8 @@ async def test_charger_overheat_cut_lockout_survives_restart_and_reset(tmp_path:
     ch.set("port3_state", "charging")
     async with sim:
         daemon = Daemon(config(tmp_path, port))
-        async with running(daemon) as seen:
+        async with running_daemon(daemon) as run_seen:
+            seen = run_seen.seen
             assert await wait_until(lambda: of(seen, "charging.session.started", "shed-a"), 10)
             ch.set("port3_temperature", 71.5)  # the socket overheats
             assert await wait_until(lambda: ch.get("port3_relay") is False, 5), "the port was not cut"
@@ -176,7 +163,8 @@ async def test_charger_overheat_cut_lockout_survives_restart_and_reset(tmp_path:
         # Restart: the lockout is still there (durable), so switching the port on is cut again.
         ch.set("port3_relay", True)
         daemon2 = Daemon(config(tmp_path, port))
-        async with running(daemon2) as seen2:
+        async with running_daemon(daemon2) as run_seen2:
+            seen2 = run_seen2.seen
             assert await wait_until(lambda: ch.get("port3_relay") is False, 5), "lockout lost across restart"
             ch.set("port3_temperature", 35.0)
             await asyncio.sleep(0.6)
@@ -216,7 +204,8 @@ async def test_gate_and_charger_over_rtu_on_a_serial_line(tmp_path: Path, pty_pa
     })
     async with sim:
         daemon = Daemon(cfg)
-        async with running(daemon) as seen:
+        async with running_daemon(daemon) as run_seen:
+            seen = run_seen.seen
             gate = daemon.modbus.devices["car-gate"].device
             assert await wait_until(lambda: gate.polls >= 3, 10)  # the loop's first state is known
             sim[1].set("vehicle_present", True)
