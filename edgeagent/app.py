@@ -327,7 +327,8 @@ class Daemon:
             log.warning("commands: no platform public key configured; every command will be rejected")
         return CommandService(
             site_id=self.cfg.site_id, gateway_id=self.cfg.gateway_id, keys=keys, router=self.router,
-            claim_nonce=self.outbox.claim_nonce, now=self.clock.now, clock_synced=lambda: self.clock.synced,
+            claim_nonce=self.outbox.claim_nonce, claim_command=self.outbox.claim_command, now=self.clock.now,
+            clock_synced=lambda: self.clock.synced,
             audit=self._audit_command, max_ttl_s=self.cfg.commands.max_ttl_s,
             clock_skew_s=self.cfg.commands.clock_skew_s, max_concurrent=self.cfg.commands.max_concurrent)
 

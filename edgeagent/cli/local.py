@@ -7,12 +7,23 @@ import enum
 import http.client
 import json
 import socket
+import unicodedata
 from pathlib import Path
 from typing import Any
 
+import rich.markup
 import typer
 
-from edgeagent.cli.common import ConfigOption, JsonOption, console, fail, load_or_exit, print_json
+from edgeagent.cli.common import (
+    ConfigOption,
+    JsonOption,
+    console,
+    fail,
+    load_or_exit,
+    print_json,
+    read_runtime,
+    trusted_control_socket,
+)
 
 gate_app = typer.Typer(no_args_is_help=True, help="Barrier gates on the running daemon (audited).")
 charger_app = typer.Typer(no_args_is_help=True, help="E-bike charging stations on the running daemon.")
@@ -35,15 +46,19 @@ def control_socket(config: Path | None) -> str:
     from edgeagent.app import RUNTIME_FILE, state_dir_for  # noqa: PLC0415 - keeps `edgeagent --help` fast
 
     _, cfg = load_or_exit(config)
-    runtime = state_dir_for(cfg) / RUNTIME_FILE
-    try:
-        info = json.loads(runtime.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        fail(f"the daemon is not running (no {runtime}); start it with: systemctl start edgeagent")
-    path = info.get("control_socket")
-    if not path:
+    state_dir = state_dir_for(cfg)
+    runtime = state_dir / RUNTIME_FILE
+    info = read_runtime(state_dir, RUNTIME_FILE)
+    if not info:
+        fail(f"the daemon is not running (no usable {runtime}); start it with: systemctl start edgeagent")
+    named = info.get("control_socket")
+    if not named:
         fail("the running daemon has no control socket")
-    return str(path)
+    # Root's CLI must not be steered by a file the daemon's account (or anyone else) could write.
+    path = trusted_control_socket(named, state_dir)
+    if path is None:
+        fail(f"{runtime} names a control socket that is not one of the daemon's own ({named}); not connecting")
+    return path
 
 
 def call(config: Path | None, action: str, args: dict[str, Any], timeout_s: float = 15.0) -> dict[str, Any]:
@@ -152,9 +167,9 @@ def alarms_list(config: Path | None = ConfigOption, as_json: bool = JsonOption) 
         t.add_column(col)
     for a in alarms:
         color = "red" if a["state"] in ("raised", "notified") else "yellow"
-        t.add_row(a["id"], a["kind"], f"[{color}]{a['state']}[/]", a["resident_id"], a["device_id"],
-                  str(a["count"]), str(a["level"]), str(a["first_raised"]["wall"])[:19],
-                  a.get("acknowledged_by") or "")
+        t.add_row(_shown(a["id"]), _shown(a["kind"]), f"[{color}]{_shown(a['state'])}[/]", _shown(a["resident_id"]),
+                  _shown(a["device_id"]), str(a["count"]), str(a["level"]), _shown(a["first_raised"]["wall"])[:19],
+                  _shown(a.get("acknowledged_by")))
     console.print(t)
 
 
@@ -164,7 +179,7 @@ def alarms_ack(alarm_id: str = typer.Argument(..., help="the alarm's id (see 'ed
                config: Path | None = ConfigOption) -> None:
     """Acknowledge: someone is on the way. Repeats and escalation stop, the siren goes off."""
     result = call(config, "alarm", {"alarm_id": alarm_id, "action": "ack", "by": by})
-    console.print(f"alarm {alarm_id} acknowledged by {result.get('by')}")
+    _report(alarm_id, "acknowledged", result)
 
 
 @alarms_app.command("resolve")
@@ -174,4 +189,24 @@ def alarms_resolve(alarm_id: str = typer.Argument(..., help="the alarm's id"),
                    config: Path | None = ConfigOption) -> None:
     """Close the alarm, with a note for the record."""
     result = call(config, "alarm", {"alarm_id": alarm_id, "action": "resolve", "by": by, "note": note})
-    console.print(f"alarm {alarm_id} resolved by {result.get('by')}")
+    _report(alarm_id, "resolved", result)
+
+
+def _report(alarm_id: str, done: str, result: dict[str, Any]) -> None:
+    by, caller = _shown(result.get("by")), _shown(result.get("caller"))
+    who = by if not caller or caller == by else f"{by} (sent by {caller})"
+    if result.get("stored") is False:
+        # It took effect (siren off, notifications stopped) but its record is not on disk yet.
+        console.print(f"alarm {_shown(alarm_id)} {done} by {who}, not yet stored: the daemon cannot write to "
+                      "its disk (see its log); it stores the record as soon as it can")
+        return
+    console.print(f"alarm {_shown(alarm_id)} {done} by {who}")
+
+
+def _shown(value: object) -> str:
+    """Text from the daemon, safe for a terminal: control and format characters (escape codes, bidi
+    overrides) as '?', rich markup escaped. Alarms saved before by/note were checked may hold them."""
+    if value is None:
+        return ""
+    text = "".join("?" if unicodedata.category(ch)[0] == "C" else ch for ch in str(value))
+    return rich.markup.escape(text)
