@@ -21,6 +21,7 @@ from edgeagent.kernel.alarms.engine import (
     AlarmConfig,
     AlarmEngine,
     AlarmImportError,
+    AlarmInputError,
     AlarmKind,
     AlarmState,
     AlarmStateError,
@@ -302,9 +303,49 @@ def test_ack_arguments_are_checked(engine: AlarmEngine, clock: FakeClock) -> Non
         engine.ack("01J9Z8Y7X6W5V4T3S2R1Q0PNMK", "guard-1", "cli", clock.now())
     with pytest.raises(ValueError, match="via must be one of cli, local_mqtt, cloud"):
         engine.ack(alarm_id, "guard-1", "sms", clock.now())
-    with pytest.raises(ValueError, match="who acknowledged"):
+    with pytest.raises(AlarmInputError, match="by must not be empty"):
         engine.ack(alarm_id, "", "cli", clock.now())
     assert engine.get(alarm_id).state is AlarmState.NOTIFIED
+
+
+BAD_TEXT = [
+    ("g" * 65, "65 characters long; at most 64"),
+    ("guard\x1b[2J\x1b[31mALL CLEAR", "U+001B at position 6"),  # terminal escape codes
+    ("guard\u202eevil", "U+202E"),  # a bidi override reorders what `alarms list` shows
+    ("guard\u2066x\u2069", "U+2066"),  # bidi isolate
+    ("guard\u200bx", "U+200B"),  # zero-width space
+    ("line\nbreak", "U+000A"),
+    ("   ", "must not be empty"),
+]
+
+
+@pytest.mark.parametrize(("by", "reason"), BAD_TEXT)
+def test_ack_and_resolve_refuse_by_that_is_too_long_or_not_printable(engine: AlarmEngine, clock: FakeClock,
+                                                                      by: str, reason: str) -> None:
+    alarm_id = persisted(engine.raise_("sos", "res-1", "wb-1", clock.now()))[0].id
+    with pytest.raises(AlarmInputError, match=reason.replace("+", r"\+")):
+        engine.ack(alarm_id, by, "local_mqtt", clock.now())
+    with pytest.raises(AlarmInputError, match=reason.replace("+", r"\+")):
+        engine.resolve(alarm_id, by, "cli", clock.now())
+    with pytest.raises(AlarmInputError, match="caller"):
+        engine.ack(alarm_id, "guard-1", "cli", clock.now(), caller=by)
+    # Refused means nothing recorded: the alarm is as it was.
+    assert engine.get(alarm_id).state is AlarmState.NOTIFIED and engine.get(alarm_id).acknowledged_by is None
+
+
+def test_resolve_refuses_a_long_note_and_records_a_printable_one_with_its_caller(engine: AlarmEngine,
+                                                                                  clock: FakeClock) -> None:
+    alarm_id = persisted(engine.raise_("sos", "res-1", "wb-1", clock.now()))[0].id
+    with pytest.raises(AlarmInputError, match="note is 60000 characters long; at most 500"):
+        engine.resolve(alarm_id, "guard-1", "cli", clock.now(), "x" * 60_000)
+    with pytest.raises(AlarmInputError, match="U\\+0007"):
+        engine.resolve(alarm_id, "guard-1", "cli", clock.now(), "bell\a")
+    assert engine.get(alarm_id).state is AlarmState.NOTIFIED
+    note = "老人在 3 号楼摔倒，已送医 — résolu ✓" + "." * 470
+    actions = engine.resolve(alarm_id, "王保安", "cli", clock.now(), note, caller="root (0)")
+    emit = next(a for a in actions if isinstance(a, Emit))
+    data = emit.data.model_dump()
+    assert (data["by"], data["caller"], data["note"]) == ("王保安", "root (0)", note)
 
 
 def test_outputs_stay_on_while_another_unacknowledged_alarm_needs_them(engine: AlarmEngine,

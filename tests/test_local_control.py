@@ -9,10 +9,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from edgeagent.app import Daemon
 from edgeagent.capabilities import load_config
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
+from edgeagent.kernel.alarms.engine import AlarmEngine
+from edgeagent.kernel.alarms.runtime import AlarmRuntime
+from edgeagent.kernel.errors import CommandRejected, OutboxError
+from edgeagent.kernel.local_actions import alarm_command, core_local_actions
+from edgeagent.kernel.pipeline.event_types import REGISTRY
+from edgeagent.kernel.pipeline.events import EventFactory
+from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
+from edgeagent.kernel.pipeline.sink import EventSink
+from edgeagent.kernel.runtime.clock import Clock
+from edgeagent.kernel.runtime.outputs import Outputs
 from tests.helpers import wait_until
 from tests.peers import free_port
 
@@ -86,3 +99,104 @@ async def test_gate_charger_and_output_from_the_cli(tmp_path: Path) -> None:
             await asyncio.wait_for(task, 30)
     r = cli(cfg_path, "gate", "open", "car-gate")
     assert r.returncode == 1 and "not running" in r.stderr
+
+
+# --- issue 8 item 2: ack/resolve text is bounded, --by is recorded next to the real caller -------------
+
+def write_alarm_config(path: Path, state: Path) -> None:
+    path.write_text(f"""\
+version: 1
+site_id: site-1
+gateway_id: gw-1
+state_dir: {state}
+clock: {{sync: synced}}
+health: {{enabled: false}}
+""")
+
+
+async def test_alarm_ack_and_resolve_from_the_cli_record_by_next_to_the_caller_and_refuse_bad_text(
+        tmp_path: Path) -> None:
+    cfg_path = tmp_path / "edgeagent.yaml"
+    write_alarm_config(cfg_path, tmp_path / "state")
+    daemon = Daemon(load_config(cfg_path), config_dir=tmp_path)
+    seen: list[Any] = []
+    daemon.sink.observe(lambda e, _s: seen.append(e))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+    me = f"({os.getuid()})"
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 15)
+        await daemon.alarms.raise_("sos", "r-1", "aabbccddee01")
+        alarm_id = daemon.alarms.engine.active()[0].id
+        # Refused with the reason, exit 1, nothing stored: escape codes, a bidi override, too long.
+        for by, reason in (("\x1b[2J\x1b[31mALL CLEAR", "U+001B"), ("guard\u202eevil", "U+202E"),
+                           ("g" * 65, "at most 64")):
+            r = await asyncio.to_thread(cli, cfg_path, "alarms", "ack", alarm_id, "--by", by)
+            assert r.returncode == 1 and reason in r.stderr and "bad_args" in r.stderr, r.stderr
+        r = await asyncio.to_thread(cli, cfg_path, "alarms", "resolve", alarm_id, "--note", "x" * 60_000)
+        assert r.returncode == 1 and "note is 60000 characters long; at most 500" in r.stderr, r.stderr
+        assert daemon.alarms.engine.get(alarm_id).state.unacknowledged
+        assert not any(e.type in ("alarm.acknowledged", "alarm.resolved") for e in seen)
+        # --by names who took it on; the calling user is recorded next to it, not replaced by it.
+        r = await asyncio.to_thread(cli, cfg_path, "alarms", "ack", alarm_id, "--by", "王保安")
+        assert r.returncode == 0, r.stderr
+        assert "acknowledged by 王保安 (sent by" in r.stdout and me in r.stdout, r.stdout
+        r = await asyncio.to_thread(cli, cfg_path, "alarms", "resolve", alarm_id, "--note", "false alarm")
+        assert r.returncode == 0, r.stderr
+        acked = next(e for e in seen if e.type == "alarm.acknowledged")
+        resolved = next(e for e in seen if e.type == "alarm.resolved")
+        assert acked.data["by"] == "王保安" and acked.data["caller"].endswith(me)
+        assert resolved.data["by"].endswith(me) and resolved.data["caller"] == resolved.data["by"]
+        assert resolved.data["note"] == "false alarm"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+class RefusingState:
+    """The real outbox, except that saving state fails (a full disk) while the switch is on."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.refuse = False
+
+    async def kv_get(self, key: str) -> Any:
+        return await self.outbox.kv_get(key)
+
+    async def kv_put(self, key: str, value: Any) -> None:
+        if self.refuse:
+            raise OutboxError("disk full (test switch)")
+        await self.outbox.kv_put(key, value)
+
+
+async def test_an_ack_that_took_effect_but_was_not_stored_is_answered_not_raised(tmp_path: Path) -> None:
+    """AlarmNotDurable from ack/resolve: the siren is off, so the CLI and the platform are told
+    'acknowledged, not yet stored' instead of an internal error."""
+    outbox = Outbox(OutboxConfig(tmp_path / "outbox.db"))
+    await outbox.open()
+    try:
+        clock = Clock(mode="synced")
+        state = RefusingState(outbox)
+        alarms = AlarmRuntime(AlarmEngine(), sink=EventSink(EventFactory(REGISTRY, "s", "gw-1", clock), outbox),
+                              state=state, outputs=Outputs(), notifiers=None, clock=clock)
+        local = core_local_actions(Outputs(), alarms)["alarm"]
+        cloud = alarm_command(alarms)
+        await alarms.raise_("sos", "r-1", "aabbccddee01")
+        await alarms.raise_("fall", "r-2", "aabbccddee02")
+        sos, fall = (a.id for a in alarms.engine.active())
+        state.refuse = True
+        out = await local({"alarm_id": sos, "action": "ack", "by": "guard-7"}, "root(0)")
+        assert out["stored"] is False and out["message"] == "acknowledged, not yet stored"
+        assert out["by"] == "guard-7" and out["caller"] == "root(0)"
+        assert cloud.args_model is not None
+        args = cloud.args_model.model_validate({"alarm_id": fall, "action": "resolve", "by": "op-1"}).model_dump()
+        out = await cloud.handler(args)
+        assert out["stored"] is False and out["message"] == "resolved, not yet stored"
+        assert [a.id for a in alarms.engine.active()] == [sos]  # both took effect
+        # The platform's operator name is checked like the others.
+        with pytest.raises(ValidationError, match="U\\+001B"):
+            cloud.args_model.model_validate({"alarm_id": sos, "by": "op\x1b]0;pwned\x07"})
+        with pytest.raises(CommandRejected, match="at most 500"):
+            await local({"alarm_id": sos, "action": "resolve", "note": "n" * 501}, "root(0)")
+    finally:
+        await outbox.close()

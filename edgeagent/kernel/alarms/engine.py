@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import enum
 import math
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -138,6 +139,36 @@ class AlarmStateError(AlarmError):
 
 class AlarmImportError(AlarmError):
     """Saved alarm state cannot be restored. Nothing was imported."""
+
+
+class AlarmInputError(AlarmError):
+    """A ``by``, ``note`` or ``caller`` that cannot be recorded (too long, or not printable text)."""
+
+
+#: Limits on the free text an acknowledgement or resolution carries, wherever it comes from (panel, CLI,
+#: platform). Alarm events are never evicted, and ``alarms list`` prints these to a guard's terminal.
+MAX_BY_CHARS: Final = 64
+MAX_NOTE_CHARS: Final = 500
+# Unicode categories refused: controls (ESC and the C1 range reach a terminal), format characters (bidi
+# overrides and isolates reorder what is shown; zero-width ones hide text), surrogates, private use,
+# unassigned, and line/paragraph separators. Plain spaces and any script's letters are fine.
+_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def check_text(name: str, value: str, max_chars: int) -> str:
+    """``value`` if it is at most ``max_chars`` printable characters and not blank; else AlarmInputError
+    saying why (the message goes back to whoever sent it)."""
+    if not isinstance(value, str):
+        raise AlarmInputError(f"{name} must be text")
+    if len(value) > max_chars:
+        raise AlarmInputError(f"{name} is {len(value)} characters long; at most {max_chars} are kept")
+    if not value.strip():
+        raise AlarmInputError(f"{name} must not be empty")
+    for pos, ch in enumerate(value):
+        if unicodedata.category(ch) in _REFUSED_CATEGORIES:
+            raise AlarmInputError(f"{name} contains a control or formatting character (U+{ord(ch):04X} at "
+                                  f"position {pos + 1}); only printable text is accepted")
+    return value
 
 
 # --- time ------------------------------------------------------------------------------------------
@@ -493,11 +524,15 @@ class AlarmEngine:
             actions.extend(self._due(alarm, now))
         return actions
 
-    def ack(self, alarm_id: str, by: str, via: AlarmVia | str, now: Instant) -> list[Action]:
-        """Someone has taken the alarm on: notifications and escalation stop, the siren goes off."""
+    def ack(self, alarm_id: str, by: str, via: AlarmVia | str, now: Instant,
+            caller: str | None = None) -> list[Action]:
+        """Someone has taken the alarm on: notifications and escalation stop, the siren goes off.
+        ``by`` is who says they took it on; ``caller`` the authenticated account that said so (a local
+        user, ``panel:<id>``), recorded next to it. AlarmInputError for text that cannot be recorded."""
         checked_via = _check_via(via)
-        if not by:
-            raise ValueError("ack: 'by' must name who acknowledged")
+        check_text("by", by, MAX_BY_CHARS)
+        if caller is not None:
+            check_text("caller", caller, MAX_BY_CHARS)
         alarm = self.get(alarm_id)
         if alarm.state is not AlarmState.RAISED and alarm.state is not AlarmState.NOTIFIED:
             raise AlarmStateError(
@@ -506,24 +541,28 @@ class AlarmEngine:
                                   acknowledged_via=checked_via, next_notify_at=None))
         actions: list[Action] = self._outputs_off(acked)
         actions.append(self._emit(ALARM_ACKNOWLEDGED.name, acked, AlarmAcknowledged, by=by, via=checked_via,
-                                  notifications=acked.notifications,
+                                  caller=caller, notifications=acked.notifications,
                                   response_s=max(0.0, now.mono_s - acked.first_raised.mono_s)))
         actions.append(Persist(acked))
         return actions
 
     def resolve(self, alarm_id: str, by: str, via: AlarmVia | str, now: Instant,
-                note: str | None = None) -> list[Action]:
-        """Close the alarm, acknowledged or not; it leaves the engine."""
+                note: str | None = None, caller: str | None = None) -> list[Action]:
+        """Close the alarm, acknowledged or not; it leaves the engine. ``by`` and ``caller`` as for
+        :meth:`ack`; AlarmInputError for text that cannot be recorded."""
         checked_via = _check_via(via)
-        if not by:
-            raise ValueError("resolve: 'by' must name who resolved")
+        check_text("by", by, MAX_BY_CHARS)
+        if caller is not None:
+            check_text("caller", caller, MAX_BY_CHARS)
+        if note:
+            check_text("note", note, MAX_NOTE_CHARS)
         alarm = self.get(alarm_id)
         resolved = replace(alarm, state=AlarmState.RESOLVED, resolved_by=by, resolved_at=now,
                            resolved_via=checked_via, note=note or None, next_notify_at=None)
         del self._alarms[alarm_id]
         actions: list[Action] = self._outputs_off(resolved) if alarm.state.unacknowledged else []
         actions.append(self._emit(ALARM_RESOLVED.name, resolved, AlarmResolved, by=by, via=checked_via,
-                                  note=resolved.note, acknowledged=resolved.acknowledged,
+                                  caller=caller, note=resolved.note, acknowledged=resolved.acknowledged,
                                   notifications=resolved.notifications,
                                   duration_s=max(0.0, now.mono_s - resolved.first_raised.mono_s)))
         actions.append(Persist(resolved))

@@ -156,16 +156,19 @@ class AlarmRuntime:
             finally:
                 self._wake.set()  # its repeats and escalations are due whether or not it was stored
 
-    async def ack(self, alarm_id: str, by: str, via: str) -> Alarm:
-        """Raises AlarmNotDurable when the acknowledgement took effect but was not stored."""
+    async def ack(self, alarm_id: str, by: str, via: str, caller: str | None = None) -> Alarm:
+        """Raises AlarmNotDurable when the acknowledgement took effect but was not stored, AlarmError
+        (AlarmInputError for a bad ``by``/``caller``) when it did not take effect."""
         async with self._lock:
-            actions = self.engine.ack(alarm_id, by, via, self.now())
+            actions = self.engine.ack(alarm_id, by, via, self.now(), caller)
             await self._carry_out(actions)
             return self.engine.get(alarm_id)
 
-    async def resolve(self, alarm_id: str, by: str, via: str, note: str | None = None) -> None:
+    async def resolve(self, alarm_id: str, by: str, via: str, note: str | None = None,
+                      caller: str | None = None) -> None:
+        """As :meth:`ack`."""
         async with self._lock:
-            actions = self.engine.resolve(alarm_id, by, via, self.now(), note)
+            actions = self.engine.resolve(alarm_id, by, via, self.now(), note, caller)
             await self._carry_out(actions)
 
     async def run(self) -> None:

@@ -342,16 +342,26 @@ class AlarmEscalated(AlarmEventBase):
 
 
 class AlarmAcknowledged(AlarmEventBase):
-    by: str = Field(min_length=1, description="who acknowledged (operator, panel or account id)")
-    via: AlarmVia = Field(description="where the acknowledgement came from")
+    by: str = Field(min_length=1, max_length=64, description="who acknowledged, as they gave it (a guard's or "
+                    "operator's name): printable text, at most 64 characters")
+    via: AlarmVia = Field(description="where the acknowledgement came from (local_mqtt: a guard-room panel)")
+    caller: str | None = Field(
+        default=None, max_length=64,
+        description="the authenticated account that sent it, recorded next to 'by': the local user "
+        "('name (uid)') for the CLI, 'panel:<account>' for a guard-room panel; absent from the platform")
     notifications: int = Field(ge=0, description="notification rounds sent before the acknowledgement")
     response_s: float = Field(ge=0, description="time from the first raise to the acknowledgement")
 
 
 class AlarmResolved(AlarmEventBase):
-    by: str = Field(min_length=1, description="who resolved it (operator, panel or account id)")
-    via: AlarmVia = Field(description="where the resolution came from")
-    note: str | None = Field(default=None, description="what was found or done, as entered")
+    by: str = Field(min_length=1, max_length=64, description="who resolved it, as they gave it: printable "
+                    "text, at most 64 characters")
+    via: AlarmVia = Field(description="where the resolution came from (never a guard-room panel)")
+    caller: str | None = Field(
+        default=None, max_length=64,
+        description="the authenticated account that sent it, recorded next to 'by' (see alarm.acknowledged)")
+    note: str | None = Field(default=None, max_length=500,
+                             description="what was found or done, as entered: printable text, at most 500 characters")
     acknowledged: bool = Field(description="whether it had been acknowledged before it was resolved")
     notifications: int = Field(ge=0, description="notification rounds sent over the alarm's life")
     duration_s: float = Field(ge=0, description="time from the first raise to the resolution")
