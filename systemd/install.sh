@@ -42,6 +42,13 @@ Options:
   --site-id ID      site id for a new config (needed on the first install only)
   --gateway-id ID   gateway id for a new config (needed on the first install only)
   --enable          enable the service and start it now (restart it if it runs)
+  --local-broker    also set up the box's own mosquitto for wristband gateways and
+                    guard-room panels ('edgeagent broker setup': no anonymous clients,
+                    an ACL, TLS on the LAN listener, the daemon's account). Needs
+                    Debian's mosquitto (apt-get install mosquitto). Idempotent.
+  --lan-address ADDR
+                    with --local-broker: the LAN address for the TLS listener
+                    (default: every interface), also named in its certificate
   --root DIR        write every file under DIR (DIR/opt/edgeagent, DIR/etc/edgeagent,
                     DIR/usr/local/lib/..., DIR/etc/modules-load.d) instead of /, as any
                     user. The machine is left alone: no user is created, no owner
@@ -59,6 +66,9 @@ What it does:
     Python >= 3.11) and installs SOURCE into it
   - installs $UNIT into $UNIT_DIR
   - writes $CONFIG with 'edgeagent init' if it does not exist yet
+  - with --local-broker: /etc/mosquitto/conf.d/edgeagent.conf, the password file
+    and ACL, the LAN certificate, and the daemon's broker password in
+    $CONFIG_DIR/credentials/local-mqtt-password; restarts mosquitto if its config changed
   - runs 'systemctl daemon-reload' (when systemd is running)
 
 Examples:
@@ -86,6 +96,8 @@ site_id=""
 gateway_id=""
 enable=0
 root=""
+local_broker=0
+lan_address=""
 while [ $# -gt 0 ]; do
     case $1 in
         --site-id | --gateway-id)
@@ -96,6 +108,13 @@ while [ $# -gt 0 ]; do
         --site-id=*) site_id=${1#*=}; shift ;;
         --gateway-id=*) gateway_id=${1#*=}; shift ;;
         --enable) enable=1; shift ;;
+        --local-broker) local_broker=1; shift ;;
+        --lan-address)
+            if [ $# -lt 2 ] || [ -z "$2" ]; then usage_error "$1 needs a value"; fi
+            lan_address=$2
+            shift 2
+            ;;
+        --lan-address=*) lan_address=${1#*=}; shift ;;
         --root)
             if [ $# -lt 2 ] || [ -z "$2" ]; then usage_error "$1 needs a value"; fi
             root=$2
@@ -117,6 +136,9 @@ if [ $# -gt 0 ]; then
     source_arg=$1
 fi
 [ -n "$source_arg" ] || usage_error "missing SOURCE (a wheel or a source tree)"
+if [ -n "$lan_address" ] && [ "$local_broker" -eq 0 ]; then
+    usage_error "--lan-address is for the local broker: add --local-broker"
+fi
 if [ -n "$root" ]; then
     [ "$enable" -eq 0 ] || usage_error "--enable cannot be used with --root (nothing runs from DIR)"
     [ "$(realpath -m -- "$root")" != / ] || usage_error "--root /: leave --root out for a real install"
@@ -147,6 +169,15 @@ if [ -z "$root" ]; then
     for cmd in systemctl systemd-sysusers systemd-tmpfiles; do
         command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found: this box does not use systemd"
     done
+fi
+
+# Installing mosquitto is apt's job (its package brings the user, the unit and /etc/mosquitto); this
+# script only configures it, with the password hashing of that same package (mosquitto_passwd).
+if [ "$local_broker" -eq 1 ]; then
+    if ! command -v mosquitto_passwd >/dev/null 2>&1 \
+        || { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; }; then
+        die "--local-broker needs Debian's mosquitto: apt-get install mosquitto, then run this again"
+    fi
 fi
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
@@ -309,6 +340,20 @@ else
     chmod 0640 "$CONFIG"
 fi
 
+# --- the box's own broker ---------------------------------------------------------------------------
+if [ "$local_broker" -eq 1 ]; then
+    log "the box's own broker (edgeagent broker setup)"
+    broker_args=(broker setup --config "$CONFIG")
+    if [ -n "$ROOT" ]; then broker_args+=(--root "$ROOT"); fi
+    if [ -n "$lan_address" ]; then broker_args+=(--lan-address "$lan_address"); fi
+    if ! "$VENV/bin/edgeagent" "${broker_args[@]}"; then
+        # Under --root there is usually no mosquitto.conf to include the drop-in: the files are still
+        # there to look at.
+        [ -n "$ROOT" ] || die "the local broker is not safe yet (see above); fix it, then run this again"
+        warn "'edgeagent broker setup' reported problems under $ROOT (see above)"
+    fi
+fi
+
 # --- service -------------------------------------------------------------------------------------
 if [ "$enable" -eq 1 ]; then
     if [ "$systemd_running" -eq 1 ]; then
@@ -335,6 +380,10 @@ Installed.
   state:       /var/lib/edgeagent
   unit:        $UNIT_DIR/$UNIT
 EOF
+if [ "$local_broker" -eq 1 ]; then
+    echo "  broker:      $ROOT/etc/mosquitto/conf.d/edgeagent.conf; add each gateway and panel with"
+    echo "               $VENV/bin/edgeagent broker add-client NAME --role ble-gateway|lora|panel${ROOT:+ --root $ROOT}"
+fi
 if [ -z "$ROOT" ]; then
     echo "Check it with: systemctl status edgeagent; journalctl -u edgeagent; $VENV/bin/edgeagent status"
 else
