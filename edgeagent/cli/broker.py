@@ -253,6 +253,13 @@ def restart_broker(paths: BrokerPaths) -> str:
 
 # --- the edgeagent config's topics ---------------------------------------------------------------------
 
+def _config_file(config: Path | None, paths: BrokerPaths) -> Path:
+    """--config, else the config of the install the files belong to (under --root DIR: DIR's)."""
+    if config is None and not _real(paths):
+        return paths.under("/etc/edgeagent/edgeagent.yaml")
+    return config_path(config)
+
+
 def topics_from_config(path: Path) -> tuple[Topics, str]:
     """The ACL's topics from the edgeagent config, and where they came from."""
     from edgeagent.capabilities import load_config  # noqa: PLC0415 - keeps `edgeagent broker --help` fast
@@ -359,7 +366,7 @@ def setup(
     paths = BrokerPaths(root.resolve() if root else Path("/"))
     _need_root(paths)
     mosquitto_passwd()
-    cfg_path = config_path(config)
+    cfg_path = _config_file(config, paths)
     topics, source = topics_from_config(cfg_path)
     now = dt.datetime.now(dt.UTC)
     ca, done = ensure_certs(paths, box_names(lan_address, san), now)
@@ -443,7 +450,7 @@ def add_client(
         fail(f"{name!r} is the daemon's own account (edgeagent broker setup manages it)", 2)
     if not paths.conf.exists():
         fail(f"{paths.conf} does not exist: run 'edgeagent broker setup' first")
-    topics, _ = topics_from_config(config_path(config))
+    topics, _ = topics_from_config(_config_file(config, paths))
     clients = _clients(paths)
     passwd_text = _read(paths.passwd)
     existing = next((c for c in clients if c.name == name), None)
@@ -483,7 +490,7 @@ def list_clients(root: Path | None = RootOption, as_json: bool = JsonOption,
                  config: Path | None = ConfigOption) -> None:
     """The broker's accounts, their roles and what they may publish."""
     paths = BrokerPaths(root.resolve() if root else Path("/"))
-    topics, _ = topics_from_config(config_path(config))
+    topics, _ = topics_from_config(_config_file(config, paths))
     users = set(bf.passwd_users(_read(paths.passwd)))
     clients = _clients(paths)
     rows: list[dict[str, Any]] = [
@@ -516,6 +523,6 @@ def remove_client(name: str = typer.Argument(...), root: Path | None = RootOptio
     passwd_text = _read(paths.passwd)
     if name not in {c.name for c in clients} and name not in bf.passwd_users(passwd_text):
         fail(f"no account {name!r}")
-    topics, _ = topics_from_config(config_path(config))
+    topics, _ = topics_from_config(_config_file(config, paths))
     write_accounts(paths, [c for c in clients if c.name != name], topics, bf.passwd_remove(passwd_text, name))
     console.print(f"removed {name!r}; {reload_broker(paths)}", markup=False)
