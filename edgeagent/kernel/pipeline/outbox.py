@@ -892,7 +892,7 @@ class Outbox:
             results, changed = self._transaction(conn, ops, evicted)
         except sqlite3.Error as exc:
             if _is_disk_full(exc):
-                self._recover_from_full_disk(loop, conn, ops)
+                self._recover_from_full_disk(loop, conn, ops, evicted)
                 return
             self._fail(loop, ops, OutboxError(f"outbox write failed: {exc}"))
             return
@@ -905,6 +905,7 @@ class Outbox:
                      housekeeping: bool = True) -> tuple[list[_Result], bool]:
         """Apply ops in one transaction and commit; on failure roll back state and re-raise."""
         state = self._snapshot()
+        report_before = evicted.copy()
         seq_before, evicted_before = self._next_seq, self._evicted_total
         dead_before, hwm_before = self._dead_lettered_total, dict(self._leased_hwm)
         results: list[_Result] = []
@@ -940,6 +941,7 @@ class Outbox:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._restore(state)
+            _reset_report(evicted, report_before)  # rows evicted in a rolled-back transaction are still there
             raise
         dead, self._dead_report = self._dead_report, DeadLetterReport()
         if dead and self._on_dead_lettered is not None and self._loop is not None:
@@ -987,14 +989,16 @@ class Outbox:
         loop.call_soon_threadsafe(self._deliver, results, False, evicted if evicted else None)
 
     def _recover_from_full_disk(
-        self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection, ops: list[_Op]
+        self, loop: asyncio.AbstractEventLoop, conn: sqlite3.Connection, ops: list[_Op],
+        evicted: EvictionReport | None = None,
     ) -> None:
         """SQLITE_FULL. Free space, in this order: the reserve file, the WAL, sent history, evictable
         rows; then retry. If appends still do not fit they are refused (OutboxFullError) while leases
         and acks still go through, so the backlog can drain and make room."""
         log.error("disk full while writing the outbox; freeing the reserve, history and evictable rows")
         self._release_reserve()
-        evicted = EvictionReport()
+        # Evictions this cycle already committed (before the failed transaction) are reported with these.
+        evicted = evicted.copy() if evicted is not None else EvictionReport()
         self._free_space(conn, evicted)
         try:
             results, changed = self._transaction(conn, ops, evicted, housekeeping=False)
@@ -1054,9 +1058,12 @@ class Outbox:
         if self._disk_free >= self._reserve_released:
             return ops
         appends = [op for op in ops if isinstance(op, _Append)]
+        # The evictions made so far are committed: hand over a copy and start afresh, so that the rest of
+        # this cycle neither reports them twice nor changes the object the event loop is reading.
         self._fail(loop, appends, OutboxFullError(
             "disk full: event not accepted (nothing evictable is left; the last free space is kept for "
-            "sending what the outbox holds)"), evicted)
+            "sending what the outbox holds)"), evicted.copy())
+        _reset_report(evicted, EvictionReport())
         return [op for op in ops if not isinstance(op, _Append)]
 
     def _reserve_path(self) -> Path:
@@ -1486,6 +1493,11 @@ class _OpFailed(Exception):
     def __init__(self, error: OutboxError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _reset_report(report: EvictionReport, to: EvictionReport) -> None:
+    report.telemetry, report.event, report.first_seq, report.last_seq = (
+        to.telemetry, to.event, to.first_seq, to.last_seq)
 
 
 def _hwm_key(prio: int) -> str:
