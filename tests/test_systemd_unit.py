@@ -169,15 +169,16 @@ def test_unit_key_settings() -> None:
     assert _one(d, svc, "RuntimeDirectory") == "edgeagent"
     assert _one(d, svc, "Environment") == "PYTHONUNBUFFERED=1"
 
-    # credentials: both loaded from /etc/edgeagent/credentials, both with a fallback so that
+    # credentials: all loaded from /etc/edgeagent/credentials, all with a fallback so that
     # a missing file does not stop the start (systemd 252 semantics, see the unit)
     loads = d[(svc, "LoadCredential")]
     assert sorted(loads) == sorted([
         f"mqtt-password:{CREDENTIAL_DIR}/mqtt-password",
         f"mqtt-client-key:{CREDENTIAL_DIR}/mqtt-client-key",
+        f"local-mqtt-password:{CREDENTIAL_DIR}/local-mqtt-password",
     ])
     fallbacks = {v.split(":", 1)[0]: v.split(":", 1)[1] for v in d[(svc, "SetCredential")]}
-    assert set(fallbacks) == {"mqtt-password", "mqtt-client-key"}
+    assert set(fallbacks) == {"mqtt-password", "mqtt-client-key", "local-mqtt-password"}
     assert all(v == r"\n" for v in fallbacks.values()), "fallbacks must carry no data"
 
     # hardening
