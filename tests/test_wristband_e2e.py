@@ -19,9 +19,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.app import Daemon
+from edgeagent.capabilities import load_config
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator
-from edgeagent.capabilities import load_config
 from tests.helpers import wait_until
 from tests.peers import Collector, Mosquitto, free_port
 
@@ -156,11 +156,12 @@ async def test_sos_with_cloud_down_storm_restart_and_acks(tmp_path: Path, broker
             sos = next(a for a in daemon.alarms.engine.active() if a.kind.value == "sos")
             hr = next(a for a in daemon.alarms.engine.active() if a.kind.value == "heart_rate_high")
             # Acknowledge the SOS from the guard room's panel (local MQTT)...
-            await asyncio.to_thread(band.publish, "edgeagent/local/alarms/ack",
+            # (on its own ack topic, <ack_topic>/<its broker account>, the only one the ACL lets it write)
+            await asyncio.to_thread(band.publish, "edgeagent/local/alarms/ack/panel-1",
                                     orjson.dumps({"alarm_id": sos.id, "by": "guard Li"}))
             assert await wait_until(lambda: of(seen, "alarm.acknowledged"), 5)
             ack = of(seen, "alarm.acknowledged")[0].data
-            assert ack["by"] == "guard Li" and ack["via"] == "local_mqtt"
+            assert ack["by"] == "guard Li" and ack["via"] == "local_mqtt" and ack["caller"] == "panel:panel-1"
             # ... and the heart-rate alarm from the CLI.
             r = await asyncio.to_thread(
                 subprocess.run, [sys.executable, "-m", "edgeagent", "alarms", "ack", hr.id, "--config", str(cfg)],

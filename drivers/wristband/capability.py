@@ -3,8 +3,10 @@ alarms, and the guard-room topic."""
 
 from __future__ import annotations
 
+import secrets
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -44,9 +46,31 @@ def _build(section: WristbandsConfig | None, _devices: Sequence[DeviceBase], ctx
     if section is None or not section.enabled:
         return None
     ctx.names.update({r.id: r.name for r in section.residents if r.name})
-    service = WristbandService(section, ctx.sink, ctx.alarms, client_id=f"edgeagent-{ctx.gateway_id}-wristbands")
+    service = WristbandService(section, ctx.sink, ctx.alarms, client_id=client_id_for(ctx.gateway_id, ctx.state_dir))
     ctx.alarms.listen(service.publish_change)
     return WristbandCapability(service)
+
+
+CLIENT_ID_FILE = "wristbands-client-id"
+
+
+def client_id_for(gateway_id: str, state_dir: Path) -> str:
+    """``edgeagent-<gateway>-wristbands-<suffix>``, the suffix random once per install and kept in the state
+    directory. The session is persistent (the broker keeps its subscriptions and queued alarms for that
+    id): with a guessable id any client on the LAN could take it over and receive the residents'
+    readings, or a second box with the same gateway id would steal the first one's session."""
+    path = state_dir / CLIENT_ID_FILE
+    try:
+        suffix = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        suffix = ""
+    if not (len(suffix) == 16 and all(c in "0123456789abcdef" for c in suffix)):
+        suffix = secrets.token_hex(8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{CLIENT_ID_FILE}.tmp")
+        tmp.write_text(suffix + "\n", encoding="ascii")
+        tmp.replace(path)
+    return f"edgeagent-{gateway_id}-wristbands-{suffix}"
 
 
 def _cross_checks(section: WristbandsConfig | None, _devices: Sequence[DeviceBase], _cfg: CoreConfig) -> list[Issue]:
@@ -57,7 +81,7 @@ def _doctor(section: WristbandsConfig | None, _cfg: CoreConfig) -> list[DoctorCh
     if section is None or not section.enabled:
         return [DoctorCheck("wristband broker", "skip", "wristbands are not configured")]
     url = urlsplit(section.broker)
-    host, port = url.hostname or "127.0.0.1", url.port or 1883
+    host, port = url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
     try:
         socket.create_connection((host, port), timeout=3).close()
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -31,9 +32,36 @@ class ResidentConfig(Strict):
         return self
 
 
+#: A BLE gateway id as it appears in its topics (and is its broker account): one topic level, no wildcards.
+GATEWAY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+
+
 class WristbandInputConfig(Strict):
     decoder: Literal["ble-json", "ble-adv-hex", "chirpstack-v4"] = Field(description="the gateway's format")
     topics: list[str] | None = Field(default=None, description="topic filters; the decoder's usual ones if unset")
+    gateways: list[Annotated[str, Field(pattern=GATEWAY_ID_PATTERN)]] | None = Field(
+        default=None, min_length=1,
+        description="BLE gateway ids (their broker usernames): each gets its own connection subscribing only "
+        "its own topics, so a flooding gateway cannot delay the others; unset: one wildcard subscription")
+
+    @model_validator(mode="after")
+    def _gateways(self) -> WristbandInputConfig:
+        if self.gateways is not None:
+            if self.decoder == "chirpstack-v4":
+                raise ValueError("gateways: a ChirpStack server is one source; list gateways only for BLE decoders")
+            if self.topics is not None:
+                raise ValueError("give either topics or gateways, not both (gateways derive their own topics)")
+            if len(set(self.gateways)) != len(self.gateways):
+                raise ValueError("gateways: an id is listed twice")
+        return self
+
+
+class WristbandTlsConfig(Strict):
+    """TLS to the local broker (``mqtts://``): the CA that signed its LAN certificate."""
+
+    ca_file: Path | None = Field(default=None, description="CA certificate (PEM); the system's CAs if unset")
+    cert_file: Path | None = Field(default=None, description="client certificate, for a broker that wants one")
+    key_file: Path | None = None
 
 
 class WristbandsConfig(Strict):
@@ -51,7 +79,9 @@ class WristbandsConfig(Strict):
     no_signal_after_s: float = Field(default=900, gt=0, le=86_400)
     guard_topic: str = Field(default="edgeagent/local/alarms", description="alarm states for guard-room panels")
     ack_topic: str = Field(default="edgeagent/local/alarms/ack",
-                           description='guard-room buttons publish {"alarm_id": ..., "by": ...} here')
+                           description='a guard-room panel publishes {"alarm_id": ..., "by": ...} to '
+                           "<ack_topic>/<its broker username>; the broker's ACL lets it write only that")
+    tls: WristbandTlsConfig | None = Field(default=None, description="for mqtts:// (port 8883 by default)")
 
     @field_validator("password", mode="before")
     @classmethod

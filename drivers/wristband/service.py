@@ -2,8 +2,16 @@
 
 * Messages are taken with paho's manual acknowledgement: a message is acknowledged only after every
   alarm it raised is durable (events committed, alarm state saved) — an alarm cannot be lost between
-  the broker and the outbox. The session is persistent (fixed client id, clean session off), so the
-  broker re-sends what was not acknowledged and keeps what arrives while the daemon restarts.
+  the broker and the outbox. The session is persistent (a client id unique to the install, kept in the
+  state directory; clean start off), so the broker re-sends what was not acknowledged and keeps what
+  arrives while the daemon restarts.
+* Bounded before read: MQTT 5 with a Maximum Packet Size (``MAX_PACKET_BYTES``, from the decoders' own
+  limit) in CONNECT, so the broker never sends a bigger message (mosquitto drops it for us); one that
+  arrives anyway is dropped and counted before decoding. Receive Maximum (``RECEIVE_MAXIMUM``) keeps a
+  flood in the broker's queue rather than ours. ``mqtts://`` is TLS (port 8883 unless given).
+* Connections: ``main`` (inputs without ``gateways``, the panels' acks, the guard-room topic) and one
+  per BLE gateway listed under an input's ``gateways``, subscribing only that gateway's topics: a
+  gateway that floods fills its own connection's window at the broker, not everyone's.
 * "Durable before ack" has two more halves. A message whose alarm could not be stored (an OutboxError,
   e.g. a full disk) is *not* acknowledged: the input leaves the session (after a backoff) and the broker
   delivers it again on the next one. And an acknowledgement goes only to the session that received the
@@ -14,13 +22,19 @@
   anyway ends ``run()`` with an exception, so the supervisor sees it (and restarts the input).
 * A broker that is down is logged once when it goes down and once when it is back; reconnects back off
   (full jitter, ``OutageBackoff``).
-* Messages go through one bounded queue (``MAX_QUEUED``) to one consumer, in order. Overflow policy:
-  a message whose readings raise nothing (vitals) is dropped, acknowledged and counted; a message that
-  carries an SOS or a fall is always queued (they are rare and must not be dropped).
+* Messages go through one fair queue (:class:`_FairQueue`: a bounded lane per source, served
+  round-robin) to one consumer. Overflow policy: a message whose readings raise nothing (vitals) is
+  dropped, acknowledged and counted; one that carries an SOS or a fall is queued beyond its lane's bound
+  up to ``MAX_QUEUED`` in all, past which the biggest lane (the flooder) loses its oldest. A flood of
+  presses from one band folds into its one alarm at microseconds a press ([fold off the disk]).
+* Guard-room acknowledgements carry identity and scope: a panel publishes on ``<ack_topic>/<account>``
+  (the broker's ACL lets it write only that), is recorded as ``caller: panel:<account>`` next to the
+  guard it names, and can only acknowledge; a resolve from a panel and anything on the bare
+  ``ack_topic`` are refused and counted. ``by`` is checked like every other (printable, 64 characters).
 * Decoding a payload (at most 64 KiB, JSON or hex) takes well under a millisecond, so it runs on the
   loop; a thread hop would only add latency to the alarm path.
 * Guard-room panels get every alarm change on ``guard_topic`` (retained per alarm) and acknowledge on
-  ``ack_topic``. Changes are queued, never published under the alarm lock: one pending state per alarm id
+  ``ack_topic/<account>``. Changes are queued, never published under the alarm lock: one pending state per alarm id
   (a newer state replaces an older one not yet published; counted ``panel:superseded``), at most
   ``MAX_PANEL_PENDING`` alarms. Overflow policy: the oldest pending update that is not a newly raised
   alarm is dropped (``panel:dropped``); a newly raised alarm is never dropped and is admitted beyond the
@@ -34,14 +48,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
+from edgeagent.drivers.wristband import decoders
 from edgeagent.drivers.wristband.config import ResidentConfig, WristbandsConfig
 from edgeagent.drivers.wristband.decoders import (
     DECODERS,
@@ -52,19 +67,35 @@ from edgeagent.drivers.wristband.decoders import (
     Reading,
     Rejected,
 )
-from edgeagent.kernel.alarms.engine import Alarm, AlarmError, AlarmKind, AlarmState
+from edgeagent.kernel.alarms.engine import (
+    MAX_BY_CHARS,
+    Alarm,
+    AlarmError,
+    AlarmInputError,
+    AlarmKind,
+    AlarmState,
+    check_text,
+)
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
 from edgeagent.kernel.errors import OutboxError, UplinkError
 from edgeagent.kernel.pipeline.event_types import WRISTBAND_VITALS
 from edgeagent.kernel.pipeline.sink import EventSink
 from edgeagent.kernel.runtime import metrics
 from edgeagent.kernel.runtime.backoff import OutageBackoff, full_jitter
-from edgeagent.transport.mqtt import Incoming, MqttSession, SessionParams
+from edgeagent.transport.mqtt import Incoming, MqttSession, SessionParams, build_ssl_context
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUED = 10_000
-MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_QUEUED = 10_000  # messages waiting for the consumer, all sources together
+MAX_PER_SOURCE = 64  # per source (topic) before its overflow policy applies
+MAX_SOURCES = 4096  # distinct sources with a lane of their own; more share one lane
+MAX_PAYLOAD_BYTES = decoders.MAX_PAYLOAD_BYTES
+#: The largest packet the broker may send us (MQTT 5 CONNECT Maximum Packet Size): the decoders' payload
+#: limit plus room for the topic and properties. The shipped broker's max_packet_size is the same figure.
+MAX_PACKET_BYTES = MAX_PAYLOAD_BYTES + 1024
+#: Unacknowledged QoS 1 messages the broker may have in flight to one connection (MQTT 5 Receive
+#: Maximum): a flood waits in the broker's queue for that connection, not in this process.
+RECEIVE_MAXIMUM = 64
 MAX_PANEL_PENDING = 1024
 PANEL_PUBLISH_TIMEOUT_S = 5.0
 PANEL_RETRY_S = 1.0
@@ -86,10 +117,102 @@ class WristbandInputError(RuntimeError):
     """One of the input's tasks ended; ``run()`` ends with this so the supervisor restarts the input."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False)
+class _Link:
+    """One connection to the local broker: ``main`` (the panels' acks, the guard-room topic, inputs without
+    ``gateways``) or one BLE gateway's own (only that gateway's topics)."""
+
+    name: str
+    client_id: str
+    routes: list[tuple[str, str]]  # (topic filter, decoder name)
+    acks: bool = False
+    session: MqttSession | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    resync: asyncio.Event = field(default_factory=asyncio.Event)
+    resync_streak: int = 0  # leave the session so the broker re-sends what was not acknowledged
+    down_since: float | None = None
+
+
+@dataclass(eq=False, slots=True)
 class _Queued:
     msg: Incoming
     session: MqttSession  # the session that received it: the only one its packet id means anything on
+    link: _Link
+    alarm: bool | None = None  # carries an SOS or a fall; worked out only when an overflow policy needs it
+
+
+class _FairQueue:
+    """Messages waiting for the consumer, one lane per source (a topic: a wristband, or a gateway for the
+    advertisement format), served round-robin: a source that floods waits behind its own messages only,
+    so another resident's SOS is next after at most one message of each other busy source.
+
+    Bounds and overflow policy: a lane holds ``per_source`` messages; past that, its oldest message that
+    carries no alarm is dropped (the caller acknowledges and counts it), or the new one if it carries
+    none. Alarm-carrying messages are admitted beyond the lane's bound up to ``max_total`` in all; past
+    that the largest lane (the flooder) loses its oldest message. Sources past ``max_sources`` share a lane.
+    """
+
+    OTHER = "\x00other"
+
+    def __init__(self, carries_alarm: Callable[[_Queued], bool], *, per_source: int = MAX_PER_SOURCE,
+                 max_sources: int = MAX_SOURCES, max_total: int = MAX_QUEUED) -> None:
+        self._carries_alarm = carries_alarm
+        self._per_source, self._max_sources, self._max_total = per_source, max_sources, max_total
+        self._lanes: OrderedDict[str, deque[_Queued]] = OrderedDict()
+        self._size = 0
+        self._ready = asyncio.Event()
+
+    def qsize(self) -> int:
+        return self._size
+
+    def _alarm(self, item: _Queued) -> bool:
+        if item.alarm is None:
+            item.alarm = self._carries_alarm(item)
+        return item.alarm
+
+    def put(self, source: str, item: _Queued) -> tuple[_Queued | None, str]:
+        """Queue ``item``; returns a dropped message (to acknowledge) and why, or (None, "")."""
+        if source not in self._lanes and len(self._lanes) >= self._max_sources:
+            source = self.OTHER
+        lane = self._lanes.get(source)
+        if lane is None:
+            lane = self._lanes[source] = deque()
+        dropped: _Queued | None = None
+        why = ""
+        if len(lane) >= self._per_source:
+            victim = next((i for _, i in zip(range(self._per_source), lane, strict=False) if not self._alarm(i)),
+                          None)
+            if victim is not None:
+                lane.remove(victim)
+                self._size -= 1
+                dropped, why = victim, "dropped:queue_full"
+            elif not self._alarm(item):
+                return item, "dropped:queue_full"
+        if dropped is None and self._size >= self._max_total:
+            largest = max(self._lanes.values(), key=len)
+            dropped, why = largest.popleft(), "dropped:flood"
+            self._size -= 1
+        lane.append(item)
+        self._size += 1
+        self._ready.set()
+        return dropped, why
+
+    async def get(self) -> _Queued:
+        while not self._size:
+            self._ready.clear()
+            await self._ready.wait()
+        while True:
+            key, lane = next(iter(self._lanes.items()))
+            if lane:
+                break
+            del self._lanes[key]  # emptied by an overflow drop
+        item = lane.popleft()
+        self._size -= 1
+        if lane:
+            self._lanes.move_to_end(key)
+        else:
+            del self._lanes[key]
+        return item
 
 
 @dataclass
@@ -101,26 +224,31 @@ class _BandState:
 
 class WristbandService:
     def __init__(self, cfg: WristbandsConfig, sink: EventSink, alarms: AlarmRuntime, *, client_id: str) -> None:
+        """``client_id``: this install's own (:func:`~edgeagent.drivers.wristband.capability.client_id_for`);
+        a gateway's connection adds ``-<gateway id>`` to it."""
         self._cfg = cfg
         self._sink = sink
         self._alarms = alarms
         self._client_id = client_id
         self._residents: dict[str, ResidentConfig] = {d: r for r in cfg.residents for d in r.devices}
-        self._routes: list[tuple[str, str]] = []  # (topic filter, decoder name)
+        self._main = _Link("main", client_id, [], acks=True)
+        by_gateway: dict[str, _Link] = {}
         for inp in cfg.inputs:
-            for topic in inp.topics or SUBSCRIPTIONS[inp.decoder]:
-                self._routes.append((topic, inp.decoder))
-        self._queue: asyncio.Queue[_Queued] = asyncio.Queue(MAX_QUEUED)
-        self._overflow: set[asyncio.Task[None]] = set()  # SOS/fall puts waiting beyond the bound
+            if inp.gateways is None:
+                for topic in inp.topics or SUBSCRIPTIONS[inp.decoder]:
+                    self._main.routes.append((topic, inp.decoder))
+                continue
+            for gw in inp.gateways:
+                link = by_gateway.setdefault(gw, _Link(gw, f"{client_id}-{gw}", []))
+                link.routes.extend((_for_gateway(t, gw), inp.decoder) for t in SUBSCRIPTIONS[inp.decoder])
+        self._links = [self._main, *by_gateway.values()]
+        self._routes = [r for link in self._links for r in link.routes]
+        self._queue = _FairQueue(self._carries_alarm)
         self._dedup = Deduplicator()
         self._bands: dict[str, _BandState] = {}
-        self._session: MqttSession | None = None
         self.counters: Counter[str] = Counter()
         self._unknown_logged: set[str] = set()
-        self.connected = asyncio.Event()
-        self._down_since: float | None = None
-        self._resync = asyncio.Event()
-        self._resync_streak = 0  # leave the session so the broker re-sends what was not acknowledged
+        self.connected = asyncio.Event()  # every connection is up
         self._panel: OrderedDict[str, Alarm] = OrderedDict()
         self._panel_wake = asyncio.Event()
         self._panel_failing = False
@@ -128,19 +256,30 @@ class WristbandService:
 
     # --- the local broker ----------------------------------------------------------------------------
 
-    def _params(self) -> SessionParams:
+    def _params(self, link: _Link) -> SessionParams:
         url = urlsplit(self._cfg.broker)
+        tls = url.scheme == "mqtts"
+        ssl_context = None
+        if tls:
+            t = self._cfg.tls
+            ssl_context = build_ssl_context(
+                str(t.ca_file) if t and t.ca_file else None, str(t.cert_file) if t and t.cert_file else None,
+                str(t.key_file) if t and t.key_file else None)
         password = self._cfg.password.resolve().get_secret_value() if self._cfg.password else None
-        return SessionParams(host=url.hostname or "127.0.0.1", port=url.port or 1883, client_id=self._client_id,
-                             protocol="3.1.1", keepalive_s=30, connect_timeout_s=5, username=self._cfg.username,
-                             password=password, manual_ack=True, persistent=True)
+        # MQTT 5, for the CONNECT properties that bound what the broker sends us (see MAX_PACKET_BYTES).
+        return SessionParams(host=url.hostname or "127.0.0.1", port=url.port or (8883 if tls else 1883),
+                             client_id=link.client_id, protocol="5", keepalive_s=30, connect_timeout_s=5,
+                             username=self._cfg.username, password=password, ssl_context=ssl_context,
+                             manual_ack=True, persistent=True, max_packet_size=MAX_PACKET_BYTES,
+                             receive_maximum=RECEIVE_MAXIMUM)
 
     async def run(self) -> None:
         """The input's tasks; returns only by cancellation, raises when one of them ends. Supervised."""
-        tasks = [asyncio.create_task(self._connection(), name="wristband-broker"),
-                 asyncio.create_task(self._consume(), name="wristband-consumer"),
-                 asyncio.create_task(self._watch_signal(), name="wristband-no-signal"),
-                 asyncio.create_task(self._publish_panel(), name="wristband-panel")]
+        tasks = [asyncio.create_task(self._connection(link), name=f"wristband-broker-{link.name}")
+                 for link in self._links]
+        tasks += [asyncio.create_task(self._consume(), name="wristband-consumer"),
+                  asyncio.create_task(self._watch_signal(), name="wristband-no-signal"),
+                  asyncio.create_task(self._publish_panel(), name="wristband-panel")]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             ended = done.pop()
@@ -151,90 +290,99 @@ class WristbandService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _open(self) -> MqttSession:
+    def _open(self, link: _Link) -> MqttSession:
         # The callback names its own session (a local, not a loop variable): a late message of an old
         # session must never be taken for one of the current session.
-        session = MqttSession(self._params(), on_message=lambda msg: self._on_message(msg, session))
+        session = MqttSession(self._params(link), on_message=lambda msg: self._on_message(msg, session, link))
         return session
 
-    async def _connection(self) -> None:
+    def _update_connected(self) -> None:
+        if all(link.connected.is_set() for link in self._links):
+            self.connected.set()
+        else:
+            self.connected.clear()
+
+    async def _connection(self, link: _Link) -> None:
         """Connection owner: (re)connects with backoff, subscribes, logs down and up once each."""
         backoff = OutageBackoff(first_max_s=0.5, short_cap_s=4.0, long_cap_s=30.0)
         while True:
             try:
-                async with self._open() as session:
+                async with self._open(link) as session:
                     # Current from CONNACK on: the broker re-sends unacknowledged messages before SUBACK.
-                    self._session = session
-                    for topic, _decoder in self._routes:
+                    link.session = session
+                    for topic, _decoder in link.routes:
                         await session.subscribe(topic, qos=1)
-                    await session.subscribe(self._cfg.ack_topic, qos=1)
-                    self.connected.set()
+                    if link.acks:
+                        # A panel writes only <ack_topic>/<its account> (the broker's ACL); the bare topic is
+                        # subscribed only to refuse and count what still arrives there.
+                        await session.subscribe(f"{self._cfg.ack_topic}/+", qos=1)
+                        await session.subscribe(self._cfg.ack_topic, qos=1)
+                    link.connected.set()
+                    self._update_connected()
                     backoff.reset()
-                    if self._down_since is None:
-                        log.info("wristbands: listening on %s (%d topics)", self._cfg.broker, len(self._routes))
+                    if link.down_since is None:
+                        log.info("wristbands: %s listening on %s (%d topics)", link.name, self._cfg.broker,
+                                 len(link.routes))
                     else:
-                        log.warning("wristbands: local broker %s is back after %.0f s", self._cfg.broker,
-                                    time.monotonic() - self._down_since)
-                        self._down_since = None
-                    self._requeue_active()
+                        log.warning("wristbands: %s: local broker %s is back after %.0f s", link.name,
+                                    self._cfg.broker, time.monotonic() - link.down_since)
+                        link.down_since = None
+                    if link is self._main:
+                        self._requeue_active()
                     assert session.disconnected is not None
-                    resync: asyncio.Future[Any] = asyncio.ensure_future(self._resync.wait())
+                    resync: asyncio.Future[Any] = asyncio.ensure_future(link.resync.wait())
                     lost: asyncio.Future[Any] = session.disconnected
                     try:
                         await asyncio.wait([lost, resync], return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         resync.cancel()
-                    if self._resync.is_set():
-                        self._resync.clear()
+                    if link.resync.is_set():
+                        link.resync.clear()
                         self.counters["resyncs"] += 1
-                        log.warning("wristbands: leaving the session so the broker delivers the unacknowledged "
-                                    "message(s) again")
+                        log.warning("wristbands: %s: leaving the session so the broker delivers the "
+                                    "unacknowledged message(s) again", link.name)
                         # Backs off while storing keeps failing (a full disk), instead of spinning.
-                        await asyncio.sleep(full_jitter(self._resync_streak, 0.5, 30.0))
-                        self._resync_streak += 1
+                        await asyncio.sleep(full_jitter(link.resync_streak, 0.5, 30.0))
+                        link.resync_streak += 1
                     else:
-                        self._went_down(session.disconnected.exception() or "connection lost")
+                        self._went_down(link, session.disconnected.exception() or "connection lost")
             except UplinkError as exc:
-                self._went_down(exc)
+                self._went_down(link, exc)
             finally:
-                self._session = None
-                self.connected.clear()
-            age = 0.0 if self._down_since is None else time.monotonic() - self._down_since
+                link.session = None
+                link.connected.clear()
+                self._update_connected()
+            age = 0.0 if link.down_since is None else time.monotonic() - link.down_since
             await asyncio.sleep(backoff.next_delay(age))
 
-    def _went_down(self, why: object) -> None:
+    def _went_down(self, link: _Link, why: object) -> None:
         self.counters["broker_failures"] += 1
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            log.warning("wristbands: local broker %s unreachable: %s (retrying; logged again when it is back)",
-                        self._cfg.broker, why)
+        if link.down_since is None:
+            link.down_since = time.monotonic()
+            log.warning("wristbands: %s: local broker %s unreachable: %s (retrying; logged again when it is "
+                        "back)", link.name, self._cfg.broker, why)
         else:
-            log.debug("wristbands: local broker still unreachable: %s", why)
+            log.debug("wristbands: %s: local broker still unreachable: %s", link.name, why)
 
     def _reject(self, code: str) -> None:
         self.counters[f"rejected:{code}"] += 1
         metrics.WRISTBAND_REJECTED.labels(code).inc()
 
-    def _on_message(self, msg: Incoming, session: MqttSession) -> None:
-        item = _Queued(msg, session)
+    def _on_message(self, msg: Incoming, session: MqttSession, link: _Link) -> None:
+        item = _Queued(msg, session, link)
         if len(msg.payload) > MAX_PAYLOAD_BYTES:
+            # The broker should not have sent it (our Maximum Packet Size); dropped before any decoding.
             self._reject("too_large")
             self._ack(item)
             return
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            if self._carries_alarm(msg):
-                # Overflow policy: never drop an SOS/fall; let it wait beyond the bound.
-                task = asyncio.get_running_loop().create_task(self._queue.put(item))
-                self._overflow.add(task)
-                task.add_done_callback(self._overflow.discard)
-                return
-            self.counters["dropped:queue_full"] += 1
-            self._ack(item)
+        dropped, why = self._queue.put(f"{link.name} {msg.topic}", item)
+        if dropped is not None:
+            self.counters[why] += 1
+            self._ack(dropped)
 
-    def _carries_alarm(self, msg: Incoming) -> bool:
-        decoder = next((d for f, d in self._routes if _matches(f, msg.topic)), None)
+    def _carries_alarm(self, item: _Queued) -> bool:
+        msg = item.msg
+        decoder = next((d for f, d in item.link.routes if _matches(f, msg.topic)), None)
         if decoder is None:
             return False
         try:
@@ -246,38 +394,40 @@ class WristbandService:
     def _ack(self, item: _Queued) -> None:
         if item.msg.qos == 0:
             return
-        if item.session is not self._session:
+        if item.session is not item.link.session:
             # [ack on the receiving session] the broker re-sends it on the current session.
             self.counters["ack_skipped:old_session"] += 1
             return
         item.session.ack(item.msg.mid, item.msg.qos)
-        self._resync_streak = 0
+        item.link.resync_streak = 0
 
     async def _consume(self) -> None:
         while True:
             item = await self._queue.get()
             try:
-                await self._handle(item.msg)
+                await self._handle(item)
             except OutboxError as exc:
                 _pass_cancellation(exc)
                 # [durable before ack] not stored: no ack; the broker delivers it again on the next session.
                 self.counters["not_acked:not_durable"] += 1
                 log.error("wristbands: a message on %s raised an alarm that was not stored (%s); left "
                           "unacknowledged for the broker to deliver again", item.msg.topic, exc)
-                self._resync.set()
+                item.link.resync.set()
                 continue
             except Exception as exc:
                 _pass_cancellation(exc)
                 self.counters["errors"] += 1
                 log.exception("wristbands: handling a message on %s failed", item.msg.topic)
-            # [durable before ack] alarms raised by this message are committed by now.
+            # [durable before ack] alarms raised by this message are committed by now (a press folded
+            # into an alarm already raised: see [fold off the disk] in the alarm runtime).
             self._ack(item)
 
-    async def _handle(self, msg: Incoming) -> None:
-        if msg.topic == self._cfg.ack_topic:
-            await self._guard_ack(msg.payload)
+    async def _handle(self, item: _Queued) -> None:
+        msg = item.msg
+        if item.link.acks and (msg.topic == self._cfg.ack_topic or msg.topic.startswith(f"{self._cfg.ack_topic}/")):
+            await self._guard_ack(msg.topic, msg.payload)
             return
-        decoder = next((d for f, d in self._routes if _matches(f, msg.topic)), None)
+        decoder = next((d for f, d in item.link.routes if _matches(f, msg.topic)), None)
         if decoder is None:
             return
         try:
@@ -289,13 +439,13 @@ class WristbandService:
             self._reject("decoder_error")
             log.exception("wristbands: decoder %s failed on a message on %s", decoder, msg.topic)
             return
-        for item in items:
-            if isinstance(item, Rejected):
-                self._reject(item.code)
-            elif isinstance(item, GatewayStatus):
+        for it in items:
+            if isinstance(it, Rejected):
+                self._reject(it.code)
+            elif isinstance(it, GatewayStatus):
                 self.counters["gateway_status"] += 1
-            elif isinstance(item, Reading):
-                await self._reading(item)
+            elif isinstance(it, Reading):
+                await self._reading(it)
 
     # --- rules -----------------------------------------------------------------------------------------
 
@@ -380,23 +530,46 @@ class WristbandService:
 
     # --- the guard room ------------------------------------------------------------------------------
 
-    async def _guard_ack(self, payload: bytes) -> None:
-        try:
-            doc = orjson.loads(payload)
-            alarm_id = str(doc["alarm_id"])
-            by = str(doc.get("by") or "guard-room panel")
-            action = str(doc.get("action") or "ack")
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            self.counters["rejected:guard_ack"] += 1
-            log.warning("guard-room acknowledgement not understood: %s", exc)
+    async def _guard_ack(self, topic: str, payload: bytes) -> None:
+        """A guard-room panel's acknowledgement on ``<ack_topic>/<panel>``. The broker's ACL lets a panel
+        write only the topic that names its own account, so the last level is who sent it. A panel can
+        acknowledge, never resolve (that needs the CLI, the console or a signed platform command)."""
+        panel = topic[len(self._cfg.ack_topic) + 1:] if topic != self._cfg.ack_topic else ""
+        if not panel:
+            self.counters["rejected:ack_without_panel"] += 1
+            log.warning("guard-room acknowledgement on %s refused: panels acknowledge on %s/<their account>",
+                        self._cfg.ack_topic, self._cfg.ack_topic)
             return
         try:
-            if action == "resolve":
-                await self._alarms.resolve(alarm_id, by, "local_mqtt", doc.get("note"))
-            else:
-                await self._alarms.ack(alarm_id, by, "local_mqtt")
+            caller = check_text("panel", f"panel:{panel}", MAX_BY_CHARS)
+            doc = orjson.loads(payload)
+            alarm_id = str(doc["alarm_id"])
+            by = doc.get("by") or panel
+            action = doc.get("action") or "ack"
+        except AlarmInputError as exc:
+            self.counters["rejected:guard_ack"] += 1
+            log.warning("guard-room acknowledgement refused: %s", exc)
+            return
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            self.counters["rejected:guard_ack"] += 1
+            log.warning("guard-room acknowledgement from %s not understood: %s", caller, exc)
+            return
+        if not isinstance(by, str) or not isinstance(action, str):
+            self.counters["rejected:guard_ack"] += 1
+            log.warning("guard-room acknowledgement from %s not understood: by and action must be text", caller)
+            return
+        if action != "ack":
+            self.counters["rejected:panel_resolve" if action == "resolve" else "rejected:guard_ack"] += 1
+            log.warning("guard-room %s of %s from %s refused: a panel can only acknowledge", action[:20],
+                        alarm_id[:64], caller)
+            return
+        try:
+            await self._alarms.ack(alarm_id, by, "local_mqtt", caller=caller)
+        except AlarmInputError as exc:
+            self.counters["rejected:guard_ack"] += 1
+            log.warning("guard-room acknowledgement from %s refused: %s", caller, exc)
         except AlarmError as exc:
-            log.warning("guard-room %s of %s refused: %s", action, alarm_id, exc)
+            log.warning("guard-room acknowledgement of %s from %s refused: %s", alarm_id[:64], caller, exc)
 
     async def publish_change(self, alarm: Alarm) -> None:
         """Every alarm change, for guard-room panels (an alarm-runtime listener): only queues, never waits."""
@@ -438,7 +611,7 @@ class WristbandService:
 
     async def _drain_panel(self) -> None:
         while self._panel:
-            session = self._session
+            session = self._main.session
             if session is None:
                 return  # the next connection wakes this up (it queues every active alarm)
             alarm_id, alarm = next(iter(self._panel.items()))
@@ -475,11 +648,23 @@ class WristbandService:
 
     @property
     def session(self) -> MqttSession | None:
-        return self._session
+        """The main connection's session (guard-room topic, notifier topics), None while it is down."""
+        return self._main.session
 
     def snapshot(self) -> Mapping[str, Any]:
-        return {"broker": self._cfg.broker, "connected": self.connected.is_set(), "bands_seen": len(self._bands),
-                "queue": self._queue.qsize(), "panel_pending": len(self._panel), "counters": dict(self.counters)}
+        return {"broker": self._cfg.broker, "connected": self.connected.is_set(),
+                "connections": {link.name: link.connected.is_set() for link in self._links},
+                "bands_seen": len(self._bands), "queue": self._queue.qsize(), "panel_pending": len(self._panel),
+                "counters": dict(self.counters)}
+
+
+def _for_gateway(topic_filter: str, gateway: str) -> str:
+    """A decoder's subscription narrowed to one BLE gateway: its gateway level (the second) named."""
+    parts = topic_filter.split("/")
+    if len(parts) < 2 or parts[1] != "+":
+        raise ValueError(f"{topic_filter!r} has no gateway level to narrow")
+    parts[1] = gateway
+    return "/".join(parts)
 
 
 def _matches(topic_filter: str, topic: str) -> bool:

@@ -94,6 +94,12 @@ class SessionParams:
     # A persistent session: the broker keeps our subscriptions and queues QoS 1 messages while we are away,
     # and re-sends the ones we never acknowledged (with manual_ack: those not yet safely handled).
     persistent: bool = False
+    # MQTT 5 CONNECT properties that bound what the broker sends us. Maximum Packet Size: the broker
+    # must not send a bigger packet (mosquitto drops such a message for this client), so an oversize
+    # publish never reaches our memory. Receive Maximum: at most this many unacknowledged QoS 1
+    # messages in flight to us, so a flood waits in the broker, not in our process. Ignored on 3.1.1.
+    max_packet_size: int | None = None
+    receive_maximum: int | None = None
 
 
 class MqttSession:
@@ -187,6 +193,10 @@ class MqttSession:
         if self._p.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
             props.SessionExpiryInterval = 7 * 24 * 3600 if self._p.persistent else 0
+            if self._p.max_packet_size is not None:
+                props.MaximumPacketSize = self._p.max_packet_size
+            if self._p.receive_maximum is not None:
+                props.ReceiveMaximum = self._p.receive_maximum
         client.connect(self._p.host, self._p.port, keepalive=self._p.keepalive_s, properties=props,
                        clean_start=(not self._p.persistent) if self._p.protocol == "5"
                        else paho.MQTT_CLEAN_START_FIRST_ONLY)
@@ -274,8 +284,12 @@ class MqttSession:
         fut = self._pending_pub.get(info.mid)
         if fut is None:
             fut = self._pending_pub[info.mid] = self._loop.create_future()
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the inner future's outcome when
+        # it completes in the same loop step as a cancel (the teardown failing it), losing the
+        # CancelledError; a caller catching that UplinkError would then run on through its shutdown.
         try:
-            await asyncio.wait_for(fut, self._p.puback_timeout_s)
+            async with asyncio.timeout(self._p.puback_timeout_s):
+                await fut
         except TimeoutError as exc:
             if self._pending_pub.get(info.mid) is fut:
                 del self._pending_pub[info.mid]
@@ -289,7 +303,8 @@ class MqttSession:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise UplinkError(f"{self._where}: subscribe failed: {paho.error_string(rc)}")
         fut = self._pending_sub.setdefault(mid, self._loop.create_future())
-        codes = await asyncio.wait_for(fut, self._p.connect_timeout_s)
+        async with asyncio.timeout(self._p.connect_timeout_s):  # not wait_for: see publish()
+            codes = await fut
         for code in codes:
             if code.is_failure:
                 raise UplinkError(f"{self._where}: subscription to {topic!r} refused: {code}")

@@ -19,7 +19,9 @@ re-entrant), none of them waiting on a device:
 A caller that must not lose an alarm (the wristband input acknowledging its MQTT message) awaits
 :meth:`raise_`: when it returns, the alarm's events and state are durable; when they could not be made
 durable it raises :class:`AlarmNotDurable` (an OutboxError) *after* steps 1 and 3 ran, so the caller can
-leave its message unacknowledged for the broker to deliver again.
+leave its message unacknowledged for the broker to deliver again. A press that only folds into an alarm
+already raised (and stored) changes nothing but its count, which the ticker saves within ``_IDLE_TICK_S``
+together with every other fold since ([fold off the disk]): a crash in between loses a count, never an alarm.
 
 Targets served outside the notifier hub (the guard room, told through the wristband input's guard-room
 topic) are declared with :meth:`serve_locally`, so the hub does not report them as unserved.
@@ -99,6 +101,7 @@ class AlarmRuntime:
         self.raised_total = 0
         self.not_durable = 0  # operations whose events or state could not be stored
         self._unstored: list[Emit] = []  # alarm events not stored yet, oldest first
+        self._state_dirty = False  # the engine changed since the last state save
         self.unstored_dropped = 0
 
     def listen(self, listener: Callable[[Alarm], Awaitable[None]]) -> None:
@@ -152,7 +155,12 @@ class AlarmRuntime:
             actions = self.engine.raise_(kind, resident_id, device_id, self.now(), details)
             self.raised_total += 1
             try:
-                await self._carry_out(actions)
+                # [fold off the disk] A press folded into an alarm already raised changes only its count:
+                # the alarm itself is durable, so its state is saved by the ticker within _IDLE_TICK_S
+                # (one save for a whole storm) instead of once per press. A wristband flooding presses
+                # therefore costs microseconds each and cannot hold the lock from another resident's SOS.
+                fold_only = all(isinstance(a, Persist) for a in actions)
+                await self._carry_out(actions, defer_state=fold_only)
             finally:
                 self._wake.set()  # its repeats and escalations are due whether or not it was stored
 
@@ -182,13 +190,14 @@ class AlarmRuntime:
                 await asyncio.wait_for(self._wake.wait(), wait)
             async with self._lock:
                 actions = self.engine.tick(self.now())
-                if actions or self._unstored:
+                if actions or self._unstored or self._state_dirty:
                     # Logged where it failed; a repeat that could not be stored must not end the ticking.
                     with contextlib.suppress(AlarmNotDurable):
                         await self._carry_out(actions)
 
-    async def _carry_out(self, actions: list[Action]) -> None:
-        """Raises AlarmNotDurable at the end if an event or the state could not be stored."""
+    async def _carry_out(self, actions: list[Action], *, defer_state: bool = False) -> None:
+        """Raises AlarmNotDurable at the end if an event or the state could not be stored. ``defer_state``:
+        leave the state save to the next tick ([fold off the disk])."""
         for out in (a for a in actions if isinstance(a, SetOutput)):
             self._switch(out)
         failures: list[str] = []
@@ -206,9 +215,12 @@ class AlarmRuntime:
                 failures.append(f"event {emit.event_type}: {exc}")
                 self._keep_unstored(emit)
         if any(isinstance(a, Persist) for a in actions):
+            self._state_dirty = True
+        if self._state_dirty and not defer_state:
             # Folded raises each produce a snapshot; the engine's export is the latest of all of them.
             try:
                 await self._state.kv_put(STATE_KEY, self.engine.export())
+                self._state_dirty = False
             except Exception as exc:  # noqa: BLE001 - an unsaved state must not keep anyone from being told
                 log.error("alarm state not saved (notifications go out anyway): %s", exc)
                 failures.append(f"state: {exc}")
