@@ -34,12 +34,8 @@ located at its line, is :mod:`edgeagent.drivers.modbus.profile` (which also re-e
 public names); the read planner is :mod:`edgeagent.drivers.modbus.plan`.
 
 Every check that spans registers (overlaps, names after port expansion, commands naming registers)
-runs when the profile is validated, and :func:`load_profile` reports each problem with its place in
-the file, as the config loader does::
-
-    gate.yaml:31:7: registers[4].address: holding 10..11 ('mode') overlaps 'command' (registers[3], holding 11)
-
-:func:`plan_reads` turns the polled registers into as few block reads as the protocol allows.
+runs when the profile is validated and raises :class:`ProfileIssues`, each problem with its location,
+which the loader turns into ``file:line:col`` messages.
 """
 
 from __future__ import annotations
