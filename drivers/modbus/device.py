@@ -155,6 +155,14 @@ def _bit(value: Value | None, bit: str | None) -> bool | None:
     return None
 
 
+@dataclass(slots=True)
+class _BlockMemo:
+    block: ReadBlock[Point]
+    spans: tuple[tuple[Point, str, int, int], ...]  # (point, its name, first word, end) in the block's answer
+    words: list[int] | None = None  # the whole answer when every point of it was last settled
+    due: float = -math.inf  # the earliest heartbeat among its points then
+
+
 class Bus(Protocol):
     """What a device needs of its bus (drivers/modbus/bus.py's ModbusBus)."""
 
@@ -194,8 +202,8 @@ class ModbusDevice:
         # telemetry beyond its heartbeat: most registers of most polls stop there. Decoding and tracking every
         # register of every poll were the largest part of the daemon's own polling CPU (bench/RESULTS.md).
         self._last: dict[str, tuple[list[int], float]] = {}
-        # Each block's points with their word spans, worked out once (a poll reads them 40 times a second).
-        self._spans: dict[int, tuple[ReadBlock[Point], tuple[tuple[Point, str, int, int], ...]]] = {}
+        # Per block: its points' word spans, worked out once, and its whole answer when last settled.
+        self._memos: dict[int, _BlockMemo] = {}
         self.last_poll_at: float | None = None
         self.last_error: str | None = None
         self.polls = 0
@@ -241,25 +249,33 @@ class ModbusDevice:
         last = self._last
         listening = bool(self._listeners)
         tracker = self.tracker
-        for point, name, start, stop in self._spans_of(block):
+        memo = self._memo(block)
+        if not listening and memo.words == words and now < memo.due:
+            return  # not one word moved and no heartbeat is due: the common poll of a quiet device
+        due = math.inf
+        for point, name, start, stop in memo.spans:
             point_words = words[start:stop]
             # Unchanged words give the same value: no trigger can fire (each compares with the previous value,
             # and a threshold's arming is settled by the first reading of a value), only a heartbeat can be
             # due. Listeners (local safety rules) still see every reading.
             seen = last.get(name)
             if seen is not None and not listening and seen[0] == point_words and now < seen[1]:
+                due = min(due, seen[1])
                 continue
             try:
                 value = point.decode(point_words)
             except CodecError as exc:
                 last.pop(name, None)
+                due = -math.inf  # this point has no settled words: the whole-block shortcut must not apply
                 log.warning("%s: %s: cannot decode %s: %s", self.device_id, name, point_words, exc)
                 continue
             previous = tracker.value(name)
             for listener in self._listeners:
                 await listener(point, value, previous)
             telemetry, events = tracker.update(point, value, now)
-            last[name] = (point_words, tracker.heartbeat_at(point))
+            heartbeat_at = tracker.heartbeat_at(point)
+            last[name] = (point_words, heartbeat_at)
+            due = min(due, heartbeat_at)
             if telemetry is not None:
                 metric = name if point.port is not None else point.metric
                 # Built without validation: a str, a float and a str by construction here.
@@ -267,16 +283,18 @@ class ModbusDevice:
                 self._sink.emit_telemetry(SENSOR_READING.name, self.device_id, reading)
             for ev in events:
                 await self._sink.emit(ev.type, self.device_id, ev.data)
+        # Every point's words are now settled in self._last (skipped, decoded, or dropped with due -inf).
+        memo.words, memo.due = words, due
 
-    def _spans_of(self, block: ReadBlock[Point]) -> tuple[tuple[Point, str, int, int], ...]:
-        found = self._spans.get(id(block))
-        if found is not None and found[0] is block:
-            return found[1]
-        spans = tuple((s.item, s.item.name, s.start, s.stop) for s in block.slices)
-        if len(self._spans) >= 256:  # callers passing fresh blocks each time (tests, tools) stay bounded
-            self._spans.clear()
-        self._spans[id(block)] = (block, spans)
-        return spans
+    def _memo(self, block: ReadBlock[Point]) -> _BlockMemo:
+        memo = self._memos.get(id(block))
+        if memo is not None and memo.block is block:
+            return memo
+        if len(self._memos) >= 256:  # callers passing fresh blocks each time (tests, tools) stay bounded
+            self._memos.clear()
+        memo = self._memos[id(block)] = _BlockMemo(block, tuple((s.item, s.item.name, s.start, s.stop)
+                                                                for s in block.slices))
+        return memo
 
     async def command(self, name: str, args: Mapping[str, object] | None = None, *,
                       priority: Any = None) -> list[dict[str, Any]]:
