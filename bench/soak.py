@@ -17,8 +17,8 @@ This process holds the peers, set up like bench/alarm_latency.py and bench/modbu
 * a BLE gateway publishing vitals from ``--residents`` bands (one reading per band every 5 s);
 * every 2 minutes an SOS (the guard-room panel resolves it on the ack topic) and, offset by a minute, a
   signed ``gate.open`` from the platform (its result is awaited on ``cmd/res``);
-* a 30 s cloud outage (the platform broker stopped, then restarted) every ``--outage-every-min``
-  minutes, the first one ``--first-outage-min`` in;
+* a cloud outage of ``--outage-s`` (default 30 s: the platform broker stopped, then restarted) every
+  ``--outage-every-min`` minutes, the first one ``--first-outage-min`` in;
 * the platform subscriber counts every event's ``seq`` (gaps = seqs missing between 1 and the highest
   seen, after the daemon stopped and flushed).
 
@@ -69,7 +69,6 @@ GUARD_TOPIC = "edgeagent/local/alarms"
 ACK_TOPIC = f"{GUARD_TOPIC}/ack"
 GATE_UNIT, CHARGER_UNIT, RELAY_UNIT = 1, 2, 3
 TARGET_MB_PER_H = 1.0
-OUTAGE_S = 30.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # The daemon under tracemalloc: a thread dumps a snapshot every N seconds (it holds the GIL while it
@@ -466,7 +465,7 @@ async def sos_and_gate(local: LocalSide, platform: Platform, counts: Counts, sto
 
 
 async def outages(cloud: Mosquitto, counts: Counts, stop: asyncio.Event, first_s: float, every_s: float,
-                  t0: float) -> None:
+                  outage_s: float, t0: float) -> None:
     nxt = t0 + first_s
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -475,9 +474,9 @@ async def outages(cloud: Mosquitto, counts: Counts, stop: asyncio.Event, first_s
             return
         await asyncio.to_thread(cloud.stop)
         counts.outages += 1
-        print(f"  {time.monotonic() - t0:7.0f} s  cloud broker down for {OUTAGE_S:.0f} s", flush=True)
+        print(f"  {time.monotonic() - t0:7.0f} s  cloud broker down for {outage_s:.0f} s", flush=True)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), OUTAGE_S)
+            await asyncio.wait_for(stop.wait(), outage_s)
         await asyncio.to_thread(cloud.start)
         nxt += every_s
 
@@ -597,7 +596,7 @@ async def amain(args: argparse.Namespace, workdir: Path, cloud: Mosquitto, local
         tasks = [asyncio.create_task(move_devices(sim, stop)),
                  asyncio.create_task(sos_and_gate(local, platform, counts, stop, args.command_period_s)),
                  asyncio.create_task(outages(cloud, counts, stop, args.first_outage_min * 60,
-                                             args.outage_every_min * 60, t0))]
+                                             args.outage_every_min * 60, args.outage_s, t0))]
         end = t0 + args.minutes * 60
         next_print = t0
         while time.monotonic() < end:
@@ -652,6 +651,7 @@ def main() -> int:
                     help="an SOS and a signed gate.open every this many seconds (default 120)")
     ap.add_argument("--first-outage-min", type=float, default=12, help="first 30 s cloud outage (default 12)")
     ap.add_argument("--outage-every-min", type=float, default=20, help="then one every ... minutes (default 20)")
+    ap.add_argument("--outage-s", type=float, default=30, help="how long each cloud outage lasts (default 30)")
     ap.add_argument("--sample-s", type=float, default=10, help="/proc sampling interval (default 10)")
     ap.add_argument("--print-every-min", type=float, default=5, help="progress lines (default every 5 min)")
     ap.add_argument("--tracemalloc", type=float, default=0, metavar="N",
@@ -679,7 +679,7 @@ def main() -> int:
     local_broker.start()
     print(f"soak: {args.minutes:g} min, {args.sensors} sensors every {args.sensor_interval_s:g} s, "
           f"{args.residents} bands every 5 s, gate/charger/relay at 1 Hz, SOS and gate.open every "
-          f"{args.command_period_s:g} s, a {OUTAGE_S:.0f} s cloud outage at {args.first_outage_min:g} min and every "
+          f"{args.command_period_s:g} s, a {args.outage_s:g} s cloud outage at {args.first_outage_min:g} min and every "
           f"{args.outage_every_min:g} min; slope after {args.warmup_min:g} min"
           f"{f'; tracemalloc every {args.tracemalloc:g} s' if args.tracemalloc else ''}; "
           f"code {'at ' + args.from_git if args.from_git else 'of the working tree'}; work dir {workdir}",
