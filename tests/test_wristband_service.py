@@ -131,7 +131,8 @@ def config(port: int, **kw: Any) -> WristbandsConfig:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path, port: int, *, outputs: Outputs | None = None, **cfg: Any) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, port: int, *, outputs: Outputs | None = None, client_id: str | None = None,
+              **cfg: Any) -> AsyncIterator[Rig]:
     outbox = Outbox(OutboxConfig(tmp_path / "outbox.db"))
     await outbox.open()
     store = FlakyOutbox(outbox)
@@ -142,7 +143,8 @@ async def rig(tmp_path: Path, port: int, *, outputs: Outputs | None = None, **cf
     outs = outputs or Outputs()
     notes = Notes()
     alarms = AlarmRuntime(AlarmEngine(), sink=sink, state=store, outputs=outs, notifiers=notes, clock=clock)
-    service = WristbandService(config(port, **cfg), sink, alarms, client_id=f"edgeagent-test-{time.monotonic_ns()}")
+    service = WristbandService(config(port, **cfg), sink, alarms,
+                               client_id=client_id or f"edgeagent-test-{time.monotonic_ns()}")
     alarms.listen(service.publish_change)
     task = asyncio.create_task(service.run())
     try:
