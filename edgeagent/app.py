@@ -439,6 +439,7 @@ class Daemon:
         sup = self.supervisor
         assert sup is not None
         await sup.stop_all(self._intake)  # 1. stop intake
+        self.sink.flush_telemetry()  # readings gathered for the next batch go in with the rest
         await sup.stop_all(["evictions"])
         if not await self.evictions.flush():
             log.error("evictions not reported before the stop (kept for the next start's log only)")

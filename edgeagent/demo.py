@@ -296,9 +296,14 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
     daemon = Daemon(Config.model_validate(data))
     bands = Wristbands(local) if local is not None else None
     accepted: Counter[str] = Counter()
+    rows: set[int] = set()
 
     def show(event: Event, seq: int) -> None:
-        accepted[event.priority.label] += 1
+        # Counted by outbox row: a reading coalesced into a waiting one (backlog) shares its row and seq,
+        # and the platform receives that row once.
+        if seq not in rows:
+            rows.add(seq)
+            accepted[event.priority.label] += 1
         data = " ".join(f"{k}={v}" for k, v in event.data.items())
         color = _COLORS[event.priority.label]
         console.print(f"[{color}]#{seq:<5} {event.priority.label:<9} {event.type:<30} {event.device_id:<16} "

@@ -76,7 +76,7 @@ async def compare(bus: ModbusBus, line: Line) -> None:
     # The dead unit was probed (its backoff ran out during the window), and stayed offline.
     assert frames >= 1, "no probe in the window: the comparison would prove nothing"
     assert bus.unit_health(DEAD).online is False
-    assert beside_dead >= 0.93 * alone, (alone, beside_dead, frames)
+    assert beside_dead >= 0.85 * alone, (alone, beside_dead, frames)
 
 
 @pytest.fixture

@@ -557,6 +557,15 @@ class Outbox:
         fut: asyncio.Future[list[int]] = self._submit(_Append(None, (event,)), n_events=1)
         return fut
 
+    def offer_telemetry_many(self, events: Sequence[Event]) -> asyncio.Future[list[int]] | None:
+        """Like :meth:`offer_telemetry` for several readings as one operation (one future, one wake-up of
+        the database thread). When intake is full the whole batch is dropped and counted."""
+        if self._pending_events + len(events) > self._cfg.max_pending_events:
+            self.intake_dropped_total += len(events)
+            return None
+        fut: asyncio.Future[list[int]] = self._submit(_Append(None, tuple(events)), n_events=len(events))
+        return fut
+
     # --- uplink API --------------------------------------------------------------------------------
 
     async def lease(self, max_events: int, max_bytes: int) -> Batch | None:

@@ -18,6 +18,9 @@ from edgeagent.kernel.runtime import metrics
 log = logging.getLogger(__name__)
 
 Observer = Callable[[Event, int], None]
+# Telemetry gathers this long (or this many readings) before it goes to the outbox as one operation.
+TELEMETRY_LINGER_S = 0.02
+TELEMETRY_BATCH = 1000
 
 
 class EventSink:
@@ -25,6 +28,8 @@ class EventSink:
         self.factory = factory
         self._outbox = outbox
         self._observers: list[Observer] = []
+        self._telemetry: list[Event] = []
+        self._telemetry_timer: asyncio.TimerHandle | None = None
 
     def observe(self, observer: Observer) -> None:
         self._observers.append(observer)
@@ -42,23 +47,41 @@ class EventSink:
         return event
 
     def emit_telemetry(self, type_name: str, device_id: str, data: Mapping[str, Any] | EventData) -> None:
-        """Fire and forget for telemetry: never waits; if intake is full the reading is dropped and counted."""
-        event = self.factory.make(type_name, device_id, data)
-        fut = self._outbox.offer_telemetry(event)
-        if fut is None:
-            metrics.EVENTS_REJECTED.labels(event.priority.label, "intake_full").inc()
-            return
-        fut.add_done_callback(lambda f: self._telemetry_done(event, f))
+        """Fire and forget for telemetry: never waits. Readings gather for up to ``TELEMETRY_LINGER_S``
+        (or ``TELEMETRY_BATCH`` readings) and go to the outbox as one operation: one wake-up of its
+        thread and one future per batch instead of per reading, and polls of many devices share a commit.
+        Overflow policy: if the outbox's intake is full, the batch is dropped and counted."""
+        self._telemetry.append(self.factory.make(type_name, device_id, data))
+        if len(self._telemetry) >= TELEMETRY_BATCH:
+            self.flush_telemetry()
+        elif self._telemetry_timer is None:
+            self._telemetry_timer = asyncio.get_running_loop().call_later(TELEMETRY_LINGER_S, self.flush_telemetry)
 
-    def _telemetry_done(self, event: Event, fut: asyncio.Future[list[int]]) -> None:
+    def flush_telemetry(self) -> None:
+        """Hand the gathered readings to the outbox now (called on a timer, and before an orderly stop)."""
+        if self._telemetry_timer is not None:
+            self._telemetry_timer.cancel()
+            self._telemetry_timer = None
+        events, self._telemetry = self._telemetry, []
+        if not events:
+            return
+        fut = self._outbox.offer_telemetry_many(events)
+        if fut is None:
+            metrics.EVENTS_REJECTED.labels("telemetry", "intake_full").inc(len(events))
+            return
+        fut.add_done_callback(lambda f: self._telemetry_done(events, f))
+
+    def _telemetry_done(self, events: list[Event], fut: asyncio.Future[list[int]]) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()
         if exc is not None:
-            metrics.EVENTS_REJECTED.labels(event.priority.label, type(exc).__name__).inc()
-            log.warning("%s: telemetry not stored: %s", event.device_id, exc)
+            metrics.EVENTS_REJECTED.labels("telemetry", type(exc).__name__).inc(len(events))
+            log.warning("%d telemetry readings not stored (first from %s): %s", len(events), events[0].device_id,
+                        exc)
             return
-        self._accepted(event, fut.result()[0])
+        for event, seq in zip(events, fut.result(), strict=True):
+            self._accepted(event, seq)
 
     def _accepted(self, event: Event, seq: int) -> None:
         metrics.EVENTS_ACCEPTED.labels(event.priority.label).inc()
