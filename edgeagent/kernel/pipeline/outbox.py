@@ -47,6 +47,10 @@ cursors and ``next_seq`` above are this object's, valid only while nobody else w
 [8] Nonces of signed commands (:meth:`Outbox.claim_command`) are kept by their signed issue time, not by
 this box's clock: a floor (the newest issue time seen minus the command horizon, in ``kv``) only rises;
 commands issued below it are refused and only nonces below it are purged, in the same transaction.
+
+[9] Durability ``full`` fsyncs every group commit that accepts something (events, nonces, state, dead
+letters). A cycle of nothing but the uplink's leases and acks commits without an fsync: lost to a power
+cut, those rows are sent again (at least once; the platform de-duplicates by id).
 """
 
 from __future__ import annotations
@@ -387,6 +391,10 @@ class _FreeSpace(_Op):
 @dataclass(slots=True)
 class _Query(_Op):
     fn: Callable[[sqlite3.Connection], Any]
+
+
+# [9] Operations that only do the uplink's bookkeeping: a cycle of nothing else commits without an fsync.
+_RELAXED_OPS = (_Lease, _Ack, _Stats, _Barrier, _ResetLeases)
 
 
 _STOP = object()
@@ -897,6 +905,12 @@ class Outbox:
             ops = self._admit_on_low_disk(loop, conn, ops, evicted)
             if not ops:
                 return
+        # [9] A cycle of only leases and acks (the uplink's bookkeeping) needs no fsync: if power fails
+        # before a later commit makes it durable, those rows are simply sent again (at least once, and
+        # the platform de-duplicates by id). Everything that accepts an event or a command stays FULL.
+        relaxed = self._cfg.durability == "full" and all(isinstance(op, _RELAXED_OPS) for op in ops)
+        if relaxed:
+            conn.execute("PRAGMA synchronous=NORMAL")
         try:
             results, changed = self._transaction(conn, ops, evicted)
         except sqlite3.Error as exc:
@@ -908,6 +922,10 @@ class Outbox:
         except Exception as exc:  # noqa: BLE001 - any failure fails this cycle's ops, never the thread
             self._fail(loop, ops, OutboxError(f"outbox write failed: {exc}"))
             return
+        finally:
+            if relaxed:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA synchronous=FULL")
         loop.call_soon_threadsafe(self._deliver, results, changed, evicted if evicted else None)
 
     def _transaction(self, conn: sqlite3.Connection, ops: Sequence[_Op], evicted: EvictionReport,
