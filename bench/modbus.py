@@ -423,6 +423,12 @@ async def run_daemon_phase(args: argparse.Namespace, cfg: Any, profile_path: Pat
         others0 = {k: proc_cpu_s(p) for k, p in pids.items()}
         stats0 = await daemon.outbox.stats()
         threads0 = thread_cpu_s()
+        prof = None
+        if args.profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         cpu0, self0 = time.process_time(), proc_cpu_s()
         loop = asyncio.get_running_loop()
         lt_start, t_start, m_start = loop.time(), time.time(), time.monotonic()
@@ -430,6 +436,9 @@ async def run_daemon_phase(args: argparse.Namespace, cfg: Any, profile_path: Pat
         cmd_task = asyncio.create_task(commander(daemon, args, ids, m_start, cmds))
         await asyncio.sleep(args.duration)
         cpu1, self1 = time.process_time(), proc_cpu_s()
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(args.profile)
         threads1 = thread_cpu_s()
         others1 = {k: proc_cpu_s(p) for k, p in pids.items()}
         stats1 = await daemon.outbox.stats()
@@ -790,6 +799,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workdir", help="where broker, outbox and profile go (default: a fresh temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="cProfile the daemon's main thread during the 1 Hz window into FILE (pstats)")
     args = ap.parse_args()
     args.duration = args.duration or (15.0 if args.quick else 60.0)
     args.flat_s = args.flat_s or (3.0 if args.quick else 5.0)
