@@ -316,7 +316,12 @@ class WristbandService:
                         # A panel writes only <ack_topic>/<its account> (the broker's ACL); the bare topic is
                         # subscribed only to refuse and count what still arrives there.
                         await session.subscribe(f"{self._cfg.ack_topic}/+", qos=1)
-                        await session.subscribe(self._cfg.ack_topic, qos=1)
+                        try:
+                            await session.subscribe(self._cfg.ack_topic, qos=1)
+                        except UplinkError as exc:
+                            # A broker whose ACL does not let us read it: then nothing arrives there to count.
+                            _pass_cancellation(exc)
+                            log.debug("wristbands: not subscribed to the bare ack topic: %s", exc)
                     link.connected.set()
                     self._update_connected()
                     backoff.reset()
