@@ -74,6 +74,22 @@ GUARD_TOPIC = "edgeagent/local/alarms"
 ACK_TOPIC = f"{GUARD_TOPIC}/ack"
 PANEL = "bench-panel"  # the panel's account: it acknowledges on ACK_TOPIC/PANEL
 FLOOD_GATEWAY = "gw-flood"
+FLOOD_WINDOW = 200  # publishes in flight at most: the flood is as fast as the broker takes it, memory bounded
+FLOOD_SCRIPT = """
+import collections, sys
+import paho.mqtt.client as mqtt
+port, client_id, topic = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+line, window = sys.argv[4].encode(), int(sys.argv[5])
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+c.max_inflight_messages_set(window)
+c.connect("127.0.0.1", port)
+c.loop_start()
+pending = collections.deque()
+while True:
+    pending.append(c.publish(topic, line, qos=1))
+    if len(pending) >= window:
+        pending.popleft().wait_for_publish(10)
+"""
 FLOOD_BAND = "f100d0000001"
 FLOOD_LINE = '{"event": "sos", "worn": true}'
 SIREN_TIMEOUT_S = 2.0  # an SOS with no siren write within this is counted as missed
@@ -855,18 +871,17 @@ async def amain(args: argparse.Namespace, workdir: Path, broker: Mosquitto) -> t
 
 
 async def flood_phase(h: Helper, args: argparse.Namespace, port: int, daemon_pid: int, known: set[str]) -> Phase:
-    """The idle phase again while one wristband floods SOS presses at full speed (``yes | mosquitto_pub -l``,
-    QoS 1, through its own gateway unless --one-connection): its alarm is acknowledged from the panel
-    first, so its presses only fold (count) and the siren stays the measured residents' own."""
+    """The idle phase again while one wristband floods SOS presses at full speed (a paho publisher with a
+    bounded window, QoS 1, through its own gateway unless --one-connection): its alarm is acknowledged from
+    the panel first, so its presses only fold (count) and the siren stays the measured residents' own."""
     how = "its own gateway connection" if not args.one_connection else "the one wildcard connection"
     print(f"[3/3] {args.n:,} SOS alarms while one wristband floods SOS presses at full speed ({how}) ...",
           flush=True)
-    yes = subprocess.Popen(["yes", FLOOD_LINE], stdout=subprocess.PIPE)
-    flooder = subprocess.Popen(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-i",
-                                f"ble-{FLOOD_GATEWAY}-{os.getpid()}", "-t", f"iot/{FLOOD_GATEWAY}/{FLOOD_BAND}/data",
-                                "-l"], stdin=yes.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert yes.stdout is not None
-    yes.stdout.close()  # the flooder holds the pipe now
+    # A paho publisher in its own process, as fast as the broker acknowledges, with at most FLOOD_WINDOW
+    # publishes in flight (``yes | mosquitto_pub -l`` queued stdin without bound: 16 GB in a minute).
+    flooder = subprocess.Popen([sys.executable, "-c", FLOOD_SCRIPT, str(port), f"ble-{FLOOD_GATEWAY}-{os.getpid()}",
+                                f"iot/{FLOOD_GATEWAY}/{FLOOD_BAND}/data", FLOOD_LINE, str(FLOOD_WINDOW)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         got = await h.guard_state(lambda d: d.get("resident_id") == "r-flood", 30.0)
         if got is None:
@@ -893,7 +908,6 @@ async def flood_phase(h: Helper, args: argparse.Namespace, port: int, daemon_pid
         return ph
     finally:
         stop_process(flooder, 5)
-        stop_process(yes, 5)
 
 
 def main() -> int:
