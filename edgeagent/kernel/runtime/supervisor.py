@@ -49,6 +49,8 @@ class TaskInfo:
     # First failure since the task last ran stably; None while it is healthy.
     failing_since: float | None = None
     gave_up_at: float | None = None
+    # A device.fault went out (or is pending) for the current fault episode: one report until it recovers.
+    fault_reported: bool = False
     failures: deque[float] = field(default_factory=deque)
 
     def snapshot(self, now: float | None = None) -> dict[str, object]:
@@ -188,6 +190,7 @@ class Supervisor:
                 now = self._clock()
                 if now - info.started_at >= p.stable_after_s:
                     info.failing_since = None  # it had recovered; this is a new fault
+                    info.fault_reported = False
                 if info.failing_since is None:
                     info.failing_since = now
                 info.failures.append(now)
@@ -238,8 +241,9 @@ class Supervisor:
         metrics.TASK_FAILED.labels(info.name).set(1)
         log.error("%s: failed %d times within %.0f s; giving up for %.0f s: %s", info.name, len(info.failures),
                   self.policy.window_s, self.policy.retry_failed_after_s, info.last_error)
-        if self._on_give_up is None:
-            return
+        if self._on_give_up is None or info.fault_reported:
+            return  # retried on the slow schedule and given up again: the fault was reported already
+        info.fault_reported = True
         snapshot = TaskInfo(info.name, info.critical, "failed", info.restarts, info.last_error)
         try:
             await self._on_give_up(snapshot)
