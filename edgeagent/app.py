@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -468,9 +469,17 @@ class Daemon:
                 "health_url": self.health.url if self.health is not None else None,
                 "control_socket": str(self.control.path) if self.control is not None else None}
         path = self.state_dir / RUNTIME_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info), encoding="utf-8")
-        tmp.replace(path)
+        # A fresh temporary name (O_EXCL): a link planted in the state directory is never written through.
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{RUNTIME_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                os.fchmod(fh.fileno(), 0o644)
+                fh.write(json.dumps(info))
+            Path(tmp).replace(path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink()
+            raise
 
     def _remove_runtime_file(self) -> None:
         path = self.state_dir / RUNTIME_FILE

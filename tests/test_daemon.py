@@ -282,3 +282,16 @@ devices:
     assert table.returncode == 0 and "device:door-1" in table.stdout and "oldest unsent" in table.stdout
     stopped = await asyncio.to_thread(status)
     assert stopped.returncode == 1 and "is it running?" in stopped.stderr
+
+
+async def test_runtime_file_is_never_written_through_a_planted_link(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    victim = tmp_path / "victim.conf"
+    victim.write_text("keep me\n")
+    (state / "runtime.tmp").symlink_to(victim)  # the old fixed temporary name
+    daemon = Daemon(make_config(tmp_path, devices=[]))
+    async with running_daemon(daemon):
+        info = json.loads((state / "runtime.json").read_text())
+        assert info["pid"] > 0
+    assert victim.read_text() == "keep me\n"
