@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from typer.testing import CliRunner
+
 from edgeagent.app import Daemon
+from edgeagent.cli import app as cli_app
 from edgeagent.cloud_bridge.uplink import Uplink
 from edgeagent.kernel.config.schema import UplinkConfig
 from edgeagent.kernel.pipeline.events import Event
@@ -85,3 +88,20 @@ async def running_daemon(daemon: Daemon, *, ready_s: float = 15.0, stop_s: float
         code = await asyncio.wait_for(task, stop_s)
     if exit_code is not None:
         assert code == exit_code, f"exit code {code}"
+
+
+def cli(*args: str | Path) -> Any:
+    """The ``edgeagent`` command in this process (typer's runner); unexpected exceptions are raised."""
+    result = CliRunner().invoke(cli_app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def starter_config(tmp_path: Path) -> Path:
+    """``edgeagent init`` for site s1 / gateway g1 with its state in tmp_path (a closed broker port)."""
+    path = tmp_path / "c.yaml"
+    r = cli("init", "--site-id", "s1", "--gateway-id", "g1", "--broker", "mqtt://127.0.0.1:1",
+            "--state-dir", tmp_path / "state", "--config", path)
+    assert r.exit_code == 0, r.output
+    return path

@@ -22,36 +22,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from typer.testing import CliRunner
 
 from edgeagent.capabilities import Config, load_config
-from edgeagent.cli import app, devices
+from edgeagent.cli import devices
 from edgeagent.cli.support import check_tls, scrub
 from edgeagent.kernel.errors import DeviceUnavailable
 from edgeagent.kernel.pipeline.event_types import REGISTRY
 from edgeagent.kernel.pipeline.events import Event, EventFactory
 from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 from edgeagent.kernel.runtime.clock import Clock
+from tests.helpers import cli, starter_config
 
 SECRET = "S3cret-Planted-9f2c-xyzzy"
 USER_COMMENT = "# site note from the installer: keep me exactly as I am"
 EOF_COMMENT = "# end-of-file note: also keep me"
 
 
-def cli(*args: str | Path) -> Any:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
-    path = tmp_path / "c.yaml"
-    r = cli("init", "--site-id", "s1", "--gateway-id", "g1", "--broker", "mqtt://127.0.0.1:1",
-            "--state-dir", tmp_path / "state", "--config", path)
-    assert r.exit_code == 0, r.output
-    return path
+    return starter_config(tmp_path)
 
 
 @pytest.fixture

@@ -25,24 +25,15 @@ from cryptography import x509
 from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
-from typer.testing import CliRunner
 
-from edgeagent.cli import app
 from edgeagent.cli.broker import audit as audit_files
 from edgeagent.cli.broker import topics_from_config
 from edgeagent.drivers.broker import files as bf
 from edgeagent.drivers.wristband import decoders
+from tests.helpers import cli
 from tests.peers import MOSQUITTO, free_port, wait_port
 
 TIMEOUT_S = 20.0  # a bound for a failing run only; nothing waits for it when things work
-
-
-def cli(*args: str | Path) -> Any:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
 
 # --- a box: Debian's layout under a temporary root -------------------------------------------------------
 

@@ -8,32 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from edgeagent.capabilities import load_config
-from edgeagent.cli import app
 from edgeagent.kernel.pipeline.event_types import REGISTRY
 from edgeagent.kernel.pipeline.events import EventFactory
 from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 from edgeagent.kernel.runtime.clock import Clock
+from tests.helpers import cli, starter_config
 
 REASON = "70212 bytes, more than the broker's maximum packet size (65536 bytes)"
 
 
-def cli(*args: str | Path) -> Any:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
-    path = tmp_path / "c.yaml"
-    r = cli("init", "--site-id", "s1", "--gateway-id", "g1", "--broker", "mqtt://127.0.0.1:1",
-            "--state-dir", tmp_path / "state", "--config", path)
-    assert r.exit_code == 0, r.output
-    return path
+    return starter_config(tmp_path)
 
 
 def outbox_for(cfg: Path) -> Outbox:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from edgeagent.kernel.config.base import SecretField, Strict, _no_clear_secret
-from edgeagent.kernel.config.schema import ID_PATTERN, PERSONAL, check_broker_url
+from edgeagent.kernel.config.base import SecretField, Strict
+from edgeagent.kernel.config.schema import ID_PATTERN, PERSONAL, BrokerClientConfig
 
 
 class ResidentConfig(Strict):
@@ -64,7 +64,7 @@ class WristbandTlsConfig(Strict):
     key_file: Path | None = None
 
 
-class WristbandsConfig(Strict):
+class WristbandsConfig(BrokerClientConfig):
     """Wristband readings from BLE gateways or LoRaWAN, through the box's own MQTT broker."""
 
     enabled: bool = True
@@ -83,15 +83,6 @@ class WristbandsConfig(Strict):
                            "<ack_topic>/<its broker username>; the broker's ACL lets it write only that")
     tls: WristbandTlsConfig | None = Field(default=None, description="for mqtts:// (port 8883 by default)")
 
-    @field_validator("password", mode="before")
-    @classmethod
-    def _password_ref(cls, v: Any) -> Any:
-        return _no_clear_secret(v)
-
-    @field_validator("broker")
-    @classmethod
-    def _broker_url(cls, v: str) -> str:
-        return check_broker_url(v)
 
     def cross_checks(self) -> list[tuple[tuple[int | str, ...], str]]:
         issues: list[tuple[tuple[int | str, ...], str]] = []

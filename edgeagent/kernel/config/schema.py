@@ -93,7 +93,22 @@ class TLSConfig(Strict):
         return _no_clear_secret(v)
 
 
-class UplinkConfig(Strict):
+class BrokerClientConfig(Strict):
+    """What every MQTT client section checks (the uplink, the local broker's wristband input): a broker URL
+    without credentials in it, and a password only by reference."""
+
+    @field_validator("password", mode="before", check_fields=False)
+    @classmethod
+    def _password_ref(cls, v: Any) -> Any:
+        return _no_clear_secret(v)
+
+    @field_validator("broker", check_fields=False)
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        return check_broker_url(v)
+
+
+class UplinkConfig(BrokerClientConfig):
     enabled: bool = True
     broker: str = Field(description="mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)")
     client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -116,15 +131,6 @@ class UplinkConfig(Strict):
     flush_on_stop_s: float = Field(default=10, ge=0, le=300)
     retry: RetryConfig = RetryConfig()
 
-    @field_validator("password", mode="before")
-    @classmethod
-    def _password_ref(cls, v: Any) -> Any:
-        return _no_clear_secret(v)
-
-    @field_validator("broker")
-    @classmethod
-    def _broker_url(cls, v: str) -> str:
-        return check_broker_url(v)
 
     @property
     def host(self) -> str:
