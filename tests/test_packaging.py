@@ -3,9 +3,12 @@ installs with its dependencies into a fresh virtualenv and runs from there (`--v
 the demo); `systemd/install.sh --root` installs it into a scratch root whose daemon starts and stops cleanly;
 the editable install imports the mapped packages (cloud-bridge/, drivers/, ...) too.
 
-The wheel is built as a user builds it (`pip wheel`, with build isolation) from a clean copy of the tree, and
-the fresh virtualenv gets the dependencies from the package index pip is configured with (its cache makes
-later runs quick): that is the network these tests use.
+No network: the wheel is built with `pip wheel --no-build-isolation` (the dev extras bring a setuptools new
+enough for pyproject.toml) from a clean copy of the tree. A fresh virtualenv gets the wheel alone
+(`--no-deps --no-index`) and sees the dependencies already installed in this one through a path line
+(`deps.pth`): a plain path, so this environment's editable install of edgeagent (activated by a .pth file
+of its own, which only a site directory's scan would run) stays invisible. That the wheel declares every
+dependency it needs is checked against its own metadata (`Requires-Dist`), each requirement satisfied.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import tomllib
@@ -92,22 +96,99 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = work / "src"
     shutil.copytree(ROOT, src, ignore=lambda d, names: {n for n in names if _skipped(Path(d) == ROOT, n)},
                     symlinks=True)
-    r = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", work / "dist", src], cwd=work)
+    r = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+             "-w", work / "dist", src], cwd=work)
     assert r.returncode == 0, r.stdout + r.stderr
     (work / "dist" / "build.log").write_text(r.stderr)
     return next((work / "dist").glob("edgeagent-*.whl"))
 
 
-@pytest.fixture(scope="module")
-def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new virtualenv (not seeing this one's packages) with the wheel and its dependencies."""
-    venv = tmp_path_factory.mktemp("fresh") / "venv"
+def venv_with_deps(venv: Path) -> Path:
+    """A new virtualenv whose only package is none yet, with this environment's dependencies on its path."""
     r = run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=venv.parent)
     assert r.returncode == 0, r.stderr
-    r = run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", wheel],
+    r = run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             cwd=venv.parent)
+    assert r.returncode == 0, r.stderr
+    deps = sysconfig.get_paths()["purelib"]
+    Path(r.stdout.strip(), "deps.pth").write_text(deps + "\n")
+    return venv
+
+
+REQUIREMENTS_MET = """
+import importlib.metadata as md, sys
+from packaging.requirements import Requirement
+missing = []
+for line in md.requires("edgeagent") or []:
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    try:
+        have = md.version(req.name)
+    except md.PackageNotFoundError:
+        missing.append(f"{req} (not installed)")
+        continue
+    if not req.specifier.contains(have, prereleases=True):
+        missing.append(f"{req} (have {have})")
+print("\\n".join(missing))
+sys.exit(1 if missing else 0)
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new virtualenv (not seeing this one's edgeagent) with the wheel; dependencies as described above."""
+    venv = venv_with_deps(tmp_path_factory.mktemp("fresh") / "venv")
+    r = run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps",
+             "--no-index", wheel], cwd=venv.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     return venv
+
+
+# Imports every module of the installed package, then names each third-party distribution it loaded that
+# is not in the closure of edgeagent's declared requirements: something a real install would lack.
+UNDECLARED = """
+import importlib, importlib.metadata as md, pkgutil, sys, sysconfig
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canon
+own = set(sys.modules)  # this check's own imports
+import edgeagent
+for info in pkgutil.walk_packages(edgeagent.__path__, "edgeagent."):
+    if not info.name.endswith("__main__"):  # that one runs the command
+        importlib.import_module(info.name)
+closure, todo = set(), ["edgeagent"]
+while todo:
+    name = canon(todo.pop())
+    if name in closure:
+        continue
+    closure.add(name)
+    for line in md.requires(name) or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            todo.append(req.name)
+owners = md.packages_distributions()
+stdlib = sysconfig.get_paths()["stdlib"]
+bad = set()
+for name, mod in list(sys.modules.items()):
+    if name in own:
+        continue
+    path = getattr(mod, "__file__", None) or ""
+    top = mod.__name__.split(".")[0]
+    if not path or path.startswith(stdlib) or top in sys.stdlib_module_names or top == "edgeagent":
+        continue
+    dists = {canon(d) for d in owners.get(top, [])}
+    if dists and not dists & closure:
+        bad.add(f"{top} ({', '.join(sorted(dists))})")
+print("\\n".join(sorted(bad)))
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_wheel_declares_what_it_needs(fresh_venv: Path, tmp_path: Path) -> None:
+    r = run([fresh_venv / "bin" / "python", "-c", REQUIREMENTS_MET], cwd=tmp_path)
+    assert r.returncode == 0, f"requirements of the wheel not met: {r.stdout}{r.stderr}"
+    r = run([fresh_venv / "bin" / "python", "-c", UNDECLARED], cwd=tmp_path)
+    assert r.returncode == 0, f"the wheel's code imports what it does not declare: {r.stdout}{r.stderr}"
 
 
 def test_wheel_builds_without_a_setuptools_warning(wheel: Path) -> None:
@@ -213,7 +294,9 @@ def short_dir() -> Iterator[Path]:
 def test_install_sh_into_a_scratch_root_and_run_the_daemon(wheel: Path, tmp_path: Path, short_dir: Path) -> None:
     def install(*args: str | Path) -> subprocess.CompletedProcess[str]:
         # Any interpreter may build the venv under --root (the service's ProtectHome= check is skipped).
-        return run(["bash", INSTALL_SH, *args], cwd=tmp_path, PYTHON=sys.executable)
+        # No network: the script's pip installs the wheel alone, into the venv made below (kept as it is).
+        return run(["bash", INSTALL_SH, *args], cwd=tmp_path, PYTHON=sys.executable, PIP_NO_DEPS="1",
+                   PIP_NO_INDEX="1")
 
     root = tmp_path / "root"
     assert install("--root", root, "--enable", "--site-id", "s", "--gateway-id", "g", wheel).returncode == 2
@@ -223,6 +306,8 @@ def test_install_sh_into_a_scratch_root_and_run_the_daemon(wheel: Path, tmp_path
     real_paths = [Path("/opt/edgeagent"), Path("/etc/edgeagent"), Path("/etc/modules-load.d/edgeagent.conf"),
                   Path("/usr/local/lib/systemd/system/edgeagent.service")]
     existed = {p: p.exists() for p in real_paths}
+    (root / "opt/edgeagent").mkdir(parents=True)
+    venv_with_deps(root / "opt/edgeagent/venv")  # this environment's pip comes with the dependencies
     r = install("--root", root, "--site-id", "site-r", "--gateway-id", "gw-r", wheel)
     assert r.returncode == 0, r.stdout + r.stderr
     for skipped in ("systemd-sysusers", "systemd-tmpfiles", "modprobe", "chown", "systemctl daemon-reload"):
