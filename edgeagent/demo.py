@@ -129,6 +129,10 @@ def demo_config_data(workdir: Path, broker: str | None, public_key: Path, modbus
                 {"id": "r-0031", "name": "Li Shushu", "room": "3-1-202", "devices": [BAND_LI]},
             ],
         }
+        # The grid worker's and the family's phones, stood in for by topics on the box's broker: every level of
+        # the escalation ladder reaches someone, as a site's config must.
+        data["notifiers"] = {"phones": {"type": "mqtt", "topic": "demo/phones/{target}",
+                                        "targets": ["grid_worker", "family"]}}
     return data
 
 
