@@ -127,12 +127,12 @@ async def _full_disk_then_room(daemon: Daemon, seen: list[tuple[str, str]], fill
         assert await wait_until(lambda: {d for t, d in seen if t == "panic.pressed"} == {"btn-1", "btn-2"}, 5)
         # The disk fills up (another process's log, say) and stays full for a while; what the outbox
         # frees for itself (its reserve file) is taken too.
-        with filler.open("wb") as f:
+        # Unbuffered: a full disk refuses the write itself, never a flush when the file is closed.
+        with filler.open("wb", buffering=0) as f:
             for _ in range(20):
                 with contextlib.suppress(OSError):
-                    while True:
-                        f.write(b"\0" * (1 << 16))
-                        f.flush()
+                    while f.write(b"\0" * (1 << 16)):
+                        pass
                 await asyncio.sleep(0.2)
         sup = daemon.supervisor
         assert sup is not None
