@@ -65,7 +65,12 @@ class EventSink:
         events, self._telemetry = self._telemetry, []
         if not events:
             return
-        fut = self._outbox.offer_telemetry_many(events)
+        try:
+            fut = self._outbox.offer_telemetry_many(events)
+        except OutboxError as exc:  # closed or its thread gone: runs on a timer, so count it here
+            metrics.EVENTS_REJECTED.labels("telemetry", type(exc).__name__).inc(len(events))
+            log.warning("%d telemetry readings not stored: %s", len(events), exc)
+            return
         if fut is None:
             metrics.EVENTS_REJECTED.labels("telemetry", "intake_full").inc(len(events))
             return

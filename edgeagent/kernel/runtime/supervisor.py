@@ -109,7 +109,9 @@ class Supervisor:
         self._clock = clock
         self.tasks: dict[str, TaskInfo] = {}
         self._handles: dict[str, asyncio.Task[None]] = {}
-        self._pending_reports: deque[TaskInfo] = deque(maxlen=256)  # oldest dropped: one report per task is enough
+        # Bounded; overflow drops the oldest (counted in reports_dropped): one report per task is what matters.
+        self._pending_reports: deque[TaskInfo] = deque(maxlen=256)
+        self.reports_dropped = 0
         self._reporter: asyncio.Task[None] | None = None
 
     def start(self, name: str, factory: Callable[[], Awaitable[None]], *, restart: bool = True,
@@ -251,6 +253,8 @@ class Supervisor:
             raise
         except Exception as exc:  # noqa: BLE001 - kept and retried: the report must reach the platform
             log.warning("%s: the fault report could not be stored (%s); retrying", info.name, exc)
+            if len(self._pending_reports) == self._pending_reports.maxlen:
+                self.reports_dropped += 1
             self._pending_reports.append(snapshot)
             if self._reporter is None or self._reporter.done():
                 self._reporter = self._tg.create_task(self._retry_reports(), name="supervisor-reports")
