@@ -1,0 +1,1 @@
+"""Cameras: ONVIF, RTSP ingest, detection pipeline, rules and evidence."""

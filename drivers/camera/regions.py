@@ -1,0 +1,148 @@
+"""Region proposal: which model-size squares of a frame go to the detector this tick.
+
+A pure function. The detector is run on crops around what moved and around what is being tracked, not on
+the whole frame: a 416 px crop of a 768x576 frame keeps people at full resolution (a whole frame resized
+to 416 halves them) and a quiet scene sends nothing at all.
+
+Policy:
+
+* every box (motion or tracked) is clipped to the frame and grown by ``margin_frac`` of its size on each side
+  (a tracked object moves between ticks; a motion box lags its object);
+* a region is a square of side ``size`` (the model's input), or larger when what it must hold is larger
+  (the engine resizes the crop to the model, so the object still fits whole); it is centred on what it
+  holds and then **shifted**, never shrunk, to lie inside the frame. Where the side exceeds a frame
+  dimension the region spans that whole dimension (the only case where it is not square); a frame smaller
+  than ``size`` gives the whole frame;
+* two groups are merged into one region when one region no larger than the bigger of the two can hold both
+  (no object loses resolution by the merge), or when their squares overlap by at least ``merge_overlap``
+  of the smaller one (two crops would mostly infer the same pixels); merging repeats until nothing merges;
+* the result is sorted (top to bottom, left to right): the same boxes in any order give the same regions;
+* more than ``max_regions`` regions cost more than one whole-frame inference: the whole frame is returned
+  as the single region instead.
+
+Guarantees (property-tested): every input box, clipped to the frame, lies inside at least one region; every
+region lies inside the frame; there are at most ``max_regions`` regions; coordinates are whole pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from edgeagent.models.types import Box
+
+_IntBox = tuple[int, int, int, int]
+
+
+def propose_regions(
+    motion_boxes: Sequence[Box],
+    tracked_boxes: Sequence[Box],
+    frame_w: int,
+    frame_h: int,
+    size: int,
+    *,
+    max_regions: int = 4,
+    margin_frac: float = 0.1,
+    merge_overlap: float = 0.5,
+) -> list[Box]:
+    """Regions (``x1, y1, x2, y2`` in frame pixels, whole numbers) covering the motion and tracked boxes.
+
+    No boxes (or none inside the frame) give no regions."""
+    if frame_w <= 0 or frame_h <= 0 or size <= 0:
+        raise ValueError(f"frame {frame_w}x{frame_h} and region size {size} must be positive")
+    if max_regions < 1:
+        raise ValueError(f"max_regions must be at least 1, got {max_regions}")
+    groups = sorted(
+        g for g in (_grown(b, frame_w, frame_h, margin_frac) for b in (*motion_boxes, *tracked_boxes))
+        if g is not None)
+    if not groups:
+        return []
+    whole: Box = (0.0, 0.0, float(frame_w), float(frame_h))
+    if frame_w <= size and frame_h <= size:
+        return [whole]
+    merged = _merge(groups, frame_w, frame_h, size, merge_overlap)
+    if len(merged) > max_regions:
+        return [whole]
+    regions = sorted({_square(g, frame_w, frame_h, size) for g in merged})
+    # Two groups can map to squares where one contains the other (both pushed against the same corner).
+    kept = [r for r in regions if not any(o != r and _contains(o, r) for o in regions)]
+    kept.sort(key=lambda r: (r[1], r[0], r[3], r[2]))
+    return [(float(x1), float(y1), float(x2), float(y2)) for x1, y1, x2, y2 in kept]
+
+
+def _grown(box: Sequence[float], frame_w: int, frame_h: int, margin_frac: float) -> _IntBox | None:
+    """The box clipped to the frame, grown by the margin, clipped again, rounded outwards to whole pixels."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return None
+    x1, x2 = max(0.0, x1), min(float(frame_w), x2)
+    y1, y2 = max(0.0, y1), min(float(frame_h), y2)
+    if x2 <= x1 or y2 <= y1:
+        return None
+    mx, my = (x2 - x1) * margin_frac, (y2 - y1) * margin_frac
+    return (max(0, math.floor(x1 - mx)), max(0, math.floor(y1 - my)),
+            min(frame_w, math.ceil(x2 + mx)), min(frame_h, math.ceil(y2 + my)))
+
+
+def _side(group: _IntBox, size: int) -> int:
+    return max(size, group[2] - group[0], group[3] - group[1])
+
+
+def _square(group: _IntBox, frame_w: int, frame_h: int, size: int) -> _IntBox:
+    side = _side(group, size)
+    x1, x2 = _place(group[0], group[2], side, frame_w)
+    y1, y2 = _place(group[1], group[3], side, frame_h)
+    return x1, y1, x2, y2
+
+
+def _place(lo: int, hi: int, side: int, limit: int) -> tuple[int, int]:
+    """An interval of length ``side`` holding ``[lo, hi]``, centred on it, shifted inside ``[0, limit]``."""
+    if side >= limit:
+        return 0, limit
+    start = lo - (side - (hi - lo)) // 2
+    start = min(max(start, 0), limit - side)
+    return start, start + side
+
+
+def _union(a: _IntBox, b: _IntBox) -> _IntBox:
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
+
+
+def _contains(outer: _IntBox, inner: _IntBox) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
+
+
+def _overlap_of_smaller(a: _IntBox, b: _IntBox) -> float:
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / smaller if smaller > 0 else 0.0
+
+
+def _mergeable(a: _IntBox, b: _IntBox, frame_w: int, frame_h: int, size: int, merge_overlap: float) -> bool:
+    if _side(_union(a, b), size) <= max(_side(a, size), _side(b, size)):
+        return True
+    return _overlap_of_smaller(_square(a, frame_w, frame_h, size), _square(b, frame_w, frame_h, size)) >= merge_overlap
+
+
+def _merge(groups: list[_IntBox], frame_w: int, frame_h: int, size: int, merge_overlap: float) -> list[_IntBox]:
+    """Greedy agglomeration in a fixed order until no pair merges (inputs are few: quadratic is fine)."""
+    out: list[_IntBox] = []
+    for g in groups:
+        current = g
+        merged = True
+        while merged:
+            merged = False
+            for i, other in enumerate(out):
+                if _mergeable(current, other, frame_w, frame_h, size, merge_overlap):
+                    current = _union(current, other)
+                    del out[i]
+                    merged = True
+                    break
+        out.append(current)
+    return out
+
+
+__all__ = ["propose_regions"]
