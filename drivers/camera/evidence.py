@@ -246,7 +246,7 @@ def draw_boxes(image: npt.NDArray[Any], detections: Sequence[Detection] = (), *,
     return out
 
 
-def _redacted(redact: Redactor, image: Image) -> Image:
+def apply_redactor(redact: Redactor, image: Image) -> Image:
     """The redactor's output, checked; whatever it raises becomes an :class:`EvidenceError` so the event still
     goes out (without a picture that could not be blurred)."""
     try:
@@ -484,7 +484,7 @@ class EvidenceStore:
         try:
             picture: npt.NDArray[Any] = image
             if redact is not None:
-                picture = _redacted(redact, _as_bgr(image))
+                picture = apply_redactor(redact, _as_bgr(image))
             try:
                 drawn = draw_boxes(picture, detections, zones=zones, lines=lines)
                 jpeg = encode_jpeg(drawn, self.jpeg_quality)
