@@ -287,3 +287,21 @@ def test_registry_decoders_reject_a_batch_mismatch() -> None:
                "landms": np.zeros((1, n, 8), np.float32)}
     with pytest.raises(ModelError, match="batch of 2"):
         plates.decode_clp_det(outputs, meta, det_manifest)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data(), w=st.integers(1, 3000), h=st.integers(1, 3000))
+def test_registry_detector_random_outputs_inside_the_original_image(data: st.DataObject, w: int, h: int) -> None:
+    from edgeagent.models.preprocess import ItemMeta, PreMeta
+
+    manifest = load_manifest(MODELS / "clp_det.yaml")
+    in_w, in_h = 64, 32  # a small letterboxed input keeps the draw small; the mapping is what is tested
+    s = min(in_w / w, in_h / h)
+    meta = PreMeta(in_w, in_h, (ItemMeta(w, h, s, s, (in_w - w * s) / 2, (in_h - h * s) / 2),))
+    n = plates.clp_priors(in_h, in_w).shape[0]
+    outputs = {name: data.draw(hnp.arrays(np.float32, (1, n, k), elements=_floats))
+               for name, k in (("loc", 4), ("conf", 2), ("landms", 8))}
+    (found,) = plates.decode_clp_det(outputs, meta, manifest)
+    for det in found:
+        assert 0 <= det.box[0] < det.box[2] <= w and 0 <= det.box[1] < det.box[3] <= h
+        assert all(0 <= x <= w and 0 <= y <= h for x, y, _ in det.points)

@@ -100,6 +100,24 @@ def test_engine_path_crop_maps_back_like_pose_input(movenet: ort.InferenceSessio
     assert np.allclose(pose.keypoints_array(best), skeleton, atol=0.5)
 
 
+def test_whole_frame_letterbox_maps_back(movenet: ort.InferenceSession, photo: np.ndarray) -> None:
+    """The whole photo letterboxed by the engine's preprocessing (pad above and below): the person's pose
+    lands on the person (seen: box 188-275 x 99-375, 16 keypoints above 0.3)."""
+    from edgeagent.models.preprocess import prepare
+    from edgeagent.models.registry import get_decoder
+
+    manifest = load_manifest(MODELS / "movenet-multipose.yaml")
+    tensor, meta = prepare([photo], manifest)
+    assert meta.items[0].pad_y > 0
+    found = get_decoder("movenet_multipose")({"output_0": movenet.run(None, {"input": tensor})[0]}, meta, manifest)
+    best = pose.best_pose(found[0], PERSON_BOX)
+    assert best is not None
+    x1, y1, x2, y2 = best.box
+    assert abs(x1 - PERSON_BOX[0]) < 10 and abs(y1 - PERSON_BOX[1]) < 10
+    assert abs(x2 - PERSON_BOX[2]) < 10 and abs(y2 - PERSON_BOX[3]) < 10
+    assert (pose.keypoints_array(best)[:, 2] > 0.3).sum() >= 12
+
+
 def test_crop_beyond_the_frame_edge(movenet: ort.InferenceSession, photo: np.ndarray) -> None:
     # A box at the corner: the square runs past the frame (black there); whatever comes back lies inside.
     tensor, meta = pose.pose_input(photo, (0.0, 0.0, 60.0, 200.0))
