@@ -766,3 +766,12 @@ def test_allow_listed_headers_pass() -> None:
     with pytest.raises(UploadRefused) as info:
         check_upload_headers({"x-amz-security-token": secret + "\r\nHost: evil"})
     assert SIG not in str(info.value)
+
+
+async def test_a_store_nobody_opened_opens_on_first_use(tmp_path: Path) -> None:
+    s = EvidenceStore(tmp_path / "ev", max_bytes=10**9, retention_s=60)
+    try:
+        att = await s.save_snapshot("cam1", noise(30, 30, 1))
+        assert s.get(att.sha256) is not None
+    finally:
+        await s.aclose()

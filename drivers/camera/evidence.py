@@ -302,6 +302,7 @@ class EvidenceStore:
         self._total = 0
         self._db: sqlite3.Connection | None = None
         self._encode = asyncio.Semaphore(1)
+        self._opening = asyncio.Lock()
         self._waiting = 0
         self.counters = _Counters()
 
@@ -315,9 +316,15 @@ class EvidenceStore:
         await self.aclose()
 
     async def open(self) -> None:
-        """Create the folders, delete leftover temporary files, load and reconcile the index, enforce the cap."""
-        if self._db is None:
-            await asyncio.to_thread(self._open)
+        """Create the folders, delete leftover temporary files, load and reconcile the index, enforce the cap.
+        Call it at start: until then :meth:`get` knows no file. Saving and pruning open the store themselves
+        if nobody did (so a wiring slip costs the index's first answers, not every snapshot)."""
+        async with self._opening:
+            if self._db is None:
+                try:
+                    await asyncio.to_thread(self._open)
+                except (OSError, sqlite3.Error) as exc:
+                    raise EvidenceError(f"cannot open the evidence store in {self.root}: {exc}") from exc
 
     async def aclose(self) -> None:
         if self._db is not None:
@@ -466,7 +473,7 @@ class EvidenceStore:
         arrays, so the pipeline need not copy). Raises :class:`EvidenceError` (a subclass says which
         failure); the caller then emits its event without the attachment.
         """
-        self._check_open()
+        await self._ensure_open()
         if self._waiting >= self._max_pending + 1:
             self.counters.busy += 1
             raise EvidenceBusy(f"{camera}: {self._waiting} snapshots already waiting to be encoded; not kept")
@@ -501,7 +508,7 @@ class EvidenceStore:
     async def add_clip(self, path: Path, camera: str, *, event_id: str | None = None) -> Attachment:
         """Move a finished clip into the store (the source path is gone afterwards, also when the same bytes
         were already kept). Its suffix names the container: one of ``CLIP_TYPES``."""
-        self._check_open()
+        await self._ensure_open()
         return await asyncio.to_thread(self._add_clip, Path(path), camera, event_id)
 
     def _add_clip(self, src: Path, camera: str, event_id: str | None) -> Attachment:
@@ -587,7 +594,7 @@ class EvidenceStore:
     async def add_reference(self, sha256: str, event_id: str) -> bool:
         """Record that an event refers to a kept file (events get their id after the attachment exists).
         False when the file is not kept (any more)."""
-        self._check_open()
+        await self._ensure_open()
 
         def run() -> bool:
             with self._lock:
@@ -603,7 +610,7 @@ class EvidenceStore:
 
     async def prune(self, now: float | None = None) -> int:
         """Delete files created more than ``retention_s`` before ``now`` (wall clock); returns how many."""
-        self._check_open()
+        await self._ensure_open()
         at = self._clock() if now is None else now
         return await asyncio.to_thread(self._prune, at)
 
@@ -674,9 +681,9 @@ class EvidenceStore:
             self.counters.index_errors += 1
             log.warning("evidence: index not updated (%d deletions): %s", len(shas), exc)
 
-    def _check_open(self) -> None:
+    async def _ensure_open(self) -> None:
         if self._db is None:
-            raise EvidenceError("the evidence store is not open")
+            await self.open()
 
 
 # --- files -----------------------------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ Policies:
   set (object stores refuse chunked PUTs) and ``Content-Type`` the file's media type unless the platform
   signed another.
 * **Concurrency.** ``max_concurrent`` uploads at a time (1 by default: the uplink of a compound is often a
-  few Mbit/s, shared with alarms); ``max_waiting`` more wait in arrival order; beyond that the command is
-  refused at once with ``busy`` (counted) and the platform asks again later. An upload whose URL expires
-  while it waits gives up.
+  few Mbit/s, shared with alarms); ``max_waiting`` more (1 by default) wait in arrival order; beyond that the
+  command is refused at once with ``busy`` (counted) and the platform asks again later. The bound is small on
+  purpose: the command service runs each handler inside one of its few concurrency slots, and an upload
+  holds its slot for as long as it runs, so uploads must never fill the slots a gate command needs. An
+  upload whose URL expires while it waits gives up.
 * **Retries.** 5xx, 408, 425, 429, timeouts and connection errors are retried ``retries`` times with
   exponential backoff (equal jitter; ``Retry-After`` honoured up to ``backoff_max_s``), never past
   ``expires_at``. Other 4xx, 3xx and TLS failures are final: retrying cannot help.
@@ -320,7 +322,7 @@ class Uploader:
     between uploads (they are rare), so there is nothing to close."""
 
     def __init__(self, *, ca_file: Path | None = None, allow_private_hosts: bool = False, max_concurrent: int = 1,
-                 max_waiting: int = 4, connect_timeout_s: float = 15.0, read_timeout_s: float = 60.0,
+                 max_waiting: int = 1, connect_timeout_s: float = 15.0, read_timeout_s: float = 60.0,
                  total_timeout_s: float = 1800.0, retries: int = 3, backoff_s: float = 2.0,
                  backoff_max_s: float = 60.0, max_upload_bytes: int = 1 << 30, redact: Redactor | None = None,
                  upload_unredacted_clips: bool = False, jpeg_quality: int | None = None,
