@@ -397,3 +397,95 @@ WRISTBAND_VITALS = REGISTRY.register(EventType(
     "wristband.vitals", Priority.TELEMETRY, WristbandVitals,
     "The latest readings of a wristband (coalesced per band while the uplink is down).",
     coalesce_field="resident_id"))
+
+
+# --- cameras (drivers/camera/) ------------------------------------------------------------------------
+#
+# Boxes and points are normalized to the frame (0..1 of its width and height), so they mean the same on the
+# detection sub-stream and on the main stream's snapshot. A snapshot or clip travels as an attachment
+# (sha256 and size); its bytes stay on the box until the platform asks for them (camera.upload_evidence).
+
+NormBox = tuple[float, float, float, float]
+
+
+class CameraObject(EventData):
+    track_id: int = Field(ge=1, description="the camera's track: one event per appearance, not per frame")
+    label: str = Field(max_length=64, description="the model's class, e.g. 'person', 'car', 'motorcycle'")
+    score: float = Field(ge=0, le=1, description="best detector score of the track so far")
+    box: NormBox = Field(description="x1, y1, x2, y2 normalized to the frame")
+    model: str = Field(max_length=64, description="the detector's manifest name")
+    zones: list[str] = Field(default_factory=list, max_length=32, description="zones the object is in")
+
+
+class CameraZoneEvent(EventData):
+    zone: str = Field(max_length=64)
+    kind: Literal["enter", "leave", "loiter"]
+    track_id: int = Field(ge=1)
+    label: str = Field(max_length=64)
+    score: float = Field(ge=0, le=1)
+    box: NormBox = Field(description="x1, y1, x2, y2 normalized to the frame")
+    occupancy: int = Field(ge=0, description="objects of this class in the zone after this change")
+    dwell_s: float | None = Field(default=None, ge=0, description="leave and loiter: time in the zone so far")
+    reason: str | None = Field(default=None, max_length=32, description="leave: 'exit' or 'lost' (track ended)")
+
+
+class CameraZoneOccupancy(EventData):
+    zone: str = Field(max_length=64)
+    counts: dict[str, int] = Field(description="objects in the zone by class, after the change")
+
+
+class CameraLineCrossed(EventData):
+    line: str = Field(max_length=64)
+    direction: str = Field(max_length=32, description="the configured name of the direction, e.g. 'in'")
+    track_id: int | None = Field(default=None, ge=1, description="the box's track; None when the camera reported it")
+    label: str | None = Field(default=None, max_length=64)
+    score: float | None = Field(default=None, ge=0, le=1)
+    counts: dict[str, int] = Field(default_factory=dict, description="crossings per direction since start")
+    source: Literal["edge", "camera"] = Field(description="edge: this box's tracker; camera: the camera's own rule")
+
+
+class CameraSignal(EventData):
+    """What a camera itself reports over ONVIF, normalized."""
+
+    active: bool | None = Field(description="the state after the change (None: a one-shot report)")
+    source: dict[str, str] = Field(default_factory=dict, description="the camera's tokens: video source, input, rule")
+    topic: str = Field(max_length=256, description="the ONVIF topic, for the record")
+    camera_time: str | None = Field(default=None, description="the camera's time of the change, clock-corrected")
+
+
+class CameraInput(CameraSignal):
+    input: str = Field(max_length=64, description="the input's configured name (or its token), e.g. 'call_button'")
+
+
+class EvidenceUploaded(EventData):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    kind: Literal["snapshot", "clip"]
+    size_bytes: int = Field(ge=0)
+    status: int = Field(description="the upload server's HTTP status")
+    elapsed_ms: float = Field(ge=0)
+
+
+CAMERA_OBJECT = REGISTRY.register(EventType(
+    "camera.object", Priority.EVENT, CameraObject,
+    "An object appeared in a camera's view (once per track, with a snapshot attachment)."))
+CAMERA_ZONE = REGISTRY.register(EventType(
+    "camera.zone", Priority.EVENT, CameraZoneEvent,
+    "An object entered, left or loitered in a configured zone."))
+CAMERA_ZONE_OCCUPANCY = REGISTRY.register(EventType(
+    "camera.zone.occupancy", Priority.TELEMETRY, CameraZoneOccupancy,
+    "How many objects of each class are in a zone (on change; coalesced per zone while the uplink is down).",
+    coalesce_field="zone"))
+CAMERA_LINE_CROSSED = REGISTRY.register(EventType(
+    "camera.line.crossed", Priority.EVENT, CameraLineCrossed,
+    "An object crossed a configured line in a direction (the box's tracker or the camera's own rule)."))
+CAMERA_MOTION = REGISTRY.register(EventType(
+    "camera.motion", Priority.EVENT, CameraSignal, "The camera's own motion detector changed state (ONVIF)."))
+CAMERA_TAMPER = REGISTRY.register(EventType(
+    "camera.tamper", Priority.EVENT, CameraSignal,
+    "The camera reports tampering: covered, moved, defocused, or its scene changed (ONVIF)."))
+CAMERA_INPUT = REGISTRY.register(EventType(
+    "camera.input", Priority.EVENT, CameraInput,
+    "A digital input of the camera changed (a gate's call button, a door contact) (ONVIF)."))
+CAMERA_EVIDENCE_UPLOADED = REGISTRY.register(EventType(
+    "camera.evidence.uploaded", Priority.EVENT, EvidenceUploaded,
+    "A snapshot or clip was uploaded to the URL the platform gave (camera.upload_evidence)."))
