@@ -1,0 +1,186 @@
+"""Config of the camera capability: the ``cameras`` section (the shared detector, evidence) and the
+``camera`` device type (ONVIF and/or RTSP, detection, zones and lines).
+
+Zones and lines are in normalized coordinates (0..1 of the frame's width and height): the detection
+sub-stream and the main stream have different resolutions but the same picture, so one drawing fits both.
+Credentials never sit in a URL: ``username`` and ``password`` (a secret reference) serve ONVIF, the
+snapshot URI and RTSP alike; a URL with ``user:pass@`` in it is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from edgeagent.kernel.config.base import SecretField, Strict
+from edgeagent.kernel.config.schema import DeviceBase
+
+Point = Annotated[tuple[float, float], Field(description="x, y normalized to the frame (0..1)")]
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+def _check_point(p: tuple[float, float]) -> tuple[float, float]:
+    if not (0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0):
+        raise ValueError(f"point {list(p)} is outside the frame: coordinates are normalized, 0..1")
+    return p
+
+
+def _polygon_area(points: list[tuple[float, float]]) -> float:
+    s = 0.0
+    for i, (x1, y1) in enumerate(points):
+        x2, y2 = points[(i + 1) % len(points)]
+        s += x1 * y2 - x2 * y1
+    return abs(s) / 2
+
+
+class ZoneConfig(Strict):
+    """A polygon on the picture: objects entering, leaving, loitering; occupancy by class."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="unique per camera; appears in events")
+    points: list[Point] = Field(min_length=3, max_length=64, description="the polygon's corners, in order")
+    classes: list[str] | None = Field(default=None, description="only these labels (default: the camera's classes)")
+    min_score: float | None = Field(default=None, ge=0, le=1)
+    min_area: float = Field(default=0.0, ge=0, le=1, description="minimum box area, as a fraction of the frame")
+    loiter_s: float | None = Field(default=None, gt=0, le=86_400, description="a loiter event after this long inside")
+    events: list[Literal["enter", "leave", "loiter", "occupancy"]] = Field(
+        default_factory=lambda: ["enter", "leave", "loiter", "occupancy"])
+
+    @field_validator("points")
+    @classmethod
+    def _points(cls, v: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        for p in v:
+            _check_point(p)
+        if _polygon_area(v) < 1e-4:
+            raise ValueError("the polygon has (almost) no area: are two of its points the same, or all on a line?")
+        return v
+
+
+class LineConfig(Strict):
+    """A segment from ``a`` to ``b``; crossings counted per direction. ``a_to_b`` names the crossing from the
+    left of a→b to its right as seen on the picture (y grows downwards): for a horizontal line drawn left to
+    right, that is moving downwards in the picture."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    a: Point
+    b: Point
+    a_to_b: str = Field(default="in", pattern=NAME_PATTERN, description="name of one direction")
+    b_to_a: str = Field(default="out", pattern=NAME_PATTERN, description="name of the other")
+    classes: list[str] | None = None
+    min_score: float | None = Field(default=None, ge=0, le=1)
+    min_area: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _segment(self) -> LineConfig:
+        _check_point(self.a)
+        _check_point(self.b)
+        if abs(self.a[0] - self.b[0]) + abs(self.a[1] - self.b[1]) < 0.01:
+            raise ValueError("the line's ends a and b are (almost) the same point")
+        if self.a_to_b == self.b_to_a:
+            raise ValueError("a_to_b and b_to_a must name different directions")
+        return self
+
+
+class OnvifConfig(Strict):
+    host: str = Field(min_length=1, max_length=253, description="the camera's address")
+    port: int = Field(default=80, ge=1, le=65535, description="its ONVIF (HTTP) port")
+    auth: Literal["auto", "digest", "ws-security"] = Field(
+        default="auto", description="auto: WS-Security, and HTTP Digest where the camera asks for it")
+    events: bool = Field(default=True, description="subscribe to its events (motion, tamper, inputs, line rules)")
+    profile: str | None = Field(default=None, description="media profile token for detection (default: chosen)")
+    record_profile: str | None = Field(default=None, description="profile for snapshots and clips (default: main)")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="digital input token -> name in events, e.g. {'DI1': 'call_button'}")
+    relays: dict[str, str] = Field(
+        default_factory=dict,
+        description="output name -> the camera's relay token; each becomes the named output '<camera id>.<name>' "
+        "rules can drive (a plate camera's own barrier relay)")
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
+class RtspConfig(Strict):
+    detect_url: str | None = Field(default=None, description="stream for detection (default: from ONVIF, sub-stream)")
+    record_url: str | None = Field(default=None, description="stream for clips (default: detect_url's)")
+    open_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    frozen_after_s: float = Field(default=3.0, gt=0, le=60,
+                                  description="no frame for this long: the stream is reopened")
+
+    @field_validator("detect_url", "record_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("rtsp", "rtsps", "file"):
+            raise ValueError(f"{parts.scheme or 'no scheme'}: use rtsp://, rtsps:// (or file:// for a recording)")
+        if parts.password is not None or (parts.username is not None and parts.scheme != "file"):
+            raise ValueError("put no credentials in the URL: give the camera's 'username' and 'password' "
+                             "(a secret reference) instead")
+        return v
+
+
+class DetectConfig(Strict):
+    enabled: bool = True
+    fps: float = Field(default=5.0, gt=0, le=30, description="detection ticks per second")
+    model: str | None = Field(default=None, description="detector manifest name (default: cameras.detector)")
+    classes: list[str] = Field(
+        default_factory=lambda: ["person", "bicycle", "car", "motorcycle", "bus", "truck"],
+        description="labels to track; the model knows more")
+    min_score: float = Field(default=0.4, ge=0, le=1)
+    min_area: float = Field(default=0.0005, ge=0, le=1, description="minimum box area, fraction of the frame")
+    objects_events: bool = Field(default=True, description="a camera.object event per new track")
+
+
+class CameraDevice(DeviceBase):
+    """An IP camera: ONVIF for its streams, events and relays, or a bare RTSP stream."""
+
+    type: Literal["camera"]
+    onvif: OnvifConfig | None = None
+    rtsp: RtspConfig = RtspConfig()
+    username: str | None = Field(default=None, max_length=128)
+    password: SecretField | None = None
+    detect: DetectConfig = DetectConfig()
+    zones: list[ZoneConfig] = Field(default_factory=list, max_length=64)
+    lines: list[LineConfig] = Field(default_factory=list, max_length=64)
+    snapshots: bool = Field(default=True, description="keep a snapshot per object/zone/line event")
+    clips: bool = Field(default=False, description="keep a clip for zone and line events (pre/post buffer)")
+
+    @model_validator(mode="after")
+    def _source(self) -> CameraDevice:
+        if self.onvif is None and self.rtsp.detect_url is None:
+            raise ValueError("a camera needs 'onvif' (host, port) or 'rtsp.detect_url'")
+        names = [z.name for z in self.zones] + [ln.name for ln in self.lines]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"zone/line names must be unique per camera: {sorted(dup)}")
+        return self
+
+
+class EvidenceConfig(Strict):
+    dir: Path | None = Field(default=None, description="default: <state_dir>/evidence")
+    max_bytes: int = Field(default=2_000_000_000, ge=10_000_000, description="snapshots and clips together")
+    retention_days: float = Field(default=7, gt=0, le=365)
+    jpeg_quality: int = Field(default=85, ge=30, le=100)
+    clip_pre_s: float = Field(default=5.0, ge=0, le=30)
+    clip_post_s: float = Field(default=5.0, ge=0, le=30)
+    buffer_bytes_per_camera: int = Field(default=8_000_000, ge=500_000, le=200_000_000,
+                                         description="encoded video kept for clips, per camera")
+    upload_ca_file: Path | None = Field(default=None, description="CA for upload URLs (default: the system's)")
+    allow_private_upload_hosts: bool = Field(
+        default=False, description="let upload URLs point at private/loopback addresses (a platform on the LAN)")
+
+
+class CamerasConfig(Strict):
+    """The shared detector and the evidence kept on the box."""
+
+    enabled: bool = True
+    detector: str = Field(default="nanodet", description="default detector manifest for every camera")
+    model_dirs: list[Path] = Field(
+        default_factory=list, description="extra manifest folders (a site's own models); later ones override")
+    provider: str = Field(default="cpu", description="onnxruntime execution provider: cpu, auto, or a name")
+    threads: int = Field(default=2, ge=1, le=64, description="threads per inference")
+    queue_size: int = Field(default=8, ge=1, le=256, description="inference requests waiting; more are refused")
+    stuck_after_s: float = Field(default=10.0, gt=0, le=300, description="an inference this slow restarts the worker")
+    evidence: EvidenceConfig = EvidenceConfig()

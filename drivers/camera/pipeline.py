@@ -1,0 +1,284 @@
+"""One camera's detection pipeline: frames → motion → model-size regions → the shared detector → tracker →
+zones and lines → events with evidence.
+
+Cost model (why it is shaped like this): decoding is paid on every frame whatever happens next, so the
+source decodes only at the detection rate; motion runs on a ~100 px grey image (about a millisecond); the
+detector, the expensive part, sees only model-size regions around motion and around tracks that are still
+moving, and a track that has stood still for a while is re-checked only every ``recheck_s``. A quiet scene
+therefore costs a decode and a motion pass per tick and no inference at all.
+
+The per-frame CPU work (motion, cropping, drawing) runs in a worker thread; inference in the engine's own
+worker; the loop only routes results. Frames are perishable: when the engine refuses a request (its queue is
+full) this tick is skipped and counted, the next frame is newer anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeagent.drivers.camera.config import CameraDevice
+from edgeagent.drivers.camera.evidence import EvidenceError, EvidenceStore
+from edgeagent.drivers.camera.motion import MotionDetector
+from edgeagent.drivers.camera.regions import propose_regions
+from edgeagent.drivers.camera.tracker import Track, Tracker
+from edgeagent.drivers.camera.zones import LineSpec, RuleHit, ZoneRules, ZoneSpec
+from edgeagent.kernel.pipeline.event_types import (
+    CAMERA_LINE_CROSSED,
+    CAMERA_OBJECT,
+    CAMERA_ZONE,
+    CAMERA_ZONE_OCCUPANCY,
+)
+from edgeagent.kernel.pipeline.events import Attachment
+from edgeagent.kernel.pipeline.sink import EventSink
+from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_MIN_INTERVAL_S = 0.5  # at most two snapshots a second per camera; later events go without one
+RECHECK_STATIONARY_S = 5.0
+LATENCY_WINDOW = 512
+
+
+class FrameLike(Protocol):
+    @property
+    def image(self) -> np.ndarray: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def mono_s(self) -> float: ...
+
+
+class FrameSource(Protocol):
+    def frames(self) -> AsyncIterator[Any]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class Detector(Protocol):
+    async def detect_regions(self, model: str, frame: np.ndarray, regions: Sequence[Box], *,
+                             camera: str = "") -> list[Detection]: ...
+
+
+@dataclass
+class PipelineStats:
+    ticks: int = 0
+    detector_runs: int = 0
+    regions: int = 0
+    skipped_busy: int = 0
+    skipped_error: int = 0
+    quiet_ticks: int = 0
+    events: int = 0
+    events_failed: int = 0
+    snapshots: int = 0
+    snapshots_skipped: int = 0
+    detector_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    frame_to_event_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    last_detections: list[Detection] = field(default_factory=list)
+    last_tick_mono_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        def pct(values: deque[float], q: float) -> float | None:
+            return round(float(np.percentile(np.fromiter(values, float), q)), 1) if values else None
+        return {
+            "ticks": self.ticks, "detector_runs": self.detector_runs, "regions": self.regions,
+            "skipped_busy": self.skipped_busy, "skipped_error": self.skipped_error,
+            "quiet_ticks": self.quiet_ticks, "events": self.events, "events_failed": self.events_failed,
+            "snapshots": self.snapshots, "snapshots_skipped": self.snapshots_skipped,
+            "detector_ms_p50": pct(self.detector_ms, 50), "detector_ms_p99": pct(self.detector_ms, 99),
+            "frame_to_event_ms_p99": pct(self.frame_to_event_ms, 99),
+        }
+
+
+def norm_box(box: Box, w: int, h: int) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = box
+    return (round(min(max(x1 / w, 0.0), 1.0), 4), round(min(max(y1 / h, 0.0), 1.0), 4),
+            round(min(max(x2 / w, 0.0), 1.0), 4), round(min(max(y2 / h, 0.0), 1.0), 4))
+
+
+def zone_specs(cam: CameraDevice) -> tuple[list[ZoneSpec], list[LineSpec]]:
+    default_classes = frozenset(cam.detect.classes)
+    zones = [ZoneSpec(name=z.name, points=tuple(z.points),
+                      classes=frozenset(z.classes) if z.classes is not None else default_classes,
+                      min_score=z.min_score if z.min_score is not None else cam.detect.min_score,
+                      min_area_frac=z.min_area, loiter_s=z.loiter_s)
+             for z in cam.zones]
+    lines = [LineSpec(name=ln.name, a=ln.a, b=ln.b,
+                      classes=frozenset(ln.classes) if ln.classes is not None else default_classes,
+                      min_score=ln.min_score if ln.min_score is not None else cam.detect.min_score,
+                      min_area_frac=ln.min_area, names=(ln.a_to_b, ln.b_to_a))
+             for ln in cam.lines]
+    return zones, lines
+
+
+class CameraPipeline:
+    """Runs one camera's frames through detection and rules; emits events. ``run`` consumes the source until
+    it ends or the task is cancelled; the source owns reconnecting."""
+
+    def __init__(self, cam: CameraDevice, *, detector: Detector, model: str, input_size: int,
+                 sink: EventSink, evidence: EvidenceStore | None, clock: Callable[[], float] = time.monotonic,
+                 redact: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.cam = cam
+        self._detector = detector
+        self._model = model
+        self._size = input_size
+        self._sink = sink
+        self._evidence = evidence
+        self._clock = clock
+        self._redact = redact
+        self._classes = frozenset(cam.detect.classes)
+        self._tracker = Tracker()
+        zones, lines = zone_specs(cam)
+        self._rules = ZoneRules(zones, lines)
+        self._motion: MotionDetector | None = None
+        self._frame_size: tuple[int, int] | None = None
+        self._last_snapshot_s = -1e9
+        self._pending: set[asyncio.Task[None]] = set()
+        self.stats = PipelineStats()
+        self.latest_frame: FrameLike | None = None
+        self.tracks: list[Track] = []
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    async def run(self, source: FrameSource) -> None:
+        try:
+            async for frame in source.frames():
+                await self.process(frame)
+        finally:
+            for task in list(self._pending):
+                task.cancel()
+            if self._pending:
+                await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def process(self, frame: FrameLike) -> list[RuleHit]:
+        """One detection tick on one frame."""
+        self.latest_frame = frame
+        self.stats.ticks += 1
+        image = frame.image
+        h, w = image.shape[:2]
+        if self._motion is None or self._frame_size != (w, h):
+            self._motion = MotionDetector(w, h)
+            self._frame_size = (w, h)
+        now = self._clock()
+        motion = self._motion
+        moving = await asyncio.to_thread(motion.update, image)
+        # Tracks still moving go to the detector every tick; stationary ones only every RECHECK_STATIONARY_S,
+        # so a parked car costs nothing once it has been seen (the tracker keeps it alive meanwhile).
+        due = self._tracker.due_for_detection(now, RECHECK_STATIONARY_S)
+        regions = propose_regions(moving, due, w, h, self._size) if (moving or due) else []
+        detections: list[Detection] = []
+        if regions:
+            started = time.perf_counter()
+            try:
+                raw = await self._detector.detect_regions(self._model, image, regions, camera=self.cam.id)
+            except EngineBusy:
+                self.stats.skipped_busy += 1
+                return []
+            except InferenceError as exc:
+                self.stats.skipped_error += 1
+                log.debug("%s: detection skipped: %s", self.cam.id, exc)
+                return []
+            self.stats.detector_ms.append((time.perf_counter() - started) * 1000)
+            self.stats.detector_runs += 1
+            self.stats.regions += len(regions)
+            detections = self._filter(raw, w, h)
+        else:
+            self.stats.quiet_ticks += 1
+        update = self._tracker.update(detections, now, covered=regions)
+        self.tracks = list(update.tracks)
+        self.stats.last_detections = detections
+        self.stats.last_tick_mono_s = now
+        hits = self._rules.update(self.tracks, w, h, now, ended=update.ended)
+        if update.new and self.cam.detect.objects_events:
+            for t in update.new:
+                self._spawn(self._object_event(frame, t, w, h))
+        for hit in hits:
+            self._spawn(self._rule_event(frame, hit, w, h))
+        return hits
+
+    def _filter(self, raw: Sequence[Detection], w: int, h: int) -> list[Detection]:
+        min_area = self.cam.detect.min_area * w * h
+        return [d for d in raw
+                if d.label in self._classes and d.score >= self.cam.detect.min_score and d.area >= min_area]
+
+    # --- events --------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _snapshot(self, frame: FrameLike, detections: Sequence[Detection]) -> tuple[Attachment, ...]:
+        if self._evidence is None or not self.cam.snapshots:
+            return ()
+        now = self._clock()
+        if now - self._last_snapshot_s < SNAPSHOT_MIN_INTERVAL_S:
+            self.stats.snapshots_skipped += 1
+            return ()
+        self._last_snapshot_s = now
+        try:
+            att = await self._evidence.save_snapshot(self.cam.id, frame.image, detections)
+        except EvidenceError as exc:
+            self.stats.snapshots_skipped += 1
+            log.warning("%s: snapshot not kept: %s", self.cam.id, exc)
+            return ()
+        self.stats.snapshots += 1
+        return (att,)
+
+    async def _emit(self, frame: FrameLike, type_name: str, data: dict[str, Any],
+                    attachments: tuple[Attachment, ...] = ()) -> None:
+        try:
+            await self._sink.emit(type_name, self.cam.id, data, attachments)
+        except Exception as exc:  # noqa: BLE001 - the outbox refusing one event must not stop the camera
+            self.stats.events_failed += 1
+            log.warning("%s: %s not stored: %s", self.cam.id, type_name, exc)
+            return
+        self.stats.events += 1
+        self.stats.frame_to_event_ms.append((time.monotonic() - frame.mono_s) * 1000)
+
+    def _zones_of(self, track: Track) -> list[str]:
+        return sorted(self._rules.zones_of(track.id))
+
+    async def _object_event(self, frame: FrameLike, t: Track, w: int, h: int) -> None:
+        det = Detection(label=t.label, score=t.score, box=t.box, model=self._model)
+        atts = await self._snapshot(frame, [det])
+        await self._emit(frame, CAMERA_OBJECT.name, {
+            "track_id": t.id, "label": t.label, "score": round(float(t.max_score), 3),
+            "box": norm_box(t.box, w, h), "model": self._model, "zones": self._zones_of(t)}, atts)
+
+    async def _rule_event(self, frame: FrameLike, hit: RuleHit, w: int, h: int) -> None:
+        if hit.kind == "zone_occupancy":
+            with contextlib.suppress(Exception):
+                self._sink.emit_telemetry(CAMERA_ZONE_OCCUPANCY.name, self.cam.id,
+                                          {"zone": hit.name, "counts": dict(hit.counts)})
+            return
+        box = hit.box if hit.box is not None else (0.0, 0.0, 0.0, 0.0)
+        det = Detection(label=hit.label, score=hit.score, box=box, model=self._model)
+        if hit.kind == "line_cross":
+            atts = await self._snapshot(frame, [det])
+            await self._emit(frame, CAMERA_LINE_CROSSED.name, {
+                "line": hit.name, "direction": hit.direction, "track_id": hit.track_id, "label": hit.label,
+                "score": round(float(hit.score), 3), "counts": dict(hit.counts), "source": "edge"}, atts)
+            return
+        kind = hit.kind.removeprefix("zone_")
+        atts = await self._snapshot(frame, [det]) if kind != "leave" else ()
+        await self._emit(frame, CAMERA_ZONE.name, {
+            "zone": hit.name, "kind": kind, "track_id": hit.track_id, "label": hit.label,
+            "score": round(float(hit.score), 3), "box": norm_box(box, w, h),
+            "occupancy": int(hit.occupancy), "dwell_s": None if hit.dwell_s is None else round(hit.dwell_s, 1),
+            "reason": hit.reason}, atts)
+
+    def snapshot_state(self) -> dict[str, Any]:
+        return {**self.stats.as_dict(), "tracks": len(self.tracks),
+                "stationary": sum(1 for t in self.tracks if t.stationary)}
+

@@ -1,0 +1,382 @@
+"""The running camera capability: the shared engine, the evidence store, and one runner per camera.
+
+A runner owns its camera's one RTSP session (cameras refuse extra sessions; the detector pipeline, snapshots
+and clips all read from it), resolves its streams through ONVIF when no URL is configured (and again after a
+camera reboot), runs the pipeline, and reports the camera online/offline once per transition.
+ONVIF events run as a separate task per camera, so a camera whose event service misbehaves still streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import cv2
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgeagent.drivers.camera.capability import model_dirs
+from edgeagent.drivers.camera.config import CameraDevice, CamerasConfig
+from edgeagent.drivers.camera.evidence import EvidenceStore
+from edgeagent.drivers.camera.pipeline import CameraPipeline
+from edgeagent.drivers.camera.rtsp import RtspSource
+from edgeagent.kernel.capability import (
+    Capability,
+    CapabilityContext,
+    DoctorCheck,
+    LocalAction,
+    TaskSpec,
+    validate_args,
+)
+from edgeagent.kernel.errors import CommandRejected
+from edgeagent.kernel.pipeline.commands import CommandSpec
+from edgeagent.kernel.pipeline.event_types import (
+    CAMERA_INPUT,
+    CAMERA_LINE_CROSSED,
+    CAMERA_MOTION,
+    CAMERA_TAMPER,
+    DEVICE_OFFLINE,
+    DEVICE_ONLINE,
+)
+from edgeagent.kernel.runtime.outputs import Output
+from edgeagent.models.engine import InferenceEngine
+from edgeagent.models.manifest import ImageInput, load_manifests, verify
+from edgeagent.models.types import ModelError
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 600.0
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{parts.username or ''}:***@{host}", parts.path, parts.query, ""))
+
+
+def with_credentials(url: str, username: str | None, password: str | None) -> str:
+    """The URL with the camera's credentials in it, for the RTSP library only (never logged)."""
+    if not username or url.startswith("file:"):
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    auth = quote(username, safe="")
+    if password:
+        auth += ":" + quote(password, safe="")
+    return urlunsplit((parts.scheme, f"{auth}@{host}", parts.path, parts.query, parts.fragment))
+
+
+class CameraRunner:
+    def __init__(self, cam: CameraDevice, service: CameraService) -> None:
+        self.cam = cam
+        self._svc = service
+        self.source: RtspSource | None = None
+        self.pipeline = CameraPipeline(
+            cam, detector=service.engine, model=service.model_for(cam), input_size=service.input_size(cam),
+            sink=service.ctx.sink, evidence=service.evidence)
+        self.online: bool | None = None
+        self.onvif: Any = None  # OnvifCamera while connected
+        self.stream_error: str | None = None
+        self.events_state: dict[str, Any] = {}
+
+    def _password(self) -> str | None:
+        return self.cam.password.resolve().get_secret_value() if self.cam.password is not None else None
+
+    async def _detect_url(self) -> str:
+        if self.cam.rtsp.detect_url is not None:
+            return self.cam.rtsp.detect_url
+        from edgeagent.drivers.camera.onvif.client import OnvifCamera, choose_streams  # noqa: PLC0415
+
+        assert self.cam.onvif is not None  # config guarantees ONVIF or a URL
+        o = self.cam.onvif
+        async with OnvifCamera(o.host, o.port, self.cam.username or "", self._password() or "",
+                               auth=o.auth, timeout_s=o.timeout_s) as camera:
+            profiles = await camera.profiles()
+            detect, _record = choose_streams(profiles, detect_token=o.profile, record_token=o.record_profile)
+            return await camera.stream_uri(detect.token)
+
+    async def run(self) -> None:
+        """The camera's stream and pipeline; raises when the stream cannot be set up, so the supervisor
+        restarts it with backoff (an ONVIF camera that is off, or refusing our credentials)."""
+        url = await self._detect_url()
+        full = with_credentials(url, self.cam.username, self._password())
+        source = RtspSource(full, name=self.cam.id, open_timeout_s=self.cam.rtsp.open_timeout_s,
+                            freeze_after_s=self.cam.rtsp.frozen_after_s, decode_fps=self.cam.detect.fps,
+                            packet_buffer_bytes=self._svc.section.evidence.buffer_bytes_per_camera,
+                            loop_file=url.startswith("file:"), on_state=self._on_state)
+        self.source = source
+        try:
+            async with source:
+                await self.pipeline.run(source)
+        finally:
+            self.source = None
+
+    def _on_state(self, online: bool, reason: str) -> None:
+        previous, self.online = self.online, online
+        self.stream_error = None if online else reason
+        if previous is None and online:
+            return  # the first frame is not news
+        if previous == online:
+            return
+        if online:
+            log.info("%s: camera online (%s)", self.cam.id, reason or "frames again")
+        else:
+            log.warning("%s: camera offline: %s", self.cam.id, reason)
+        etype = DEVICE_ONLINE if online else DEVICE_OFFLINE
+        self._svc.spawn(self._svc.ctx.sink.emit(etype.name, self.cam.id, {"reason": reason or None}))
+
+    async def events(self) -> None:
+        """The camera's own events over ONVIF PullPoint, normalized into camera.* events."""
+        from edgeagent.drivers.camera.onvif.client import OnvifCamera  # noqa: PLC0415
+        from edgeagent.drivers.camera.onvif.events import PullPointManager  # noqa: PLC0415
+
+        assert self.cam.onvif is not None
+        o = self.cam.onvif
+        async with OnvifCamera(o.host, o.port, self.cam.username or "", self._password() or "",
+                               auth=o.auth, timeout_s=o.timeout_s) as camera:
+            self.onvif = camera
+            try:
+                manager = PullPointManager(camera)
+                async for ev in manager.events():
+                    await self._camera_event(ev)
+            finally:
+                self.onvif = None
+
+    async def _camera_event(self, ev: Any) -> None:
+        data: dict[str, Any] = {"active": ev.active, "source": dict(ev.source), "topic": ev.topic[:256],
+                                "camera_time": ev.utc_time.isoformat() if ev.utc_time is not None else None}
+        sink = self._svc.ctx.sink
+        if ev.kind == "motion":
+            await sink.emit(CAMERA_MOTION.name, self.cam.id, data)
+        elif ev.kind == "tamper":
+            await sink.emit(CAMERA_TAMPER.name, self.cam.id, data)
+        elif ev.kind == "digital_input":
+            token = next((v for k, v in ev.source.items() if "input" in k.lower()), "") or "input"
+            assert self.cam.onvif is not None
+            data["input"] = self.cam.onvif.inputs.get(token, token)[:64]
+            await sink.emit(CAMERA_INPUT.name, self.cam.id, data)
+        elif ev.kind == "line_crossed" and ev.active is not False:
+            await sink.emit(CAMERA_LINE_CROSSED.name, self.cam.id, {
+                "line": (ev.rule or "camera")[:64], "direction": "crossed", "source": "camera"})
+
+    def status(self) -> dict[str, Any]:
+        src = self.source.stats() if self.source is not None else {}
+        return {"online": self.online, "error": self.stream_error, "stream": src,
+                "pipeline": self.pipeline.snapshot_state()}
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SnapshotArgs(_Args):
+    camera: str = Field(max_length=64)
+    boxes: bool = True
+
+
+class PtzArgs(_Args):
+    camera: str = Field(max_length=64)
+    preset: str = Field(max_length=64)
+
+
+class _RelayOutput:
+    """A camera's relay (DeviceIO) as a named output: active on, inactive off."""
+
+    def __init__(self, runner: CameraRunner, token: str) -> None:
+        self._runner = runner
+        self._token = token
+
+    async def set(self, on: bool) -> None:
+        camera = self._runner.onvif
+        if camera is None:
+            raise RuntimeError(f"{self._runner.cam.id}: not connected over ONVIF")
+        await camera.set_relay(self._token, on)
+
+
+class CameraService:
+    def __init__(self, section: CamerasConfig, cams: Sequence[CameraDevice], ctx: CapabilityContext) -> None:
+        self.section = section
+        self.ctx = ctx
+        self.manifests = load_manifests(model_dirs(section))
+        self.engine = InferenceEngine(self.manifests, provider=section.provider, threads=section.threads,
+                                      queue_size=section.queue_size, stuck_after_s=section.stuck_after_s)
+        root = section.evidence.dir or (ctx.state_dir / "evidence")
+        self.evidence = EvidenceStore(Path(root), max_bytes=section.evidence.max_bytes,
+                                      retention_s=section.evidence.retention_days * 86_400,
+                                      jpeg_quality=section.evidence.jpeg_quality)
+        self.runners = {cam.id: CameraRunner(cam, self) for cam in cams}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def model_for(self, cam: CameraDevice) -> str:
+        return cam.detect.model or self.section.detector
+
+    def input_size(self, cam: CameraDevice) -> int:
+        inp = self.manifests[self.model_for(cam)].input
+        return int(max(inp.width, inp.height)) if isinstance(inp, ImageInput) else 416
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        used = {self.model_for(r.cam) for r in self.runners.values()}
+        for name in sorted(used):
+            await asyncio.to_thread(verify, self.manifests[name])
+        await self.evidence.open()
+        await self.engine.__aenter__()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 2.0)
+        await self.engine.__aexit__(None, None, None)
+        await self.evidence.aclose()
+
+    async def prune_loop(self) -> None:
+        while True:
+            await self.evidence.prune(time.time())
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+    def status(self) -> dict[str, Any]:
+        return {"engine": self.engine.stats(), "evidence": self.evidence.stats(),
+                "cameras": {cid: r.status() for cid, r in self.runners.items()}}
+
+
+class CameraCapability(Capability):
+    name = "cameras"
+
+    def __init__(self, service: CameraService) -> None:
+        self.service = service
+
+    async def __aenter__(self) -> CameraCapability:
+        try:
+            await self.service.start()
+        except ModelError as exc:
+            from edgeagent.kernel.errors import ConfigError  # noqa: PLC0415
+
+            raise ConfigError(str(exc)) from exc
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.service.stop()
+
+    def claimed_devices(self) -> Sequence[str]:
+        return list(self.service.runners)
+
+    def tasks(self) -> Sequence[TaskSpec]:
+        specs = [TaskSpec("cameras:evidence-prune", self.service.prune_loop)]
+        for cid, runner in self.service.runners.items():
+            specs.append(TaskSpec(f"device:{cid}", runner.run))
+            if runner.cam.onvif is not None and runner.cam.onvif.events:
+                specs.append(TaskSpec(f"device:{cid}:events", runner.events))
+        return specs
+
+    def outputs(self) -> Mapping[str, Output]:
+        outs: dict[str, Output] = {}
+        for cid, runner in self.service.runners.items():
+            if runner.cam.onvif is None:
+                continue
+            for name, token in runner.cam.onvif.relays.items():
+                outs[f"{cid}.{name}"] = _RelayOutput(runner, token)
+        return outs
+
+    def commands(self) -> Sequence[CommandSpec]:
+        from edgeagent.drivers.camera.upload import Uploader, upload_command  # noqa: PLC0415
+
+        ev = self.service.section.evidence
+        uploader = Uploader(ca_file=ev.upload_ca_file, allow_private_hosts=ev.allow_private_upload_hosts)
+        return [upload_command(self.service.evidence, uploader, self.service.ctx.sink),
+                CommandSpec("camera.ptz_preset", self._ptz_command, PtzArgs, "move a PTZ camera to a preset")]
+
+    async def _ptz_command(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        a = validate_args(PtzArgs, args)
+        return await self._goto_preset(a.camera, a.preset)
+
+    async def _goto_preset(self, camera_id: str, preset: str) -> Mapping[str, Any]:
+        runner = self.service.runners.get(camera_id)
+        if runner is None:
+            raise CommandRejected("bad_args", f"no camera {camera_id!r}")
+        if runner.onvif is None:
+            raise CommandRejected("failed", f"{camera_id}: not connected over ONVIF")
+        await runner.onvif.goto_preset(preset)
+        return {"camera": camera_id, "preset": preset}
+
+    def local_actions(self) -> Mapping[str, LocalAction]:
+        return {"camera.snapshot": self._snapshot_action}
+
+    async def _snapshot_action(self, args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
+        del who
+        a = validate_args(SnapshotArgs, args)
+        runner = self.service.runners.get(a.camera)
+        if runner is None:
+            raise CommandRejected("bad_args", f"no camera {a.camera!r}")
+        frame = runner.pipeline.latest_frame
+        if frame is None:
+            why = runner.stream_error or "starting"
+            raise CommandRejected("failed", f"{a.camera}: no frame yet ({why})")
+        image = frame.image
+        if a.boxes:
+            from edgeagent.drivers.camera.evidence import draw_boxes  # noqa: PLC0415
+
+            image = draw_boxes(image, runner.pipeline.stats.last_detections)
+        ok, jpeg = await asyncio.to_thread(cv2.imencode, ".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not ok:
+            raise CommandRejected("failed", "JPEG encoding failed")
+        h, w = image.shape[:2]
+        return {"camera": a.camera, "width": w, "height": h, "age_s": round(time.monotonic() - frame.mono_s, 3),
+                "jpeg_b64": base64.b64encode(jpeg.tobytes()).decode("ascii")}
+
+    def status(self) -> Any:
+        return self.service.status()
+
+
+def doctor_checks(section: CamerasConfig, cams: Sequence[CameraDevice]) -> list[DoctorCheck]:
+    """Models present and unaltered, the execution provider available, the evidence folder writable."""
+    checks: list[DoctorCheck] = []
+    try:
+        manifests = load_manifests(model_dirs(section))
+    except ModelError as exc:
+        return [DoctorCheck("camera models", "fail", str(exc))]
+    for name in sorted({c.detect.model or section.detector for c in cams}):
+        m = manifests.get(name)
+        if m is None:
+            checks.append(DoctorCheck(f"model {name}", "fail", "no manifest of that name"))
+            continue
+        try:
+            verify(m)
+        except ModelError as exc:
+            checks.append(DoctorCheck(f"model {name}", "fail", str(exc)))
+        else:
+            checks.append(DoctorCheck(f"model {name}", "ok", f"sha256 {m.sha256[:12]}… verified"))
+    import onnxruntime  # noqa: PLC0415
+
+    avail = onnxruntime.get_available_providers()
+    checks.append(DoctorCheck("inference providers", "ok", ", ".join(avail)))
+    if section.evidence.dir is not None:
+        d = section.evidence.dir
+        ok = d.is_dir() and os.access(d, os.W_OK)
+        checks.append(DoctorCheck("evidence folder", "ok" if ok else "warn",
+                                  f"{d} {'writable' if ok else 'missing or not writable'}"))
+    for cam in cams:
+        url = cam.rtsp.detect_url
+        if url and url.startswith("file:"):
+            path = Path(urlsplit(url).path)
+            checks.append(DoctorCheck(f"camera {cam.id}", "ok" if path.is_file() else "fail",
+                                      f"recording {path} {'found' if path.is_file() else 'missing'}"))
+    return checks
