@@ -585,7 +585,7 @@ class InferenceEngine:
         try:
             _send(worker.conn, ("run", batch_id, model, items))
         except (OSError, ValueError):
-            self._lost_worker(group, "the inference worker's pipe broke")
+            self._lost_worker(group, "the inference worker died (its pipe broke)")
             return
         wake = self._wake_r
         waiting_on: list[Any] = [worker.conn] + ([wake] if wake is not None else [])
@@ -627,11 +627,12 @@ class InferenceEngine:
         if worker is not None:
             code = worker.reap(1.0)  # a dead worker has an exit code to report
             worker.kill()
+        how = "still running" if code is None else f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         with self._cond:
             self._crashes += 1
             self._models[group[0].model].errors += len(group)
-        _log.error("%s (exit code %s) running %s; starting another", what, code, group[0].model)
-        self._fail(group, InferenceError(f"{group[0].model}: {what} (exit code {code}); it was restarted"))
+        _log.error("%s (%s) running %s; starting another", what, how, group[0].model)
+        self._fail(group, InferenceError(f"{group[0].model}: {what} ({how}); it was restarted"))
         self._restart("died")
 
     def _restart(self, why: str) -> _Worker | None:

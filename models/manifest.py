@@ -28,8 +28,10 @@ give the rows of ``edgeagent models list|verify``.
 Input sizes. A fixed input (``width`` x ``height``) is filled by ``resize: stretch`` (aspect not kept) or
 ``letterbox`` (aspect kept, centred, padded with ``pad_value``). ``dynamic: true`` means the model takes any
 size: the image keeps its aspect, is scaled to fit within ``width`` x ``height``, and each side is rounded up
-to ``multiple_of`` (the padding at right and bottom). Normalization is ``(pixel - mean) / std`` on the
-channels in ``colour`` order; ``scale: s`` is shorthand for ``std: 1/s``. Integer inputs take raw pixels.
+to ``multiple_of`` (the padding at right and bottom). ``upscale: false`` leaves smaller images at their own
+size (letterbox and dynamic): on a dynamic model a small crop then costs what its pixels cost.
+Normalization is ``(pixel - mean) / std`` on the channels in ``colour`` order; ``scale: s`` is shorthand for
+``std: 1/s``. Integer inputs take raw pixels.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ __all__ = ["SHIPPED_DIR", "ImageInput", "LabelsFile", "ModelManifest", "TensorIn
 
 SHIPPED_DIR: Final = Path(__file__).resolve().parent
 _NAME_RE: Final = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+_SHA_RE: Final = r"^[0-9a-f]{64}$"
+_PATTERNS: Final = {
+    _NAME_RE: "{got} is not a model name (lower-case letters, digits, '_', '.', '-'; at most 64)",
+    _SHA_RE: "{got} is not a sha256 (64 lower-case hex digits; 'sha256sum FILE' prints it)",
+}
 _HASH_CHUNK: Final = 1 << 20
 _MAX_LABELS_BYTES: Final = 4 << 20
 
@@ -87,6 +94,8 @@ class ImageInput(_Strict):
     scale: float | None = Field(default=None, gt=0)
     resize: Literal["letterbox", "stretch"] = "letterbox"
     pad_value: int = Field(default=114, ge=0, le=255, description="pixel value of letterbox padding")
+    upscale: bool = Field(default=True, description="scale images smaller than the input up (letterbox and "
+                          "dynamic); false runs them at their own size, cheaper on a dynamic model")
 
     @field_validator("std")
     @classmethod
@@ -104,6 +113,8 @@ class ImageInput(_Strict):
             issues.append((("dtype",), f"a {self.dtype} input takes raw pixels: drop mean, std and scale"))
         if self.dynamic and self.resize == "stretch":
             issues.append((("resize",), "a dynamic input keeps the image's aspect: use resize: letterbox"))
+        if self.resize == "stretch" and not self.upscale:
+            issues.append((("upscale",), "a stretched input always fills the size: use resize: letterbox"))
         if not self.dynamic and self.multiple_of != 1:
             issues.append((("multiple_of",), "multiple_of applies to dynamic inputs only (add dynamic: true)"))
         if self.dynamic and (self.width % self.multiple_of or self.height % self.multiple_of):
@@ -162,7 +173,7 @@ class ModelManifest(_Strict):
 
     name: str = Field(pattern=_NAME_RE)
     file: str = Field(min_length=1, description="the model file, relative to the manifest")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex of the file's SHA-256")
+    sha256: str = Field(pattern=_SHA_RE, description="lower-case hex of the file's SHA-256")
     licence: str = Field(min_length=1)
     source: str = Field(min_length=1, description="where the file came from (package, version, path)")
     conversion: str | None = Field(default=None, description="what was changed from the source file, and how")
@@ -271,18 +282,18 @@ def _check_params(manifest: ModelManifest, path: Path | str, doc: CommentedMap) 
     try:
         model.model_validate(manifest.decoder_params)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors(include_url=False):
-            loc: yamlerr.Loc = ("decoder_params", *err["loc"])
-            pos, dotted = yamlerr.locate(doc, loc, ModelManifest)
-            lines.append(f"{path}:{pos[0]}:{pos[1]}: {dotted}: {yamlerr.plain(err)}")
-        raise ModelError("\n".join(lines)) from None
+        node = doc.get("decoder_params")
+        issues = [(("decoder_params", *err["loc"]), yamlerr.plain(err, root=model, doc=node))
+                  for err in exc.errors(include_url=False)]
+        raise ModelError(yamlerr.format_issues(path, doc, issues, root=ModelManifest)) from None
 
 
 def parse_manifest(text: str, path: Path | str = "<manifest>", folder: Path | None = None) -> ModelManifest:
     """Validate manifest text; ``path`` names it in messages, ``folder`` resolves ``file`` (default: the
     folder of ``path``)."""
     folder = folder if folder is not None else Path(path).parent
+    if all(not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()):
+        raise ModelError(f"{path}: the manifest is empty (see models/nanodet.yaml for one)")
     try:
         doc = parse_yaml(text, path)
     except ConfigError as exc:
@@ -290,7 +301,7 @@ def parse_manifest(text: str, path: Path | str = "<manifest>", folder: Path | No
     try:
         manifest = ModelManifest.model_validate(_to_builtin(doc))
     except ValidationError as exc:
-        raise ModelError(yamlerr.format_errors(path, doc, exc, root=ModelManifest)) from None
+        raise ModelError(yamlerr.format_errors(path, doc, exc, root=ModelManifest, patterns=_PATTERNS)) from None
     manifest._dir = folder  # private attributes are how pydantic keeps non-field state
     manifest._manifest_path = Path(path)
     manifest._labels = _read_labels(manifest, folder, path, doc)

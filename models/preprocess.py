@@ -86,14 +86,14 @@ def fit(spec: ImageInput, w: int, h: int) -> tuple[int, int, ItemMeta]:
     """(input width, input height, placement) for one ``w`` x ``h`` image. For a dynamic input the size is
     this image's own; a batch uses the largest."""
     if spec.dynamic:
-        s = min(spec.width / w, spec.height / h)
+        s = min(spec.width / w, spec.height / h, math.inf if spec.upscale else 1.0)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
         m = spec.multiple_of
         iw, ih = math.ceil(nw / m) * m, math.ceil(nh / m) * m
         return iw, ih, ItemMeta(w, h, nw / w, nh / h, 0.0, 0.0)
     if spec.resize == "stretch":
         return spec.width, spec.height, ItemMeta(w, h, spec.width / w, spec.height / h, 0.0, 0.0)
-    s = min(spec.width / w, spec.height / h)
+    s = min(spec.width / w, spec.height / h, math.inf if spec.upscale else 1.0)
     nw, nh = min(spec.width, max(1, round(w * s))), min(spec.height, max(1, round(h * s)))
     pad_x, pad_y = (spec.width - nw) // 2, (spec.height - nh) // 2
     return spec.width, spec.height, ItemMeta(w, h, nw / w, nh / h, float(pad_x), float(pad_y))

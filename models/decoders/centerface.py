@@ -44,6 +44,11 @@ class _CenterFace:
 
     def __call__(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
                  ) -> list[list[Detection]]:
+        with np.errstate(all="ignore"):  # a broken model's inf and NaN are filtered out below, not warned about
+            return self._decode(outputs, meta, manifest)
+
+    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
+                ) -> list[list[Detection]]:
         params = parse_params(manifest, CenterFaceParams)
         arrays = require_outputs(outputs, manifest, 4)
         if params.outputs is None:
@@ -70,17 +75,16 @@ class _CenterFace:
                 results.append([])
                 continue
             score = heat[b, 0, ys, xs].astype(np.float64)
-            with np.errstate(over="ignore", invalid="ignore"):
-                h = np.exp(scale[b, 0, ys, xs].astype(np.float64)) * _STRIDE
-                w = np.exp(scale[b, 1, ys, xs].astype(np.float64)) * _STRIDE
-                cy = (ys + offset[b, 0, ys, xs] + 0.5) * _STRIDE
-                cx = (xs + offset[b, 1, ys, xs] + 0.5) * _STRIDE
-                x1, y1 = cx - w / 2, cy - h / 2
-                boxes = np.stack([x1, y1, x1 + w, y1 + h], axis=1)
-                lm = lms[b][:, ys, xs].T.reshape(-1, 5, 2).astype(np.float64)  # (y, x) fractions per point
-                points = np.empty((ys.size, 5, 3), dtype=np.float64)
-                points[..., 0] = x1[:, None] + lm[..., 1] * w[:, None]
-                points[..., 1] = y1[:, None] + lm[..., 0] * h[:, None]
+            h = np.exp(scale[b, 0, ys, xs].astype(np.float64)) * _STRIDE
+            w = np.exp(scale[b, 1, ys, xs].astype(np.float64)) * _STRIDE
+            cy = (ys + offset[b, 0, ys, xs] + 0.5) * _STRIDE
+            cx = (xs + offset[b, 1, ys, xs] + 0.5) * _STRIDE
+            x1, y1 = cx - w / 2, cy - h / 2
+            boxes = np.stack([x1, y1, x1 + w, y1 + h], axis=1)
+            lm = lms[b][:, ys, xs].T.reshape(-1, 5, 2).astype(np.float64)  # (y, x) fractions per point
+            points = np.empty((ys.size, 5, 3), dtype=np.float64)
+            points[..., 0] = x1[:, None] + lm[..., 1] * w[:, None]
+            points[..., 1] = y1[:, None] + lm[..., 0] * h[:, None]
             points[..., 2] = score[:, None]
             finite = np.isfinite(boxes).all(axis=1) & np.isfinite(points).reshape(ys.size, -1).all(axis=1)
             boxes, score, points = boxes[finite], score[finite], points[finite]

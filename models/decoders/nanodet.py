@@ -41,6 +41,11 @@ class _NanoDet:
 
     def __call__(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
                  ) -> list[list[Detection]]:
+        with np.errstate(all="ignore"):  # a broken model's inf and NaN are filtered out below, not warned about
+            return self._decode(outputs, meta, manifest)
+
+    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
+                ) -> list[list[Detection]]:
         params = parse_params(manifest, NanoDetParams)
         arrays = require_outputs(outputs, manifest, 2 * len(params.strides))
         n_cls = len(manifest.labels_list)

@@ -78,6 +78,11 @@ class _Yolo:
 
     def __call__(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
                  ) -> list[list[Detection]]:
+        with np.errstate(all="ignore"):  # a broken model's inf and NaN are filtered out below, not warned about
+            return self._decode(outputs, meta, manifest)
+
+    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
+                ) -> list[list[Detection]]:
         params = parse_params(manifest, YoloParams)
         arrays = require_outputs(outputs, manifest)
         if not arrays:
@@ -105,11 +110,10 @@ class _Yolo:
             if cls_scores.shape[0] == 0:
                 results.append([])
                 continue
-            with np.errstate(invalid="ignore"):
-                cls_scores = np.where(np.isfinite(cls_scores), cls_scores, -np.inf)
-                best = np.argmax(cls_scores, axis=1)
-                score = cls_scores[np.arange(best.size), best]
-                keep = np.flatnonzero(score > thr)
+            cls_scores = np.where(np.isfinite(cls_scores), cls_scores, -np.inf)
+            best = np.argmax(cls_scores, axis=1)
+            score = cls_scores[np.arange(best.size), best]
+            keep = np.flatnonzero(score > thr)
             if keep.size > params.max_candidates:
                 keep = keep[np.argpartition(-score[keep], params.max_candidates - 1)[:params.max_candidates]]
             box = r[keep, :4]
