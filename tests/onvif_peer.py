@@ -38,7 +38,7 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from aiohttp import web
-from lxml import etree
+from lxml import etree  # type: ignore[import-untyped]  # lxml ships no type information
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_VENV = Path(os.environ.get("EDGEAGENT_PEERS_VENV", REPO / ".venv-peers"))
@@ -192,9 +192,7 @@ class OnvifFixture:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = int(self._runner.addresses[0][1])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -656,10 +654,11 @@ def ensure_peers_venv(venv: Path = PEERS_VENV) -> Path:
     return python
 
 
-# Run inside .venv-peers. ipycam binds every interface and a fixed WS-Discovery port, starts ffmpeg
-# encoders and probes for go2rtc; the launcher keeps it to 127.0.0.1, the ports it is given, and the
-# MJPEG path only (no RTSP encoding: the RTSP tests have their own server), and feeds it frames so the
-# snapshot endpoint has an image.
+# Run inside .venv-peers. ipycam binds every interface and the fixed WS-Discovery port 3702, multicasts
+# Hello/Bye on the default interface, starts ffmpeg encoders and probes for go2rtc on fixed ports; the
+# launcher keeps its HTTP server on 127.0.0.1, its discovery socket on the port it is given (bound to all
+# addresses, joined to the group on 127.0.0.1), silences Hello/Bye, keeps to the MJPEG path (no RTSP
+# encoding: the RTSP tests have their own server) and feeds it frames so its snapshot has an image.
 _IPYCAM_LAUNCHER = r"""
 import sys, time, threading, socketserver
 import numpy as np
@@ -678,6 +677,7 @@ cammod.is_webrtc_available = lambda: False
 cammod.check_go2rtc_running = lambda *a, **k: False
 cammod.check_rtsp_port_available = lambda *a, **k: False
 discmod.WSDiscoveryServer.MULTICAST_PORT = ws_port
+discmod.WSDiscoveryServer._send_announcement = lambda self, action: None  # its Hello/Bye would leave via eth0
 
 cfg = CameraConfig(name="ipycam-peer", local_ip="127.0.0.1", onvif_port=http_port, rtsp_port=http_port + 1,
                    main_width=1280, main_height=720, main_fps=5, sub_width=640, sub_height=360, sub_fps=5,

@@ -1,6 +1,6 @@
 """PullPoint events against the project's own SOAP fixture (tests/onvif_peer.py): renewals at ~80%,
 a fault, a reboot, the subscription limit, clock skew, never Unsubscribe, HTTP 500 backoff, Renew not
-supported, online/offline once per transition, normalized events."""
+supported, online/offline once per transition, normalized events; the notification normalizer property-tested."""
 
 from __future__ import annotations
 
@@ -10,10 +10,20 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lxml import etree  # type: ignore[import-untyped]  # lxml ships no type information
 
 from edgeagent.drivers.camera.onvif.client import OnvifCamera, StreamProfile
 from edgeagent.drivers.camera.onvif.events import PullPointEvents
-from edgeagent.drivers.camera.onvif.normalize import CameraEvent
+from edgeagent.drivers.camera.onvif.normalize import (
+    MAX_ITEMS,
+    MAX_STR,
+    MAX_TOPIC,
+    CameraEvent,
+    classify,
+    normalize_notification,
+)
 from tests.onvif_peer import OnvifFixture, Switches
 
 
@@ -237,3 +247,108 @@ async def test_renewal_failure_marks_events_stale(fx: OnvifFixture) -> None:
         assert ev.status()["stale"] is True and ev.status()["online"] is False
         fx.sw.down = False
         await wait_until(lambda: ev.status()["stale"] is False, timeout_s=10, what="fresh again")
+
+
+# ------------------------------------------------------------------------------------------ normalizer
+
+
+NOW = dt.datetime(2026, 5, 1, 10, 0, tzinfo=dt.UTC)
+
+
+def message(topic: str, data: dict[str, str], source: dict[str, str] | None = None,
+            utc: str = "2026-05-01T10:00:30Z", op: str = "Changed") -> dict[str, object]:
+    def items(d: dict[str, str]) -> dict[str, object]:
+        return {"SimpleItem": [{"Name": k, "Value": v} for k, v in d.items()]}
+
+    return {"Topic": {"_value_1": topic}, "Message": {"_value_1": {
+        "Source": items(source or {}), "Data": items(data), "UtcTime": utc, "PropertyOperation": op}}}
+
+
+@pytest.mark.parametrize(("topic", "data", "kind", "active"), [
+    ("tns1:RuleEngine/CellMotionDetector/Motion", {"IsMotion": "true"}, "motion", True),
+    ("tns1:VideoSource/MotionAlarm", {"State": "false"}, "motion", False),
+    ("tns1:VideoSource/tnsaxis:VMD/Camera1Profile1", {"active": "1"}, "motion", True),
+    ("tns1:RuleEngine/MyRuleDetector/tnsvendor:FieldMotion", {"State": "true"}, "motion", True),
+    ("tns1:VideoSource/GlobalSceneChange/ImagingService", {"State": "true"}, "tamper", True),
+    ("tns1:RuleEngine/TamperDetector/Tamper", {"IsTamper": "false"}, "tamper", False),
+    ("tns1:VideoSource/ImageTooBlurry/AnalyticsService", {"State": "true"}, "tamper", True),
+    ("tns1:RuleEngine/LineDetector/Crossed", {"ObjectId": "5"}, "line_crossed", None),
+    ("tns1:RuleEngine/tnshik:LineCrossing", {"State": "true"}, "line_crossed", None),
+    ("tns1:Device/Trigger/DigitalInput", {"LogicalState": "true"}, "digital_input", True),
+    ("tns1:Device/tnsaxis:IO/Port", {"state": "0"}, "digital_input", False),
+    ("tns1:Device/Trigger/Relay", {"LogicalState": "inactive"}, "relay", False),
+    ("tns1:Device/tnsaxis:IO/OutputPort", {"state": "1"}, "relay", True),
+    ("tns1:Monitoring/ProcessorUsage", {"Value": "0.4"}, "other", None),
+])
+def test_topics_and_vendor_variants(topic: str, data: dict[str, str], kind: str, active: bool | None) -> None:
+    ev = normalize_notification(message(topic, data, {"Rule": "R1"}), clock_offset=dt.timedelta(seconds=30),
+                                now=NOW)
+    assert ev is not None and (ev.kind, ev.active) == (kind, active)
+    assert ev.utc_time == NOW and ev.rule == "R1" and ev.operation == "changed"  # 30 s camera skew removed
+
+
+def test_lxml_shape_and_missing_fields() -> None:
+    xml = (b'<wsnt:NotificationMessage xmlns:wsnt="http://docs.oasis-open.org/wsn/b-2" '
+           b'xmlns:tt="http://www.onvif.org/ver10/schema"><wsnt:Topic>tns1:Device/Trigger/DigitalInput</wsnt:Topic>'
+           b'<wsnt:Message><tt:Message UtcTime="2026-05-01T10:00:00" PropertyOperation="Initialized"><tt:Source>'
+           b'<tt:SimpleItem Name="InputToken" Value="DI1"/></tt:Source><tt:Data>'
+           b'<tt:SimpleItem Name="LogicalState" Value="true"/></tt:Data></tt:Message></wsnt:Message>'
+           b"</wsnt:NotificationMessage>")
+    ev = normalize_notification(etree.fromstring(xml), now=NOW)
+    assert ev is not None and ev.kind == "digital_input" and ev.active is True
+    assert ev.source == {"InputToken": "DI1"} and ev.operation == "initialized" and ev.utc_time == NOW
+    assert normalize_notification({"Message": {}}) is None  # no topic: nothing to say
+    bare = normalize_notification({"Topic": "tns1:RuleEngine/CellMotionDetector/Motion"}, now=NOW)
+    assert bare is not None and bare.active is None and bare.utc_time == NOW and bare.source == {}
+    bad_time = normalize_notification(message("tns1:x", {}, utc="yesterday"), now=NOW)
+    assert bad_time is not None and bad_time.utc_time == NOW
+
+
+leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=2000) | st.binary(max_size=300) \
+    | st.datetimes()
+trees = st.recursive(leaf, lambda kids: st.lists(kids, max_size=5)
+                     | st.dictionaries(st.sampled_from(["Topic", "Message", "_value_1", "Source", "Data", "SimpleItem",
+                                                        "Name", "Value", "UtcTime", "PropertyOperation", "@Name",
+                                                        "@Value", "#text"]) | st.text(max_size=10), kids, max_size=6),
+                     max_leaves=60)
+
+
+def _check(ev: object) -> None:
+    if ev is None:
+        return
+    assert isinstance(ev, CameraEvent)
+    assert len(ev.topic) <= MAX_TOPIC and len(ev.source) <= MAX_ITEMS and len(ev.data) <= MAX_ITEMS
+    assert all(len(v) <= MAX_STR for v in (*ev.source.values(), *ev.data.values()))
+    assert ev.utc_time.tzinfo is not None and ev.kind in ("motion", "tamper", "line_crossed", "digital_input",
+                                                          "relay", "other")
+
+
+@settings(max_examples=400, deadline=None)
+@given(trees, st.integers(-10**6, 10**6))
+def test_normalizer_never_raises_on_arbitrary_structures(tree: object, offset_s: int) -> None:
+    _check(normalize_notification(tree, clock_offset=dt.timedelta(seconds=offset_s)))
+    _check(normalize_notification({"Topic": tree, "Message": {"_value_1": tree}}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=5000), st.dictionaries(st.text(max_size=400), st.text(max_size=5000), max_size=80),
+       st.text(max_size=80), st.integers(0, 200))
+def test_normalizer_caps_huge_and_deep_messages(topic: str, data: dict[str, str], utc: str, depth: int) -> None:
+    msg: dict[str, object] = message(topic, data, data, utc=utc)
+    for _ in range(depth):  # deep nesting around the real message
+        msg = {"Topic": {"_value_1": topic}, "Message": {"_value_1": msg}}
+    _check(normalize_notification(msg))
+    classify(topic)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300), st.integers(0, 300))
+def test_normalizer_on_lxml_elements(text: str, depth: int) -> None:
+    safe = text.replace("&", "&amp;").replace("<", "&lt;").encode("utf-8", "replace")
+    xml = b"<M><Topic>" + safe + b"</Topic><Message>" + b"<Message>" * depth + b"<Data><SimpleItem Name='a' Value='"\
+        + safe.replace(b"'", b"&apos;") + b"'/></Data>" + b"</Message>" * depth + b"</Message></M>"
+    try:
+        el = etree.fromstring(xml, etree.XMLParser(resolve_entities=False, huge_tree=False))
+    except etree.XMLSyntaxError:
+        return
+    _check(normalize_notification(el))

@@ -708,8 +708,11 @@ class OnvifCamera:
     async def _fetch(self, uri: str, cap: int, *, basic: bool) -> bytes | None:
         """Body of a GET, or None on 401 (so the caller can retry with Basic)."""
         assert self._session is not None
-        auth = aiohttp.BasicAuth(self.username, self._password) if basic else None
-        async with self._session.get(uri, auth=auth, allow_redirects=False) as resp:
+        headers = {}
+        if basic:
+            token = base64.b64encode(f"{self.username}:{self._password}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        async with self._session.get(uri, headers=headers, allow_redirects=False) as resp:
             if resp.status == 401:
                 return None
             if resp.status != 200:

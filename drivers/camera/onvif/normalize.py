@@ -42,8 +42,8 @@ MAX_TOPIC = 512
 MAX_ITEMS = 32
 MAX_DEPTH = 12
 
-_TRUE = frozenset({"true", "1", "active", "on", "yes", "high", "closed"})
-_FALSE = frozenset({"false", "0", "inactive", "off", "no", "low", "open"})
+_TRUE = frozenset({"true", "1", "active", "on", "yes", "high"})
+_FALSE = frozenset({"false", "0", "inactive", "off", "no", "low"})
 # Data item names that carry the state, in the order they are trusted.
 _STATE_KEYS = ("ismotion", "istamper", "logicalstate", "state", "active", "motion", "alarm", "level", "value")
 _RULE_KEYS = ("Rule", "RuleName", "rule")
@@ -93,9 +93,12 @@ def _plain(obj: Any, depth: int = 0) -> Any:
         return _cap(obj)
     if isinstance(obj, bytes | bytearray):
         return _cap(bytes(obj[:MAX_STR]).decode("utf-8", "replace"))
-    if isinstance(obj, bool | int | float | dt.datetime | dt.date):
-        return _cap(obj.isoformat() if isinstance(obj, dt.date) else str(obj).lower() if isinstance(obj, bool)
-                    else str(obj))
+    if isinstance(obj, dt.date):  # zeep gives xs:dateTime as datetime
+        return obj.isoformat()
+    if isinstance(obj, bool):
+        return "true" if obj else "false"
+    if isinstance(obj, int | float):
+        return _cap(str(obj))
     if _is_element(obj):
         return _element(obj, depth)
     values = getattr(obj, "__values__", None)  # zeep CompoundValue keeps its fields here
