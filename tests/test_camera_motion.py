@@ -220,10 +220,23 @@ def test_regions_grow_for_a_big_object_and_span_the_frame_where_it_must() -> Non
     assert wide == (0.0, 0.0, 768.0, 576.0)
 
 
-def test_regions_too_many_fall_back_to_the_whole_frame() -> None:
+def test_regions_merge_further_when_a_downscale_is_accepted() -> None:
+    people = [(40.0, 100.0, 90.0, 220.0), (650.0, 300.0, 700.0, 420.0)]
+    assert len(propose_regions(people, [], W, H, 416)) == 2
+    assert propose_regions(people, [], W, H, 416, max_merge_scale=2.0) == [(35.0, 0.0, 705.0, 576.0)]
+    far_apart_1080p = [(40.0, 100.0, 90.0, 220.0), (1800.0, 900.0, 1850.0, 1020.0)]
+    assert len(propose_regions(far_apart_1080p, [], 1920, 1080, 416, max_merge_scale=2.0)) == 2
+
+
+def test_regions_too_many_fall_back_to_one_region_holding_all() -> None:
     boxes = [(x, y, x + 20, y + 20) for x in (0.0, 1800.0) for y in (0.0, 1000.0)] + [(900.0, 500.0, 920.0, 520.0)]
     assert len(propose_regions(boxes, [], 1920, 1080, 416, max_regions=5)) == 5
-    assert propose_regions(boxes, [], 1920, 1080, 416, max_regions=4) == [(0.0, 0.0, 1920.0, 1080.0)]
+    assert propose_regions(boxes, [], 1920, 1080, 416, max_regions=4) == [(0.0, 0.0, 1822.0, 1080.0)]
+    # Three walkers in the lower left of a 1080p frame: one 822 px square there, not the whole frame.
+    walkers = [(100.0, 600.0, 160.0, 760.0), (500.0, 700.0, 560.0, 860.0), (850.0, 850.0, 910.0, 1010.0)]
+    assert len(propose_regions(walkers, [], 1920, 1080, 416, max_regions=3)) == 3
+    (one,) = propose_regions(walkers, [], 1920, 1080, 416, max_regions=1)
+    assert one == (94.0, 258.0, 916.0, 1080.0) and all(_inside(w, one) for w in walkers)
 
 
 def test_regions_ignore_boxes_outside_the_frame_and_clip_the_rest() -> None:
@@ -240,12 +253,12 @@ BOXES = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(motion=BOXES, tracked=BOXES, frame=st.sampled_from([(768, 576), (1920, 1080), (640, 360), (320, 240)]),
-       size=st.sampled_from([320, 416, 640]), max_regions=st.integers(1, 6))
+       size=st.sampled_from([320, 416, 640]), max_regions=st.integers(1, 6), scale=st.sampled_from([1.0, 1.5, 2.0]))
 def test_regions_properties(motion: list[tuple[float, float, float, float]],
                             tracked: list[tuple[float, float, float, float]], frame: tuple[int, int], size: int,
-                            max_regions: int) -> None:
+                            max_regions: int, scale: float) -> None:
     fw, fh = frame
-    regions = propose_regions(motion, tracked, fw, fh, size, max_regions=max_regions)
+    regions = propose_regions(motion, tracked, fw, fh, size, max_regions=max_regions, max_merge_scale=scale)
     assert len(regions) <= max_regions
     for x1, y1, x2, y2 in regions:
         assert 0 <= x1 < x2 <= fw and 0 <= y1 < y2 <= fh
@@ -263,4 +276,4 @@ def test_regions_properties(motion: list[tuple[float, float, float, float]],
         assert any(_inside(c, r) for r in regions), (c, regions)
     # The order of the inputs does not matter.
     assert propose_regions(list(reversed(tracked)), list(reversed(motion)), fw, fh, size,
-                           max_regions=max_regions) == regions
+                           max_regions=max_regions, max_merge_scale=scale) == regions

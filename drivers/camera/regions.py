@@ -13,12 +13,15 @@ Policy:
   holds and then **shifted**, never shrunk, to lie inside the frame. Where the side exceeds a frame
   dimension the region spans that whole dimension (the only case where it is not square); a frame smaller
   than ``size`` gives the whole frame;
-* two groups are merged into one region when one region no larger than the bigger of the two can hold both
-  (no object loses resolution by the merge), or when their squares overlap by at least ``merge_overlap``
-  of the smaller one (two crops would mostly infer the same pixels); merging repeats until nothing merges;
+* two groups are merged into one region when one region no larger than the bigger of the two, or than
+  ``max_merge_scale`` x ``size``, can hold both (with the default 1.0 no object loses resolution by a merge;
+  2.0 accepts halving it to save an inference, which suits a sub-stream whose objects are large for the
+  model), or when their squares overlap by at least ``merge_overlap`` of the smaller one (two crops would
+  mostly infer the same pixels); merging repeats until nothing merges;
 * the result is sorted (top to bottom, left to right): the same boxes in any order give the same regions;
-* more than ``max_regions`` regions cost more than one whole-frame inference: the whole frame is returned
-  as the single region instead.
+* more than ``max_regions`` regions cost more than one inference on a bigger crop: one region holding all
+  of them is returned instead (the whole frame only when what moves spans it; a busy half of the frame
+  still keeps more resolution than the whole frame resized).
 
 Guarantees (property-tested): every input box, clipped to the frame, lies inside at least one region; every
 region lies inside the frame; there are at most ``max_regions`` regions; coordinates are whole pixels.
@@ -44,6 +47,7 @@ def propose_regions(
     max_regions: int = 4,
     margin_frac: float = 0.1,
     merge_overlap: float = 0.5,
+    max_merge_scale: float = 1.0,
 ) -> list[Box]:
     """Regions (``x1, y1, x2, y2`` in frame pixels, whole numbers) covering the motion and tracked boxes.
 
@@ -60,9 +64,13 @@ def propose_regions(
     whole: Box = (0.0, 0.0, float(frame_w), float(frame_h))
     if frame_w <= size and frame_h <= size:
         return [whole]
-    merged = _merge(groups, frame_w, frame_h, size, merge_overlap)
+    merged = _merge(groups, frame_w, frame_h, size, merge_overlap, max(size, math.floor(size * max_merge_scale)))
     if len(merged) > max_regions:
-        return [whole]
+        everything = merged[0]
+        for g in merged[1:]:
+            everything = _union(everything, g)
+        x1, y1, x2, y2 = _square(everything, frame_w, frame_h, size)
+        return [(float(x1), float(y1), float(x2), float(y2))]
     regions = sorted({_square(g, frame_w, frame_h, size) for g in merged})
     # Two groups can map to squares where one contains the other (both pushed against the same corner).
     kept = [r for r in regions if not any(o != r and _contains(o, r) for o in regions)]
@@ -121,13 +129,15 @@ def _overlap_of_smaller(a: _IntBox, b: _IntBox) -> float:
     return iw * ih / smaller if smaller > 0 else 0.0
 
 
-def _mergeable(a: _IntBox, b: _IntBox, frame_w: int, frame_h: int, size: int, merge_overlap: float) -> bool:
-    if _side(_union(a, b), size) <= max(_side(a, size), _side(b, size)):
+def _mergeable(a: _IntBox, b: _IntBox, frame_w: int, frame_h: int, size: int, merge_overlap: float,
+               merge_side: int) -> bool:
+    if _side(_union(a, b), size) <= max(_side(a, size), _side(b, size), merge_side):
         return True
     return _overlap_of_smaller(_square(a, frame_w, frame_h, size), _square(b, frame_w, frame_h, size)) >= merge_overlap
 
 
-def _merge(groups: list[_IntBox], frame_w: int, frame_h: int, size: int, merge_overlap: float) -> list[_IntBox]:
+def _merge(groups: list[_IntBox], frame_w: int, frame_h: int, size: int, merge_overlap: float,
+           merge_side: int) -> list[_IntBox]:
     """Greedy agglomeration in a fixed order until no pair merges (inputs are few: quadratic is fine)."""
     out: list[_IntBox] = []
     for g in groups:
@@ -136,7 +146,7 @@ def _merge(groups: list[_IntBox], frame_w: int, frame_h: int, size: int, merge_o
         while merged:
             merged = False
             for i, other in enumerate(out):
-                if _mergeable(current, other, frame_w, frame_h, size, merge_overlap):
+                if _mergeable(current, other, frame_w, frame_h, size, merge_overlap, merge_side):
                     current = _union(current, other)
                     del out[i]
                     merged = True
