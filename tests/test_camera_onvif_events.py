@@ -112,9 +112,10 @@ async def test_renews_at_80_percent_and_never_unsubscribes(fx: OnvifFixture) -> 
         assert fx.calls["CreatePullPointSubscription"] == 1 and len(fx.subs) == 1
         fx.push_motion(True)
         await wait_until(lambda: bool(col.kinds("motion")), what="motion after renewals")
-    # Renewal at ~80% of the 4 s window (3.2 s), with second-resolution times on the wire.
-    assert 2.4 <= renews[0] - created <= 3.9, renews[0] - created
-    assert 2.4 <= renews[1] - renews[0] <= 3.9, renews[1] - renews[0]
+    # Renewal at ~80% of the 4 s window (3.2 s; up to a second earlier, since pulls wait whole seconds),
+    # and always before the window ends.
+    assert 2.0 <= renews[0] - created < 4.0, renews[0] - created
+    assert 2.0 <= renews[1] - renews[0] < 4.0, renews[1] - renews[0]
     assert fx.calls["Unsubscribe"] == 0
     assert len(fx.subs) == 1  # left to expire on the camera
 

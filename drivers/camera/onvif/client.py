@@ -25,7 +25,8 @@ Policies:
 - Secrets: the password is never in a message, a log line or ``repr``; URLs are logged through
   :func:`redact_url`. The library logs whole SOAP envelopes (UsernameToken digests included) at DEBUG:
   its transport logger is held at INFO here. Importing ``onvif`` calls ``logging.basicConfig`` (a root
-  handler at INFO in whichever process imports it first): the import below undoes that.
+  handler at INFO in whichever process imports it first): the import below undoes that; and its camera
+  constructor deletes ``http_proxy``/``https_proxy`` from the process environment: they are put back.
 - Timeouts: ``connect_timeout_s`` bounds the whole connect sequence, ``request_timeout_s`` each call.
 """
 
@@ -496,7 +497,12 @@ class OnvifCamera:
                 owner._adapt(service)
                 return service
 
-        return _Camera(self.host, self.port, self.username, self._password, adjust_time=self.apply_clock_offset)
+        # The library's constructor deletes http_proxy/https_proxy from the whole process's environment.
+        saved = {k: os.environ[k] for k in ("http_proxy", "https_proxy") if k in os.environ}
+        try:
+            return _Camera(self.host, self.port, self.username, self._password, adjust_time=self.apply_clock_offset)
+        finally:
+            os.environ.update(saved)
 
     def _adapt(self, service: Any) -> None:
         """Route a library service through our session (HTTP Digest, status capture); drop WS-Security

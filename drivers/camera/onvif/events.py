@@ -376,12 +376,17 @@ class PullPointEvents:
         self._suspect_reboot = False
         self._set_error(None)
         for msg in getattr(answer, "NotificationMessage", None) or []:
-            event = normalize_notification(msg, clock_offset=self.camera.clock_offset)
+            event = normalize_notification(msg, clock_offset=self._event_offset())
             if event is None:
                 continue
             if event.topic.endswith(LAST_REBOOT_TOPIC) or LAST_REBOOT_TOPIC in event.topic:
                 await self._check_last_reboot(event)
             self._emit(event)
+
+    def _event_offset(self) -> dt.timedelta:
+        # Event times are corrected even when the offset is not applied to WS-Security (then only measured).
+        measured = self.camera.clock_offset_measured
+        return measured if measured is not None else self.camera.clock_offset
 
     async def _check_last_reboot(self, event: CameraEvent) -> None:
         value = next(iter(event.data.values()), None)
