@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_MIN_INTERVAL_S = 0.5  # at most two snapshots a second per camera; later events go without one
 RECHECK_STATIONARY_S = 5.0
+MOVING_RECHECK_S = 0.35  # confirmed moving tracks are looked at about every other tick at 5 fps
+FULL_PASS_S = 30.0
+MERGE_SCALE = 2.0  # regions merge when the objects shrink at most 2x in the detector's input (one inference)
 LATENCY_WINDOW = 512
 
 
@@ -143,6 +146,7 @@ class CameraPipeline:
         self._motion: MotionDetector | None = None
         self._frame_size: tuple[int, int] | None = None
         self._last_snapshot_s = -1e9
+        self._last_full_s = -1e9
         self._pending: set[asyncio.Task[None]] = set()
         self.stats = PipelineStats()
         self.latest_frame: FrameLike | None = None
@@ -172,10 +176,22 @@ class CameraPipeline:
         now = self._clock()
         motion = self._motion
         moving = await asyncio.to_thread(motion.update, image)
-        # Tracks still moving go to the detector every tick; stationary ones only every RECHECK_STATIONARY_S,
-        # so a parked car costs nothing once it has been seen (the tracker keeps it alive meanwhile).
-        due = self._tracker.due_for_detection(now, RECHECK_STATIONARY_S)
-        regions = propose_regions(moving, due, w, h, self._size) if (moving or due) else []
+        # What the detector looks at this tick (the whole point of the gating):
+        # - motion not explained by a confirmed track (something new, or a track the tracker lost hold of);
+        # - tentative tracks every tick (they must confirm or die quickly);
+        # - confirmed moving tracks every MOVING_RECHECK_S (the tracker predicts them in between: a walking
+        #   person moves a few pixels per tick), stationary ones every RECHECK_STATIONARY_S;
+        # - the whole frame every FULL_PASS_S, so that what was already there when the stream started (a
+        #   parked car, a person standing still) is found although it never moved.
+        full = now - self._last_full_s >= FULL_PASS_S
+        if full:
+            regions: list[Box] = [(0.0, 0.0, float(w), float(h))]
+            self._last_full_s = now
+        else:
+            due = self._tracker.due_for_detection(now, RECHECK_STATIONARY_S, MOVING_RECHECK_S)
+            fresh = [m for m in moving if not any(_explains(t.box, m) for t in self.tracks)]
+            regions = propose_regions(fresh, due, w, h, self._size, max_merge_scale=MERGE_SCALE) \
+                if (fresh or due) else []
         detections: list[Detection] = []
         if regions:
             started = time.perf_counter()
@@ -282,3 +298,12 @@ class CameraPipeline:
         return {**self.stats.as_dict(), "tracks": len(self.tracks),
                 "stationary": sum(1 for t in self.tracks if t.stationary)}
 
+
+
+def _explains(track_box: Box, motion: Box) -> bool:
+    """A motion box is explained by a track when its centre lies in the track's box grown by half its size
+    (the track has moved a little since it was last detected)."""
+    x1, y1, x2, y2 = track_box
+    gw, gh = (x2 - x1) * 0.5, (y2 - y1) * 0.5
+    cx, cy = (motion[0] + motion[2]) / 2, (motion[1] + motion[3]) / 2
+    return x1 - gw <= cx <= x2 + gw and y1 - gh <= cy <= y2 + gh

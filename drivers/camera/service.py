@@ -81,6 +81,33 @@ def with_credentials(url: str, username: str | None, password: str | None) -> st
     return urlunsplit((parts.scheme, f"{auth}@{host}", parts.path, parts.query, parts.fragment))
 
 
+def onvif_camera(cam: CameraDevice) -> Any:
+    """An (unconnected) OnvifCamera for a configured camera; ``async with`` it to connect."""
+    from edgeagent.drivers.camera.onvif.client import OnvifCamera  # noqa: PLC0415
+
+    if cam.onvif is None:
+        raise ValueError(f"{cam.id}: no onvif section")
+    o = cam.onvif
+    password = cam.password.resolve().get_secret_value() if cam.password is not None else ""
+    return OnvifCamera(o.host, o.port, cam.username or "", password, name=cam.id, auth=o.auth,
+                       connect_timeout_s=o.timeout_s, request_timeout_s=o.timeout_s, relay_names=o.relays)
+
+
+async def detect_url(cam: CameraDevice) -> str:
+    """The stream to detect on: the configured URL, else the camera's sub-stream as ONVIF describes it."""
+    if cam.rtsp.detect_url is not None:
+        return cam.rtsp.detect_url
+    from edgeagent.drivers.camera.onvif.client import CameraProtocolError, choose_streams  # noqa: PLC0415
+
+    assert cam.onvif is not None  # the config holds ONVIF or a URL
+    async with onvif_camera(cam) as camera:
+        detect, _record = choose_streams(camera.profiles, detect_token=cam.onvif.profile,
+                                         record_token=cam.onvif.record_profile)
+        if not detect.stream_uri:
+            raise CameraProtocolError(f"{cam.id}: profile {detect.token} has no RTSP stream URI")
+        return str(detect.stream_uri)
+
+
 class CameraRunner:
     def __init__(self, cam: CameraDevice, service: CameraService) -> None:
         self.cam = cam
@@ -93,27 +120,15 @@ class CameraRunner:
         self.onvif: Any = None  # OnvifCamera while connected
         self.stream_error: str | None = None
         self.events_state: dict[str, Any] = {}
+        self._events: Any = None
 
     def _password(self) -> str | None:
         return self.cam.password.resolve().get_secret_value() if self.cam.password is not None else None
 
-    async def _detect_url(self) -> str:
-        if self.cam.rtsp.detect_url is not None:
-            return self.cam.rtsp.detect_url
-        from edgeagent.drivers.camera.onvif.client import OnvifCamera, choose_streams  # noqa: PLC0415
-
-        assert self.cam.onvif is not None  # config guarantees ONVIF or a URL
-        o = self.cam.onvif
-        async with OnvifCamera(o.host, o.port, self.cam.username or "", self._password() or "",
-                               auth=o.auth, timeout_s=o.timeout_s) as camera:
-            profiles = await camera.profiles()
-            detect, _record = choose_streams(profiles, detect_token=o.profile, record_token=o.record_profile)
-            return await camera.stream_uri(detect.token)
-
     async def run(self) -> None:
         """The camera's stream and pipeline; raises when the stream cannot be set up, so the supervisor
         restarts it with backoff (an ONVIF camera that is off, or refusing our credentials)."""
-        url = await self._detect_url()
+        url = await detect_url(self.cam)
         full = with_credentials(url, self.cam.username, self._password())
         source = RtspSource(full, name=self.cam.id, open_timeout_s=self.cam.rtsp.open_timeout_s,
                             freeze_after_s=self.cam.rtsp.frozen_after_s, decode_fps=self.cam.detect.fps,
@@ -141,25 +156,32 @@ class CameraRunner:
         self._svc.spawn(self._svc.ctx.sink.emit(etype.name, self.cam.id, {"reason": reason or None}))
 
     async def events(self) -> None:
-        """The camera's own events over ONVIF PullPoint, normalized into camera.* events."""
-        from edgeagent.drivers.camera.onvif.client import OnvifCamera  # noqa: PLC0415
-        from edgeagent.drivers.camera.onvif.events import PullPointManager  # noqa: PLC0415
+        """The camera's own events over ONVIF PullPoint, normalized into camera.* events. The pull loop is
+        also the ONVIF side's heartbeat; the stream's frames decide online/offline."""
+        from edgeagent.drivers.camera.onvif.events import PullPointEvents  # noqa: PLC0415
 
-        assert self.cam.onvif is not None
-        o = self.cam.onvif
-        async with OnvifCamera(o.host, o.port, self.cam.username or "", self._password() or "",
-                               auth=o.auth, timeout_s=o.timeout_s) as camera:
+        async with onvif_camera(self.cam) as camera:
             self.onvif = camera
             try:
-                manager = PullPointManager(camera)
+                manager = PullPointEvents(camera, on_fallback=self._on_fallback)
+                self._events = manager
                 async for ev in manager.events():
+                    if getattr(ev, "operation", "changed") == "initialized":
+                        continue  # the state at subscription time, not a change
                     await self._camera_event(ev)
             finally:
                 self.onvif = None
+                self._events = None
+
+    def _on_fallback(self, fallback: bool, reason: str) -> None:
+        self.events_state = {"fallback_to_box_motion": fallback, "reason": reason}
+        if fallback:
+            log.warning("%s: camera events unavailable (%s); the box's own motion detection covers it",
+                        self.cam.id, reason)
 
     async def _camera_event(self, ev: Any) -> None:
         data: dict[str, Any] = {"active": ev.active, "source": dict(ev.source), "topic": ev.topic[:256],
-                                "camera_time": ev.utc_time.isoformat() if ev.utc_time is not None else None}
+                                "camera_time": ev.utc_time.isoformat()}
         sink = self._svc.ctx.sink
         if ev.kind == "motion":
             await sink.emit(CAMERA_MOTION.name, self.cam.id, data)
@@ -176,8 +198,9 @@ class CameraRunner:
 
     def status(self) -> dict[str, Any]:
         src = self.source.stats() if self.source is not None else {}
+        events = self._events.status() if self._events is not None else None
         return {"online": self.online, "error": self.stream_error, "stream": src,
-                "pipeline": self.pipeline.snapshot_state()}
+                "pipeline": self.pipeline.snapshot_state(), "onvif_events": events or self.events_state or None}
 
 
 class _Args(BaseModel):

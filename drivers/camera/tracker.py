@@ -218,13 +218,17 @@ class Tracker:
     def __len__(self) -> int:
         return len(self._states)
 
-    def due_for_detection(self, now_s: float, recheck_every_s: float) -> list[Box]:
+    def due_for_detection(self, now_s: float, recheck_every_s: float, moving_recheck_s: float = 0.0) -> list[Box]:
         """Predicted boxes (at ``now_s``) of the tracks the detector should look at this tick: every
-        tentative and moving track, and each stationary track whose last check is ``recheck_every_s`` old
-        or whose last check failed. Sorted by track (confirmed ids first, then tentative by age)."""
+        tentative track, each confirmed moving track whose last check is ``moving_recheck_s`` old (0: every
+        tick), and each stationary track whose last check is ``recheck_every_s`` old; any track whose last
+        check failed. Sorted by track (confirmed ids first, then tentative by age)."""
         out: list[Box] = []
         for s in self._ordered():
             if s.stationary and s.miss_since_s is None and now_s - s.last_checked_s < recheck_every_s:
+                continue
+            if (s.confirmed and not s.stationary and s.miss_since_s is None
+                    and now_s - s.last_checked_s < moving_recheck_s):
                 continue
             out.append(s.predicted(now_s))
         return out
