@@ -3,22 +3,23 @@ and a watchdog that restarts a stuck inference.
 
 Shape::
 
-    camera tasks ──infer()──► pending deque (bounded) ──► dispatcher thread ══pipe══► worker PROCESS
-         ▲   (EngineBusy at once when full)                 │  watchdog: no answer      onnxruntime sessions,
-         └──────── future settled on the loop ◄─────────────┘  in time → kill, restart  preprocess, decode
+    camera tasks ──infer()──► pending deque (bounded) ──► dispatcher thread ══socket══► worker PROCESS
+         ▲   (EngineBusy at once when full)                 │  watchdog: no answer        onnxruntime sessions,
+         └──────── future settled on the loop ◄─────────────┘  in time → kill, restart    preprocess, decode
 
 Why a process and not a thread. A stuck inference is a native onnxruntime call (a pathological input, a
 driver hang in an execution provider, a model with a runaway Loop): a thread running it cannot be
 interrupted, so the only watchdog a thread allows is "give up waiting and leak the thread with its cores".
 A process can be killed and restarted; the requests it held fail with :class:`InferenceTimeout` and the next
-ones run on a fresh worker. The price is the hop: images go over a pipe pickled with protocol 5, their
+ones run on a fresh worker. The price is the hop: images go over a socket pair pickled with protocol 5, their
 pixel buffers out of band (no copy into the pickle), and detections come back. Measured on the 2-core
-development box (NanoDet 416x416, 2 threads): a whole 768x576 frame costs about 1 ms more round trip than
-the same preprocess + run + decode in-process (~25 ms), a 416x416 crop about 0.5 ms; the event loop spends
-~0.1 ms per request (the rest is the dispatcher thread and the worker). Preprocessing and decoding run in
-the worker too, so the camera process only ships uint8 pixels and gets small detection lists back.
-The worker is started with ``spawn`` (the camera process has threads; forking it is unsafe); a restart
-costs about a second (interpreter, numpy, onnxruntime, cv2), paid only after a kill.
+development box (NanoDet, 2 threads, other work running beside it; paired runs, medians): a whole 768x576
+frame took 0.9-3.6 ms longer through the worker than preprocess + run + decode in-process (~23 ms), a 416x416
+crop 0.5-1.7 ms longer; the camera process spends 0.6-1.4 ms of CPU per request (loop, dispatcher thread,
+pickling). Preprocessing and decoding run in the worker too, so the camera process only ships uint8 pixels
+and gets small detection lists back. The worker is started as ``python -c`` on a socket pair (see
+:class:`_Worker` for why not multiprocessing's spawn); start to ready takes ~0.5 s, each model loads on its
+first request (NanoDet ~0.3 s), and a worker holding NanoDet has ~180 MB resident.
 
 Queue policy: at most ``queue_size`` requests wait; a request beyond that is refused at once with
 :class:`EngineBusy` and counted (``refused``). Frames are perishable: the caller skips this detection tick
@@ -27,16 +28,21 @@ one frame), however many images it holds.
 
 Batching: requests for the same model waiting together are sent as one batch when the manifest's
 ``max_batch`` is above 1 (up to ``max_batch`` images); a model with ``max_batch: 1`` gets one request per
-round trip so one camera's request never waits behind another's. Measured on this 2-core CPU, batching
-pays little: CenterFace on 8 crops of 128x128 took ~9.5 ms per crop one by one and ~8 ms per crop as a batch
-of 8; NanoDet (fixed batch 1 in its file) cannot batch; the saving is mostly the round trips. It is kept
-because it costs nothing and pays more on accelerators.
+round trip so one camera's request never waits behind another's. Measured on this 2-core CPU (2 threads),
+batching pays only for small inputs: per 416x416 crop, CenterFace 13.0-13.7 ms one by one against
+13.8-14.3 ms in a batch of 4, the plate detector 7.1-7.4 against 6.9-7.2 ms (no gain: the cores are already
+busy); per 160x160 crop 2.0-2.3 against 1.9 ms (CenterFace, batch of 8) and 1.5-1.6 against 1.1 ms (plate
+detector). NanoDet's file has its batch axis fixed at 1 and cannot batch. Grouping still saves a round trip
+per request and pays more on accelerators.
 
 Watchdog: the dispatcher waits for each answer at most ``stuck_after_s`` per chunk of ``max_batch`` images
 (plus ``load_timeout_s`` when the worker loads the model for that request first: sessions are created on
 first use, so models no camera uses cost no memory). Past that the worker is killed and restarted
 (``restarts``), the requests in flight fail with :class:`InferenceTimeout` (``timeouts``). A worker that dies
 (a crash in native code) is restarted the same way; its requests fail with :class:`InferenceError`.
+
+Idle onnxruntime threads do not spin-wait for the next run (its default): at 5 NanoDet runs a second that
+spinning doubled the CPU per run (~70 against ~36 ms) on this box, CPU the cameras' decoding needs.
 
 Execution providers: ``cpu`` (default), ``auto`` (the first present of TensorRT, CUDA, ROCm, MIGraphX,
 OpenVINO, CoreML, DirectML, QNN, with CPU as fallback for unsupported nodes), or a provider's name (``cuda``
@@ -153,6 +159,9 @@ class _Session:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # converted files warn about harmless things on every load
+        # Idle intra-op threads spin-wait for the next run by default: measured on this 2-core box, NanoDet at
+        # 5 runs a second cost ~70 ms of CPU per run spinning against ~36 ms not, for no latency gain.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(manifest.path), opts, providers=providers)
         except Exception as exc:  # noqa: BLE001  # onnxruntime raises its own unexported types
