@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 from pydantic import Field, create_model
 from ruamel.yaml.comments import CommentedMap
 
+from edgeagent.drivers.camera.capability import SPEC as CAMERAS
 from edgeagent.drivers.modbus.capability import SPEC as MODBUS
 from edgeagent.drivers.sim.capability import SPEC as SIM
 from edgeagent.drivers.wristband.capability import SPEC as WRISTBANDS
@@ -28,6 +29,7 @@ CAPABILITIES: tuple[CapabilitySpec[Any], ...] = (
     SIM,
     MODBUS,
     WRISTBANDS,
+    CAMERAS,
 )
 
 

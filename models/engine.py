@@ -150,7 +150,7 @@ class _Session:
     """One model in the worker: its onnxruntime session, checked against the manifest, and its decoder."""
 
     def __init__(self, manifest: ModelManifest, providers: list[str], threads: int) -> None:
-        import onnxruntime as ort  # type: ignore[import-untyped]  # noqa: PLC0415  # no type information; worker only
+        import onnxruntime as ort  # noqa: PLC0415 - the worker process only
 
         from edgeagent.models import registry  # noqa: PLC0415
 

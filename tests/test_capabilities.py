@@ -48,7 +48,7 @@ class Lamp:
 
 
 class Cameras(Capability):
-    name = "cameras"
+    name = "test-cameras"
 
     def __init__(self, section: CameraSection, devices: Sequence[DeviceBase], ctx: CapabilityContext) -> None:
         self.section = section
@@ -106,7 +106,8 @@ def _build(section: CameraSection | None, devices: Sequence[DeviceBase], ctx: Ca
 
 
 CAMERAS: CapabilitySpec[CameraSection] = CapabilitySpec(
-    name="cameras", build=_build, section="cameras", section_model=CameraSection, device_types=(CameraConfig,),
+    name="test-cameras", build=_build, section="test_cameras", section_model=CameraSection,
+    device_types=(CameraConfig,),
     probes={"test.camera": lambda dev, ctx: "ok"},
     doctor=lambda section, cfg: [DoctorCheck("cameras", "ok", "fine")])
 SPECS = (*CAPABILITIES, CAMERAS)
@@ -133,21 +134,21 @@ def test_registry_is_the_only_list() -> None:
 
 
 def test_new_section_and_device_types_validate_with_located_errors(tmp_path: Path) -> None:
-    text = _doc(tmp_path, "  - {type: test.camera, id: cam-1, url: rtsp://10.0.0.5/sub}", "cameras: {detector: x}")
+    text = _doc(tmp_path, "  - {type: test.camera, id: cam-1, url: rtsp://10.0.0.5/sub}", "test_cameras: {detector: x}")
     cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Model)
     assert CAMERAS.section_of(cfg) == CameraSection(detector="x")
     assert [d.id for d in CAMERAS.devices_of(cfg)] == ["cam-1"]
     bad = _doc(tmp_path, "  - {type: test.camera, id: cam-1, url: http://x}")
     with pytest.raises(ConfigError, match=r"c.yaml:\d+:\d+: devices\[0\]\.url"):
         validate_doc(parse_yaml(bad, "c.yaml"), "c.yaml", Model)
-    typo = _doc(tmp_path, "  - {type: test.camera, id: cam-1, url: rtsp://x}", "cameras: {detektor: x}")
+    typo = _doc(tmp_path, "  - {type: test.camera, id: cam-1, url: rtsp://x}", "test_cameras: {detektor: x}")
     with pytest.raises(ConfigError, match="did you mean 'detector'"):
         validate_doc(parse_yaml(typo, "c.yaml"), "c.yaml", Model)
 
 
 def test_two_capabilities_cannot_claim_one_device_type() -> None:
     twin: CapabilitySpec[CameraSection] = CapabilitySpec(name="twin", build=_build, device_types=(CameraConfig,))
-    with pytest.raises(TypeError, match="claimed by both 'cameras' and 'twin'"):
+    with pytest.raises(TypeError, match="claimed by both 'test-cameras' and 'twin'"):
         assemble((*SPECS, twin))
 
 
@@ -168,7 +169,7 @@ async def test_a_new_capability_runs_through_its_spec_alone(tmp_path: Path) -> N
         actions = daemon._local_actions()
         assert await actions["camera-frames"]({}, "installer") == {"frames": cam.frames, "by": "installer"}
         st = await daemon.status()
-        assert st["cameras"]["detector"] == "nanodet" and "cameras" in st["capabilities"]
+        assert st["test-cameras"]["detector"] == "nanodet" and "test-cameras" in st["capabilities"]
         assert {t["name"] for t in st["tasks"]} >= {"device:cam-1", "device:t-1"}
     assert cam.exited
 
@@ -178,7 +179,8 @@ def test_a_device_no_running_capability_claims_is_refused(tmp_path: Path) -> Non
         return None  # built nothing: its devices would silently do nothing
 
     idle: CapabilitySpec[CameraSection] = CapabilitySpec(
-        name="cameras", build=lazy, section="cameras", section_model=CameraSection, device_types=(CameraConfig,))
+        name="test-cameras", build=lazy, section="test_cameras", section_model=CameraSection,
+        device_types=(CameraConfig,))
     specs = (*CAPABILITIES, idle)
     text = _doc(tmp_path, "  - {type: sim.sensor, id: t-1}\n  - {type: test.camera, id: cam-9, url: rtsp://x}\n"
                           "  - {type: test.camera, id: cam-off, url: rtsp://x, enabled: false}")

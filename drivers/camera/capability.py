@@ -62,12 +62,13 @@ def _cross_checks(section: CamerasConfig | None, devices: Sequence[DeviceBase], 
                 if cls not in labels:
                     issues.append((("devices", i, "detect", "classes", j),
                                    f"the detector does not know {cls!r}"))
-        for kind, items in (("zones", cam.zones), ("lines", cam.lines)):
-            for j, item in enumerate(items):
-                for cls in item.classes or ():
-                    if cls not in cam.detect.classes:
-                        issues.append((("devices", i, kind, j, "classes"),
-                                       f"{cls!r} is not among this camera's detect.classes, so it is never tracked"))
+        named: list[tuple[str, int, list[str] | None]] = [("zones", j, z.classes) for j, z in enumerate(cam.zones)]
+        named += [("lines", j, ln.classes) for j, ln in enumerate(cam.lines)]
+        for kind, j, item_classes in named:
+            for cls in item_classes or ():
+                if cls not in cam.detect.classes:
+                    issues.append((("devices", i, kind, j, "classes"),
+                                   f"{cls!r} is not among this camera's detect.classes, so it is never tracked"))
     return issues
 
 

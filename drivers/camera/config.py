@@ -46,7 +46,7 @@ class ZoneConfig(Strict):
     min_area: float = Field(default=0.0, ge=0, le=1, description="minimum box area, as a fraction of the frame")
     loiter_s: float | None = Field(default=None, gt=0, le=86_400, description="a loiter event after this long inside")
     events: list[Literal["enter", "leave", "loiter", "occupancy"]] = Field(
-        default_factory=lambda: ["enter", "leave", "loiter", "occupancy"])
+        default=["enter", "leave", "loiter", "occupancy"], description="which of these to report")
 
     @field_validator("points")
     @classmethod

@@ -210,14 +210,14 @@ def discover(targets: list[str] | None = typer.Argument(  # noqa: B008
     if not rows:
         err_console.print("no camera answered" + ("" if targets else "; try unicast: camera discover 192.168.1.0/24"))
         raise typer.Exit(1)
-    t = Table(box=None, header_style="bold", pad_edge=False)
+    table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("address", "name", "model", "device service", "found by"):
-        t.add_column(col, overflow="fold")
-    for r in rows:
-        model = " ".join(str(x) for x in (r["manufacturer"] or r["hardware"], r["model"]) if x)
-        t.add_row(escape(str(r["address"])), escape(str(r["name"] or "")), escape(model),
-                  escape(", ".join(r["xaddrs"][:2])), escape(str(r["via"])))
-    console.print(t)
+        table.add_column(col, overflow="fold")
+    for c in found:
+        model = " ".join(str(x) for x in (c.manufacturer or c.hardware, c.model) if x)
+        table.add_row(escape(str(c.address)), escape(str(c.name or "")), escape(model),
+                      escape(", ".join(list(c.xaddrs)[:2])), escape(str(c.via)))
+    console.print(table)
 
 
 @app.command("add")
