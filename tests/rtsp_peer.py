@@ -27,6 +27,7 @@ A TS file, not MP4: looping an MP4 through ``h264_mp4toannexb`` breaks at the fi
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -37,9 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 MEDIA = Path(__file__).resolve().parents[1].parent / "shared" / "media"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -210,20 +212,26 @@ def read_first_frame(url: str, timeout_s: float = 10.0) -> tuple[int, int]:
         except av.error.FFmpegError as exc:
             last = exc
         time.sleep(0.1)
-    raise TimeoutError(f"no frame from {url} within {timeout_s:g} s: {last}")
+    shown = url.split("@", 1)[-1] if "@" in url else url
+    raise TimeoutError(f"no frame from ...{shown} within {timeout_s:g} s: "
+                       f"{type(last).__name__ if last else ''} {getattr(last, 'strerror', '')}")
 
 
 class RtspServer:
     """gst-rtsp-server on 127.0.0.1 with ``mounts`` mounts (``/cam0`` ...), mount i looping
-    ``clips[i % len(clips)]`` at 10 fps. A context manager; start-up waits until the port answers and a first
-    frame can be read from every mount (raises with the server's stderr when it cannot)."""
+    ``clips[i % len(clips)]`` at 10 fps, the mounts in ``credentials`` protected by a user and password.
+    A context manager; start-up waits until the port answers and a first frame can be read from every mount
+    (raises with the server's stderr when it cannot)."""
 
     def __init__(self, clips: Path | Sequence[Path], *, mounts: int = 1, workdir: Path | None = None,
-                 startup_timeout_s: float = 20.0) -> None:
+                 startup_timeout_s: float = 20.0, credentials: Mapping[int, tuple[str, str]] | None = None) -> None:
         self.clips = [clips] if isinstance(clips, Path) else list(clips)
         if not self.clips or mounts < 1:
             raise ValueError("at least one clip and one mount")
         self.mounts = mounts
+        # mount index -> (user, password): that mount asks for them (Digest, as most cameras do);
+        # the others stay open.
+        self.credentials = dict(credentials or {})
         self.startup_timeout_s = startup_timeout_s
         self._own_dir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="rtsp-peer-")) if workdir is None else workdir
@@ -278,9 +286,13 @@ class RtspServer:
         args = [SYSTEM_PYTHON, str(Path(__file__).resolve()), "serve", "--port", str(port)]
         for i, udp in enumerate(self.udp_ports):
             args += ["--mount", f"/cam{i}={udp}"]
+        env = dict(os.environ)
+        for i, (user, password) in self.credentials.items():
+            args += ["--auth", f"/cam{i}={user}"]
+            env[f"RTSP_PEER_PASSWORD_{i}"] = password  # not on the command line, where ps shows it
         with out.open("wb") as o, err.open("wb") as e:
             self.server = subprocess.Popen(args, stdout=o, stderr=e, stdin=subprocess.DEVNULL,
-                                           start_new_session=True)
+                                           start_new_session=True, env=env)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             text = out.read_text(errors="replace")
@@ -321,18 +333,27 @@ class RtspServer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the RTSP server does not answer on 127.0.0.1:{self.port}")
             time.sleep(0.02)
-        for i in range(self.mounts if all_mounts else 1):
-            for feeder in self.feeders:
-                if feeder.poll() is not None:
-                    raise RuntimeError(f"an ffmpeg feeder exited ({feeder.returncode}): "
-                                       f"{self._tail('feeder-*.log')}")
-            remaining = max(1.0, deadline - time.monotonic())
-            try:
-                size = read_first_frame(self.url_for(i), remaining)
-            except TimeoutError as exc:
-                raise RuntimeError(f"{exc}; server: {self._tail('server-*.err')}") from exc
-            if size != CLIP_SIZE and self.clips[i % len(self.clips)].name.startswith(("busy-", "quiet-")):
-                raise RuntimeError(f"mount {i} serves {size}, expected {CLIP_SIZE}")
+        for feeder in self.feeders:
+            if feeder.poll() is not None:
+                raise RuntimeError(f"an ffmpeg feeder exited ({feeder.returncode}): {self._tail('feeder-*.log')}")
+        remaining = max(1.0, deadline - time.monotonic())
+        indexes = list(range(self.mounts if all_mounts else 1))
+
+        def probe(i: int) -> tuple[int, int]:
+            user_pw = self.credentials.get(i)
+            userinfo = ":".join(quote(x, safe="") for x in user_pw) if user_pw else ""
+            return read_first_frame(self.url_for(i, userinfo=userinfo), remaining)
+
+        # Every mount at once: each waits up to a GOP for its first keyframe.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(indexes))) as pool:
+            futures = {i: pool.submit(probe, i) for i in indexes}
+            for i, fut in futures.items():
+                try:
+                    size = fut.result()
+                except TimeoutError as exc:
+                    raise RuntimeError(f"{exc}; server: {self._tail('server-*.err')}") from exc
+                if size != CLIP_SIZE and self.clips[i % len(self.clips)].name.startswith(("busy-", "quiet-")):
+                    raise RuntimeError(f"mount {i} serves {size}, expected {CLIP_SIZE}")
 
     def _tail(self, pattern: str) -> str:
         texts = [p.read_text(errors="replace") for p in sorted(self.workdir.glob(pattern))]
@@ -395,12 +416,15 @@ def _serve(argv: list[str]) -> int:  # pragma: no cover - runs under Debian's py
     import gi  # type: ignore[import-not-found]  # Debian's python3-gi, not in the venv
 
     gi.require_version("Gst", "1.0")
+    gi.require_version("GstRtsp", "1.0")
     gi.require_version("GstRtspServer", "1.0")
-    from gi.repository import GLib, Gst, GstRtspServer  # type: ignore[import-not-found]
+    from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # type: ignore[import-not-found]
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", default="0")
     ap.add_argument("--mount", action="append", default=[], help="PATH=UDPPORT")
+    ap.add_argument("--auth", action="append", default=[],
+                    help="PATH=USER: that mount needs USER with the password in $RTSP_PEER_PASSWORD_<n>")
     args = ap.parse_args(argv)
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
@@ -411,9 +435,35 @@ def _serve(argv: list[str]) -> int:  # pragma: no cover - runs under Debian's py
     server.get_thread_pool().set_max_threads(64)
     mounts = server.get_mount_points()
     caps = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
+    protected = dict(spec.split("=", 1) for spec in args.auth)
+    if protected:
+        # Server-wide auth: a default token lets anonymous clients into the open mounts; each protected
+        # mount admits only its own user's role.
+        auth = GstRtspServer.RTSPAuth()
+        anonymous = GstRtspServer.RTSPToken()
+        anonymous.set_string("media.factory.role", "anonymous")
+        auth.set_default_token(anonymous)
+        for path, user in protected.items():
+            password = os.environ[f"RTSP_PEER_PASSWORD_{path.removeprefix('/cam')}"]
+            token = GstRtspServer.RTSPToken()
+            token.set_string("media.factory.role", f"role-{user}")
+            auth.add_digest(user, password, token)
+        # Digest, as most cameras ask (through GI the method flags cannot be combined with Basic).
+        auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
+        server.set_auth(auth)
     for spec in args.mount:
         path, udp = spec.split("=", 1)
         factory = GstRtspServer.RTSPMediaFactory()
+        if protected:
+            # Anonymous clients may see a protected mount but not construct it: the construct check is what
+            # answers 401 with a challenge (a failed access check answers 404, hiding the mount).
+            roles = [f"role-{protected[path]}, media.factory.access=(boolean)true, "
+                     "media.factory.construct=(boolean)true",
+                     "anonymous, media.factory.access=(boolean)true, media.factory.construct=(boolean)false"] \
+                if path in protected else \
+                ["anonymous, media.factory.access=(boolean)true, media.factory.construct=(boolean)true"]
+            for role in roles:
+                factory.add_role_from_structure(Gst.Structure.from_string(role)[0])
         # No h264parse in between: with it every IDR came out twice. config-interval=1 repeats SPS/PPS
         # before each IDR, as cameras do, so a client joining mid-stream decodes from the next keyframe.
         factory.set_launch(f'( udpsrc address=127.0.0.1 port={int(udp)} caps="{caps}" '

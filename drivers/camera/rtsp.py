@@ -393,6 +393,8 @@ class RtspSource:
     async def frames(self) -> AsyncIterator[Frame]:
         """The frames as they come, for one consumer: its own queue of ``queue_frames``, oldest dropped when
         it lags. Ends when the source closes."""
+        if self._thread is None and not self._closed:
+            raise RuntimeError(f"{self.name}: frames() needs the source started (async with)")
         consumer = _Consumer()
         with self._lock:
             self._consumers.append(consumer)
@@ -495,20 +497,26 @@ class RtspSource:
     def _run(self) -> None:
         attempt = 0
         first = True
+        replay = False
         while not self._stop.is_set():
-            if not first:
+            if not first and not replay:
                 self.reconnects += 1
                 now = time.monotonic()
                 self._reconnect_times.append(now)
                 while self._reconnect_times and now - self._reconnect_times[0] > HOUR_S:
                     self._reconnect_times.popleft()
             first = False
+            replay = False
             self._streaming_since = None
             try:
                 self._session()
             except _SessionEnd as end:
-                if end.eof and self.loop_file:
-                    continue  # a recording played to its end: start it again at once
+                since = self._streaming_since
+                if end.eof and self.loop_file and since is not None and time.monotonic() - since >= 0.5:
+                    # A recording played to its end: start it again at once, no reconnect. (One that ends
+                    # at once, empty or unreadable, goes through the backoff like any failure.)
+                    replay = True
+                    continue
                 self._call_on_loop(self._set_state, False, end.reason)
                 log.debug("%s: session ended: %s", self.name, end.reason)
             except Exception as exc:  # the reader must survive anything: report and reconnect
@@ -600,7 +608,7 @@ class RtspSource:
             try:
                 packet = next(demux)
             except StopIteration:
-                raise _SessionEnd("the stream ended", eof=True) from None
+                raise _SessionEnd("the stream ended (the server closed it)", eof=True) from None
             except (av.error.FFmpegError, OSError) as exc:
                 if isinstance(exc, av.error.ExitError):
                     self.freezes += 1
