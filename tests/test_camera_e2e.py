@@ -72,7 +72,19 @@ async def test_the_clip_yields_tracked_people_zone_entries_and_line_crossings(tm
         cam = st["cameras"]["cameras"]["cam-path"]
         assert cam["online"] is True
         assert cam["stream"]["decoded"] > 0 and cam["pipeline"]["detector_runs"] > 0
+        # /metrics: the stream and pipeline figures per camera
+        from prometheus_client import generate_latest
+
+        from edgeagent.kernel.runtime.metrics import REGISTRY
+        text = generate_latest(REGISTRY).decode()
+        assert 'edgeagent_camera_online{camera="cam-path"} 1.0' in text
+        assert 'edgeagent_camera_frames_decoded_total{camera="cam-path"}' in text
+        assert "edgeagent_camera_detector_latency_p99_ms" in text
         # the local snapshot action the CLI uses (the daemon holds the camera's one session)
         snap = await daemon._local_actions()["camera.snapshot"]({"camera": "cam-path"}, "installer")
         image = cv2.imdecode(np.frombuffer(base64.b64decode(snap["jpeg_b64"]), np.uint8), cv2.IMREAD_COLOR)
         assert image.shape[:2] == (576, 768)
+    from prometheus_client import generate_latest
+
+    from edgeagent.kernel.runtime.metrics import REGISTRY
+    assert "edgeagent_camera_online{" not in generate_latest(REGISTRY).decode(), "a stopped daemon's cameras leave"

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgeagent.drivers.camera.capability import model_dirs
 from edgeagent.drivers.camera.config import CameraDevice, CamerasConfig
 from edgeagent.drivers.camera.evidence import EvidenceStore
+from edgeagent.drivers.camera.metrics import CameraCollector
 from edgeagent.drivers.camera.pipeline import CameraPipeline
 from edgeagent.drivers.camera.rtsp import RtspSource
 from edgeagent.kernel.capability import (
@@ -45,6 +46,7 @@ from edgeagent.kernel.pipeline.event_types import (
     DEVICE_OFFLINE,
     DEVICE_ONLINE,
 )
+from edgeagent.kernel.runtime import metrics
 from edgeagent.kernel.runtime.outputs import Output
 from edgeagent.models.engine import InferenceEngine
 from edgeagent.models.manifest import ImageInput, load_manifests, verify
@@ -286,6 +288,7 @@ class CameraCapability(Capability):
 
     def __init__(self, service: CameraService) -> None:
         self.service = service
+        self._collector: CameraCollector | None = None
 
     async def __aenter__(self) -> CameraCapability:
         try:
@@ -294,9 +297,15 @@ class CameraCapability(Capability):
             from edgeagent.kernel.errors import ConfigError  # noqa: PLC0415
 
             raise ConfigError(str(exc)) from exc
+        self._collector = CameraCollector(self.service.status)
+        metrics.REGISTRY.register(self._collector)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._collector is not None:
+            with contextlib.suppress(KeyError):
+                metrics.REGISTRY.unregister(self._collector)
+            self._collector = None
         await self.service.stop()
 
     def claimed_devices(self) -> Sequence[str]:
