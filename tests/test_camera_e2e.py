@@ -88,3 +88,50 @@ async def test_the_clip_yields_tracked_people_zone_entries_and_line_crossings(tm
 
     from edgeagent.kernel.runtime.metrics import REGISTRY
     assert "edgeagent_camera_online{" not in generate_latest(REGISTRY).decode(), "a stopped daemon's cameras leave"
+
+
+async def test_rtsp_camera_with_credentials_clips_and_offline_online_once(tmp_path: Path) -> None:
+    """Over a real RTSP server asking for a password (Digest): events flow, a zone entry gets a clip cut
+    from the encoded-packet buffer without re-encoding, and a killed server gives one device.offline and,
+    once it is back, one device.online."""
+    import av
+
+    from tests.rtsp_peer import RtspServer, busy_clip
+
+    secret = tmp_path / "cam.pass"
+    secret.write_text("s3cret-Pw\n")
+    with RtspServer(busy_clip(), credentials={0: ("viewer", "s3cret-Pw")}) as server:
+        extra = f"""    username: viewer
+    password: {{file: {secret}}}
+    clips: true
+"""
+        text = camera_config(tmp_path, server.url, extra).replace(
+            "cameras:\n  evidence: {", "cameras:\n  evidence: {clip_pre_s: 2, clip_post_s: 1, ")
+        cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config)
+        daemon = Daemon(cfg)
+        async with running_daemon(daemon) as run:
+            assert await wait_until(lambda: run.of("camera.clip", "cam-path"), 90), \
+                {t: len(run.of(t)) for t in ("camera.object", "camera.zone", "device.offline")}
+            clip = run.of("camera.clip", "cam-path")[0]
+            ids = {e.id for e in run.seen}
+            assert clip.data["for_event"] in ids
+            assert clip.data["codec"] == "h264" and clip.data["frames"] > 5
+            cap = next(c for c in daemon.capabilities if c.name == "cameras")
+            path = cap.service.evidence.get(clip.attachments[0].sha256)  # type: ignore[attr-defined]
+            assert path is not None and clip.attachments[0].kind == "clip"
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                assert stream.codec_context.name == "h264"
+                frames = sum(1 for _ in container.decode(stream))
+            assert frames == clip.data["frames"]
+            assert not run.of("device.offline", "cam-path")
+            server.kill()
+            assert await wait_until(lambda: run.of("device.offline", "cam-path"), 20)
+            server.restart()
+            assert await wait_until(lambda: run.of("device.online", "cam-path"), 60)
+            assert len(run.of("device.offline", "cam-path")) == 1
+            assert len(run.of("device.online", "cam-path")) == 1
+            st = await daemon.status()
+            stream_st = st["cameras"]["cameras"]["cam-path"]["stream"]
+            assert stream_st["reconnects"] >= 1
+            assert "s3cret" not in str(st)

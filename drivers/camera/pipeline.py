@@ -32,6 +32,7 @@ from edgeagent.drivers.camera.regions import propose_regions
 from edgeagent.drivers.camera.tracker import Track, Tracker
 from edgeagent.drivers.camera.zones import LineSpec, RuleHit, ZoneRules, ZoneSpec
 from edgeagent.kernel.pipeline.event_types import (
+    CAMERA_CLIP,
     CAMERA_LINE_CROSSED,
     CAMERA_OBJECT,
     CAMERA_ZONE,
@@ -47,6 +48,7 @@ SNAPSHOT_MIN_INTERVAL_S = 0.2  # at most five new snapshots a second per camera
 RECHECK_STATIONARY_S = 5.0
 MOVING_RECHECK_S = 0.35  # confirmed moving tracks are looked at about every other tick at 5 fps
 FULL_PASS_S = 30.0
+MAX_PENDING_CLIPS = 2  # per camera; more events in the window share the pending clips' video (counted)
 MERGE_SCALE = 2.0  # regions merge when the objects shrink at most 2x in the detector's input (one inference)
 LATENCY_WINDOW = 512
 
@@ -85,6 +87,8 @@ class PipelineStats:
     events_failed: int = 0
     snapshots: int = 0
     snapshots_skipped: int = 0
+    clips: int = 0
+    clips_skipped: int = 0
     detector_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     frame_to_event_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     last_detections: list[Detection] = field(default_factory=list)
@@ -98,6 +102,7 @@ class PipelineStats:
             "skipped_busy": self.skipped_busy, "skipped_error": self.skipped_error,
             "quiet_ticks": self.quiet_ticks, "events": self.events, "events_failed": self.events_failed,
             "snapshots": self.snapshots, "snapshots_skipped": self.snapshots_skipped,
+            "clips": self.clips, "clips_skipped": self.clips_skipped,
             "detector_ms_p50": pct(self.detector_ms, 50), "detector_ms_p99": pct(self.detector_ms, 99),
             "frame_to_event_ms_p99": pct(self.frame_to_event_ms, 99),
         }
@@ -148,6 +153,11 @@ class CameraPipeline:
         self._last_snapshot_s = -1e9
         self._last_full_s = -1e9
         self._snap_cache: dict[int, asyncio.Future[Attachment]] = {}
+        self._source: FrameSource | None = None
+        self._clips_pending = 0
+        self.clip_pre_s = 5.0
+        self.clip_post_s = 5.0
+        self.clip_max_bytes = 8_000_000
         self._pending: set[asyncio.Task[None]] = set()
         self.stats = PipelineStats()
         self.latest_frame: FrameLike | None = None
@@ -156,6 +166,7 @@ class CameraPipeline:
     # --- the loop ------------------------------------------------------------------------------------
 
     async def run(self, source: FrameSource) -> None:
+        self._source = source
         try:
             async for frame in source.frames():
                 await self.process(frame)
@@ -264,15 +275,52 @@ class CameraPipeline:
         return (att,)
 
     async def _emit(self, frame: FrameLike, type_name: str, data: dict[str, Any],
-                    attachments: tuple[Attachment, ...] = ()) -> None:
+                    attachments: tuple[Attachment, ...] = (), *, clip: bool = False) -> None:
         try:
-            await self._sink.emit(type_name, self.cam.id, data, attachments)
+            event = await self._sink.emit(type_name, self.cam.id, data, attachments)
         except Exception as exc:  # noqa: BLE001 - the outbox refusing one event must not stop the camera
             self.stats.events_failed += 1
             log.warning("%s: %s not stored: %s", self.cam.id, type_name, exc)
             return
         self.stats.events += 1
         self.stats.frame_to_event_ms.append((time.monotonic() - frame.mono_s) * 1000)
+        if clip and self.cam.clips and self._evidence is not None:
+            if self._clips_pending >= MAX_PENDING_CLIPS:
+                self.stats.clips_skipped += 1
+            else:
+                self._clips_pending += 1
+                self._spawn(self._clip(str(getattr(event, "id", "")), frame.mono_s))
+
+    async def _clip(self, event_id: str, at_mono_s: float) -> None:
+        """A clip from the stream's encoded-packet buffer, pre seconds before the event to post after it, not
+        re-encoded, kept as evidence and announced by a camera.clip event pointing at the event."""
+        from edgeagent.drivers.camera.clips import ClipError, write_clip  # noqa: PLC0415
+
+        try:
+            await asyncio.sleep(max(0.0, at_mono_s + self.clip_post_s - time.monotonic()))
+            packets_since = getattr(self._source, "packets_since", None)
+            if packets_since is None or self._evidence is None:
+                return
+            packets = packets_since(at_mono_s - self.clip_pre_s, at_mono_s + self.clip_post_s)
+            tmp = self._evidence.root / f".clip-{self.cam.id}-{event_id}.mp4"
+            try:
+                info = await asyncio.to_thread(write_clip, packets, tmp, max_bytes=self.clip_max_bytes)
+                att = await self._evidence.add_clip(tmp, self.cam.id, event_id=event_id)
+            except (ClipError, EvidenceError, OSError) as exc:
+                self.stats.clips_skipped += 1
+                log.warning("%s: clip for %s not kept: %s", self.cam.id, event_id, exc)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                return
+            self.stats.clips += 1
+            await self._sink.emit(CAMERA_CLIP.name, self.cam.id, {
+                "for_event": event_id, "pre_s": round(max(0.0, at_mono_s - info.start_mono_s), 2),
+                "duration_s": round(info.duration_s, 2), "frames": info.frames, "codec": info.codec[:32],
+                "truncated": info.truncated}, (att,))
+        except Exception as exc:  # noqa: BLE001 - evidence is best effort; the event itself is stored
+            log.warning("%s: clip for %s failed: %s", self.cam.id, event_id, exc)
+        finally:
+            self._clips_pending -= 1
 
     def _zones_of(self, track: Track) -> list[str]:
         return sorted(self._rules.zones_of(track.id))
@@ -296,7 +344,7 @@ class CameraPipeline:
             atts = await self._snapshot(frame, [det])
             await self._emit(frame, CAMERA_LINE_CROSSED.name, {
                 "line": hit.name, "direction": hit.direction, "track_id": hit.track_id, "label": hit.label,
-                "score": round(float(hit.score), 3), "counts": dict(hit.counts), "source": "edge"}, atts)
+                "score": round(float(hit.score), 3), "counts": dict(hit.counts), "source": "edge"}, atts, clip=True)
             return
         kind = hit.kind.removeprefix("zone_")
         atts = await self._snapshot(frame, [det]) if kind != "leave" else ()
@@ -304,7 +352,7 @@ class CameraPipeline:
             "zone": hit.name, "kind": kind, "track_id": hit.track_id, "label": hit.label,
             "score": round(float(hit.score), 3), "box": norm_box(box, w, h),
             "occupancy": int(hit.occupancy), "dwell_s": None if hit.dwell_s is None else round(hit.dwell_s, 1),
-            "reason": hit.reason}, atts)
+            "reason": hit.reason}, atts, clip=kind != "leave")
 
     def snapshot_state(self) -> dict[str, Any]:
         return {**self.stats.as_dict(), "tracks": len(self.tracks),

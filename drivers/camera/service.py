@@ -118,6 +118,9 @@ class CameraRunner:
         self.pipeline = CameraPipeline(
             cam, detector=service.engine, model=service.model_for(cam), input_size=service.input_size(cam),
             sink=service.ctx.sink, evidence=service.evidence)
+        ev = service.section.evidence
+        self.pipeline.clip_pre_s, self.pipeline.clip_post_s = ev.clip_pre_s, ev.clip_post_s
+        self.pipeline.clip_max_bytes = ev.buffer_bytes_per_camera
         self.online: bool | None = None
         self.onvif: Any = None  # OnvifCamera while connected
         self.stream_error: str | None = None

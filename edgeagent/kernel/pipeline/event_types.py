@@ -489,3 +489,17 @@ CAMERA_INPUT = REGISTRY.register(EventType(
 CAMERA_EVIDENCE_UPLOADED = REGISTRY.register(EventType(
     "camera.evidence.uploaded", Priority.EVENT, EvidenceUploaded,
     "A snapshot or clip was uploaded to the URL the platform gave (camera.upload_evidence)."))
+
+
+class CameraClip(EventData):
+    for_event: str = Field(max_length=40, description="id of the event the clip is evidence for")
+    pre_s: float = Field(ge=0, description="seconds of video before that event (from the keyframe before it)")
+    duration_s: float = Field(ge=0)
+    frames: int = Field(ge=0)
+    codec: str = Field(max_length=32, description="as the camera sent it: the clip is not re-encoded")
+    truncated: bool = Field(description="cut short by the size cap")
+
+
+CAMERA_CLIP = REGISTRY.register(EventType(
+    "camera.clip", Priority.EVENT, CameraClip,
+    "A clip around an earlier camera event was kept on the box (attachment kind 'clip'; upload on request)."))
