@@ -135,3 +135,51 @@ async def test_rtsp_camera_with_credentials_clips_and_offline_online_once(tmp_pa
             stream_st = st["cameras"]["cameras"]["cam-path"]["stream"]
             assert stream_st["reconnects"] >= 1
             assert "s3cret" not in str(st)
+
+
+async def test_onvif_camera_streams_reports_its_inputs_and_drives_its_relay(tmp_path: Path) -> None:
+    """An ONVIF camera (the project's SOAP fixture) whose stream URI is a real RTSP server: the daemon finds
+    the stream through ONVIF, turns the camera's digital input (a gate call button) into camera.input with
+    its configured name, drives the camera's relay as a named output, and never unsubscribes on stop."""
+    from tests.onvif_peer import OnvifFixture, Switches
+    from tests.rtsp_peer import RtspServer, busy_clip
+
+    secret = tmp_path / "cam.pass"
+    secret.write_text("s3cret-pw")
+    with RtspServer(busy_clip()) as server:
+        async with OnvifFixture(Switches(stream_uri=server.url)) as fixture:
+            text = f"""version: 1
+site_id: s
+gateway_id: g
+state_dir: {tmp_path / 'state'}
+clock: {{sync: synced}}
+health: {{port: 0}}
+cameras:
+  evidence: {{dir: {tmp_path / 'evidence'}}}
+devices:
+  - type: camera
+    id: cam-gate
+    username: admin
+    password: {{file: {secret}}}
+    onvif:
+      host: 127.0.0.1
+      port: {fixture.port}
+      inputs: {{DigitalInputToken_1: call_button}}
+      relays: {{barrier: RelayOutputToken_1}}
+"""
+            cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config)
+            daemon = Daemon(cfg)
+            async with running_daemon(daemon) as run:
+                cap = next(c for c in daemon.capabilities if c.name == "cameras")
+                runner = cap.service.runners["cam-gate"]  # type: ignore[attr-defined]
+                assert await wait_until(lambda: runner.online is True and runner.onvif is not None
+                                        and fixture.calls["PullMessages"] >= 1, 30)
+                fixture.push_digital_input(True)
+                assert await wait_until(lambda: run.of("camera.input", "cam-gate"), 15)
+                ev = run.of("camera.input", "cam-gate")[0]
+                assert ev.data["input"] == "call_button" and ev.data["active"] is True
+                await daemon.outputs.set("cam-gate.barrier", True)
+                assert fixture.relays["RelayOutputToken_1"] == "active"
+                await daemon.outputs.set("cam-gate.barrier", False)
+                assert fixture.relays["RelayOutputToken_1"] == "inactive"
+            assert fixture.calls["Unsubscribe"] == 0
