@@ -587,6 +587,42 @@ def check_daemon(cfg: Config) -> tuple[Check, bool]:
     return Check("daemon", "fail", f"running ({who}) but unhealthy (HTTP {code}): {detail}"), True
 
 
+def check_cameras_live(cfg: Config, running: bool) -> list[Check]:
+    """Each camera's stream as the running daemon sees it: online, frames arriving, reconnects, detector
+    latency (issue 9: camera health in doctor, from the same figures as status and /metrics)."""
+    cams = [d for d in cfg.devices if getattr(d, "type", None) == "camera" and d.enabled]
+    if not cams:
+        return []
+    _, url = daemon_endpoint(cfg)
+    if not running or url is None:
+        return [Check("camera streams", "skip", "the daemon is not running: no live figures")]
+    try:
+        code, body = http_get_json(f"{url}/status")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return [Check("camera streams", "warn", f"cannot read {url}/status: {getattr(exc, 'reason', exc)}")]
+    section = body.get("cameras") if isinstance(body, dict) and code == 200 else None
+    live = section.get("cameras") if isinstance(section, dict) else None
+    checks: list[Check] = []
+    for cam in cams:
+        st = live.get(cam.id) if isinstance(live, dict) else None
+        if not isinstance(st, dict):
+            checks.append(Check(f"camera {cam.id}", "warn", "the daemon reports nothing for it yet"))
+            continue
+        stream = st.get("stream") or {}
+        pipe = st.get("pipeline") or {}
+        figures = (f"{stream.get('fps_in', 0)} fps in, {stream.get('decoded', 0)} decoded, "
+                   f"{stream.get('skipped', 0)} skipped, {stream.get('dropped', 0)} dropped, "
+                   f"{stream.get('reconnects_last_hour', 0)} reconnects in the last hour, "
+                   f"detector p99 {pipe.get('detector_ms_p99')} ms")
+        if st.get("online") is True:
+            status = "warn" if (stream.get("reconnects_last_hour") or 0) >= 6 else "ok"
+            checks.append(Check(f"camera {cam.id}", status, f"online: {figures}"))
+        else:
+            why = st.get("error") or stream.get("error") or "no frame yet"
+            checks.append(Check(f"camera {cam.id}", "fail", f"offline: {why}; {figures}"))
+    return checks
+
+
 def check_local_broker(cfg: Config, root: Path = Path("/")) -> Check:
     """The box's own mosquitto, read from its config files: no anonymous access, a password file, an ACL,
     per_listener_settings handled, TLS on every listener that is not loopback (issue 8)."""
@@ -677,6 +713,7 @@ def run_checks(path: Path, env: Mapping[str, str] | None = None,
         ("broker", lambda: [check_broker(cfg, env, running)]),
         ("local broker", lambda: [check_local_broker(cfg)]),
         ("capabilities", lambda: [Check(c.name, c.status, c.detail) for c in doctor_checks(cfg)]),
+        ("cameras", lambda: check_cameras_live(cfg, running)),
     ]
     for name, step in steps:
         if on_step is not None:
