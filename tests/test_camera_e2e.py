@@ -146,8 +146,8 @@ async def test_onvif_camera_streams_reports_its_inputs_and_drives_its_relay(tmp_
 
     secret = tmp_path / "cam.pass"
     secret.write_text("s3cret-pw")
-    with RtspServer(busy_clip()) as server:
-        async with OnvifFixture(Switches(stream_uri=server.url)) as fixture:
+    with RtspServer(busy_clip(), mounts=2) as server:
+        async with OnvifFixture(Switches(stream_uri=server.url_for(0))) as fixture:
             text = f"""version: 1
 site_id: s
 gateway_id: g
@@ -182,4 +182,10 @@ devices:
                 assert fixture.relays["RelayOutputToken_1"] == "active"
                 await daemon.outputs.set("cam-gate.barrier", False)
                 assert fixture.relays["RelayOutputToken_1"] == "inactive"
+                # The camera reboots and comes back with another stream address: followed.
+                first_source = runner.source
+                fixture.sw.stream_uri = server.url_for(1)
+                fixture.reboot()
+                assert await wait_until(lambda: runner.source is not None and runner.source is not first_source
+                                        and runner.source.url.endswith("/cam1") and runner.online is True, 60)
             assert fixture.calls["Unsubscribe"] == 0

@@ -55,6 +55,7 @@ from edgeagent.models.types import ModelError
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 600.0
+RESOLVE_BACKOFF_S = (2.0, 60.0)  # asking ONVIF for the stream again: first wait, cap
 
 
 def redact_url(url: str) -> str:
@@ -126,25 +127,69 @@ class CameraRunner:
         self.stream_error: str | None = None
         self.events_state: dict[str, Any] = {}
         self._events: Any = None
+        self._url: str | None = None
+        self._reopen = asyncio.Event()
 
     def _password(self) -> str | None:
         return self.cam.password.resolve().get_secret_value() if self.cam.password is not None else None
 
     async def run(self) -> None:
-        """The camera's stream and pipeline; raises when the stream cannot be set up, so the supervisor
-        restarts it with backoff (an ONVIF camera that is off, or refusing our credentials)."""
-        url = await detect_url(self.cam)
-        full = with_credentials(url, self.cam.username, self._password())
-        source = RtspSource(full, name=self.cam.id, open_timeout_s=self.cam.rtsp.open_timeout_s,
-                            freeze_after_s=self.cam.rtsp.frozen_after_s, decode_fps=self.cam.detect.fps,
-                            packet_buffer_bytes=self._svc.section.evidence.buffer_bytes_per_camera,
-                            loop_file=url.startswith("file:"), on_state=self._on_state)
-        self.source = source
+        """The camera's stream and pipeline. An ONVIF camera that cannot be reached (off, wrong credentials)
+        is reported offline once and asked again with backoff; the stream reconnects by itself; after a
+        camera reboot that changed the stream's address (seen by the events task) the stream is reopened on
+        the new one."""
+        from edgeagent.kernel.errors import EdgeagentError  # noqa: PLC0415
+
+        backoff_s = RESOLVE_BACKOFF_S[0]
+        while True:
+            try:
+                url = await detect_url(self.cam)
+            except EdgeagentError as exc:
+                self._on_state(False, f"ONVIF: {exc}")
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, RESOLVE_BACKOFF_S[1])
+                continue
+            backoff_s = RESOLVE_BACKOFF_S[0]
+            self._url = url
+            self._reopen.clear()
+            full = with_credentials(url, self.cam.username, self._password())
+            source = RtspSource(full, name=self.cam.id, open_timeout_s=self.cam.rtsp.open_timeout_s,
+                                freeze_after_s=self.cam.rtsp.frozen_after_s, decode_fps=self.cam.detect.fps,
+                                packet_buffer_bytes=self._svc.section.evidence.buffer_bytes_per_camera,
+                                loop_file=url.startswith("file:"), on_state=self._on_state)
+            self.source = source
+            try:
+                async with source:
+                    pipe = asyncio.create_task(self.pipeline.run(source), name=f"{self.cam.id}:pipeline")
+                    reopen = asyncio.create_task(self._reopen.wait())
+                    try:
+                        done, _ = await asyncio.wait({pipe, reopen}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for task in (pipe, reopen):
+                            task.cancel()
+                        await asyncio.gather(pipe, reopen, return_exceptions=True)
+                    if pipe in done:
+                        pipe.result()  # a pipeline error goes to the supervisor
+                        return  # the source ended (a file that does not loop)
+            finally:
+                self.source = None
+            log.info("%s: the camera's stream address changed (after a reboot): reopening", self.cam.id)
+
+    def on_reboot(self, profiles: Sequence[Any]) -> None:
+        """The events task saw the camera reboot and re-fetched its profiles: follow a changed stream URI."""
+        if self.cam.rtsp.detect_url is not None or self.cam.onvif is None:
+            return
+        from edgeagent.drivers.camera.onvif.client import choose_streams  # noqa: PLC0415
+        from edgeagent.kernel.errors import EdgeagentError  # noqa: PLC0415
+
         try:
-            async with source:
-                await self.pipeline.run(source)
-        finally:
-            self.source = None
+            detect, _ = choose_streams(list(profiles), detect_token=self.cam.onvif.profile,
+                                       record_token=self.cam.onvif.record_profile)
+        except (ValueError, LookupError, EdgeagentError) as exc:
+            log.warning("%s: after a reboot, no usable profile: %s", self.cam.id, exc)
+            return
+        if detect.stream_uri and detect.stream_uri != self._url:
+            self._reopen.set()
 
     def _on_state(self, online: bool, reason: str) -> None:
         previous, self.online = self.online, online
@@ -168,7 +213,7 @@ class CameraRunner:
         async with onvif_camera(self.cam) as camera:
             self.onvif = camera
             try:
-                manager = PullPointEvents(camera, on_fallback=self._on_fallback)
+                manager = PullPointEvents(camera, on_fallback=self._on_fallback, on_reboot=self.on_reboot)
                 self._events = manager
                 async for ev in manager.events():
                     if getattr(ev, "operation", "changed") == "initialized":
