@@ -2,9 +2,11 @@
 
 The server is Debian's gst-rtsp-server driven by this very file run under Debian's ``/usr/bin/python3``
 (a venv Python cannot import ``gi``; the ``__main__`` part below imports only the standard library and ``gi``).
-Each mount ``/camN`` is a shared ``udpsrc`` pipeline fed over RTP by ``ffmpeg -re -stream_loop -1 -c copy``:
+Each mount ``/camN`` is a ``udpsrc`` pipeline fed over RTP by ``ffmpeg -re -stream_loop -1 -c copy``:
 serving a file straight from gst (``multifilesrc loop=true``) fails every PLAY, and a feeder process gives the
-tests their failure switches:
+tests their failure switches. **One client per mount at a time**, like a camera that allows one session:
+each client gets its own pipeline on the mount's UDP port (a shared pipeline answered 503 to a client that
+came while the previous one's was being torn down), so two at once would split the packets between them.
 
 * ``kill()``: the server dies (SIGKILL); the feeders keep sending into closed UDP ports (harmless);
 * ``restart()``: a new server on the SAME TCP port, so the camera URL does not change;
@@ -468,7 +470,10 @@ def _serve(argv: list[str]) -> int:  # pragma: no cover - runs under Debian's py
         # before each IDR, as cameras do, so a client joining mid-stream decodes from the next keyframe.
         factory.set_launch(f'( udpsrc address=127.0.0.1 port={int(udp)} caps="{caps}" '
                            f'! rtph264depay ! rtph264pay name=pay0 pt=96 config-interval=1 )')
-        factory.set_shared(True)
+        # Not shared: with one shared pipeline, a client connecting while the previous one's pipeline was
+        # still being torn down got "503 Service Unavailable" about every other time. Hence one client per
+        # mount at a time (a second one's udpsrc would share the port and take part of the packets).
+        factory.set_shared(False)
         mounts.add_factory(path, factory)
     if server.attach(None) == 0:
         print(f"cannot listen on 127.0.0.1:{args.port}", file=sys.stderr, flush=True)
