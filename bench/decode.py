@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -49,6 +50,7 @@ os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp|analyzeduratio
 import av  # noqa: E402
 import cv2  # noqa: E402
 
+from edgeagent.drivers.camera.rtsp import RtspSource  # noqa: E402
 from tests.rtsp_peer import RtspServer, busy_clip  # noqa: E402
 
 PYAV_OPTIONS = {"rtsp_transport": "tcp", "analyzeduration": "200000", "probesize": "100000"}
@@ -236,6 +238,38 @@ async def loop_lag(factory: Factory, urls: list[str], seconds: float) -> tuple[f
     return statistics.median(lags), pct(lags, 0.99), max(lags), sum(counts)
 
 
+async def sources_lag(urls: list[str], seconds: float, decode_fps: float | None) -> dict[str, float]:
+    """The product's RtspSource on each URL, one consumer each: loop lag, CPU per delivered frame."""
+    async with contextlib.AsyncExitStack() as stack:
+        sources = [await stack.enter_async_context(RtspSource(u, name=f"b{i}", decode_fps=decode_fps))
+                   for i, u in enumerate(urls)]
+        delivered = [0] * len(sources)
+
+        async def consume(i: int, src: RtspSource) -> None:
+            async for _ in src.frames():
+                delivered[i] += 1
+
+        tasks = [asyncio.create_task(consume(i, s)) for i, s in enumerate(sources)]
+        while not all(s.online for s in sources):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        c0, d0 = cpu(), [s.decoded for s in sources]
+        n0 = sum(delivered)
+        lags: list[float] = []
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            t = time.monotonic()
+            await asyncio.sleep(0.005)
+            lags.append((time.monotonic() - t - 0.005) * 1000)
+        used = cpu() - c0
+        decoded = sum(s.decoded for s in sources) - sum(d0)
+        n = sum(delivered) - n0
+        for t in tasks:
+            t.cancel()
+    return {"lag_p50": statistics.median(lags), "lag_p99": pct(lags, 0.99), "lag_max": max(lags),
+            "cpu_ms_per_decoded": used * 1000 / max(1, decoded), "delivered": n, "decoded": decoded}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="live window per CPU measurement")
@@ -316,6 +350,14 @@ def main() -> int:
             figures[f"{name}.lag_p99_ms"] = p99
             print(f"{name:28s} p50 {p50:5.2f} ms  p99 {p99:5.2f} ms  max {mx:5.2f} ms  ({n} frames)")
 
+        print("\n== the product's RtspSource, 4 cameras, one consumer each (reader threads, queues, packet buffer)")
+        for fps in (None, 5.0):
+            r = asyncio.run(sources_lag(server.urls, args.seconds, fps))
+            figures[f"source.{fps}"] = r
+            print(f"{'decode_fps=' + str(fps):28s} {r['cpu_ms_per_decoded']:5.2f} ms CPU per decoded frame, "
+                  f"{r['delivered']}/{r['decoded']} delivered; loop lag p50 {r['lag_p50']:.2f} ms "
+                  f"p99 {r['lag_p99']:.2f} ms max {r['lag_max']:.2f} ms")
+
     # PyAV unless it costs clearly more CPU: only it gives packets and frames from the one session a camera
     # allows, and clips need the packets.
     ratio = figures["pyav-1thread-bgr.cpu_ms"] / max(1e-9, figures["opencv-1thread.cpu_ms"])
@@ -330,7 +372,10 @@ def main() -> int:
           f"pyav_freeze_s={figures.get('pyav-1thread-bgr.freeze_s', float('nan')):.1f} "
           f"opencv_packets={figures['opencv.packets']} pyav_packets={figures['pyav.packets']} "
           f"opencv_lag_p99_ms={figures['opencv-1thread.lag_p99_ms']:.2f} "
-          f"pyav_lag_p99_ms={figures['pyav-1thread-bgr.lag_p99_ms']:.2f}")
+          f"pyav_lag_p99_ms={figures['pyav-1thread-bgr.lag_p99_ms']:.2f} "
+          f"source4_cpu_ms_per_frame={figures['source.None']['cpu_ms_per_decoded']:.2f} "
+          f"source4_fps5_cpu_ms_per_frame={figures['source.5.0']['cpu_ms_per_decoded']:.2f} "
+          f"source4_lag_p99_ms={figures['source.None']['lag_p99']:.2f}")
     return 0
 
 

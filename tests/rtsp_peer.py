@@ -6,7 +6,8 @@ Each mount ``/camN`` is a ``udpsrc`` pipeline fed over RTP by ``ffmpeg -re -stre
 serving a file straight from gst (``multifilesrc loop=true``) fails every PLAY, and a feeder process gives the
 tests their failure switches. **One client per mount at a time**, like a camera that allows one session:
 each client gets its own pipeline on the mount's UDP port (a shared pipeline answered 503 to a client that
-came while the previous one's was being torn down), so two at once would split the packets between them.
+came while the previous one's was being torn down, about every other time), and with two at once the newer
+one takes the packets: the older one sees a freeze.
 
 * ``kill()``: the server dies (SIGKILL); the feeders keep sending into closed UDP ports (harmless);
 * ``restart()``: a new server on the SAME TCP port, so the camera URL does not change;
@@ -325,16 +326,21 @@ class RtspServer:
                     [FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1",
                      "-i", str(clip), *outputs], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
 
-    def wait_ready(self, *, all_mounts: bool = True) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
+    def _wait_port(self, deadline: float) -> None:
         while True:
             with socket.socket() as s:
                 s.settimeout(0.2)
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
+                    return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the RTSP server does not answer on 127.0.0.1:{self.port}")
             time.sleep(0.02)
+
+    def wait_ready(self, *, all_mounts: bool = True) -> None:
+        """The port answers and a frame can be read from every mount (or the first): call it only while no
+        other client is on those mounts."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        self._wait_port(deadline)
         for feeder in self.feeders:
             if feeder.poll() is not None:
                 raise RuntimeError(f"an ffmpeg feeder exited ({feeder.returncode}): {self._tail('feeder-*.log')}")
@@ -369,8 +375,10 @@ class RtspServer:
             self.server.wait(5)
             self.server = None
 
-    def restart(self, *, wait: bool = True) -> None:
-        """A new server process on the same TCP port (the URLs stay valid); frozen feeders are resumed."""
+    def restart(self) -> None:
+        """A new server process on the same TCP port (the URLs stay valid); frozen feeders are resumed.
+        Returns when the port answers: no frame is read here, since a client of the test (a source
+        reconnecting) may be on a mount already and the mount serves one client at a time."""
         self.kill()
         self.resume()
         deadline = time.monotonic() + self.startup_timeout_s
@@ -382,8 +390,7 @@ class RtspServer:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        if wait:
-            self.wait_ready(all_mounts=False)
+        self._wait_port(deadline)
 
     def freeze(self, *, server: bool = False) -> None:
         """Stop the data while every RTSP connection stays open: SIGSTOP the feeders (or the server)."""

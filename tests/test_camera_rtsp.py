@@ -98,6 +98,7 @@ async def test_frames_flow(server: RtspServer) -> None:
     async with RtspSource(server.url, name="cam0", on_state=states, **FAST) as src:
         frames = await take(src, 12)
         assert all(f.image.shape == (HEIGHT, WIDTH, 3) and f.image.dtype.name == "uint8" for f in frames)
+        assert not frames[0].image.flags.writeable  # shared by every consumer
         seqs = [f.seq for f in frames]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
         pts = [f.pts_s for f in frames if f.pts_s is not None]

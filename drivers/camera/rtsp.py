@@ -5,29 +5,33 @@ snapshot grabs and the clip recorder all read from it (``frames()`` per consumer
 ``packets_since()``).
 
 **Library: PyAV, chosen by measurement** (``bench/decode.py``; loopback gst-rtsp-server, the campus clip as
-H.264 768x576 10 fps GOP 10, this 2-core box, OpenCV 5.1 vs PyAV 18.1 on FFmpeg 8):
+H.264 768x576 10 fps GOP 10, this shared 2-core box, OpenCV 5.1 vs PyAV 18.1 on FFmpeg 8; two runs):
 
-=====================================  ==================  ===========================================
-                                       OpenCV (CAP_FFMPEG)  PyAV
-=====================================  ==================  ===========================================
-CPU per frame, live, to BGR, 1 thread  3.0 ms               3.3 ms (decode alone 2.6 ms)
-CPU per frame, from the file           2.1 ms               2.4 ms (decode alone 1.8 ms)
-open to first frame                    0.97 s               0.91 s (both mostly waiting for a keyframe)
-encoded packets for clips              no: raw mode gives   yes: every demuxed packet, with pts and the
-                                       packets *instead of* keyframe flag, is also what we decode
-                                       frames, i.e. a second
+=====================================  ======================  ======================================
+                                       OpenCV (CAP_FFMPEG)     PyAV
+=====================================  ======================  ======================================
+CPU per frame, live, to BGR, 1 thread  2.5-3.0 ms              2.9-3.3 ms (decode alone 2.2-2.6 ms)
+CPU per frame, from the file           1.9-2.1 ms              2.2-2.4 ms (decode alone 1.6-1.8 ms)
+open to first frame                    0.8-1.0 s               0.9 s (both mostly wait for a keyframe)
+encoded packets for clips              no: raw mode gives      yes: each demuxed packet, with pts and
+                                       packets *instead of*    keyframe flag, is what we also decode
+                                       frames: a second
                                        session per camera
-freeze noticed (3 s read timeout)      9.1 s                6.1 s (library); 3.0 s with our watchdog
-loop lag p99, 4 streams decoding       3.3 ms               2.4 ms (decode and swscale release the GIL)
-=====================================  ==================  ===========================================
+freeze noticed (3 s read timeout)      9.1 s                   6.0 s (library); 3.0 s by our watchdog
+loop lag p99, 4 streams decoding       2.9-3.3 ms              1.8-2.4 ms
+=====================================  ======================  ======================================
 
-PyAV costs about 10% more CPU per frame *converted to BGR*, and less than OpenCV for every frame it only
-decodes: frames a consumer does not need at its ``decode_fps`` are never converted (``to_ndarray`` is a
-quarter of the cost). Decisively, it gives the encoded packets of the very session that decodes, which
-evidence clips need without re-encoding and without a second session the camera would refuse; and its
-open/read timeouts are per container (``timeout=(open_s, read_s)``, an interrupt callback), where OpenCV's
-needs process-wide environment options (``OPENCV_FFMPEG_CAPTURE_OPTIONS``, which also drops its TCP default
-when set). Figures vary with load: rerun the bench before changing this.
+This module's ``RtspSource`` on 4 cameras: 3.1 ms CPU per frame with every frame converted, 2.7 ms at
+``decode_fps=5`` (half converted), loop lag p99 2.0 ms. PyAV costs 10-15% more CPU per frame *converted to
+BGR* and less than OpenCV for a frame it only decodes: frames a consumer does not need at its
+``decode_fps`` are never converted (``to_ndarray`` is a quarter of the cost). Decisively, it gives the encoded
+packets of the very session that decodes, which evidence clips need without re-encoding and without a second
+session the camera would refuse; and its open and read timeouts are per container (``timeout=(open_s,
+read_s)``, an interrupt callback), where OpenCV's take process-wide environment options
+(``OPENCV_FFMPEG_CAPTURE_OPTIONS``, which also drop its TCP default when set). The GIL: PyAV releases it in
+``av_read_frame``, in the decoder and in swscale (its interrupt callback takes it briefly every ~100 ms while
+a read waits), so reader threads leave the loop alone, as the lag figures show. Figures vary with load:
+rerun the bench before changing this.
 
 Policies:
 
@@ -132,7 +136,8 @@ def _endpoint(url: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame handed to consumers. ``image`` is shared between consumers: treat it as read-only."""
+    """A decoded frame handed to consumers. ``image`` is shared between consumers and read-only ([1]): copy it
+    (or use a function that returns a copy, as ``evidence.draw_boxes`` does) to draw on it."""
 
     image: np.ndarray  # uint8 BGR HxWx3
     seq: int  # per source, counts decoded frames (gaps: frames skipped, flushed or dropped)
@@ -680,6 +685,7 @@ class RtspSource:
                         continue
                     last_emit_pts = t
                 image = frame.to_ndarray(format="bgr24")
+                image.flags.writeable = False  # one array for every consumer: [1] nobody draws on it
                 self.delivered += 1
                 self._publish(Frame(image=image, seq=self._seq, pts_s=pts_s, mono_s=time.monotonic()))
                 if not announced:
