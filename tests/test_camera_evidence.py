@@ -744,8 +744,16 @@ def test_headers_pass_only_when_every_name_is_allowed_and_values_are_clean(heade
     try:
         out = check_upload_headers(headers)
     except UploadRefused as exc:
+        # The message may name a header but never echo a value (it can be a signature). A value that is also
+        # part of the fixed wording or of a name ({'': 'name'}) is no leak: compare with the message the same
+        # headers give with every value blanked out.
+        try:
+            check_upload_headers({k: "\x01" * len(v) for k, v in headers.items()})
+            fixed = ""
+        except UploadRefused as blank:
+            fixed = str(blank)
         for value in headers.values():
-            if len(value) > 3:
+            if len(value) > 3 and value not in fixed:
                 assert value not in str(exc)
         return
     assert out == headers

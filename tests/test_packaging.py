@@ -168,13 +168,16 @@ while todo:
             todo.append(req.name)
 owners = md.packages_distributions()
 stdlib = sysconfig.get_paths()["stdlib"]
+# Imported by a dependency only when it happens to be installed (httpx, which onvif-zeep-async uses, loads
+# click for its optional command line if click is there): not a requirement of ours.
+optional = {"click"}
 bad = set()
 for name, mod in list(sys.modules.items()):
     if name in own:
         continue
     path = getattr(mod, "__file__", None) or ""
     top = mod.__name__.split(".")[0]
-    if not path or path.startswith(stdlib) or top in sys.stdlib_module_names or top == "edgeagent":
+    if not path or path.startswith(stdlib) or top in sys.stdlib_module_names or top == "edgeagent" or top in optional:
         continue
     dists = {canon(d) for d in owners.get(top, [])}
     if dists and not dists & closure:
