@@ -68,7 +68,8 @@ SERVICE_CREDENTIALS = Path("/run/credentials/edgeagent.service")
 CERT_WARN_DAYS = 30
 HTTP_TIMEOUT_S = 3.0
 PACKAGES = ("paho-mqtt", "pydantic", "pydantic-core", "cryptography", "aiohttp", "ruamel.yaml",
-            "orjson", "python-ulid", "prometheus-client", "typer", "rich", "pymodbus", "pyserial")
+            "orjson", "python-ulid", "prometheus-client", "typer", "rich", "pymodbus", "pyserial", "numpy",
+            "onnxruntime", "opencv-python-headless", "av", "onvif-zeep-async", "zeep")
 REDACTED = b"<redacted>"
 # A secret shorter than this is replaced only where it stands as a whole value (a quoted string, the value
 # after '='), never inside other text: replacing a 3-character secret everywhere it occurs ("c<redacted>fig")
