@@ -23,7 +23,15 @@ import av
 import pytest
 
 from edgeagent.drivers.camera.clips import ClipBusy, ClipRecorder, write_clip
-from edgeagent.drivers.camera.rtsp import EncodedPacket, Frame, PacketBuffer, RtspSource, StreamParams, redact_url
+from edgeagent.drivers.camera.rtsp import (
+    EncodedPacket,
+    Frame,
+    PacketBuffer,
+    RtspSource,
+    StreamParams,
+    backoff_s,
+    redact_url,
+)
 from tests.helpers import wait_until
 from tests.peers import free_port
 from tests.rtsp_peer import FFMPEG, PeerUnavailable, RtspServer, busy_clip
@@ -108,6 +116,8 @@ async def test_frames_flow(server: RtspServer) -> None:
         assert latest is not None and latest.seq >= frames[-1].seq
         st = src.stats()
         assert st["decoded"] >= 12 and st["delivered"] >= 12 and st["fps_in"] > 0
+        # What the probe buffered while opening came in a burst: decoded (references) but not handed out.
+        assert st["stale_flushed"] >= 1 and frames[0].seq > st["stale_flushed"]
         assert st["sessions"] >= 1 and st["error"] is None and st["open_s"] is not None
         assert st["packet_buffer"]["packets"] > 0
         assert src.params is not None and (src.params.codec, src.params.width, src.params.height) == \
@@ -461,6 +471,14 @@ def test_packet_buffer_one_session_per_clip() -> None:
     assert {p.session for p in got} == {2} and got[0].keyframe
     early = buf.since(1000.0, 1001.5)
     assert {p.session for p in early} == {1}
+
+
+def test_backoff_doubles_jittered_and_capped() -> None:
+    rng = random.Random(1)
+    for attempt, cap in [(0, 0.5), (1, 1.0), (2, 2.0), (5, 16.0), (6, 30.0), (40, 30.0)]:
+        delays = [backoff_s(attempt, 0.5, 30.0, rng) for _ in range(200)]
+        assert cap / 2 <= min(delays) and max(delays) <= cap
+        assert max(delays) - min(delays) > cap / 4  # jittered, not one value for every camera
 
 
 def test_redact_url() -> None:

@@ -134,6 +134,13 @@ def _endpoint(url: str) -> str:
     return f"{parts.hostname or '?'}:{port or 554}"
 
 
+def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """The wait before reconnect number ``attempt`` (0 first): ``initial_s`` doubling per attempt up to
+    ``max_s``, drawn from [d/2, d] so that cameras that failed together do not retry together."""
+    cap = min(max_s, initial_s * (2 ** min(attempt, 30)))
+    return (rng or random).uniform(cap / 2, cap)
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A decoded frame handed to consumers. ``image`` is shared between consumers and read-only ([1]): copy it
@@ -459,6 +466,8 @@ class RtspSource:
             loop.call_soon_threadsafe(fn, *args)
 
     def _set_state(self, online: bool, reason: str) -> None:
+        if self._closed:
+            return
         self.error = None if online else reason
         if self._online is online:
             return
@@ -522,20 +531,22 @@ class RtspSource:
                     # at once, empty or unreadable, goes through the backoff like any failure.)
                     replay = True
                     continue
-                self._call_on_loop(self._set_state, False, end.reason)
+                if not self._stop.is_set():  # an open cut short by close() is not news
+                    self._call_on_loop(self._set_state, False, end.reason)
                 log.debug("%s: session ended: %s", self.name, end.reason)
             except Exception as exc:  # the reader must survive anything: report and reconnect
                 reason = f"internal error: {type(exc).__name__}"
                 log.exception("%s: RTSP reader error", self.name)
-                self._call_on_loop(self._set_state, False, reason)
+                if not self._stop.is_set():
+                    self._call_on_loop(self._set_state, False, reason)
             if self._stop.is_set():
                 break
             since = self._streaming_since
             if since is not None and time.monotonic() - since >= self.stable_after_s:
                 attempt = 0
-            cap = min(self.backoff_max_s, self.backoff_initial_s * (2 ** min(attempt, 30)))
+            delay = backoff_s(attempt, self.backoff_initial_s, self.backoff_max_s)
             attempt += 1
-            self._stop.wait(random.uniform(cap / 2, cap))
+            self._stop.wait(delay)
 
     def _describe(self, exc: BaseException, phase: str, timeout_s: float) -> str:
         # Never str(exc): FFmpeg's messages carry the URL, password included.
@@ -645,6 +656,9 @@ class RtspSource:
             else:
                 held.append((data, pts, dts, packet.is_keyframe))
 
+            if not self._is_rtsp and pts is not None:
+                pace_anchor = self._pace(pts * tb, pace_anchor)
+
             if not self.decode:
                 last_progress = now
                 self._last_frame_mono = now
@@ -652,9 +666,6 @@ class RtspSource:
                     announced = True
                     self._call_on_loop(self._set_state, True, f"streaming, opened in {self.open_s:.2f} s")
                 continue
-
-            if not self._is_rtsp and pts is not None:
-                pace_anchor = self._pace(pts * tb, pace_anchor)
 
             frames: list[av.VideoFrame] = []
             if not self.keyframes_only or packet.is_keyframe:
