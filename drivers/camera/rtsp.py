@@ -630,10 +630,12 @@ class RtspSource:
                     self.freezes += 1
                     raise _SessionEnd(f"frozen: no data for {time.monotonic() - last_progress:.1f} s") from exc
                 raise _SessionEnd(self._describe(exc, "read", self.read_timeout_s)) from exc
-            now = time.monotonic()
-            waited = now - t_read
             if packet.size == 0:
                 continue
+            if not self._is_rtsp and packet.pts is not None:
+                pace_anchor = self._pace(packet.pts * tb, pace_anchor)
+            now = time.monotonic()
+            waited = now - t_read
             if self._is_rtsp and waited >= self.read_timeout_s - 0.05:
                 # The interrupted read handed out the frame RTP was holding back: the camera went silent.
                 self.freezes += 1
@@ -655,9 +657,6 @@ class RtspSource:
                 self.packets.add(EncodedPacket(data, pts, dts, packet.is_keyframe, time_base, now, params))
             else:
                 held.append((data, pts, dts, packet.is_keyframe))
-
-            if not self._is_rtsp and pts is not None:
-                pace_anchor = self._pace(pts * tb, pace_anchor)
 
             if not self.decode:
                 last_progress = now
