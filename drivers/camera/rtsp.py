@@ -568,10 +568,17 @@ class RtspSource:
         target = self.url
         if not self._is_rtsp and target.startswith("file:"):
             target = urlsplit(target).path
+        started = time.monotonic()
         try:
             return av.open(target, options=dict(self._options),
                            timeout=(self.open_timeout_s, self.read_timeout_s))
         except (av.error.FFmpegError, OSError) as exc:
+            # A server that accepts the connection and never answers makes FFmpeg give up with "invalid
+            # data" once the timeout interrupts it: by the clock, that is no answer, not bad data.
+            if (self._is_rtsp and isinstance(exc, av.error.InvalidDataError)
+                    and time.monotonic() - started >= 0.9 * self.open_timeout_s):
+                raise _SessionEnd(f"open timed out after {self.open_timeout_s:g} s: {_endpoint(self.url)} accepted "
+                                  "the connection but did not answer") from exc
             raise _SessionEnd(self._describe(exc, "open", self.open_timeout_s)) from exc
 
     def _session(self) -> None:

@@ -27,7 +27,7 @@ from edgeagent.drivers.camera.config import CameraDevice, CamerasConfig
 from edgeagent.drivers.camera.evidence import EvidenceStore
 from edgeagent.drivers.camera.metrics import CameraCollector
 from edgeagent.drivers.camera.pipeline import CameraPipeline
-from edgeagent.drivers.camera.rtsp import RtspSource
+from edgeagent.drivers.camera.rtsp import RtspSource, redact_url
 from edgeagent.kernel.capability import (
     Capability,
     CapabilityContext,
@@ -56,16 +56,6 @@ log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 600.0
 RESOLVE_BACKOFF_S = (2.0, 60.0)  # asking ONVIF for the stream again: first wait, cap
-
-
-def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{parts.username or ''}:***@{host}", parts.path, parts.query, ""))
 
 
 def with_credentials(url: str, username: str | None, password: str | None) -> str:
