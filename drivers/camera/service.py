@@ -27,7 +27,7 @@ from edgeagent.drivers.camera.config import CameraDevice, CamerasConfig
 from edgeagent.drivers.camera.evidence import EvidenceStore
 from edgeagent.drivers.camera.metrics import CameraCollector
 from edgeagent.drivers.camera.pipeline import CameraPipeline
-from edgeagent.drivers.camera.rtsp import RtspSource, redact_url
+from edgeagent.drivers.camera.rtsp import RtspSource
 from edgeagent.kernel.capability import (
     Capability,
     CapabilityContext,

@@ -616,8 +616,8 @@ def check_cameras_live(cfg: Config, running: bool) -> list[Check]:
                    f"{stream.get('reconnects_last_hour', 0)} reconnects in the last hour, "
                    f"detector p99 {pipe.get('detector_ms_p99')} ms")
         if st.get("online") is True:
-            status = "warn" if (stream.get("reconnects_last_hour") or 0) >= 6 else "ok"
-            checks.append(Check(f"camera {cam.id}", status, f"online: {figures}"))
+            flapping = (stream.get("reconnects_last_hour") or 0) >= 6
+            checks.append(Check(f"camera {cam.id}", "warn" if flapping else "ok", f"online: {figures}"))
         else:
             why = st.get("error") or stream.get("error") or "no frame yet"
             checks.append(Check(f"camera {cam.id}", "fail", f"offline: {why}; {figures}"))
