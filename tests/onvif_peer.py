@@ -143,6 +143,7 @@ class Switches:
     down: bool = False  # every request: connection dropped without an answer
     snapshot: bytes = b""
     stream_uri: str | None = None  # what GetStreamUri answers (a real RTSP server's URL), else a made-up one
+    stream_uris: dict[str, str] = field(default_factory=dict)  # per profile token, before stream_uri
     profiles: list[Profile] = field(default_factory=lambda: list(DEFAULT_PROFILES))
 
 
@@ -496,7 +497,8 @@ class OnvifFixture:
     async def op_GetStreamUri(self, el: Any, req: web.Request) -> str:
         media2 = req.path.endswith("media2_service")
         p = self._profile(self._arg(el, "ProfileToken"), media2)
-        uri = self.sw.stream_uri or f"rtsp://127.0.0.1:{self.port + 1}/Streaming/{p.token}?boot={self.boots}"
+        uri = (self.sw.stream_uris.get(p.token) or self.sw.stream_uri
+               or f"rtsp://127.0.0.1:{self.port + 1}/Streaming/{p.token}?boot={self.boots}")
         if media2:
             return f"<tr2:GetStreamUriResponse><tr2:Uri>{escape(uri)}</tr2:Uri></tr2:GetStreamUriResponse>"
         return (f"<trt:GetStreamUriResponse><trt:MediaUri><tt:Uri>{escape(uri)}</tt:Uri>"

@@ -189,3 +189,66 @@ devices:
                 assert await wait_until(lambda: runner.source is not None and runner.source is not first_source
                                         and runner.source.url.endswith("/cam1") and runner.online is True, 60)
             assert fixture.calls["Unsubscribe"] == 0
+
+
+def pattern_clip(path: Path, width: int = 1280, height: int = 720, seconds: int = 6) -> Path:
+    """A short H.264 MPEG-TS test pattern at the main stream's size (ffmpeg's testsrc, keyframe every 10)."""
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    f"testsrc=size={width}x{height}:rate=10:duration={seconds}", "-c:v", "libx264",
+                    "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-g", "10", "-f", "mpegts", str(path)],
+                   check=True, timeout=120)
+    return path
+
+
+async def test_onvif_camera_keeps_main_stream_evidence(tmp_path: Path) -> None:
+    """Detection on the sub-stream, evidence from the main one: the snapshot is the camera's own main-stream
+    JPEG (boxes scaled onto it) and the clip is cut from the main stream's packets, at its resolution."""
+    import av
+
+    from tests.onvif_peer import OnvifFixture, Switches
+    from tests.rtsp_peer import RtspServer, busy_clip
+
+    secret = tmp_path / "cam.pass"
+    secret.write_text("s3cret-pw")
+    main_jpeg = cv2.imencode(".jpg", np.full((1080, 1920, 3), 90, np.uint8))[1].tobytes()
+    with RtspServer([busy_clip(), pattern_clip(tmp_path / "main.ts")], mounts=2) as server:
+        switches = Switches(stream_uris={"sub": server.url_for(0), "main265": server.url_for(1)},
+                            snapshot=main_jpeg)
+        async with OnvifFixture(switches) as fixture:
+            text = f"""version: 1
+site_id: s
+gateway_id: g
+state_dir: {tmp_path / 'state'}
+clock: {{sync: synced}}
+health: {{port: 0}}
+cameras:
+  evidence: {{dir: {tmp_path / 'evidence'}, clip_pre_s: 2, clip_post_s: 1}}
+devices:
+  - type: camera
+    id: cam-path
+    username: admin
+    password: {{file: {secret}}}
+    onvif: {{host: 127.0.0.1, port: {fixture.port}}}
+    detect: {{classes: [person]}}
+    clips: true
+    zones:
+      - {{name: path, points: [[0.0, 0.4], [1.0, 0.4], [1.0, 1.0], [0.0, 1.0]]}}
+"""
+            cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config)
+            daemon = Daemon(cfg)
+            async with running_daemon(daemon) as run:
+                assert await wait_until(lambda: run.of("camera.clip", "cam-path"), 90)
+                cap = next(c for c in daemon.capabilities if c.name == "cameras")
+                store = cap.service.evidence  # type: ignore[attr-defined]
+                clip = run.of("camera.clip", "cam-path")[0]
+                with av.open(str(store.get(clip.attachments[0].sha256))) as container:
+                    stream = container.streams.video[0]
+                    assert (stream.codec_context.width, stream.codec_context.height) == (1280, 720)
+                snaps = [e for e in run.of("camera.object", "cam-path") if e.attachments]
+                assert snaps
+                data = store.get(snaps[0].attachments[0].sha256).read_bytes()
+                image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+                assert image.shape[:2] == (1080, 1920)
+                assert fixture.calls["snapshot"] >= 1  # fetched over HTTP Digest from the camera

@@ -145,6 +145,9 @@ class CameraDevice(DeviceBase):
     zones: list[ZoneConfig] = Field(default_factory=list, max_length=64)
     lines: list[LineConfig] = Field(default_factory=list, max_length=64)
     snapshots: bool = Field(default=True, description="keep a snapshot per object/zone/line event")
+    snapshots_from: Literal["main", "detect"] = Field(
+        default="main", description="main: the camera's own snapshot of its main stream (ONVIF), sharper; "
+        "detect: the frame the detector saw. Falls back to detect when the camera has no snapshot URI")
     clips: bool = Field(default=False, description="keep a clip for zone and line events (pre/post buffer)")
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,6 +154,11 @@ class CameraPipeline:
         self._last_full_s = -1e9
         self._snap_cache: dict[int, asyncio.Future[Attachment]] = {}
         self._source: FrameSource | None = None
+        # The main stream's packet buffer when the camera has one (clips at full resolution); else the
+        # detection stream's.
+        self.clip_source: Any = None
+        # The camera's own main-stream snapshot (ONVIF), tried before the detection frame for evidence.
+        self.main_snapshot: Callable[[], Awaitable[np.ndarray | None]] | None = None
         self._clips_pending = 0
         self.clip_pre_s = 5.0
         self.clip_post_s = 5.0
@@ -261,7 +266,7 @@ class CameraPipeline:
             self._last_snapshot_s = now
             drawn = [Detection(label=t.label, score=t.score, box=t.box, model=self._model,
                                extra={"track_id": float(t.id)}) for t in self.tracks]
-            cached = asyncio.ensure_future(self._evidence.save_snapshot(self.cam.id, frame.image, drawn or detections))
+            cached = asyncio.ensure_future(self._save_snapshot(frame, drawn or list(detections)))
             self._snap_cache[frame.seq] = cached
             while len(self._snap_cache) > 4:
                 self._snap_cache.pop(next(iter(self._snap_cache)))
@@ -273,6 +278,19 @@ class CameraPipeline:
             return ()
         self.stats.snapshots += 1
         return (att,)
+
+    async def _save_snapshot(self, frame: FrameLike, detections: list[Detection]) -> Attachment:
+        assert self._evidence is not None
+        image = frame.image
+        if self.main_snapshot is not None:
+            main = await self.main_snapshot()
+            if main is not None and main.ndim == 3:
+                # The boxes are in the detection frame's pixels; the main stream shows the same picture larger.
+                sx = main.shape[1] / image.shape[1]
+                sy = main.shape[0] / image.shape[0]
+                detections = [d.shifted(0.0, 0.0, sx, sy) for d in detections]
+                image = main
+        return await self._evidence.save_snapshot(self.cam.id, image, detections)
 
     async def _emit(self, frame: FrameLike, type_name: str, data: dict[str, Any],
                     attachments: tuple[Attachment, ...] = (), *, clip: bool = False) -> None:
@@ -298,10 +316,19 @@ class CameraPipeline:
 
         try:
             await asyncio.sleep(max(0.0, at_mono_s + self.clip_post_s - time.monotonic()))
-            packets_since = getattr(self._source, "packets_since", None)
-            if packets_since is None or self._evidence is None:
+            packets: list[Any] = []
+            for src in (self.clip_source, self._source):
+                packets_since = getattr(src, "packets_since", None)
+                if packets_since is not None:
+                    packets = packets_since(at_mono_s - self.clip_pre_s, at_mono_s + self.clip_post_s)
+                if packets:
+                    break
+            if self._evidence is None:
                 return
-            packets = packets_since(at_mono_s - self.clip_pre_s, at_mono_s + self.clip_post_s)
+            if not packets:
+                self.stats.clips_skipped += 1
+                log.warning("%s: clip for %s not kept: no video buffered around the event", self.cam.id, event_id)
+                return
             tmp = self._evidence.root / f".clip-{self.cam.id}-{event_id}.mp4"
             try:
                 info = await asyncio.to_thread(write_clip, packets, tmp, max_bytes=self.clip_max_bytes)

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -55,7 +56,8 @@ from edgeagent.models.types import ModelError
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 600.0
-RESOLVE_BACKOFF_S = (2.0, 60.0)  # asking ONVIF for the stream again: first wait, cap
+RESOLVE_BACKOFF_S = (2.0, 60.0)
+MAIN_SNAPSHOT_TIMEOUT_S = 2.0  # asking ONVIF for the stream again: first wait, cap
 
 
 def with_credentials(url: str, username: str | None, password: str | None) -> str:
@@ -86,19 +88,36 @@ def onvif_camera(cam: CameraDevice) -> Any:
                        connect_timeout_s=o.timeout_s, request_timeout_s=o.timeout_s, relay_names=o.relays)
 
 
-async def detect_url(cam: CameraDevice) -> str:
-    """The stream to detect on: the configured URL, else the camera's sub-stream as ONVIF describes it."""
+@dataclass(frozen=True, slots=True)
+class Streams:
+    """Where a camera's video is: the sub-stream to detect on, and the main stream for clips and snapshots
+    (None: the same stream). ``record_profile`` is the ONVIF profile of the main stream (its snapshot URI)."""
+
+    detect: str
+    record: str | None = None
+    record_profile: Any = None
+
+
+async def resolve_streams(cam: CameraDevice) -> Streams:
+    """The configured URLs, else what ONVIF describes: a sub-stream for detection, the main one for evidence."""
     if cam.rtsp.detect_url is not None:
-        return cam.rtsp.detect_url
+        main_url = cam.rtsp.record_url if cam.rtsp.record_url != cam.rtsp.detect_url else None
+        return Streams(cam.rtsp.detect_url, main_url)
     from edgeagent.drivers.camera.onvif.client import CameraProtocolError, choose_streams  # noqa: PLC0415
 
     assert cam.onvif is not None  # the config holds ONVIF or a URL
     async with onvif_camera(cam) as camera:
-        detect, _record = choose_streams(camera.profiles, detect_token=cam.onvif.profile,
-                                         record_token=cam.onvif.record_profile)
+        detect, record = choose_streams(camera.profiles, detect_token=cam.onvif.profile,
+                                        record_token=cam.onvif.record_profile)
         if not detect.stream_uri:
             raise CameraProtocolError(f"{cam.id}: profile {detect.token} has no RTSP stream URI")
-        return str(detect.stream_uri)
+        main = cam.rtsp.record_url or (record.stream_uri if record.token != detect.token else None)
+        return Streams(str(detect.stream_uri), str(main) if main and main != detect.stream_uri else None, record)
+
+
+async def detect_url(cam: CameraDevice) -> str:
+    """The stream to detect on (see resolve_streams)."""
+    return (await resolve_streams(cam)).detect
 
 
 class CameraRunner:
@@ -118,6 +137,10 @@ class CameraRunner:
         self.events_state: dict[str, Any] = {}
         self._events: Any = None
         self._url: str | None = None
+        self._record_profile: Any = None
+        self.record_source: RtspSource | None = None
+        if cam.snapshots_from == "main" and cam.onvif is not None:
+            self.pipeline.main_snapshot = self.main_snapshot
         self._reopen = asyncio.Event()
 
     def _password(self) -> str | None:
@@ -133,23 +156,41 @@ class CameraRunner:
         backoff_s = RESOLVE_BACKOFF_S[0]
         while True:
             try:
-                url = await detect_url(self.cam)
+                streams = await resolve_streams(self.cam)
             except EdgeagentError as exc:
                 self._on_state(False, f"ONVIF: {exc}")
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, RESOLVE_BACKOFF_S[1])
                 continue
             backoff_s = RESOLVE_BACKOFF_S[0]
-            self._url = url
+            url = streams.detect
+            self._url, self._record_profile = url, streams.record_profile
             self._reopen.clear()
-            full = with_credentials(url, self.cam.username, self._password())
-            source = RtspSource(full, name=self.cam.id, open_timeout_s=self.cam.rtsp.open_timeout_s,
+            password = self._password()
+            ev = self._svc.section.evidence
+            source = RtspSource(with_credentials(url, self.cam.username, password), name=self.cam.id,
+                                open_timeout_s=self.cam.rtsp.open_timeout_s,
                                 freeze_after_s=self.cam.rtsp.frozen_after_s, decode_fps=self.cam.detect.fps,
-                                packet_buffer_bytes=self._svc.section.evidence.buffer_bytes_per_camera,
+                                packet_buffer_bytes=ev.buffer_bytes_per_camera,
                                 loop_file=url.startswith("file:"), on_state=self._on_state)
-            self.source = source
+            # The main stream, for clips only: its packets are buffered, never decoded (a 1080p decode costs
+            # several times the sub-stream's). Opened only when clips are wanted; its failures do not make
+            # the camera offline (clips then come from the sub-stream).
+            record = None
+            if streams.record is not None and self.cam.clips:
+                record = RtspSource(with_credentials(streams.record, self.cam.username, password),
+                                    name=f"{self.cam.id}/main", decode=False,
+                                    open_timeout_s=self.cam.rtsp.open_timeout_s,
+                                    freeze_after_s=max(self.cam.rtsp.frozen_after_s, 5.0),
+                                    packet_buffer_bytes=ev.buffer_bytes_per_camera,
+                                    loop_file=streams.record.startswith("file:"))
+            self.source, self.record_source = source, record
+            self.pipeline.clip_source = record
             try:
-                async with source:
+                async with contextlib.AsyncExitStack() as stack:
+                    await stack.enter_async_context(source)
+                    if record is not None:
+                        await stack.enter_async_context(record)
                     pipe = asyncio.create_task(self.pipeline.run(source), name=f"{self.cam.id}:pipeline")
                     reopen = asyncio.create_task(self._reopen.wait())
                     try:
@@ -162,8 +203,27 @@ class CameraRunner:
                         pipe.result()  # a pipeline error goes to the supervisor
                         return  # the source ended (a file that does not loop)
             finally:
-                self.source = None
+                self.source = self.record_source = None
+                self.pipeline.clip_source = None
             log.info("%s: the camera's stream address changed (after a reboot): reopening", self.cam.id)
+
+    async def main_snapshot(self) -> Any:
+        """The main stream's picture from the camera's own snapshot URI (sharper than the sub-stream's frame),
+        or None when it has none or does not answer in time; the pipeline then uses the detection frame."""
+        camera, profile = self.onvif, self._record_profile
+        if camera is None or profile is None or not getattr(profile, "snapshot_uri", None):
+            return None
+        import numpy as np  # noqa: PLC0415
+
+        from edgeagent.kernel.errors import EdgeagentError  # noqa: PLC0415
+
+        try:
+            async with asyncio.timeout(MAIN_SNAPSHOT_TIMEOUT_S):
+                data = await camera.snapshot(profile)
+        except (EdgeagentError, TimeoutError) as exc:
+            log.debug("%s: main-stream snapshot failed: %s", self.cam.id, exc)
+            return None
+        return await asyncio.to_thread(cv2.imdecode, np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
 
     def on_reboot(self, profiles: Sequence[Any]) -> None:
         """The events task saw the camera reboot and re-fetched its profiles: follow a changed stream URI."""
