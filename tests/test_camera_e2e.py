@@ -182,6 +182,12 @@ devices:
                 assert fixture.relays["RelayOutputToken_1"] == "active"
                 await daemon.outputs.set("cam-gate.barrier", False)
                 assert fixture.relays["RelayOutputToken_1"] == "inactive"
+                # A PTZ preset as a (signed) cloud command's handler.
+                spec = daemon.router.get("camera.ptz_preset")
+                assert spec is not None
+                assert await spec.handler({"camera": "cam-gate", "preset": "Parking"}) == {
+                    "camera": "cam-gate", "preset": "Parking"}
+                assert fixture.preset_log and fixture.preset_log[-1][1] in ("2", "Parking")
                 # The camera reboots and comes back with another stream address: followed.
                 first_source = runner.source
                 fixture.sw.stream_uri = server.url_for(1)
