@@ -173,3 +173,20 @@ def test_parser_never_raises_on_structured_xml(data: bytes) -> None:
     for cam in found:
         assert all(x.startswith(("http://", "https://")) and len(x) <= 512 for x in cam.xaddrs)
         assert cam.name is None or len(cam.name) <= 128
+
+
+def test_cli_discover_lists_what_answers(ipycam: IpycamPeer) -> None:
+    import json
+
+    from tests.helpers import cli
+
+    r = cli("camera", "discover", f"127.0.0.1:{ipycam.discovery_port}", "--no-multicast", "--timeout", "1",
+            "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["address"] for row in rows] == ["127.0.0.1"]
+    assert rows[0]["xaddrs"] == [f"http://127.0.0.1:{ipycam.port}/onvif/device_service"]
+    r = cli("camera", "discover", f"127.0.0.1:{free_udp_port()}", "--no-multicast", "--timeout", "0.5")
+    assert r.exit_code == 1 and "no camera answered" in r.output
+    r = cli("camera", "discover", "10.0.0.0/33", "--no-multicast")
+    assert r.exit_code == 1 and "not a subnet" in r.output
