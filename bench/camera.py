@@ -24,10 +24,11 @@ each on a fresh server, so both see the same part of the clip (the feeders start
 
 Measured in a window of ``--seconds`` after a warm-up (every camera ticking, then ``--warmup`` seconds):
 
-* CPU: utime + stime from ``/proc`` of this process (all threads: loop, RTSP readers, ``to_thread`` pool,
-  the engine's dispatcher) plus the engine's worker process; reported as CPU-seconds per camera-minute and
-  as cores, with a per-thread breakdown (where the CPU goes). The RTSP server and its ffmpeg feeders stand
-  in for the cameras and are not counted (printed apart, with the rest of the machine's load);
+* CPU: this process's CPU time (``time.process_time``, all threads: loop, RTSP readers, ``to_thread``
+  pool, the engine's dispatcher) plus the engine's worker process's utime + stime from ``/proc``; reported as
+  CPU-seconds per camera-minute and as cores, with a per-thread breakdown (where the CPU goes). The RTSP
+  server and its ffmpeg feeders stand in for the cameras and are not counted (printed apart, with the rest
+  of the machine's load); the lag ticker's own cost (below) is measured at start and taken off;
 * detection ticks per camera per second, inferences and regions, frames skipped (source queue overflow +
   engine refusals);
 * frame-to-event latency (``CameraPipeline.stats.frame_to_event_ms``: the event stored minus the frame's
@@ -77,7 +78,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -120,6 +121,7 @@ TARGET_EVENT_P99_MS = 500.0
 TARGET_LAG_P99_MS = 20.0
 TARGET_BACKLOG_GROWTH = 1.0  # frames; the queues are bounded, so the skip rate is printed beside it
 TARGET_RSS_SLOPE_MB_H = 6.0  # ~1 MB over a 10-minute soak: what 10 minutes can resolve above noise
+AGE_TICKS = round(10 * DETECT_FPS)  # ~10 s of ticks per camera for the frame-age figures
 KEPT_UP = 0.95  # share of the detection ticks a loop must run to count as sustaining 5 fps
 
 # The demo camera's zone and line (edgeagent/demo.py), so rules and their events are part of the cost.
@@ -255,7 +257,9 @@ class ClipIndex:
         self.frames = len(thumbs)
         self.nearest_used = 0
 
-    def locate(self, key: bytes) -> int:
+    def locate(self, key: bytes | int) -> int:
+        if isinstance(key, int):
+            return key
         hit = self.exact.get(key)
         if hit is not None:
             return hit
@@ -274,30 +278,48 @@ TrackRow = tuple[int, Box, bool, float, float]  # id, box, matched this tick, fi
 @dataclass(slots=True)
 class Tick:
     t: float
-    key: bytes
+    key: bytes | int  # the clip frame, or the frame's subsample when no clip frame matched exactly
     tracks: list[TrackRow]
 
 
 @dataclass
 class CamRecord:
     ticks: list[Tick] = field(default_factory=list)
-    ages: list[tuple[float, float]] = field(default_factory=list)  # (monotonic, frame age ms) when taken
+    # frame age (ms) when the loop takes a frame: the window's first ticks, and a ring of its last ones
+    ages_first: list[float] = field(default_factory=list)
+    ages_last: deque[float] = field(default_factory=lambda: deque(maxlen=AGE_TICKS))
     first_tick: float | None = None
     busy: int = 0  # naive: engine refusals
     errors: int = 0
     runs: int = 0  # naive: inferences done
     due: int = 0  # naive: detection ticks due
+    keep_ticks: bool = True  # False in the soak: nothing to compare, and the RSS must not grow by our lists
+    index: ClipIndex | None = None
+
+    def age(self, ms: float) -> None:
+        if len(self.ages_first) < AGE_TICKS:
+            self.ages_first.append(ms)
+        self.ages_last.append(ms)
+
+    def tick(self, now: float, image: np.ndarray, tracks: list[TrackRow]) -> None:
+        if not self.keep_ticks:
+            return
+        key = thumb(image)
+        # Located now (a dict look-up): an int per tick instead of the subsample's bytes.
+        pos = self.index.exact.get(key) if self.index is not None else None
+        self.ticks.append(Tick(now, key if pos is None else pos, tracks))
 
 
 class BenchSink:
-    """What CameraPipeline calls (emit, emit_telemetry); keeps the events with their time."""
+    """What CameraPipeline calls (emit, emit_telemetry); counts the events by type (their latency is the
+    pipeline's own ``frame_to_event_ms``)."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[float, str, str, Any]] = []
+        self.counts: dict[str, int] = defaultdict(int)
         self.telemetry = 0
 
     async def emit(self, type_name: str, device_id: str, data: Any, attachments: tuple[Any, ...] = ()) -> None:
-        self.events.append((time.monotonic(), type_name, device_id, data.get("track_id")))
+        self.counts[type_name] += 1
 
     def emit_telemetry(self, type_name: str, device_id: str, data: Any) -> None:
         self.telemetry += 1
@@ -321,12 +343,12 @@ class RecordingSource:
                 self._rec.first_tick = now
             on = self._recording()
             if on:
-                self._rec.ages.append((now, (now - frame.mono_s) * 1000))
+                self._rec.age((now - frame.mono_s) * 1000)
             yield frame
             if on:
-                self._rec.ticks.append(Tick(now, thumb(frame.image), [
+                self._rec.tick(now, frame.image, [
                     (t.id, t.box, t.matched, t.first_seen_s, t.last_seen_s)
-                    for t in self._pipeline.tracks if t.label == "person"]))
+                    for t in self._pipeline.tracks if t.label == "person"])
 
     def stats(self) -> dict[str, Any]:
         return self._source.stats()
@@ -364,7 +386,7 @@ async def naive_camera(cam: CameraDevice, engine: InferenceEngine, source: RtspS
         on = recording()
         if on:
             rec.due += 1
-            rec.ages.append((now, (now - frame.mono_s) * 1000))
+            rec.age((now - frame.mono_s) * 1000)
         h, w = frame.image.shape[:2]
         try:
             raw = await engine.detect_regions(MODEL, frame.image, [(0.0, 0.0, float(w), float(h))], camera=cam.id)
@@ -377,32 +399,62 @@ async def naive_camera(cam: CameraDevice, engine: InferenceEngine, source: RtspS
         update = tracker.update(keep(cam, raw, w, h), now)
         if on:
             rec.runs += 1
-            rec.ticks.append(Tick(now, thumb(frame.image), [
+            rec.tick(now, frame.image, [
                 (tr.id, tr.box, tr.matched, tr.first_seen_s, tr.last_seen_s)
-                for tr in update.tracks if tr.label == "person"]))
+                for tr in update.tracks if tr.label == "person"])
 
 
-async def lag_ticker(out: list[float], interval: float = 0.01) -> None:
+class LagHist:
+    """Event-loop lateness in 0.05 ms bins up to 250 ms (later ones in the last bin, the maximum kept apart):
+    fixed memory, so a 10-minute soak at 100 samples/s does not grow the RSS it measures."""
+
+    BIN_MS = 0.05
+    BINS = 5000
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(self.BINS, dtype=np.int64)
+        self.counts[:] = 0  # touch the pages now
+        self.n = 0
+        self.max = float("nan")
+
+    def add(self, ms: float) -> None:
+        self.counts[min(self.BINS - 1, max(0, int(ms / self.BIN_MS)))] += 1
+        self.n += 1
+        self.max = ms if not self.max >= ms else self.max
+
+    def pct(self, q: float) -> float:
+        if not self.n:
+            return float("nan")
+        rank = max(1, math.ceil(q / 100 * self.n))
+        k = int(np.searchsorted(np.cumsum(self.counts), rank))
+        return min((k + 1) * self.BIN_MS, self.max)
+
+
+async def lag_ticker(out: LagHist, interval: float = 0.01) -> None:
     while True:
         t0 = time.monotonic()
         await asyncio.sleep(interval)
-        out.append((time.monotonic() - t0 - interval) * 1000)
+        out.add((time.monotonic() - t0 - interval) * 1000)
 
 
-async def ticker_cost(seconds: float = 5.0) -> float:
-    """CPU share of one core the lag ticker itself costs on an idle loop (subtracted from every window)."""
-    c0 = proc_cpu_s()
-    await asyncio.sleep(seconds)
-    idle = proc_cpu_s() - c0
-    lag: list[float] = []
-    task = asyncio.create_task(lag_ticker(lag))
-    c0 = proc_cpu_s()
-    await asyncio.sleep(seconds)
-    busy = proc_cpu_s() - c0
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return max(0.0, (busy - idle) / seconds)
+async def ticker_cost(seconds: float = 5.0, rounds: int = 3) -> float:
+    """CPU share of one core the lag ticker itself costs on an idle loop (subtracted from every window): the
+    median of ``rounds`` paired idle/ticking intervals, on the process clock (nanoseconds; /proc counts in 10 ms
+    ticks, too coarse for a cost of a few ms per second)."""
+    shares: list[float] = []
+    for _ in range(rounds):
+        c0 = time.process_time()
+        await asyncio.sleep(seconds / 2)
+        idle = time.process_time() - c0
+        task = asyncio.create_task(lag_ticker(LagHist()))
+        c0 = time.process_time()
+        await asyncio.sleep(seconds / 2)
+        busy = time.process_time() - c0
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        shares.append(max(0.0, (busy - idle) / (seconds / 2)))
+    return statistics.median(shares)
 
 
 def malloc_trim() -> None:
@@ -436,7 +488,7 @@ class Phase:
     reconnects: int = 0
     events: dict[str, int] = field(default_factory=dict)
     event_ms: list[float] = field(default_factory=list)
-    lag_ms: list[float] = field(default_factory=list)
+    lag: LagHist = field(default_factory=LagHist)
     waiting: list[float] = field(default_factory=list)
     rss_samples: list[tuple[float, float, float]] = field(default_factory=list)  # (t, rss MB, anon MB)
     hwm_mb: float = float("nan")
@@ -488,13 +540,9 @@ class Phase:
         k = min(5, len(self.waiting) // 2)
         return statistics.fmean(self.waiting[-k:]) - statistics.fmean(self.waiting[:k])
 
-    def age_ms(self, first: bool, span_s: float = 10.0) -> float:
-        ages = [a for r in self.records for a in r.ages]
-        if not ages:
-            return float("nan")
-        t0 = min(t for t, _ in ages)
-        t1 = max(t for t, _ in ages)
-        sel = [a for t, a in ages if (t - t0 <= span_s if first else t1 - t <= span_s)]
+    def age_ms(self, first: bool) -> float:
+        """Median frame age over every camera's first (or last) ~10 s of ticks in the window."""
+        sel = [a for r in self.records for a in (r.ages_first if first else r.ages_last)]
         return statistics.median(sel) if sel else float("nan")
 
 
@@ -508,8 +556,8 @@ async def wait_until(pred: Callable[[], bool], timeout_s: float, step: float = 0
 
 
 async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: float, warmup: float,
-                    engine: InferenceEngine, evidence_dir: Path | None, ticker_share: float,
-                    rss_every: float = 1.0) -> Phase:
+                    engine: InferenceEngine, evidence_dir: Path | None, ticker_share: float, index: ClipIndex,
+                    *, keep_ticks: bool = True, rss_every: float = 1.0) -> Phase:
     malloc_trim()
     ph = Phase(mode=mode, clip=clip_name, cams=cams)
     ph.loadavg = Path("/proc/loadavg").read_text().split(" ")[0]
@@ -532,7 +580,7 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
             sources: list[RtspSource] = []
             for i, url in enumerate(server.urls):
                 cam = camera_config(i, url)
-                rec = CamRecord()
+                rec = CamRecord(keep_ticks=keep_ticks, index=index)
                 ph.records.append(rec)
                 # The daemon's source settings (service.py), decode_fps only for the pipeline.
                 src = RtspSource(url, name=cam.id, open_timeout_s=cam.rtsp.open_timeout_s,
@@ -572,12 +620,12 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
             e0 = engine.stats()
             events_before = [p.stats.events for p in pipelines]
             hwm_ok = reset_hwm() and (worker_pid is None or reset_hwm(worker_pid))
-            lag: list[float] = []
+            lag = LagHist()
             ticker = asyncio.create_task(lag_ticker(lag))
-            ev0 = len(sink.events)
+            ev0 = dict(sink.counts)
             recording = True
             th0 = thread_cpu_s()
-            c0, w0 = proc_cpu_s(), proc_cpu_s(worker_pid) if worker_pid else 0.0
+            c0, w0 = time.process_time(), proc_cpu_s(worker_pid) if worker_pid else 0.0
             k0 = sum(proc_cpu_s(p) for p in cam_pids)
             m0, t0 = machine_busy_s()
             rss_max = 0.0
@@ -596,7 +644,7 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
                     next_sample += rss_every
                 await asyncio.sleep(max(0.0, min(next_sample, t0 + seconds) - time.monotonic()))
             m1, t1 = machine_busy_s()
-            c1 = proc_cpu_s()
+            c1 = time.process_time()
             w1 = proc_cpu_s(worker_pid) if worker_pid else 0.0
             k1 = sum(proc_cpu_s(p) for p in cam_pids)
             th1 = thread_cpu_s()
@@ -613,7 +661,7 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
             ph.cpu_cameras = k1 - k0
             ph.cpu_machine = m1 - m0
             ph.threads = thread_delta(th0, th1)
-            ph.lag_ms = lag
+            ph.lag = lag
             me, wk = proc_status_kb(), proc_status_kb(worker_pid) if worker_pid else {}
             hwm = (me.get("VmHWM", 0) + wk.get("VmHWM", 0)) / 1024
             ph.hwm_mb = hwm if hwm_ok else rss_max
@@ -628,10 +676,7 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
             ph.engine_refused = int(e1["refused"]) - int(e0["refused"])
             model = e1["models"].get(MODEL, {})
             ph.engine_ms_p50, ph.engine_compute_p50 = model.get("p50_ms"), model.get("compute_p50_ms")
-            counts: dict[str, int] = defaultdict(int)
-            for _t, type_name, _dev, _track in sink.events[ev0:]:
-                counts[type_name] += 1
-            ph.events = dict(counts)
+            ph.events = {k: v - ev0.get(k, 0) for k, v in sink.counts.items() if v - ev0.get(k, 0)}
             for p, before in zip(pipelines, events_before, strict=True):
                 # The latencies of the events stored in the window: the newest of the stats' window.
                 n = p.stats.events - before
@@ -787,7 +832,7 @@ def phase_line(ph: Phase) -> str:
             f"{(ph.detector_runs if ph.mode == 'pipeline' else ph.detect_runs_done) / max(1e-9, ph.seconds):>7.1f} "
             f"{regions_per_run(ph):>6.2f} "
             f"{ph.dropped:>6} {ph.skipped - ph.dropped:>6} {fmt(pct(ph.event_ms, 99), '.0f'):>7} "
-            f"{fmt(pct(ph.lag_ms, 99)):>7} {fmt(ph.backlog_growth, '+.1f'):>6} {ph.hwm_mb:>7.0f}")
+            f"{fmt(ph.lag.pct(99)):>7} {fmt(ph.backlog_growth, '+.1f'):>6} {ph.hwm_mb:>7.0f}")
 
 
 HEADER = ("clip  cams  mode     cpu s/    cores  ticks/  infer/  reg/   frames skip   f2e     lag     backl  peak\n"
@@ -817,11 +862,11 @@ def detail(ph: Phase) -> list[str]:
                      f"{', '.join(f'{k} {v}' for k, v in sorted(ph.events.items())) or 'none'}; "
                      f"f2e n {len(ph.event_ms)} p50 {fmt(pct(ph.event_ms, 50), '.0f')} "
                      f"max {fmt(max(ph.event_ms) if ph.event_ms else None, '.0f')} ms; "
-                     f"lag p50 {fmt(pct(ph.lag_ms, 50))} max {fmt(max(ph.lag_ms) if ph.lag_ms else None)} ms")
+                     f"lag p50 {fmt(ph.lag.pct(50))} max {fmt(ph.lag.max)} ms")
     else:
         r = sum(x.runs for x in ph.records)
         lines.append(f"    detection ticks due {sum(x.due for x in ph.records)}, ran {r}, refused "
-                     f"{sum(x.busy for x in ph.records)}; lag p99 {fmt(pct(ph.lag_ms, 99))} ms")
+                     f"{sum(x.busy for x in ph.records)}; lag p99 {fmt(ph.lag.pct(99))} ms")
     return lines
 
 
@@ -886,7 +931,7 @@ def report(args: argparse.Namespace, phases: list[Phase], soak: Phase | None,
     cams4 = c4.cores if c4 else float("nan")
     ev_p99 = max((pct(p.event_ms, 99) for p in pipes if p.event_ms), default=float("nan"))
     ev_p99_4 = max((pct(p.event_ms, 99) for p in pipes if p.event_ms and p.cams <= 4), default=float("nan"))
-    lag_p99 = max((pct(p.lag_ms, 99) for p in pipes if p.lag_ms), default=float("nan"))
+    lag_p99 = max((p.lag.pct(99) for p in pipes if p.lag.n), default=float("nan"))
     backlog = c8.backlog_growth if c8 else float("nan")
     peak = max((p.hwm_mb for p in [*pipes, *([soak] if soak else [])]), default=float("nan"))
 
@@ -927,7 +972,7 @@ def report(args: argparse.Namespace, phases: list[Phase], soak: Phase | None,
               f"cameras: anonymous RSS (here + worker) {first[2]:.1f} -> {last[2]:.1f} MB, slope {anon:+.2f} MB/h "
               f"after {args.soak_warmup_s / 60:.0f} min (target < {TARGET_RSS_SLOPE_MB_H:g}); whole RSS "
               f"{first[1]:.1f} -> {last[1]:.1f} MB ({whole:+.2f} MB/h); soak CPU {soak.cores:.2f} cores, "
-              f"f2e p99 {fmt(pct(soak.event_ms, 99), '.0f')} ms, lag p99 {fmt(pct(soak.lag_ms, 99))} ms")
+              f"f2e p99 {fmt(pct(soak.event_ms, 99), '.0f')} ms, lag p99 {fmt(soak.lag.pct(99))} ms")
     else:
         print("  (not run)  RSS flat over 10 minutes: --soak")
     return (f"RESULT cams4_cpu_cores={cams4:.2f} busy_cpu_ratio_vs_naive={busy_ratio:.3f} "
@@ -938,7 +983,8 @@ def report(args: argparse.Namespace, phases: list[Phase], soak: Phase | None,
 
 # --- main ----------------------------------------------------------------------------------------------------
 
-async def amain(args: argparse.Namespace, clips: dict[str, Path]) -> tuple[list[Phase], Phase | None]:
+async def amain(args: argparse.Namespace, clips: dict[str, Path], indexes: dict[str, ClipIndex]
+                ) -> tuple[list[Phase], Phase | None]:
     section = CamerasConfig()
     manifests = load_manifests()
     engine = InferenceEngine({MODEL: manifests[MODEL]}, provider=section.provider, threads=section.threads,
@@ -963,13 +1009,14 @@ async def amain(args: argparse.Namespace, clips: dict[str, Path]) -> tuple[list[
                         k += 1
                         print(f"[{k}/{total}] {clip} clip, {n} camera(s), {mode}: {args.seconds:g} s ...", flush=True)
                         ph = await run_phase(mode, clip, clips[clip], n, args.seconds, args.warmup, engine,
-                                             evidence_dir, ticker_share)
+                                             evidence_dir, ticker_share, indexes[clip])
                         phases.append(ph)
                         print(HEADER.splitlines()[0] + "\n" + phase_line(ph), flush=True)
             if args.soak:
                 print(f"[soak] busy clip, 4 cameras, pipeline: {args.soak_minutes:g} min ...", flush=True)
                 soak = await run_phase("pipeline", "busy", clips["busy"], 4, args.soak_minutes * 60, args.warmup,
-                                       engine, evidence_dir, ticker_share, rss_every=5.0)
+                                       engine, evidence_dir, ticker_share, indexes["busy"], keep_ticks=False,
+                                       rss_every=5.0)
                 print(HEADER.splitlines()[0] + "\n" + phase_line(soak), flush=True)
     finally:
         if evidence_dir is not None:
@@ -1020,7 +1067,7 @@ def main() -> int:
           f"{','.join(map(str, args.cam_list)) or '-'}; clips {','.join(args.clip_list)}", flush=True)
     result = "RESULT (none: the run failed)"
     try:
-        phases, soak = asyncio.run(amain(args, clips))
+        phases, soak = asyncio.run(amain(args, clips, indexes))
         result = report(args, phases, soak, indexes)
     finally:
         print(result, flush=True)
