@@ -1,0 +1,1 @@
+"""Community video rules: car gate plates, e-bikes in lifts, falls, objects thrown from height."""
