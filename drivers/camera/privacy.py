@@ -22,6 +22,10 @@ Policies:
   pass; the tiles overlap by at least 1.5 times the smallest face that pass finds (about 12 px of model
   input), so every face is whole in one of the two. The images go to the engine in requests of the model's
   ``max_batch`` (8), one after another, so camera frames queue between them, not behind a whole redaction.
+  Cost on the 2-core development box (CPU provider, 2 threads), in the engine worker's CPU time per
+  redaction: 80 ms at 512x512 (1 image), 410 ms at 768x576 (5), 1.7 s at 1920x1080 (19); wall time, with
+  the box loaded by other work (load 9 to 10), 0.16, 0.85 and 3.3 s. Uploads are rare and wait for the
+  network anyway; a site with 1080p cameras and little CPU can raise ``tile_px``.
 * **Threshold.** Privacy wants recall: a blurred patch of wall costs nothing, a missed face leaks. The shipped
   ``centerface`` manifest keeps faces from 0.5; far faces score 0.25 to 0.75. :func:`privacy_manifest` makes a
   copy of it named :data:`PRIVACY_MODEL` keeping faces from 0.3, to give the engine beside the shipped one;
@@ -226,7 +230,7 @@ class FaceBlur:
         self.tile_px = tile_px
         self.tile_overlap_px = tile_overlap_px
         self.busy_wait_s = busy_wait_s
-        self._input_side = max(manifest.input.width, manifest.input.height)
+        self._input_w, self._input_h = manifest.input.width, manifest.input.height
         self._nms_iou = manifest.thresholds.nms_iou
         self._batch = manifest.max_batch
         self.counters = _Counters()
@@ -242,7 +246,7 @@ class FaceBlur:
         default 448 px tiles), as the tiles' cost would buy little."""
         if max(width, height) <= self.tile_px * _TILE_GAIN:
             return []
-        whole_scale = min(1.0, self._input_side / max(width, height))
+        whole_scale = min(self._input_w / width, self._input_h / height)
         overlap = max(self.tile_overlap_px, math.ceil(1.5 * _MIN_FACE_INPUT_PX / whole_scale))
         return tile_grid(width, height, self.tile_px, min(overlap, self.tile_px // 2))
 
@@ -250,15 +254,21 @@ class FaceBlur:
         """The faces of ``image`` (both passes, duplicates merged) scoring ``min_score`` or more, in its pixels.
         Raises :class:`RedactionError` when the detector cannot run. For local use only (see the module
         docstring)."""
+        _every, merged = await self._detect(image, tiles)
+        return merged
+
+    async def _detect(self, image: Image, tiles: bool) -> tuple[list[Detection], list[Detection]]:
+        """(every detection of both passes, the same with duplicates merged), in ``image``'s pixels."""
         image = _check_image(image)
         h, w = image.shape[:2]
         regions = self.tiles(w, h) if tiles else []
         crops = [image[y1:y2, x1:x2] for x1, y1, x2, y2 in regions]
         found = await self._infer([image, *crops])
-        per_region = [found[0]] + [[d.shifted(x1, y1) for d in dets]
-                                   for dets, (x1, y1, _x2, _y2) in zip(found[1:], regions, strict=True)]
+        per_region = [[d for d in found[0] if d.score >= self.min_score]]
+        per_region += [[d.shifted(x1, y1) for d in dets if d.score >= self.min_score]
+                       for dets, (x1, y1, _x2, _y2) in zip(found[1:], regions, strict=True)]
         merged = merge_region_detections(per_region, [(0, 0, w, h), *regions], w, h, self._nms_iou)
-        return [d for d in merged if d.score >= self.min_score]
+        return [d for dets in per_region for d in dets], merged
 
     async def _infer(self, images: list[Image]) -> list[list[Detection]]:
         # One request per model batch rather than one for all: the cameras' requests queue between them, so a
@@ -292,19 +302,23 @@ class FaceBlur:
         Raises :class:`RedactionError` (and returns nothing) when the faces could not be found or blurred."""
         started = time.perf_counter()
         try:
-            faces = await self.faces(image)
+            every, merged = await self._detect(image, tiles=True)
             h, w = image.shape[:2]
-            boxes = [b for b in (enlarge(d.box, self.margin, w, h) for d in faces) if b is not None]
-            try:
-                out = await asyncio.to_thread(blur_boxes, image, boxes, method=self.method, cells=self.cells)
-            except (cv2.error, ValueError, MemoryError) as exc:
-                raise RedactionError(f"the faces could not be blurred, nothing was sent: {exc}") from exc
+            # Every detection, not only the merged ones: a duplicate a tile saw a little larger or shifted
+            # widens the blur, and blurring twice costs nothing.
+            boxes = [b for b in (enlarge(d.box, self.margin, w, h) for d in every) if b is not None]
+            out = await asyncio.to_thread(blur_boxes, image, boxes, method=self.method, cells=self.cells)
         except RedactionError:
             self.counters.failed += 1
             raise
+        except Exception as exc:
+            # Whatever else went wrong (a cv2 error, memory), the caller gets one kind of failure to refuse on.
+            self.counters.failed += 1
+            raise RedactionError(f"the faces could not be blurred, nothing was sent: {type(exc).__name__}: "
+                                 f"{exc}") from exc
         c = self.counters
         c.redacted += 1
-        c.faces += len(boxes)
+        c.faces += len(merged)
         c.last_ms = round((time.perf_counter() - started) * 1000.0, 1)
         return out
 
@@ -339,6 +353,11 @@ class FaceBlur:
             except concurrent.futures.CancelledError:
                 raise RedactionError("face detection was cancelled (the gateway is stopping); nothing was "
                                      "sent") from None
+            except RedactionError:
+                raise
+            except Exception as exc:
+                raise RedactionError(f"face detection failed, nothing was sent: {type(exc).__name__}: "
+                                     f"{exc}") from exc
 
         return redact
 
