@@ -46,14 +46,15 @@ Decisions (what the head's notes in :mod:`~edgeagent.models.decoders.fall` say t
 * **handover**: a fall changes a person's box from tall to wide within half a second, and the tracker
   (which refuses to match boxes whose width or height changes more than twofold) stops matching the
   standing person's track, lets it coast and starts a new track for the lying person (seen on a synthetic
-  fall at 5 and 10 detections a second: two and three tracks); the new window would hold only lying still,
-  which the head reads "normal". So a new person track takes over the state (window, outputs, episode) of
-  a person track that is coasting (neither matched nor stationary) or ended, last matched at most
-  ``handover_s`` before and before the new track was first seen, whose last detected box's centre lies
-  within that box's longer side of the new box's centre (the nearest such); the old track id is then
-  retired (ignored until the tracker ends it). A stationary track never gives its state away: a helper
-  kneeling beside a person lying still must not take over their fall. An ended track's state is kept while
-  it could still be taken over, then its episode ends as ``'track_ended'``;
+  fall at 5 and 10 detections a second: two and three tracks; at 25 none, the steps are small enough); the
+  new window would hold only lying still, which the head reads "normal", and the fall is missed. So a new
+  person track takes over the state (window, outputs, episode) of a person track that is coasting (neither
+  matched nor stationary) or ended, last matched at most ``handover_s`` before and before the new track
+  was first seen, whose last detected box's centre lies within that box's longer side of the new box's
+  centre (the nearest such); the old track id is then retired (ignored until the tracker ends it). A
+  stationary track never gives its state away: a helper kneeling beside a person lying still must not take
+  over their fall. An ended track's state is kept while it could still be taken over, then its episode
+  ends as ``'track_ended'``;
 * bounded: at most ``max_people`` people are held (those ended and waiting for a taker included); a new
   one beyond that drops an ended one first, else the one with the oldest pose (people in a confirmed fall
   last), counted in ``dropped``.
