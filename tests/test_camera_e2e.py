@@ -258,3 +258,34 @@ devices:
                 image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
                 assert image.shape[:2] == (1080, 1920)
                 assert fixture.calls["snapshot"] >= 1  # fetched over HTTP Digest from the camera
+
+
+async def test_the_upload_command_in_the_daemon_sends_faces_blurred(tmp_path: Path) -> None:
+    """Privacy is on by default: the platform's camera.upload_evidence, run by the daemon, sends a kept
+    snapshot of the astronaut with the face blurred (checked by running the face detector on what arrived),
+    while the copy kept on the box stays as it was."""
+    from tests.media import image
+    from tests.peers import make_pki
+    from tests.test_camera_privacy import PutSink
+
+    pki = make_pki(tmp_path / "pki")
+    text = camera_config(tmp_path, CLIP.as_uri()).replace(
+        "  evidence: {", f"  evidence: {{upload_ca_file: {pki.ca}, allow_private_upload_hosts: true, ")
+    cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config)
+    daemon = Daemon(cfg)
+    async with running_daemon(daemon) as run:
+        cap = next(c for c in daemon.capabilities if c.name == "cameras")
+        service = cap.service  # type: ignore[attr-defined]
+        att = await service.evidence.save_snapshot("cam-path", image("astronaut.png"))
+        spec = daemon.router.get("camera.upload_evidence")
+        assert spec is not None
+        async with PutSink(pki) as peer:
+            answer = await spec.handler({"sha256": att.sha256, "url": peer.url()})
+        assert answer["redacted"] is True and len(peer.bodies) == 1
+        sent = cv2.imdecode(np.frombuffer(peer.bodies[0], np.uint8), cv2.IMREAD_COLOR)
+        [faces] = await service.engine.infer("centerface", [sent])
+        assert faces == [], faces
+        [kept] = await service.engine.infer("centerface", [cv2.imread(str(service.evidence.get(att.sha256)))])
+        assert len(kept) == 1
+        assert await wait_until(lambda: run.of("camera.evidence.uploaded"), 10)
+        assert (await daemon.status())["cameras"]["privacy"]["redacted"] >= 1

@@ -42,6 +42,7 @@ from edgeagent.drivers.camera.evidence import (
     EvidenceStore,
     EvidenceTooLarge,
     draw_boxes,
+    in_thread,
 )
 from edgeagent.drivers.camera.upload import (
     PrivateAddressError,
@@ -581,7 +582,7 @@ async def test_uploads_go_through_the_redactor_and_clips_are_held_back(pki: TLSF
     clip.write_bytes(os.urandom(1000))
     clip_att = await store.add_clip(clip, "cam1")
     async with HttpsPeer(pki) as peer:
-        up = uploader(pki, redact=np.zeros_like)
+        up = uploader(pki, redact=in_thread(np.zeros_like))
         result = await up.upload(store, att.sha256, peer.url())
         sent = cv2.imdecode(np.frombuffer(peer.puts[0].body, np.uint8), cv2.IMREAD_COLOR)
         assert int(sent.max()) < 10, "the uploaded snapshot was not redacted"
@@ -590,7 +591,7 @@ async def test_uploads_go_through_the_redactor_and_clips_are_held_back(pki: TLSF
         assert d["redacted"] is True and d["uploaded_sha256"] == peer.puts[0].sha256 != att.sha256
         with pytest.raises(UploadError, match="upload_unredacted_clips"):
             await up.upload(store, clip_att.sha256, peer.url("/b/c.mp4"))
-        allowed = uploader(pki, redact=lambda img: img, upload_unredacted_clips=True)
+        allowed = uploader(pki, redact=in_thread(lambda img: img), upload_unredacted_clips=True)
         assert (await allowed.upload(store, clip_att.sha256, peer.url("/b/c.mp4"))).bytes == 1000
 
 

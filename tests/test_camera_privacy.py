@@ -330,7 +330,7 @@ async def test_an_uploaded_snapshot_has_no_face_left(engine: InferenceEngine, st
     [kept_faces] = await engine.infer("centerface", [kept_img])
     assert len(kept_faces) == 1, "the kept snapshot should still show the face"
     blur = FaceBlur(engine)
-    up = Uploader(ca_file=pki.ca, allow_private_hosts=True, redact=blur.threadsafe(), retries=0)
+    up = Uploader(ca_file=pki.ca, allow_private_hosts=True, redact=blur.redact, retries=0)
     async with PutSink(pki) as peer:
         result = await up.upload(store, att.sha256, peer.url())
     assert len(peer.bodies) == 1
@@ -361,7 +361,7 @@ async def test_no_detector_no_upload(store: EvidenceStore, tmp_path: Path) -> No
         blur = FaceBlur(stopped)
     with pytest.raises(RedactionError, match="nothing was sent"):
         await blur.redact(image("astronaut.png"))
-    up = Uploader(ca_file=pki.ca, allow_private_hosts=True, redact=blur.threadsafe(), retries=0)
+    up = Uploader(ca_file=pki.ca, allow_private_hosts=True, redact=blur.redact, retries=0)
     async with PutSink(pki) as peer:
         with pytest.raises(UploadError, match="could not be redacted") as err:
             await up.upload(store, att.sha256, peer.url())

@@ -175,6 +175,22 @@ class EvidenceConfig(Strict):
         default=False, description="let upload URLs point at private/loopback addresses (a platform on the LAN)")
 
 
+class PrivacyConfig(Strict):
+    """Faces blurred in every picture that leaves the box (PIPL): CenterFace finds them, over the whole picture
+    and magnified tiles; a picture whose faces cannot be found is not sent (fail closed). Evidence kept on the
+    box stays sharp for the guard room unless ``blur_on_save``; no face crop or embedding ever leaves."""
+
+    enabled: bool = Field(default=True, description="blur faces in uploads (turn off only where the site may)")
+    model: str = Field(default="centerface", description="face detector manifest")
+    min_score: float = Field(default=0.3, gt=0, le=1, description="faces found above this are blurred")
+    margin: float = Field(default=0.4, ge=0, le=2, description="each face box grown by this share of its size")
+    method: Literal["pixelate", "gaussian"] = "pixelate"
+    cells: int = Field(default=8, ge=2, le=64, description="a face keeps at most cells x cells colours")
+    tile_px: int = Field(default=448, ge=32, le=4096, description="tiles for small far faces (larger: cheaper)")
+    upload_unredacted_clips: bool = Field(
+        default=False, description="clips cannot be blurred without re-encoding: refused unless this is set")
+
+
 class CamerasConfig(Strict):
     """The shared detector and the evidence kept on the box."""
 
@@ -187,3 +203,4 @@ class CamerasConfig(Strict):
     queue_size: int = Field(default=8, ge=1, le=256, description="inference requests waiting; more are refused")
     stuck_after_s: float = Field(default=10.0, gt=0, le=300, description="an inference this slow restarts the worker")
     evidence: EvidenceConfig = EvidenceConfig()
+    privacy: PrivacyConfig = PrivacyConfig()

@@ -52,7 +52,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 Image = npt.NDArray[np.uint8]
 Point = tuple[float, float]
 Redactor = Callable[[Image], Image]
+AsyncRedactor = Callable[[Image], Awaitable[Image]]
 Kind = Literal["snapshot", "clip"]
 
 TMP_PREFIX: Final = ".tmp-"
@@ -253,6 +254,28 @@ def apply_redactor(redact: Redactor, image: Image) -> Image:
         out = redact(image)
     except Exception as exc:
         raise EvidenceError(f"the redactor failed: {type(exc).__name__}: {exc}") from exc
+    return _redacted(out)
+
+
+async def apply_async_redactor(redact: AsyncRedactor, image: Image) -> Image:
+    """:func:`apply_redactor` for a coroutine redactor (one that awaits the inference engine)."""
+    try:
+        out = await redact(image)
+    except Exception as exc:
+        raise EvidenceError(f"the redactor failed: {type(exc).__name__}: {exc}") from exc
+    return _redacted(out)
+
+
+def in_thread(redact: Redactor) -> AsyncRedactor:
+    """A synchronous redactor as a coroutine one, run in a worker thread."""
+
+    async def run(image: Image) -> Image:
+        return await asyncio.to_thread(redact, image)
+
+    return run
+
+
+def _redacted(out: object) -> Image:
     if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3:
         raise EvidenceError("the redactor did not return a uint8 BGR image")
     return out

@@ -37,7 +37,7 @@ from edgeagent.kernel.capability import (
     TaskSpec,
     validate_args,
 )
-from edgeagent.kernel.errors import CommandRejected
+from edgeagent.kernel.errors import CommandRejected, ConfigError
 from edgeagent.kernel.pipeline.commands import CommandSpec
 from edgeagent.kernel.pipeline.event_types import (
     CAMERA_INPUT,
@@ -336,8 +336,22 @@ class CameraService:
         self.section = section
         self.ctx = ctx
         self.manifests = load_manifests(model_dirs(section))
+        pv = section.privacy
+        if pv.enabled:
+            from edgeagent.drivers.camera.privacy import PRIVACY_MODEL, privacy_manifest  # noqa: PLC0415
+
+            if pv.model not in self.manifests:
+                raise ConfigError(f"cameras.privacy.model: no model manifest {pv.model!r} "
+                                  f"(known: {', '.join(sorted(self.manifests))})")
+            self.manifests[PRIVACY_MODEL] = privacy_manifest(self.manifests[pv.model], min_score=pv.min_score)
         self.engine = InferenceEngine(self.manifests, provider=section.provider, threads=section.threads,
                                       queue_size=section.queue_size, stuck_after_s=section.stuck_after_s)
+        self.face_blur: Any = None
+        if pv.enabled:
+            from edgeagent.drivers.camera.privacy import FaceBlur  # noqa: PLC0415
+
+            self.face_blur = FaceBlur(self.engine, min_score=pv.min_score, margin=pv.margin, method=pv.method,
+                                      cells=pv.cells, tile_px=pv.tile_px)
         root = section.evidence.dir or (ctx.state_dir / "evidence")
         self.evidence = EvidenceStore(Path(root), max_bytes=section.evidence.max_bytes,
                                       retention_s=section.evidence.retention_days * 86_400,
@@ -378,6 +392,7 @@ class CameraService:
 
     def status(self) -> dict[str, Any]:
         return {"engine": self.engine.stats(), "evidence": self.evidence.stats(),
+                "privacy": self.face_blur.stats() if self.face_blur is not None else {"enabled": False},
                 "cameras": {cid: r.status() for cid, r in self.runners.items()}}
 
 
@@ -430,7 +445,11 @@ class CameraCapability(Capability):
         from edgeagent.drivers.camera.upload import Uploader, upload_command  # noqa: PLC0415
 
         ev = self.service.section.evidence
-        uploader = Uploader(ca_file=ev.upload_ca_file, allow_private_hosts=ev.allow_private_upload_hosts)
+        pv = self.service.section.privacy
+        blur = self.service.face_blur
+        uploader = Uploader(ca_file=ev.upload_ca_file, allow_private_hosts=ev.allow_private_upload_hosts,
+                            redact=blur.redact if blur is not None else None,
+                            upload_unredacted_clips=pv.upload_unredacted_clips)
         return [upload_command(self.service.evidence, uploader, self.service.ctx.sink),
                 CommandSpec("camera.ptz_preset", self._ptz_command, PtzArgs, "move a PTZ camera to a preset")]
 

@@ -33,10 +33,13 @@ Policies:
 * **Secrets.** The query string (the signature) and header values are never logged nor put in an answer or
   an error: the URL appears as ``https://host[:port]/path``; an error body is reduced to its ``<Code>``.
 * **Privacy.** Evidence on the box is kept unblurred (see :mod:`edgeagent.drivers.camera.evidence`). With a
-  ``redact`` callable configured, a snapshot is decoded, redacted and re-encoded before it leaves, so the
-  uploaded bytes differ from the kept file (``uploaded_sha256`` in the answer). A clip cannot be redacted
-  without re-encoding video, which this box does not do: with a redactor configured, clips are refused
-  unless ``upload_unredacted_clips`` is set (a site that has decided faces in clips may leave).
+  ``redact`` coroutine configured (:meth:`~edgeagent.drivers.camera.privacy.FaceBlur.redact`, awaited on the
+  loop: it waits for the inference engine; decoding and encoding run in a worker thread), a snapshot is
+  decoded, redacted and re-encoded before it leaves, so the uploaded bytes differ from the kept file
+  (``uploaded_sha256`` in the answer). A redactor that fails refuses the upload (``failed``): nothing
+  unblurred is sent. A clip cannot be redacted without re-encoding video, which this box does not do: with
+  a redactor configured, clips are refused unless ``upload_unredacted_clips`` is set (a site that has
+  decided faces in clips may leave).
 """
 
 from __future__ import annotations
@@ -60,17 +63,18 @@ from urllib.parse import urlsplit
 import aiohttp
 import cv2
 import numpy as np
+import numpy.typing as npt
 from aiohttp.abc import ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
 from edgeagent.drivers.camera.evidence import (
+    AsyncRedactor,
     EvidenceEntry,
     EvidenceError,
     EvidenceStore,
-    Redactor,
-    apply_redactor,
+    apply_async_redactor,
     encode_jpeg,
 )
 from edgeagent.kernel.errors import CommandRejected, ConfigError, EdgeagentError
@@ -324,7 +328,7 @@ class Uploader:
     def __init__(self, *, ca_file: Path | None = None, allow_private_hosts: bool = False, max_concurrent: int = 1,
                  max_waiting: int = 1, connect_timeout_s: float = 15.0, read_timeout_s: float = 60.0,
                  total_timeout_s: float = 1800.0, retries: int = 3, backoff_s: float = 2.0,
-                 backoff_max_s: float = 60.0, max_upload_bytes: int = 1 << 30, redact: Redactor | None = None,
+                 backoff_max_s: float = 60.0, max_upload_bytes: int = 1 << 30, redact: AsyncRedactor | None = None,
                  upload_unredacted_clips: bool = False, jpeg_quality: int | None = None,
                  now: Callable[[], datetime] = _utcnow) -> None:
         """``ca_file`` is read here (at wiring), so a missing or bad file is a :class:`ConfigError` at start."""
@@ -425,8 +429,10 @@ class Uploader:
         if entry.kind == "snapshot" and self._redact is not None:
             quality = self._jpeg_quality or store.jpeg_quality
             try:
-                body = await asyncio.to_thread(_redacted_jpeg, path, self._redact, quality)
-            except (EvidenceError, OSError) as exc:
+                image = await asyncio.to_thread(_decode_kept, path)
+                redacted = await apply_async_redactor(self._redact, image)
+                body = await asyncio.to_thread(lambda: encode_jpeg(redacted, quality).tobytes())
+            except (EvidenceError, OSError, cv2.error) as exc:
                 self.counters.failed += 1
                 raise UploadError("failed", f"snapshot {entry.sha256[:16]}… could not be redacted: {exc}") from exc
             uploaded_sha = hashlib.sha256(body).hexdigest()
@@ -532,13 +538,12 @@ async def _open_kept(path: Path, size: int) -> IO[bytes]:
     return stream
 
 
-def _redacted_jpeg(path: Path, redact: Redactor, quality: int) -> bytes:
-    """Decode a kept snapshot, blur what the redactor blurs, re-encode. In a worker thread."""
-    data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+def _decode_kept(path: Path) -> npt.NDArray[np.uint8]:
+    """A kept snapshot's pixels (uint8 BGR). In a worker thread."""
+    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise EvidenceError(f"{path.name[:16]}… does not decode as a JPEG")
-    return encode_jpeg(apply_redactor(redact, np.asarray(image, dtype=np.uint8)), quality).tobytes()
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _retry_after(value: str | None) -> float | None:
