@@ -25,8 +25,8 @@ Policies:
   reader read exactly it, surely, in ``min_frames`` frames *and* it dominates every position of everything
   read so far: characters voted together from different frames (a plate no frame read whole) never open, a
   low-confidence read never counts toward an open, and a few frames misreading a character can neither open
-  for that misread nor, while they are a minority, stop the right plate. The decision is taken on the frame
-  where this first holds (the gate opens while the car approaches).
+  for that misread nor, while fewer than a third of the right reads, stop the right plate. The decision is
+  taken on the frame where this first holds (the gate opens while the car approaches).
 * **Visitor.** The same evidence without a valid entry decides ``visitor`` (reason ``not_in_list``,
   ``entry_expired``, ``entry_not_yet_valid``), but not before ``visitor_wait_s`` after the track's first
   voting read: a resident's plate read better as the car comes closer still opens.
