@@ -338,6 +338,20 @@ def test_second_opinion_confirms_or_blocks() -> None:
     assert decisions == [] or decisions[0].decision != "open"
 
 
+def test_observation_from_a_reader_detection() -> None:
+    from edgeagent.models.types import Detection
+
+    box = (0.0, 0.0, 128.0, 32.0)
+    plain = PlateObservation.from_detection(Detection("plate_text", 0.91, box, text=A))
+    assert plain == PlateObservation(A, 0.91)
+    scored = PlateObservation.from_detection(Detection(
+        "plate", 0.99, box, text=A, extra={"text_score": 0.9, **{f"char_score_{i}": 0.9 + i / 100 for i in range(7)}}))
+    assert scored is not None and scored.confidence == 0.9 and scored.char_scores[6] == pytest.approx(0.96)
+    assert PlateObservation.from_detection(Detection("plate", 0.99, box)) is None
+    read = decoders.PlateRead(A, 0.9, (0.9,) * 7)
+    assert PlateObservation.from_read(read) == PlateObservation(A, 0.9, (0.9,) * 7)
+
+
 def test_bad_reads_are_ignored_not_fatal() -> None:
     voter = PlateVoter(1, CFG, listing(A), started_s=0.0)
     bad = [obs(A, 0.98, [0.9] * 3), obs("京AF02", 0.99), obs("京AF0236XYZ", 0.99), obs(A, float("nan")),

@@ -61,6 +61,7 @@ Source = Literal["reader", "ocr"]
 PlateLookup = Callable[[str], "PlateEntry | None"]
 
 PLATE_LENGTHS: Final = (7, 8)
+CHAR_SCORE_KEY: Final = "char_score_"  # Detection.extra keys a reader may fill with per-character scores
 
 
 def normalize_plate(text: str) -> str:
@@ -183,11 +184,16 @@ class PlateObservation:
     @classmethod
     def from_detection(cls, detection: Detection) -> PlateObservation | None:
         """From a reader's detection (``read_plates``: score the plate's, text score in ``extra``; the
-        ``ctc_plate`` decoder: score the text's). None when nothing was read."""
+        ``ctc_plate`` decoder: score the text's). Per-character scores are taken from ``extra`` keys
+        ``char_score_0``, ``char_score_1``, ... when all are there; without them every character scores the
+        read's confidence (its weakest character), which is stricter. None when nothing was read."""
         if not detection.text:
             return None
-        score = detection.extra.get("text_score", detection.score)
-        return cls(detection.text, float(score))
+        score = float(detection.extra.get("text_score", detection.score))
+        keys = [f"{CHAR_SCORE_KEY}{i}" for i in range(len(detection.text))]
+        if all(k in detection.extra for k in keys):
+            return cls(detection.text, score, tuple(float(detection.extra[k]) for k in keys))
+        return cls(detection.text, score)
 
 
 @dataclass(frozen=True, slots=True)
