@@ -272,7 +272,7 @@ def devices_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _register_subcommands() -> None:
-    from edgeagent.cli import broker, camera, devices, events, local, modbus, models, support  # noqa: PLC0415
+    from edgeagent.cli import broker, camera, devices, events, local, modbus, models, plates, support  # noqa: PLC0415
 
     app.add_typer(events.app, name="events")
     app.add_typer(devices.app, name="device")
@@ -286,6 +286,7 @@ def _register_subcommands() -> None:
     app.add_typer(broker.app, name="broker")
     app.add_typer(camera.app, name="camera")
     app.add_typer(models.app, name="models")
+    app.add_typer(plates.app, name="plates")
 
 
 _register_subcommands()
