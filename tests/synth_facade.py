@@ -186,6 +186,7 @@ class FallingObject:
     exposure_s: float = 0.01
     offset_m: tuple[float, float] = (0.0, 0.0)  # from the window's centre, (across, down)
     g_factor: float = 1.0  # below 1: drag
+    hidden_s: tuple[tuple[float, float], ...] = ()  # (from, to) after release: behind a balcony, not drawn
     truth_kind: str = "falling_object"
     _grid: FacadeGrid | None = field(default=None, repr=False)
     _u0: float = 0.0
@@ -213,6 +214,9 @@ class FallingObject:
 
     def draw(self, img: Image, t: float) -> None:
         assert self._grid is not None
+        tau = t - self.release_after_s
+        if any(start <= tau < end for start, end in self.hidden_s):
+            return
         a = self.position_m(t - self.exposure_s / 2)
         b = self.position_m(t + self.exposure_s / 2)
         if b is None:
@@ -228,7 +232,7 @@ class FallingObject:
 def falling_object(floor: int, column: int, **kw: Any) -> FallingObject:
     """A small object released from the window of ``(floor, column)``; keyword arguments as
     :class:`FallingObject` (``release_after_s``, ``vx_m_s``, ``vy_m_s``, ``size_px``, ``grey``, ``hold_s``,
-    ``exposure_s``, ``offset_m``, ``g_factor``)."""
+    ``exposure_s``, ``offset_m``, ``g_factor``, ``hidden_s``)."""
     return FallingObject(floor, column, **kw)
 
 
