@@ -9,10 +9,10 @@ tenth of a second near the bottom; at the 5 fps of the detection path it would b
 points. Nothing here runs a model: the object is a few pixels, unknown in kind (a bottle, a brick, a knife).
 What tells it apart is **physics**: once released, it falls with the acceleration of gravity.
 
-Per frame (measured on the shared 2-core development box with a falling object and a bird in view: about
-4 ms at the median for a 1280x720 grey region of interest, 0.5 ms for 640x360; heavy rain, 150 streaks a
-frame, 6-7 ms and 4 ms; ``downscale=2`` brings 1280x720 near the 640x360 figure; 9 out of 10 ms of it are
-the OpenCV calls of steps 2 and 3):
+Per frame (the 2-core development box, quiet, with a falling object and a bird in view): 1.6 ms at the
+median (p99 4.7 ms) for a 1280x720 grey region of interest, 1.9 ms from BGR, 0.4 ms with ``downscale=2``;
+0.5 ms for 640x360; heavy rain (150 streaks a frame) 3.5 ms and 2.1 ms. Nearly all of it is the OpenCV calls
+of steps 2 and 3. At 25 fps a 1280x720 façade costs about 4 % of one core:
 
 1. **Region of interest**: the façade's quad's bounding box grown by ``roi_margin`` (objects fall below the
    lowest floor in view and are thrown out sideways), or the spec's explicit ``roi``; a numpy view, no copy.
@@ -53,11 +53,13 @@ metres** (``floor_height_m`` per floor, ``column_width_m`` per column). There th
 falling object is ``v(t) = v0 + b t + a t^2 / 2`` with ``a`` the acceleration of gravity whatever the
 perspective (a camera looking up compresses the upper floors: in image pixels the same fall accelerates more
 near the bottom). The fit is on the track's **fall**: walking back from the last point while each earlier
-point is no lower (within 1.5 px) gives the descending tail, and in it the last point within 1.5 px of its
-highest one is where the object left its rest (held out of a window) or the top of its flight (thrown up).
-Points at rest before it would bias ``a`` down; a blob jittering in place and then one unrelated blob has a
-tail of two or three points. A track alarms when, on its fall (up to ``max_lead_trim`` leading points may be
-dropped, for the frames where the object was still merged with the hand or the ghost of where it rested):
+point is no lower (within 1.5 px; one-frame spikes of the centroid, a rain streak merged into the blob, are
+smoothed out by a 3-point median first) gives the descending tail, and in it the last point within 1.5 px of
+its highest one is where the object left its rest (held out of a window) or the top of its flight (thrown
+up). Points at rest before it would bias ``a`` down; a blob jittering in place and then one unrelated blob
+has a tail of two or three points. The fit leaves out up to ``max_outliers`` points whose leave-one-out
+residual exceeds ``outlier_px``. A track alarms when, on its fall (up to ``max_lead_trim`` leading points may
+be dropped, for the frames where the object was still merged with the hand or the ghost of where it rested):
 
 * it has at least ``min_points`` points and has descended at least ``min_fall_floors`` floors (from its
   highest point to its last one); a person moving at a window never leaves the window's cell;
@@ -74,11 +76,19 @@ dropped, for the frames where the object was still merged with the hand or the g
 * the fit explains the observed points to within ``max_residual_px`` pixels RMS in the image (the fitted
   points are mapped back into the image): a flapping, undulating or erratic path does not fit a parabola;
 * the fit without the last point predicts the last point within ``max_predict_px``: a fit carried by one or
-  two far points is not a trajectory.
+  two far points is not a trajectory;
+* nothing the track did just before its fall (the trimmed points and the three before) was higher than the
+  fitted release point: a released object was held there or rose to it, while a bird whose aliased wingbeat
+  slowed its descent for a moment, then sped it up again, came from above;
+* all of this still holds ``confirm_frames`` track points after it first held (passing need not be on
+  consecutive frames).
 
 Each of these is re-checked on every frame a candidate track grows, so that the alarm comes on the first
-frame the evidence suffices; the ``accel_sigmas`` interval is what keeps these repeated looks from finding,
-sooner or later, a lucky stretch in a bird's path.
+frame the evidence suffices; the ``accel_sigmas`` interval (with its centroid-noise floor,
+``min_centroid_px``) and the confirmation are what keep these repeated looks from finding, sooner or later,
+a lucky stretch in a bird's path. Birds were the hardest distractor here: at 10 fps a wingbeat near 10 Hz
+is aliased into a slow swing of the centroid that, over the 0.8 s of a one-storey fall, can look exactly
+like a fall from rest.
 
 What it cannot tell: a bird that drops off a ledge and dives with folded wings for more than a floor looks
 like a falling object; a very light object (a plastic bag, a sheet of paper) falls with ``a`` far below g and
