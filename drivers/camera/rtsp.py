@@ -108,6 +108,7 @@ RTSP_OPTIONS: Final[Mapping[str, str]] = {
 LIVE_EDGE_WAIT_S: Final = 0.02  # a read that waited this long found no buffered data: we are live
 FPS_WINDOW_S: Final = 5.0
 HOUR_S: Final = 3600.0
+SIZE_CHANGE_AFTER: Final = 10  # frames in a row of another picture size: a real change, not damage
 
 StateCallback = Callable[[bool, str], None]
 
@@ -619,6 +620,8 @@ class RtspSource:
         announced = False
         last_progress = time.monotonic()
         last_emit_pts: float | None = None
+        size_seen: tuple[int, int] | None = None
+        odd_sizes = 0
         frame_dt = 1.0 / fps if fps else 0.1
         undecodable_after_s = self.freeze_after_s if not self.keyframes_only else max(self.freeze_after_s, 10.0)
         pace_anchor: tuple[float, float] | None = None  # (mono, pts_s) for files
@@ -687,6 +690,21 @@ class RtspSource:
                 self.decoded += 1
                 if frame.is_corrupt:  # damage the decoder concealed: still a usable picture, counted
                     self.corrupt_frames += 1
+                # A damaged parameter set can yield a picture of another size: consumers (motion, tracks,
+                # zones) rely on one size per session, so such frames are dropped and counted; a size that
+                # persists is a real change (the camera was reconfigured): the session reopens on it.
+                size = (frame.width, frame.height)
+                if size_seen is None:
+                    size_seen = size
+                elif size != size_seen:
+                    self.corrupt_frames += 1
+                    odd_sizes += 1
+                    if odd_sizes >= SIZE_CHANGE_AFTER:
+                        raise _SessionEnd(f"picture size changed from {size_seen[0]}x{size_seen[1]} to "
+                                          f"{size[0]}x{size[1]}: reopening")
+                    continue
+                else:
+                    odd_sizes = 0
                 self._seq += 1
                 last_progress = now
                 self._last_frame_mono = now
