@@ -491,7 +491,8 @@ class Phase:
     event_ms: list[float] = field(default_factory=list)
     lag: LagHist = field(default_factory=LagHist)
     waiting: list[float] = field(default_factory=list)
-    rss_samples: list[tuple[float, float, float]] = field(default_factory=list)  # (t, rss MB, anon MB)
+    # (t, RSS MB, anonymous RSS MB, anonymous here, anonymous in the worker), here + worker
+    rss_samples: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     hwm_mb: float = float("nan")
     engine_refused: int = 0
     engine_ms_p50: float | None = None
@@ -639,7 +640,8 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
                     me, wk = proc_status_kb(), proc_status_kb(worker_pid) if worker_pid else {}
                     rss = (me.get("VmRSS", 0) + wk.get("VmRSS", 0)) / 1024
                     anon = (me.get("RssAnon", 0) + wk.get("RssAnon", 0)) / 1024
-                    ph.rss_samples.append((now - t0, rss, anon))
+                    ph.rss_samples.append((now - t0, rss, anon, me.get("RssAnon", 0) / 1024,
+                                           wk.get("RssAnon", 0) / 1024))
                     rss_max = max(rss_max, rss)
                     next_sample += rss_every
                 await asyncio.sleep(max(0.0, min(next_sample, t0 + seconds) - time.monotonic()))
@@ -868,7 +870,7 @@ def detail(ph: Phase) -> list[str]:
     return lines
 
 
-def rss_slope(samples: Sequence[tuple[float, float, float]], after_s: float, which: int) -> float:
+def rss_slope(samples: Sequence[tuple[float, ...]], after_s: float, which: int) -> float:
     """Least-squares slope in MB/h of sample[which] after ``after_s``."""
     pts = [(t, s[which]) for s in samples if (t := s[0]) >= after_s]
     if len(pts) < 3:
@@ -891,12 +893,13 @@ def report(args: argparse.Namespace, phases: list[Phase], soak: Phase | None,
         print("\n".join(detail(ph)))
     if soak is not None:
         print("\n== soak: RSS per minute (median of the samples; MB) ==")
-        print("  minute  RSS here + worker  anonymous (here + worker)")
+        print("  minute  RSS here + worker  anonymous (here + worker)  anonymous here  anonymous worker")
         for minute in range(math.ceil(soak.seconds / 60)):
             sel = [x for x in soak.rss_samples if minute * 60 <= x[0] < (minute + 1) * 60]
             if sel:
                 print(f"  {minute:>6}  {statistics.median(x[1] for x in sel):>17.1f}  "
-                      f"{statistics.median(x[2] for x in sel):>25.1f}")
+                      f"{statistics.median(x[2] for x in sel):>25.1f}  {statistics.median(x[3] for x in sel):>14.1f}  "
+                      f"{statistics.median(x[4] for x in sel):>16.1f}")
 
     by = {(p.mode, p.clip, p.cams): p for p in phases}
     print("\n== person tracks (confirmed, >= ~3 ticks; naive tracks matched by a pipeline track) ==")
@@ -975,6 +978,7 @@ def report(args: argparse.Namespace, phases: list[Phase], soak: Phase | None,
         after = [x for x in soak.rss_samples if x[0] >= args.soak_warmup_s] or soak.rss_samples
         first, last = after[0], after[-1]
         spread = max(x[2] for x in after) - min(x[2] for x in after)
+        # A leak grows; memory handed back (a fall) is not one, and is printed as it is.
         print(f"  {verdict(anon < TARGET_RSS_SLOPE_MB_H)}  RSS flat over {soak.seconds / 60:.0f} minutes at 4 "
               f"cameras: anonymous RSS (here + worker) {first[2]:.1f} -> {last[2]:.1f} MB (range {spread:.1f} MB), "
               f"slope {anon:+.2f} MB/h "
