@@ -171,7 +171,8 @@ def decode_clp_arrays(loc: FloatArray, conf: FloatArray, landms: FloatArray, inp
     for b in range(loc.shape[0]):
         scores = conf[b, :, 1]
         with np.errstate(invalid="ignore"):
-            candidates = np.flatnonzero(scores >= min_score)  # NaN compares False: dropped
+            # NaN compares False and +inf is no probability: both dropped (a score is a softmax output, <= 1)
+            candidates = np.flatnonzero((scores >= min_score) & np.isfinite(scores))
         offsets = loc[b, candidates]
         with np.errstate(over="ignore", invalid="ignore"):
             c = centre[candidates] + offsets[:, :2] * CLP_VARIANCES[0] * size[candidates]
