@@ -438,7 +438,7 @@ class RtspSource:
 
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
-        times = [t for t in self._packet_times if now - t <= FPS_WINDOW_S]
+        times = [t for t in list(self._packet_times) if now - t <= FPS_WINDOW_S]
         fps_in = (len(times) - 1) / (times[-1] - times[0]) if len(times) >= 2 and times[-1] > times[0] else 0.0
         hour = [t for t in list(self._reconnect_times) if now - t <= HOUR_S]
         with self._lock:
