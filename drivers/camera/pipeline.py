@@ -70,6 +70,15 @@ class FrameSource(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+class TickObserver(Protocol):
+    """Something that follows a camera's tracks tick by tick (the community rules: plates, e-bikes, falls).
+    Called on the loop after the tracker, once per detection tick, with every current track and the tracks
+    that ended this tick. It must return at once: heavy work (a plate read, a pose) goes to the engine or a
+    thread from a task of its own, bounded by the observer."""
+
+    def on_tick(self, frame: FrameLike, tracks: Sequence[Track], ended: Sequence[Track], now: float) -> None: ...
+
+
 class Detector(Protocol):
     async def detect_regions(self, model: str, frame: np.ndarray, regions: Sequence[Box], *,
                              camera: str = "") -> list[Detection]: ...
@@ -89,6 +98,7 @@ class PipelineStats:
     snapshots_skipped: int = 0
     clips: int = 0
     clips_skipped: int = 0
+    observer_errors: int = 0
     detector_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     frame_to_event_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     last_detections: list[Detection] = field(default_factory=list)
@@ -102,7 +112,7 @@ class PipelineStats:
             "skipped_busy": self.skipped_busy, "skipped_error": self.skipped_error,
             "quiet_ticks": self.quiet_ticks, "events": self.events, "events_failed": self.events_failed,
             "snapshots": self.snapshots, "snapshots_skipped": self.snapshots_skipped,
-            "clips": self.clips, "clips_skipped": self.clips_skipped,
+            "clips": self.clips, "clips_skipped": self.clips_skipped, "observer_errors": self.observer_errors,
             "detector_ms_p50": pct(self.detector_ms, 50), "detector_ms_p99": pct(self.detector_ms, 99),
             "frame_to_event_ms_p99": pct(self.frame_to_event_ms, 99),
         }
@@ -167,6 +177,8 @@ class CameraPipeline:
         self.stats = PipelineStats()
         self.latest_frame: FrameLike | None = None
         self.tracks: list[Track] = []
+        # Followers of the tracks (see TickObserver); one failing is logged and counted, never stops the camera.
+        self.observers: list[TickObserver] = []
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -237,6 +249,12 @@ class CameraPipeline:
                 self._spawn(self._object_event(frame, t, w, h))
         for hit in hits:
             self._spawn(self._rule_event(frame, hit, w, h))
+        for observer in self.observers:
+            try:
+                observer.on_tick(frame, self.tracks, update.ended, now)
+            except Exception:
+                self.stats.observer_errors += 1
+                log.exception("%s: %s failed on a tick", self.cam.id, type(observer).__name__)
         return hits
 
     def _filter(self, raw: Sequence[Detection], w: int, h: int) -> list[Detection]:
