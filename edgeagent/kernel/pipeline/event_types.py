@@ -304,7 +304,7 @@ CHARGER_PORT_FULL_CUTOFF = REGISTRY.register(EventType(
 AlarmKindName = Literal["sos", "fall", "heart_rate_high", "heart_rate_low", "spo2_low", "removed", "low_battery",
                         "no_signal", "left_compound"]
 AlarmSeverity = Literal["critical", "high", "medium", "low"]
-AlarmVia = Literal["cli", "local_mqtt", "cloud"]
+AlarmVia = Literal["cli", "local_mqtt", "cloud", "console"]
 AlarmDetail = bool | int | float | str
 
 
