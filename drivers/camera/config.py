@@ -133,6 +133,68 @@ class DetectConfig(Strict):
     objects_events: bool = Field(default=True, description="a camera.object event per new track")
 
 
+VEHICLE_CLASSES = ("car", "truck", "bus")
+BIKE_CLASSES = ("bicycle", "motorcycle")
+
+
+class GateRuleConfig(Strict):
+    """The car gate: a vehicle track in ``zone`` has its plate read frame by frame (the plate detector and
+    reader through the shared engine), voted into one decision per track (see
+    :mod:`edgeagent.drivers.camera.rules.plates` for what each setting does and the figures behind the
+    defaults); a resident's plate opens ``open``; any other plate is a ``gate.visitor`` event."""
+
+    zone: str = Field(pattern=NAME_PATTERN, description="the camera's zone where a vehicle's plate is read")
+    open: str = Field(min_length=1, max_length=130, description="what opens the barrier: a Modbus gate device id "
+                      "(its gate.open command), or a named output such as the camera's relay '<camera id>.<name>'")
+    relay_pulse_s: float = Field(default=1.0, gt=0, le=30, description="an output is pulsed this long to open")
+    classes: list[str] = Field(default_factory=lambda: list(VEHICLE_CLASSES), min_length=1,
+                               description="detector labels that are vehicles (added to detect.classes)")
+    call_input: str = Field(default="call_button", max_length=64,
+                            description="the camera input (onvif.inputs name) that is the driver's call button")
+    plate_detector: str = Field(default="clp_det", description="plate detector manifest")
+    plate_reader: str = Field(default="clp_v2_c_rec", description="plate reader manifest")
+    second_opinion: str | None = Field(
+        default=None, description="a general text reader's manifest, read on the same plate crop as a check")
+    read_every_s: float = Field(default=0.2, ge=0, le=10, description="at most one plate read per track this often")
+    min_read_confidence: float = Field(default=0.6, ge=0, le=1)
+    min_confidence: float = Field(default=0.8, ge=0, le=1)
+    min_province_confidence: float = Field(default=0.95, ge=0, le=1)
+    min_frames: int = Field(default=3, ge=1, le=64)
+    min_agreement: float = Field(default=0.75, gt=0.5, le=1)
+    visitor_wait_s: float = Field(default=2.0, ge=0, le=120)
+    decide_after_s: float = Field(default=10.0, gt=0, le=600)
+    second_opinion_weight: float = Field(default=0.5, ge=0, le=1)
+
+
+class EbikeLiftConfig(Strict):
+    """A lift car camera's e-bike rule: a confirmed bike in ``zone`` holds the doors (``door_hold``) and
+    announces (``announce``) until it leaves, raising an ``ebike_in_lift`` alarm (see
+    :mod:`edgeagent.drivers.camera.rules.ebike` for each setting)."""
+
+    zone: str = Field(pattern=NAME_PATTERN, description="the camera's zone drawn on the car's floor")
+    place: str | None = Field(default=None, max_length=64, description="the place in alarms (default: the camera's "
+                              "name or id), e.g. 'building 3 lift 2'")
+    classes: list[str] = Field(default_factory=lambda: list(BIKE_CLASSES), min_length=1,
+                               description="detector labels taken for a bike (added to detect.classes)")
+    site_class: str | None = Field(default=None, description="the e-bike class of a site's own model")
+    door_hold: str = Field(min_length=1, max_length=130, description="output that holds the car's doors open")
+    announce: str | None = Field(default=None, max_length=130, description="output for the voice message or siren")
+    min_score: float = Field(default=0.45, ge=0, le=1)
+    min_area: float = Field(default=0.06, ge=0, le=1, description="box area over the frame's")
+    min_span: float = Field(default=0.3, ge=0, le=1, description="the box's longer side over the frame's")
+    dwell_s: float = Field(default=0.6, ge=0, le=60)
+    clear_s: float = Field(default=2.0, ge=0, le=300)
+    max_hold_s: float = Field(default=120.0, gt=0, le=3600, description="longest door hold (fire safety)")
+    alarm_timeout_s: float | None = Field(default=600.0, gt=0, le=86_400)
+    rearm_s: float = Field(default=60.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _times(self) -> EbikeLiftConfig:
+        if self.alarm_timeout_s is not None and self.alarm_timeout_s < self.max_hold_s:
+            raise ValueError("alarm_timeout_s must be at least max_hold_s (the door is released first)")
+        return self
+
+
 class CameraDevice(DeviceBase):
     """An IP camera: ONVIF for its streams, events and relays, or a bare RTSP stream."""
 
@@ -149,6 +211,8 @@ class CameraDevice(DeviceBase):
         default="main", description="main: the camera's own snapshot of its main stream (ONVIF), sharper; "
         "detect: the frame the detector saw. Falls back to detect when the camera has no snapshot URI")
     clips: bool = Field(default=False, description="keep a clip for zone and line events (pre/post buffer)")
+    gate: GateRuleConfig | None = Field(default=None, description="the car gate rule (plates)")
+    ebike_lift: EbikeLiftConfig | None = Field(default=None, description="the e-bike in a lift car rule")
 
     @model_validator(mode="after")
     def _source(self) -> CameraDevice:
@@ -158,6 +222,27 @@ class CameraDevice(DeviceBase):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"zone/line names must be unique per camera: {sorted(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _rules(self) -> CameraDevice:
+        """A rule's zone exists; the classes a rule needs are tracked (added to detect.classes)."""
+        zones = [z.name for z in self.zones]
+        needed: list[str] = []
+        for key, rule in (("gate", self.gate), ("ebike_lift", self.ebike_lift)):
+            if rule is None:
+                continue
+            if rule.zone not in zones:
+                known = ", ".join(zones) or "none"
+                raise ValueError(f"{key}.zone: no zone {rule.zone!r} on this camera (zones: {known})")
+            needed += rule.classes
+        if self.ebike_lift is not None and self.ebike_lift.site_class:
+            needed.append(self.ebike_lift.site_class)
+        missing = [c for c in dict.fromkeys(needed) if c not in self.detect.classes]
+        if missing:
+            # frozen model: the rules' classes are added to what the detector keeps
+            object.__setattr__(self, "detect", self.detect.model_copy(
+                update={"classes": [*self.detect.classes, *missing]}))
         return self
 
 
