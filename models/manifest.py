@@ -312,14 +312,7 @@ def parse_manifest(text: str, path: Path | str = "<manifest>", folder: Path | No
 def load_manifest(path: Path | str) -> ModelManifest:
     """Read one manifest file; every failure is a :class:`ModelError` naming the file."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelError(f"{p}: no such manifest file") from None
-    except UnicodeDecodeError as exc:
-        raise ModelError(f"{p}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise ModelError(f"{p}: cannot read: {exc.strerror}") from None
+    text = yamlerr.read_text_file(p, ModelError, "no such manifest file")
     return parse_manifest(text, p, p.resolve().parent)
 
 

@@ -114,15 +114,7 @@ __all__ = [
 def load_profile(path: Path | str) -> Profile:
     """Read and validate a profile file; every failure is a :class:`ProfileError` with a location."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"{p}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise ProfileError(f"{p}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise ProfileError(f"{p}: cannot read: {exc.strerror}") from None
-    return parse_profile(text, p)
+    return parse_profile(yamlerr.read_text_file(p, ProfileError), p)
 
 
 def parse_profile(text: str, path: Path | str = "<profile>") -> Profile:

@@ -9,16 +9,16 @@ outputs do not fit the manifest; non-finite values (a broken model) are dropped,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import ClassVar, Generic, TypeVar, cast
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from edgeagent.models.manifest import ModelManifest
-from edgeagent.models.preprocess import ItemMeta
+from edgeagent.models.preprocess import ItemMeta, PreMeta
 from edgeagent.models.types import Detection, ModelError
 
-__all__ = ["finite_detections", "nms", "parse_params", "require_outputs", "sigmoid", "softmax"]
+__all__ = ["BoxDecoder", "finite_detections", "nms", "parse_params", "require_outputs", "sigmoid", "softmax"]
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -30,6 +30,24 @@ def parse_params(manifest: ModelManifest, model: type[P]) -> P:
         return model.model_validate(manifest.decoder_params)
     except ValidationError as exc:
         raise ModelError(f"{manifest.where}: decoder_params: {exc.errors(include_url=False)[0]['msg']}") from None
+
+
+class BoxDecoder(Generic[P]):
+    """A decoder with typed ``decoder_params``: the registry reads :attr:`params_model` to check a manifest's
+    params when it is loaded; each call parses them and decodes with NumPy's floating-point warnings off (a
+    broken model's inf and NaN are filtered out by the decoder, not warned about)."""
+
+    params_model: ClassVar[type[BaseModel]]
+
+    def __call__(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
+                 ) -> list[list[Detection]]:
+        params = cast(P, parse_params(manifest, self.params_model))
+        with np.errstate(all="ignore"):
+            return self._decode(outputs, meta, manifest, params)
+
+    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest, params: P
+                ) -> list[list[Detection]]:
+        raise NotImplementedError
 
 
 def require_outputs(outputs: Mapping[str, np.ndarray], manifest: ModelManifest, count: int | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeagent.models.decoders import finite_detections, nms, parse_params, require_outputs
+from edgeagent.models.decoders import BoxDecoder, finite_detections, nms, require_outputs
 from edgeagent.models.manifest import ModelManifest
 from edgeagent.models.preprocess import PreMeta
 from edgeagent.models.types import Detection, ModelError
@@ -39,17 +39,11 @@ class CenterFaceParams(BaseModel):
     max_detections: int = Field(default=200, ge=1)
 
 
-class _CenterFace:
+class _CenterFace(BoxDecoder[CenterFaceParams]):
     params_model = CenterFaceParams
 
-    def __call__(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
-                 ) -> list[list[Detection]]:
-        with np.errstate(all="ignore"):  # a broken model's inf and NaN are filtered out below, not warned about
-            return self._decode(outputs, meta, manifest)
-
-    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
+    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest, params: CenterFaceParams
                 ) -> list[list[Detection]]:
-        params = parse_params(manifest, CenterFaceParams)
         arrays = require_outputs(outputs, manifest, 4)
         if params.outputs is None:
             heat, scale, offset, lms = arrays

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeagent.models.decoders import finite_detections, nms, parse_params, require_outputs, softmax
+from edgeagent.models.decoders import BoxDecoder, finite_detections, nms, require_outputs, softmax
 from edgeagent.models.manifest import ModelManifest
 from edgeagent.models.preprocess import PreMeta
 from edgeagent.models.types import Detection, ModelError
@@ -36,17 +36,11 @@ class NanoDetParams(BaseModel):
     max_detections: int = Field(default=100, ge=1)
 
 
-class _NanoDet:
+class _NanoDet(BoxDecoder[NanoDetParams]):
     params_model = NanoDetParams
 
-    def __call__(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
-                 ) -> list[list[Detection]]:
-        with np.errstate(all="ignore"):  # a broken model's inf and NaN are filtered out below, not warned about
-            return self._decode(outputs, meta, manifest)
-
-    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
+    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest, params: NanoDetParams
                 ) -> list[list[Detection]]:
-        params = parse_params(manifest, NanoDetParams)
         arrays = require_outputs(outputs, manifest, 2 * len(params.strides))
         n_cls = len(manifest.labels_list)
         n_reg = 4 * (params.reg_max + 1)

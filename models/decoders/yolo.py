@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeagent.models.decoders import finite_detections, nms, parse_params, require_outputs, sigmoid
+from edgeagent.models.decoders import BoxDecoder, finite_detections, nms, require_outputs, sigmoid
 from edgeagent.models.manifest import ModelManifest
 from edgeagent.models.preprocess import PreMeta
 from edgeagent.models.types import Detection, ModelError
@@ -73,17 +73,11 @@ def _rows(a: np.ndarray, params: YoloParams, n_cls: int, manifest: ModelManifest
     return candidates[0]
 
 
-class _Yolo:
+class _Yolo(BoxDecoder[YoloParams]):
     params_model = YoloParams
 
-    def __call__(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
-                 ) -> list[list[Detection]]:
-        with np.errstate(all="ignore"):  # a broken model's inf and NaN are filtered out below, not warned about
-            return self._decode(outputs, meta, manifest)
-
-    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest
+    def _decode(self, outputs: dict[str, np.ndarray], meta: PreMeta, manifest: ModelManifest, params: YoloParams
                 ) -> list[list[Detection]]:
-        params = parse_params(manifest, YoloParams)
         arrays = require_outputs(outputs, manifest)
         if not arrays:
             raise ModelError(f"{manifest.where}: the model gave no output")

@@ -15,12 +15,13 @@ import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     Field,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -40,6 +41,7 @@ from edgeagent.kernel.config.base import (
     redact_url,
 )
 from edgeagent.kernel.errors import ConfigError
+from edgeagent.kernel.pipeline.event_types import ALARM_KIND_PATTERN
 
 CONFIG_VERSION = 1
 __all__ = ["CONFIG_VERSION", "Config", "ConfigError", "CoreConfig", "SecretRef", "load_config", "parse_yaml",
@@ -212,11 +214,19 @@ class AlarmLevelConfig(Strict):
 
 
 class AlarmPolicyConfig(Strict):
+    """Replaces a kind's shipped policy as a whole (every key not given takes the default below)."""
+
     severity: Literal["critical", "high", "medium", "low"]
-    outputs: list[str] = Field(default_factory=list, description="outputs on until acknowledged, e.g. [siren]")
+    outputs: list[str] = Field(default_factory=list, description="outputs on until acknowledged, e.g. [siren] "
+                               "or a lift's [lift2_door_hold, lift2_voice]")
     repeat_s: float = Field(default=60, gt=0)
     escalate_after_s: list[float] = Field(default_factory=list, description="times of levels 1, 2, ...")
     fold_window_s: float | None = Field(default=None, gt=0)
+    ladder: str | None = Field(
+        default=None, pattern=r"^[a-z][a-z0-9_]*$",
+        description="escalation ladder (a name under alarms.ladders); absent: alarms.levels, the resident "
+        "escalation the wristbands use (so a camera's video_fall is linked to it by leaving this out and "
+        "giving escalate_after_s)")
 
 
 class AlarmsSection(Strict):
@@ -229,9 +239,35 @@ class AlarmsSection(Strict):
     output_pulse_s: float | None = Field(default=None, gt=0, description="pulse outputs instead of keeping them on")
     include_names: bool = Field(default=False, description="put residents' names in events to the cloud")
     message_names: bool = Field(default=False, description="put residents' names in notifications")
-    policies: dict[Literal["sos", "fall", "heart_rate_high", "heart_rate_low", "spo2_low", "removed",
-                           "low_battery", "no_signal", "left_compound"], AlarmPolicyConfig] = Field(
-        default_factory=dict, description="per-kind overrides of the shipped policies")
+    ladders: dict[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")],
+                  Annotated[list[AlarmLevelConfig], Field(min_length=1)]] = Field(
+        default_factory=dict, description="other escalation ladders by name, e.g. guard_only: [{name: guard_room, "
+        "targets: [guard_room]}], for policies that name one")
+    policies: dict[Annotated[str, StringConstraints(pattern=ALARM_KIND_PATTERN)], AlarmPolicyConfig] = Field(
+        default_factory=dict, description="per-kind replacements of the shipped policies; a kind is any "
+        "alarm kind a capability declares (sos, fall, ..., charger_cutoff, ebike_in_lift, video_fall, ...)")
+
+    def ladder_issues(self) -> list[Issue]:
+        """Policies naming a ladder that is not there, and more escalation times than a ladder has levels."""
+        issues: list[Issue] = []
+        for kind, policy in self.policies.items():
+            ladder = self.levels if policy.ladder is None else self.ladders.get(policy.ladder)
+            if ladder is None:
+                issues.append((("alarms", "policies", kind, "ladder"),
+                               f"no escalation ladder {policy.ladder!r} under alarms.ladders (there are: "
+                               f"{', '.join(sorted(self.ladders)) or 'none'})"))
+            elif len(policy.escalate_after_s) > len(ladder) - 1:
+                issues.append((("alarms", "policies", kind, "escalate_after_s"),
+                               f"{len(policy.escalate_after_s)} escalation times but the ladder has only "
+                               f"{len(ladder) - 1} level(s) above the first"))
+        return issues
+
+
+def alarm_kind_issues(section: AlarmsSection, kinds: typing.Collection[str]) -> list[Issue]:
+    """``alarms.policies`` keys that no capability declares as an alarm kind, each located at its key."""
+    known = ", ".join(sorted(kinds)) or "none"
+    return [(("alarms", "policies", kind), f"unknown alarm kind {kind!r}: no capability raises it (known kinds: "
+             f"{known})") for kind in section.policies if kind not in kinds]
 
 
 # --- devices (each capability has its config classes, joined by a discriminated union) -----------
@@ -286,6 +322,7 @@ class CoreConfig(Strict):
                            f"{up.broker} is plain MQTT and uplink.password would cross the network in clear "
                            "text: use mqtts:// (or a 'tls' section), or set 'uplink.allow_plaintext: true' to "
                            "accept that"))
+        issues.extend(self.alarms.ladder_issues())
         seen: set[str] = set()
         for i, dev in enumerate(self.devices):
             if dev.id in seen:
@@ -420,14 +457,8 @@ def validate_doc(doc: CommentedMap, path: Path | str, model: type[ConfigT]) -> C
 
 def load_config(path: Path, model: type[ConfigT]) -> ConfigT:
     """Read and validate the file; every failure is a :class:`ConfigError` with a location."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; create one with 'edgeagent init --config {path}'") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    text = yamlerr.read_text_file(path, ConfigError,
+                                  f"no such file; create one with 'edgeagent init --config {path}'")
     return validate_doc(parse_yaml(text, path), path, model)
 
 

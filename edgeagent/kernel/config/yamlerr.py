@@ -45,6 +45,21 @@ class LocatedIssues(ValueError):
         super().__init__(first + more)
 
 
+# --- the file -----------------------------------------------------------------------------------------
+
+def read_text_file(path: Path, error: Callable[[str], Exception], missing: str = "no such file") -> str:
+    """A YAML file's text; every failure raised as ``error(message)`` naming the file, in the same words for
+    every kind of file (``missing`` says what to do when it does not exist)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror}") from None
+
+
 # --- the document ------------------------------------------------------------------------------------
 
 def child(node: Any, part: int | str) -> tuple[Any, Pos] | None:
