@@ -326,16 +326,18 @@ def plate_format_ok(text: str) -> bool:
 def read_detections(reads: Sequence[PlateRead], sizes: Sequence[tuple[int, int]], *, model: str = "",
                     label: str = PLATE_TEXT_LABEL) -> list[list[Detection]]:
     """One list per crop: a ``Detection`` spanning the crop (``sizes`` are width, height) with the text,
-    the minimum character confidence as score and the mean and format check in ``extra``; empty when
-    nothing was read."""
+    the minimum character confidence as score and the mean, the format check and each character's score
+    (``char_score_<i>``) in ``extra``; empty when nothing was read."""
     out: list[list[Detection]] = []
     for read, (w, h) in zip(reads, sizes, strict=True):
         if not read.text:
             out.append([])
             continue
+        # Every character's score too (char_score_0, ...): the gate's vote weighs each position on its own.
+        extra = {"mean_char_score": read.mean_confidence, "format_ok": float(plate_format_ok(read.text)),
+                 **{f"char_score_{i}": float(c) for i, c in enumerate(read.char_scores)}}
         out.append([Detection(label=label, score=read.confidence, box=(0.0, 0.0, float(w), float(h)), model=model,
-                              text=read.text, extra={"mean_char_score": read.mean_confidence,
-                                                     "format_ok": float(plate_format_ok(read.text))})])
+                              text=read.text, extra=extra)])
     return out
 
 
