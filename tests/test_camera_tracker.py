@@ -289,3 +289,45 @@ def test_detections_never_repeated_never_confirm(cells: list[int], size: float, 
         x, y = 300.0 * (cell % 4), 300.0 * (cell // 4)
         u = tracker.update([det(x, y, w=size, h=size)], now)
         assert u.new == () and u.tracks == ()
+
+
+def test_a_track_that_leaves_the_frame_ends_although_no_region_covers_it() -> None:
+    # A walker leaves at the right edge; the pipeline's regions (only where something moves) never contain
+    # the prediction beyond the edge. With the frame size it ends max_age_s after leaving; without it, it
+    # would coast on for ever (the benchmark's soak leak).
+    size = (768, 576)
+    tracker = Tracker(max_age_s=1.5)
+    t = 0.0
+    for i in range(20):
+        x = 500 + 12 * i
+        tracker.update([det(x, 200)], t, covered=[(300.0, 0.0, 768.0, 416.0)], frame_size=size)
+        t += TICK_S
+    (walker,) = tracker.tracks(t)
+    ended = []
+    for _ in range(60):  # 12 s of nothing there, the detector running elsewhere
+        u = tracker.update([], t, covered=[(0.0, 0.0, 100.0, 100.0)], frame_size=size)
+        ended.extend(u.ended)
+        t += TICK_S
+        # The prediction beyond the edge is not sent to the detector either.
+        assert all(b[0] < 768 for b in tracker.due_for_detection(t, 5.0, 0.35))
+    assert [x.id for x in ended] == [walker.id] and len(tracker) == 0
+    assert ended[0].last_seen_s < t - 10.0
+
+
+def test_the_unseen_backstop_ends_a_track_nothing_ever_looks_at() -> None:
+    tracker = Tracker(max_unseen_s=15.0, stationary_after_s=2.0)
+    t = 0.0
+    for _ in range(20):
+        tracker.update([det(300, 200)], t)
+        t += TICK_S
+    assert len(tracker.tracks(t)) == 1
+    last_seen = t - TICK_S
+    ended_at = None
+    while t < 30.0 and ended_at is None:
+        u = tracker.update([], t, covered=[])  # every tick skipped (engine busy): never looked at
+        if u.ended:
+            ended_at = t
+        t += TICK_S
+    assert ended_at is not None and ended_at - last_seen == pytest.approx(15.0, abs=TICK_S + 1e-6)
+    with pytest.raises(ValueError):
+        Tracker(max_unseen_s=1.0, max_age_s=1.5)

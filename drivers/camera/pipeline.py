@@ -155,7 +155,8 @@ class CameraPipeline:
         self._clock = clock
         self._redact = redact
         self._classes = frozenset(cam.detect.classes)
-        self._tracker = Tracker()
+        # A track nothing has seen for three stationary re-check periods is gone, whatever was looked at.
+        self._tracker = Tracker(max_unseen_s=3 * RECHECK_STATIONARY_S)
         zones, lines = zone_specs(cam)
         self._rules = ZoneRules(zones, lines)
         self._motion: MotionDetector | None = None
@@ -239,7 +240,7 @@ class CameraPipeline:
             detections = self._filter(raw, w, h)
         else:
             self.stats.quiet_ticks += 1
-        update = self._tracker.update(detections, now, covered=regions)
+        update = self._tracker.update(detections, now, covered=regions, frame_size=(w, h))
         self.tracks = list(update.tracks)
         self.stats.last_detections = detections
         self.stats.last_tick_mono_s = now

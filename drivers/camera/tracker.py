@@ -40,6 +40,14 @@ looked for: nothing counts against it. **A stationary track is therefore never e
 re-detected**; it ends only when looks spanning ``max_age_s`` all fail to find it (after a failed check it is
 due again at every tick until found or ended). Skipping a detection tick entirely (the engine was busy) is
 ``covered=[]``.
+
+Leaving the frame: with ``frame_size`` given to :meth:`Tracker.update`, a track whose predicted centre lies
+outside the frame counts as looked for and not found, whatever was covered (nothing can see it there), so a
+walker who leaves ends ``max_age_s`` after leaving. Without this no region ever contains such a prediction and
+the track would coast forever (found by the camera benchmark's soak: ~0.17 such tracks per busy camera-second,
+unbounded memory and per-tick work, and zone occupancies that never fall). As a backstop ``max_unseen_s``
+(``None``: off) ends any confirmed track not matched for that long, looked for or not; the pipeline sets it to
+three stationary re-check periods.
 """
 
 from __future__ import annotations
@@ -187,6 +195,7 @@ class Tracker:
         stationary_frac: float = 0.1,
         history_len: int = 64,
         first_id: int = 1,
+        max_unseen_s: float | None = None,
     ) -> None:
         if min_hits < 1:
             raise ValueError(f"min_hits must be at least 1, got {min_hits}")
@@ -196,6 +205,9 @@ class Tracker:
             raise ValueError("max_distance > 0, max_size_ratio >= 1, history_len >= 1 and first_id >= 1 needed")
         if not (0 < alpha <= 1 and 0 <= beta <= 2 and 0 < size_alpha <= 1):
             raise ValueError("alpha and size_alpha must be in (0, 1], beta in [0, 2]")
+        if max_unseen_s is not None and max_unseen_s <= max_age_s:
+            raise ValueError(f"max_unseen_s must exceed max_age_s ({max_age_s}), got {max_unseen_s}")
+        self._max_unseen_s = max_unseen_s
         self._min_hits = min_hits
         self._confirm_window_s = confirm_window_s
         self._max_age_s = max_age_s
@@ -209,6 +221,7 @@ class Tracker:
         self._next_id = first_id
         self._states: list[_State] = []
         self._last_now_s: float | None = None
+        self._frame_size: tuple[int, int] | None = None
 
     @property
     def next_id(self) -> int:
@@ -222,24 +235,33 @@ class Tracker:
         """Predicted boxes (at ``now_s``) of the tracks the detector should look at this tick: every
         tentative track, each confirmed moving track whose last check is ``moving_recheck_s`` old (0: every
         tick), and each stationary track whose last check is ``recheck_every_s`` old; any track whose last
-        check failed. Sorted by track (confirmed ids first, then tentative by age)."""
+        check failed; never a track predicted outside the frame (the last ``frame_size`` given to
+        :meth:`update`): nothing there can be looked at. Sorted by track (confirmed ids first, then tentative
+        by age)."""
         out: list[Box] = []
+        fs = self._frame_size
         for s in self._ordered():
             if s.stationary and s.miss_since_s is None and now_s - s.last_checked_s < recheck_every_s:
                 continue
             if (s.confirmed and not s.stationary and s.miss_since_s is None
                     and now_s - s.last_checked_s < moving_recheck_s):
                 continue
-            out.append(s.predicted(now_s))
+            box = s.predicted(now_s)
+            if fs is not None and not (0 <= (box[0] + box[2]) / 2 <= fs[0] and 0 <= (box[1] + box[3]) / 2 <= fs[1]):
+                continue
+            out.append(box)
         return out
 
     def update(self, detections: Sequence[Detection], now_s: float, *,
-               covered: Sequence[Box] | None = None) -> TrackUpdate:
+               covered: Sequence[Box] | None = None, frame_size: tuple[int, int] | None = None) -> TrackUpdate:
         """Feed one detection tick's detections (frame pixels) at ``now_s`` (monotonic seconds, never going
-        back). ``covered``: the regions the detector ran on (``None`` = the whole frame)."""
+        back). ``covered``: the regions the detector ran on (``None`` = the whole frame). ``frame_size``:
+        ``(width, height)``; a track predicted outside it counts as looked for (see the module docstring)."""
         if self._last_now_s is not None and now_s < self._last_now_s:
             raise ValueError(f"time went back: {now_s} after {self._last_now_s}")
         self._last_now_s = now_s
+        if frame_size is not None:
+            self._frame_size = frame_size
         for s in self._states:
             s.matched = False
         by_label: dict[str, list[int]] = {}
@@ -274,9 +296,11 @@ class Tracker:
         ended: list[Track] = []
         keep: list[_State] = []
         for s in self._states:
-            looked_in_vain = not s.matched and self._miss(s, now_s, regions)
-            if (s.confirmed and looked_in_vain and s.miss_since_s is not None
-                    and now_s - s.miss_since_s >= self._max_age_s):
+            looked_in_vain = not s.matched and self._miss(s, now_s, regions, frame_size)
+            if s.confirmed and ((looked_in_vain and s.miss_since_s is not None
+                                 and now_s - s.miss_since_s >= self._max_age_s)
+                                or (self._max_unseen_s is not None
+                                    and now_s - s.last_seen_s >= self._max_unseen_s)):
                 ended.append(s.snapshot(now_s))
                 continue
             if not s.confirmed and now_s - s.last_seen_s > self._confirm_window_s:
@@ -372,14 +396,15 @@ class Tracker:
         if s.stationary:
             s.vx = s.vy = 0.0
 
-    def _miss(self, s: _State, now_s: float, regions: _F | None) -> bool:
+    def _miss(self, s: _State, now_s: float, regions: _F | None, frame_size: tuple[int, int] | None) -> bool:
         """The track got no detection this tick. Whether it was looked for (only then is the miss held
-        against it)."""
+        against it); a prediction outside the frame counts as looked for: it can never be seen there."""
         if regions is not None:
             cx, cy = s.cx + s.vx * (now_s - s.t), s.cy + s.vy * (now_s - s.t)
+            off_frame = frame_size is not None and not (0 <= cx <= frame_size[0] and 0 <= cy <= frame_size[1])
             inside = bool(np.any((regions[:, 0] <= cx) & (cx <= regions[:, 2])
                                  & (regions[:, 1] <= cy) & (cy <= regions[:, 3])))
-            if not inside:
+            if not inside and not off_frame:
                 return False
         s.last_checked_s = now_s
         if s.miss_since_s is None:
