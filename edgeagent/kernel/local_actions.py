@@ -105,14 +105,21 @@ def core_local_actions(outputs: Outputs, alarms: AlarmRuntime) -> dict[str, Loca
     async def alarms_list(_args: Mapping[str, Any], _who: str) -> Mapping[str, Any]:
         return {"alarms": [al.to_json() for al in alarms.engine.active()]}
 
+    return {"output": output, "alarms": alarms_list, "alarm": alarm_action(alarms, "cli")}
+
+
+def alarm_action(alarms: AlarmRuntime, via: str) -> LocalAction:
+    """Ack or resolve as a local action; ``via`` says which local door it came through (the CLI's control
+    socket, the guard-room console), ``who`` is the authenticated caller."""
+
     async def alarm_ack(args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
         a = validate_args(LocalAlarmArgs, args)
         # [--by next to the caller] --by names who is taking it on; the socket's peer (who) is recorded too.
         by = a.by or who
-        outcome = await _handle_alarm(alarms, a.alarm_id, a.action, by, "cli", a.note, who)
+        outcome = await _handle_alarm(alarms, a.alarm_id, a.action, by, via, a.note, who)
         return {"alarm_id": a.alarm_id, "action": a.action, "by": by, "caller": who, **outcome}
 
-    return {"output": output, "alarms": alarms_list, "alarm": alarm_ack}
+    return alarm_ack
 
 
 def alarm_command(alarms: AlarmRuntime) -> CommandSpec:
