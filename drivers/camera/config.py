@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
+from edgeagent.drivers.camera.rules.settings import FallsConfig, ThrownConfig
 from edgeagent.kernel.config.base import SecretField, Strict
 from edgeagent.kernel.config.schema import DeviceBase
 
@@ -213,6 +214,8 @@ class CameraDevice(DeviceBase):
     clips: bool = Field(default=False, description="keep a clip for zone and line events (pre/post buffer)")
     gate: GateRuleConfig | None = Field(default=None, description="the car gate rule (plates)")
     ebike_lift: EbikeLiftConfig | None = Field(default=None, description="the e-bike in a lift car rule")
+    falls: FallsConfig | None = Field(default=None, description="falls in a common area (pose + fall head)")
+    thrown: ThrownConfig | None = Field(default=None, description="objects thrown from height (a façade camera)")
 
     @model_validator(mode="after")
     def _source(self) -> CameraDevice:
@@ -238,6 +241,12 @@ class CameraDevice(DeviceBase):
             needed += rule.classes
         if self.ebike_lift is not None and self.ebike_lift.site_class:
             needed.append(self.ebike_lift.site_class)
+        if self.falls is not None:
+            for name in self.falls.zones:
+                if name not in zones:
+                    known = ", ".join(zones) or "none"
+                    raise ValueError(f"falls.zones: no zone {name!r} on this camera (zones: {known})")
+            needed.append("person")
         missing = [c for c in dict.fromkeys(needed) if c not in self.detect.classes]
         if missing:
             # frozen model: the rules' classes are added to what the detector keeps
