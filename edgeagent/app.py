@@ -31,11 +31,12 @@ from edgeagent.cloud_bridge.uplink import Uplink
 from edgeagent.control import SOCKET_NAME, ControlServer
 from edgeagent.drivers.notifiers import NotifierHub
 from edgeagent.health import HealthServer
-from edgeagent.kernel.alarms.engine import AlarmConfig, AlarmEngine, AlarmKind, EscalationLevel, KindPolicy
+from edgeagent.kernel.alarms.engine import AlarmConfig, AlarmEngine, EscalationLevel, KindPolicy
+from edgeagent.kernel.alarms.kinds import AlarmKindSpec, collect_kinds
 from edgeagent.kernel.alarms.notify_config import unserved
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
 from edgeagent.kernel.capability import Capability, CapabilityContext, CapabilitySpec, LocalAction
-from edgeagent.kernel.config.schema import Config
+from edgeagent.kernel.config.schema import Config, alarm_kind_issues
 from edgeagent.kernel.errors import ConfigError, OutboxError, UplinkError
 from edgeagent.kernel.local_actions import alarm_command, core_local_actions
 from edgeagent.kernel.pipeline import clock_fix, evictions
@@ -70,12 +71,27 @@ STORAGE_WATCH_S = 1.0
 STOP_STATS_TIMEOUT_S = 5.0
 
 
-def alarm_config(cfg: Config) -> AlarmConfig:
+def alarm_kinds(capabilities: Sequence[CapabilitySpec[Any]] = CAPABILITIES) -> dict[str, AlarmKindSpec]:
+    """Every capability's alarm kinds by name (ValueError when two declare one name)."""
+    return collect_kinds((spec.name, spec.alarm_kinds) for spec in capabilities)
+
+
+def alarm_config(cfg: Config, capabilities: Sequence[CapabilitySpec[Any]] = CAPABILITIES) -> AlarmConfig:
+    """The engine's settings: the capabilities' kinds with the site's ``alarms:`` section over them.
+    ConfigError (located at the key) for a policy of a kind no capability declares."""
     a = cfg.alarms
+    kinds = alarm_kinds(capabilities)
+    issues = alarm_kind_issues(a, kinds) + a.ladder_issues()
+    if issues:
+        raise ConfigError("\n".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in issues))
+
+    def levels(items: Sequence[Any]) -> tuple[EscalationLevel, ...]:
+        return tuple(EscalationLevel(lv.name, tuple(lv.targets)) for lv in items)
+
     return AlarmConfig(
-        levels=tuple(EscalationLevel(lv.name, tuple(lv.targets)) for lv in a.levels),
-        policies={AlarmKind(kind): KindPolicy(p.severity, tuple(p.outputs), p.repeat_s, tuple(p.escalate_after_s),
-                                              p.fold_window_s) for kind, p in a.policies.items()},
+        levels=levels(a.levels), kinds=kinds, ladders={name: levels(ladder) for name, ladder in a.ladders.items()},
+        policies={kind: KindPolicy(p.severity, tuple(p.outputs), p.repeat_s, tuple(p.escalate_after_s),
+                                   p.fold_window_s, p.ladder) for kind, p in a.policies.items()},
         fold_window_s=a.fold_window_s, output_pulse_s=a.output_pulse_s, include_names=a.include_names,
         message_names=a.message_names)
 
@@ -131,7 +147,7 @@ class Daemon:
         self.router = CommandRouter()
         self.outputs = Outputs()
         self._names: dict[str, str] = {}
-        self.alarms = AlarmRuntime(AlarmEngine(alarm_config(cfg), names=self._names.get), sink=self.sink,
+        self.alarms = AlarmRuntime(AlarmEngine(alarm_config(cfg, capabilities), names=self._names.get), sink=self.sink,
                                    state=self.outbox, outputs=self.outputs, notifiers=None, clock=self.clock)
         ctx = CapabilityContext(site_id=cfg.site_id, gateway_id=cfg.gateway_id, sink=self.sink, outputs=self.outputs,
                                 alarms=self.alarms, state=self.outbox, clock=self.clock, state_dir=self.state_dir,
@@ -208,7 +224,7 @@ class Daemon:
         return await self.sink.emit(type_name, device_id, data)
 
     def _notifier_hub(self) -> NotifierHub:
-        targets = {t for lv in self.cfg.alarms.levels for t in lv.targets}
+        targets = self.alarms.engine.config.all_targets()
         # Targets a capability tells itself (the guard-room topic tells 'guard_room') need no notifier.
         missing = [t for t in unserved(self.cfg.notifiers, targets) if t not in self.alarms.local_targets]
         if missing and self.capability("wristbands") is not None:
@@ -409,7 +425,8 @@ class Daemon:
             "tasks": self.supervisor.snapshot() if self.supervisor is not None else [],
             "capabilities": sorted(caps),
             "devices": caps.get("modbus") or [],
-            "alarms": [{"id": al.id, "kind": al.kind.value, "state": al.state.value, "resident_id": al.resident_id,
+            "alarms": [{"id": al.id, "kind": al.kind, "state": al.state.value, "resident_id": al.resident_id,
+                        "place": al.place, "device_id": al.device_id,
                         "count": al.count, "level": al.level} for al in self.alarms.engine.active()],
             "alarm_store": {"not_durable": self.alarms.not_durable, "unstored_dropped": self.alarms.unstored_dropped},
             "outputs": self.outputs.snapshot(),

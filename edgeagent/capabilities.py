@@ -40,6 +40,8 @@ class _AssembledConfig(CoreConfig):
 
     def cross_checks(self) -> list[Issue]:
         issues = super().cross_checks()
+        kinds = {kind.name for spec in type(self).specs for kind in spec.alarm_kinds}
+        issues.extend(schema.alarm_kind_issues(self.alarms, kinds))
         for spec in type(self).specs:
             if spec.cross_checks is not None:
                 issues.extend(spec.cross_checks(spec.section_of(self), spec.devices_of(self), self))

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgeagent.drivers.wristband.kinds import WRISTBAND_ALARM_KINDS, AlarmKind
 from edgeagent.kernel.alarms.engine import (
     Action,
     Alarm,
@@ -22,7 +23,6 @@ from edgeagent.kernel.alarms.engine import (
     AlarmEngine,
     AlarmImportError,
     AlarmInputError,
-    AlarmKind,
     AlarmState,
     AlarmStateError,
     Emit,
@@ -38,6 +38,12 @@ from edgeagent.kernel.alarms.notify import Message, NotifyError, message_for
 from edgeagent.kernel.pipeline.events import EventFactory, Priority
 
 T0_WALL = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
+KINDS = {k.name: k for k in WRISTBAND_ALARM_KINDS}
+
+
+def cfg(**kw: Any) -> AlarmConfig:
+    """An engine config with the wristband's kinds (the engine itself knows none)."""
+    return AlarmConfig(**{"kinds": KINDS, **kw})
 
 
 class FakeClock:
@@ -106,7 +112,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def engine() -> AlarmEngine:
-    return AlarmEngine()
+    return AlarmEngine(cfg())
 
 
 # --- raise and fold --------------------------------------------------------------------------------
@@ -159,12 +165,12 @@ def test_different_residents_and_kinds_do_not_fold(engine: AlarmEngine, clock: F
     engine.raise_("sos", "res-2", "wb-2", clock.advance(1))
     engine.raise_("fall", "res-1", "wb-1", clock.advance(1))
     engine.raise_("sos", "res-1", "wb-1", clock.advance(1))
-    got = sorted((a.resident_id, a.kind.value, a.count) for a in engine.active())
+    got = sorted((a.resident_id, a.kind, a.count) for a in engine.active())
     assert got == [("res-1", "fall", 1), ("res-1", "sos", 2), ("res-2", "sos", 1)]
 
 
 def test_fold_window_slides_from_the_last_raise_and_then_a_new_alarm_starts(clock: FakeClock) -> None:
-    engine = AlarmEngine(AlarmConfig(fold_window_s=120))
+    engine = AlarmEngine(cfg(fold_window_s=120))
     engine.raise_("sos", "res-1", "wb-1", clock.at(0))
     engine.raise_("sos", "res-1", "wb-1", clock.at(120))  # exactly at the window's end: folds
     engine.raise_("sos", "res-1", "wb-1", clock.at(200))  # 80 s after the last raise: folds
@@ -187,8 +193,10 @@ def test_raise_into_an_acknowledged_alarm_counts_without_notifying(engine: Alarm
 
 
 def test_bad_raise_arguments_are_refused_before_anything_changes(engine: AlarmEngine, clock: FakeClock) -> None:
-    with pytest.raises(ValueError, match="not a valid AlarmKind"):
+    with pytest.raises(ValueError, match="unknown alarm kind 'earthquake'"):
         engine.raise_("earthquake", "res-1", "wb-1", clock.now())
+    with pytest.raises(ValueError, match="'sos' is about a resident"):
+        engine.raise_("sos", "lift-2 car", "cam-1", clock.now(), place=True)
     with pytest.raises(ValueError, match="must not be empty"):
         engine.raise_("sos", "", "wb-1", clock.now())
     with pytest.raises(TypeError, match="alarm details"):
@@ -204,7 +212,7 @@ QUIET = KindPolicy("high", repeat_s=30)  # no outputs, no escalation
 
 
 def test_repeats_every_n_seconds_until_acknowledged(clock: FakeClock) -> None:
-    engine = AlarmEngine(AlarmConfig(policies={AlarmKind.SOS: QUIET}))
+    engine = AlarmEngine(cfg(policies={AlarmKind.SOS: QUIET}))
     alarm_id = notifies(engine.raise_("sos", "res-1", "wb-1", clock.now()))[0].alarm.id
     timed = run_ticks(engine, clock, until=100)
     assert notify_log(timed) == [(t, "repeat", 0, ("guard_room",)) for t in (30.0, 60.0, 90.0)]
@@ -250,7 +258,7 @@ def test_a_late_tick_escalates_once_to_the_level_due_without_a_burst(engine: Ala
 
 
 def test_a_late_repeat_keeps_the_grid_when_it_can(clock: FakeClock) -> None:
-    engine = AlarmEngine(AlarmConfig(policies={AlarmKind.SOS: QUIET}))
+    engine = AlarmEngine(cfg(policies={AlarmKind.SOS: QUIET}))
     engine.raise_("sos", "res-1", "wb-1", clock.now())
     assert len(notifies(engine.tick(clock.at(31)))) == 1  # 1 s late
     assert engine.active()[0].next_notify_at == clock.now().at_mono(clock.mono + 29)  # due at 60, not 61
@@ -259,9 +267,9 @@ def test_a_late_repeat_keeps_the_grid_when_it_can(clock: FakeClock) -> None:
 
 
 def test_a_shorter_ladder_and_a_kind_that_never_escalates(clock: FakeClock) -> None:
-    cfg = AlarmConfig(policies={AlarmKind.REMOVED: KindPolicy("medium", repeat_s=100, escalate_after_s=(150,)),
-                                AlarmKind.LOW_BATTERY: KindPolicy("low", repeat_s=100)})
-    engine = AlarmEngine(cfg)
+    config = cfg(policies={AlarmKind.REMOVED: KindPolicy("medium", repeat_s=100, escalate_after_s=(150,)),
+                           AlarmKind.LOW_BATTERY: KindPolicy("low", repeat_s=100)})
+    engine = AlarmEngine(config)
     engine.raise_("removed", "res-1", "wb-1", clock.now())
     engine.raise_("low_battery", "res-1", "wb-1", clock.now())
     log = notify_log(run_ticks(engine, clock, until=1000, step=10))
@@ -398,7 +406,7 @@ def _store(store: dict[str, Any], actions: Iterable[Action]) -> None:
 
 @pytest.mark.parametrize("source", ["export", "snapshots"])
 def test_restart_between_raise_and_ack_continues_notifications_on_time(clock: FakeClock, source: str) -> None:
-    engine = AlarmEngine()
+    engine = AlarmEngine(cfg())
     store: dict[str, Any] = {}
     _store(store, engine.raise_("sos", "res-1", "wb-1", clock.now()))
     for _ in range(3):
@@ -410,7 +418,7 @@ def test_restart_between_raise_and_ack_continues_notifications_on_time(clock: Fa
     # SIGKILL at 75 s; the new process starts 10 s later, its monotonic clock from another epoch.
     now = clock.restart(downtime_s=10, mono_base=7.5)
     assert clock.t == 85
-    engine = AlarmEngine()
+    engine = AlarmEngine(cfg())
     actions = engine.import_(saved, now)
     assert outputs(actions) == [SetOutput("siren", True), SetOutput("strobe", True)]  # re-asserted
     assert notifies(actions) == []  # nothing due yet: the next round is at 90 s
@@ -433,13 +441,13 @@ def test_restart_between_raise_and_ack_continues_notifications_on_time(clock: Fa
 
 
 def test_restart_right_after_the_raise_still_sends_the_first_notification(clock: FakeClock) -> None:
-    engine = AlarmEngine()
+    engine = AlarmEngine(cfg())
     actions = engine.raise_("sos", "res-1", "wb-1", clock.now())
     # Killed after the raise was made durable, before the notification went out.
     raised_only = actions[: actions.index(persisted_action(actions)) + 1]
     store: dict[str, Any] = {}
     _store(store, raised_only)
-    engine = AlarmEngine()
+    engine = AlarmEngine(cfg())
     actions = engine.import_({"v": 1, "alarms": list(store.values())}, clock.restart(downtime_s=3))
     (notify,) = notifies(actions)
     assert notify.message_kind == "new"
@@ -452,21 +460,21 @@ def persisted_action(actions: Sequence[Action]) -> Persist:
 
 
 def test_restart_after_a_long_outage_notifies_and_escalates_at_once(clock: FakeClock) -> None:
-    engine = AlarmEngine()
+    engine = AlarmEngine(cfg())
     engine.raise_("sos", "res-1", "wb-1", clock.now())
     saved = engine.export()
-    engine = AlarmEngine()
+    engine = AlarmEngine(cfg())
     actions = engine.import_(saved, clock.restart(downtime_s=200))
     (notify,) = notifies(actions)
     assert (notify.message_kind, notify.level) == ("escalated", 1)
 
 
 def test_wall_clock_going_back_over_a_restart_delays_nothing_beyond_one_round(clock: FakeClock) -> None:
-    engine = AlarmEngine(AlarmConfig(policies={AlarmKind.SOS: QUIET}))
+    engine = AlarmEngine(cfg(policies={AlarmKind.SOS: QUIET}))
     engine.raise_("sos", "res-1", "wb-1", clock.now())
     saved = engine.export()
     now = clock.restart(downtime_s=-3600)  # an RTC-less box booted with an old clock
-    engine = AlarmEngine(AlarmConfig(policies={AlarmKind.SOS: QUIET}))
+    engine = AlarmEngine(cfg(policies={AlarmKind.SOS: QUIET}))
     engine.import_(saved, now)
     (alarm,) = engine.active()
     assert alarm.next_notify_at is not None
@@ -475,12 +483,12 @@ def test_wall_clock_going_back_over_a_restart_delays_nothing_beyond_one_round(cl
 
 
 def test_import_is_all_or_nothing(clock: FakeClock) -> None:
-    engine = AlarmEngine()
+    engine = AlarmEngine(cfg())
     engine.raise_("sos", "res-1", "wb-1", clock.now())
     engine.raise_("fall", "res-2", "wb-2", clock.now())
     saved = orjson.loads(orjson.dumps(engine.export()))
     broken = {"v": 1, "alarms": [saved["alarms"][0], {**saved["alarms"][1], "state": "exploded"}]}
-    fresh = AlarmEngine()
+    fresh = AlarmEngine(cfg())
     bad: Any
     for bad in (broken, {"v": 2, "alarms": []}, {"alarms": []}, [], None):
         with pytest.raises(AlarmImportError):
@@ -501,7 +509,7 @@ NAMES = {"res-1": "Wang Li"}
 
 @pytest.mark.parametrize(("include_names", "message_names"), [(False, False), (True, False), (False, True)])
 def test_names_only_where_enabled(clock: FakeClock, include_names: bool, message_names: bool) -> None:
-    engine = AlarmEngine(AlarmConfig(include_names=include_names, message_names=message_names),
+    engine = AlarmEngine(cfg(include_names=include_names, message_names=message_names),
                          names=NAMES.get)
     actions = engine.raise_("sos", "res-1", "wb-1", clock.now())
     actions += engine.raise_("fall", "res-9", "wb-9", clock.now())  # no name known
@@ -515,7 +523,7 @@ def test_names_only_where_enabled(clock: FakeClock, include_names: bool, message
 
 
 def test_message_rendering(clock: FakeClock) -> None:
-    engine = AlarmEngine(AlarmConfig(message_names=True), names={"res-1": "Wang\nLi\x1b[31m"}.get)
+    engine = AlarmEngine(cfg(message_names=True), names={"res-1": "Wang\nLi\x1b[31m"}.get)
     for i in range(3):
         engine.raise_("heart_rate_high", "res-1", "wb-1", clock.advance(i), {"heart_rate": 142, "threshold": 120})
     (notify,) = notifies(engine.tick(clock.at(303)))
@@ -547,10 +555,10 @@ def test_message_rendering(clock: FakeClock) -> None:
     (lambda: KindPolicy("high", escalate_after_s=(300, 120)), "strictly increasing"),
     (lambda: KindPolicy("high", outputs=("",)), "output names"),
     (lambda: EscalationLevel("guard_room", ()), "at least one"),
-    (lambda: AlarmConfig(levels=()), "at least one escalation level"),
-    (lambda: AlarmConfig(fold_window_s=-1), "fold_window_s"),
-    (lambda: AlarmConfig(levels=(EscalationLevel("a", ("x",)), EscalationLevel("a", ("y",)))), "unique"),
-    (lambda: AlarmConfig(levels=(EscalationLevel("guard_room", ("guard_room",)),),
+    (lambda: cfg(levels=()), "at least one escalation level"),
+    (lambda: cfg(fold_window_s=-1), "fold_window_s"),
+    (lambda: cfg(levels=(EscalationLevel("a", ("x",)), EscalationLevel("a", ("y",)))), "unique"),
+    (lambda: cfg(levels=(EscalationLevel("guard_room", ("guard_room",)),),
                          policies={AlarmKind.SOS: KindPolicy("critical", escalate_after_s=(60,))}), "only 0 levels"),
 ])
 def test_config_is_validated(make: Any, match: str) -> None:
@@ -559,7 +567,7 @@ def test_config_is_validated(make: Any, match: str) -> None:
 
 
 def test_pulsed_outputs_pulse_again_on_every_round(clock: FakeClock) -> None:
-    engine = AlarmEngine(AlarmConfig(output_pulse_s=10))
+    engine = AlarmEngine(cfg(output_pulse_s=10))
     assert outputs(engine.raise_("sos", "res-1", "wb-1", clock.now())) == [
         SetOutput("siren", True, 10), SetOutput("strobe", True, 10)]
     assert outputs(engine.tick(clock.at(30))) == [SetOutput("siren", True, 10), SetOutput("strobe", True, 10)]
@@ -574,7 +582,7 @@ def test_instant_needs_an_aware_wall_time() -> None:
 
 # --- property: any sequence of operations keeps the invariants --------------------------------------
 
-PROP_CONFIG = AlarmConfig(
+PROP_CONFIG = cfg(
     policies={
         AlarmKind.SOS: KindPolicy("critical", ("siren", "strobe"), repeat_s=30, escalate_after_s=(60, 150)),
         AlarmKind.FALL: KindPolicy("critical", ("strobe",), repeat_s=20, escalate_after_s=(50,)),

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from edgeagent.app import Daemon
+from edgeagent.app import Daemon, alarm_kinds
 from edgeagent.capabilities import load_config
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
-from edgeagent.kernel.alarms.engine import AlarmEngine
+from edgeagent.kernel.alarms.engine import AlarmConfig, AlarmEngine
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
 from edgeagent.kernel.errors import CommandRejected, OutboxError
 from edgeagent.kernel.local_actions import alarm_command, core_local_actions
@@ -28,6 +28,8 @@ from edgeagent.kernel.runtime.clock import Clock
 from edgeagent.kernel.runtime.outputs import Outputs
 from tests.helpers import wait_until
 from tests.peers import free_port
+
+ENGINE_CONFIG = AlarmConfig(kinds=alarm_kinds())  # every capability's kinds, as the daemon has them
 
 
 def write_config(path: Path, state: Path, port: int) -> None:
@@ -177,8 +179,9 @@ async def test_an_ack_that_took_effect_but_was_not_stored_is_answered_not_raised
     try:
         clock = Clock(mode="synced")
         state = RefusingState(outbox)
-        alarms = AlarmRuntime(AlarmEngine(), sink=EventSink(EventFactory(REGISTRY, "s", "gw-1", clock), outbox),
-                              state=state, outputs=Outputs(), notifiers=None, clock=clock)
+        alarms = AlarmRuntime(AlarmEngine(ENGINE_CONFIG),
+                              sink=EventSink(EventFactory(REGISTRY, "s", "gw-1", clock), outbox), state=state,
+                              outputs=Outputs(), notifiers=None, clock=clock)
         local = core_local_actions(Outputs(), alarms)["alarm"]
         cloud = alarm_command(alarms)
         await alarms.raise_("sos", "r-1", "aabbccddee01")

@@ -123,7 +123,7 @@ async def test_sos_with_cloud_down_storm_restart_and_acks(tmp_path: Path, broker
             assert await wait_until(lambda: daemon.alarms.engine.active()
                                     and daemon.alarms.engine.active()[0].count == 100, 15)
             alarm = daemon.alarms.engine.active()[0]
-            assert alarm.kind.value == "sos" and alarm.resident_id == "r-0012"
+            assert alarm.kind == "sos" and alarm.resident_id == "r-0012"
             assert len(of(seen, "alarm.raised")) == 1
             raised = of(seen, "alarm.raised")[0]
             assert raised.priority.label == "alarm" and "Wang" not in json.dumps(dict(raised.data))
@@ -145,16 +145,16 @@ async def test_sos_with_cloud_down_storm_restart_and_acks(tmp_path: Path, broker
                       "rxInfo": [{"gatewayId": f"00800000a000000{gw}", "rssi": -90 - gw, "snr": 5.0}]}
                 await asyncio.to_thread(band.publish, f"application/app1/device/{LORA}/event/up", orjson.dumps(up))
             assert await wait_until(lambda: daemon.wristbands.counters["duplicates"] == 2, 5)  # type: ignore[union-attr]
-            assert await wait_until(lambda: any(a.kind.value == "heart_rate_high"
+            assert await wait_until(lambda: any(a.kind == "heart_rate_high"
                                                 for a in daemon.alarms.engine.active()), 5)
         # Restart in the middle of the alarm (after raised, before acknowledged).
         sim[3].set("ch1_relay", False)
         async with sim, running(cfg) as (daemon, seen):
-            kinds = {a.kind.value for a in daemon.alarms.engine.active()}
+            kinds = {a.kind for a in daemon.alarms.engine.active()}
             assert {"sos", "heart_rate_high"} <= kinds, kinds
             assert await wait_until(lambda: sim[3].get("ch1_relay") is True, 5), "siren not back after restart"
-            sos = next(a for a in daemon.alarms.engine.active() if a.kind.value == "sos")
-            hr = next(a for a in daemon.alarms.engine.active() if a.kind.value == "heart_rate_high")
+            sos = next(a for a in daemon.alarms.engine.active() if a.kind == "sos")
+            hr = next(a for a in daemon.alarms.engine.active() if a.kind == "heart_rate_high")
             # Acknowledge the SOS from the guard room's panel (local MQTT)...
             # (on its own ack topic, <ack_topic>/<its broker account>, the only one the ACL lets it write)
             await asyncio.to_thread(band.publish, "edgeagent/local/alarms/ack/panel-1",
@@ -197,7 +197,7 @@ async def test_malformed_wristband_payloads_are_counted_not_fatal(tmp_path: Path
             await asyncio.to_thread(band.publish, f"application/x/device/{LORA}/event/up", b'{"fPort": 10}')
             await asyncio.to_thread(band.send, "fall")
             assert await wait_until(lambda: of(seen, "alarm.raised"), 5)
-            assert any(a.kind.value == "fall" for a in daemon.alarms.engine.active())
+            assert any(a.kind == "fall" for a in daemon.alarms.engine.active())
             counters = daemon.wristbands.counters  # type: ignore[union-attr]
             assert sum(v for k, v in counters.items() if k.startswith("rejected:")) >= 4, counters
     finally:
@@ -218,6 +218,6 @@ async def test_sos_sent_while_the_daemon_is_down_is_handled_after_it_starts(tmp_
             await asyncio.to_thread(band.send, "sos")  # the daemon is down (restarting)
             async with running(cfg) as (daemon, seen):
                 assert await wait_until(lambda: of(seen, "alarm.raised"), 10), "the SOS sent while down was lost"
-                assert daemon.alarms.engine.active()[0].kind.value == "sos"
+                assert daemon.alarms.engine.active()[0].kind == "sos"
     finally:
         band.close()

@@ -22,9 +22,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgeagent.app import alarm_kinds
 from edgeagent.drivers.wristband.config import WristbandsConfig
+from edgeagent.drivers.wristband.kinds import AlarmKind
 from edgeagent.drivers.wristband.service import WristbandInputError, WristbandService
-from edgeagent.kernel.alarms.engine import AlarmEngine, AlarmKind
+from edgeagent.kernel.alarms.engine import AlarmConfig, AlarmEngine
 from edgeagent.kernel.alarms.notify import Message
 from edgeagent.kernel.alarms.runtime import AlarmNotDurable, AlarmRuntime
 from edgeagent.kernel.errors import OutboxError
@@ -41,6 +43,8 @@ from tests.peers import Collector, Mosquitto
 BAND_A = "aabbccddee01"
 BAND_B = "aabbccddee02"
 SVC_LOG = "edgeagent.drivers.wristband.service"
+
+ENGINE_CONFIG = AlarmConfig(kinds=alarm_kinds())  # every capability's kinds, as the daemon has them
 
 
 class HangingOutput:
@@ -142,7 +146,8 @@ async def rig(tmp_path: Path, port: int, *, outputs: Outputs | None = None, clie
     sink.observe(lambda e, _seq: durable.append((time.monotonic(), e)))
     outs = outputs or Outputs()
     notes = Notes()
-    alarms = AlarmRuntime(AlarmEngine(), sink=sink, state=store, outputs=outs, notifiers=notes, clock=clock)
+    alarms = AlarmRuntime(AlarmEngine(ENGINE_CONFIG), sink=sink, state=store, outputs=outs, notifiers=notes,
+                          clock=clock)
     service = WristbandService(config(port, **cfg), sink, alarms,
                                client_id=client_id or f"edgeagent-test-{time.monotonic_ns()}")
     alarms.listen(service.publish_change)
@@ -262,7 +267,7 @@ async def test_a_failed_state_save_still_notifies_and_reports_not_durable(tmp_pa
         store = FlakyOutbox(outbox)
         store.fail_kv = 1
         notes = Notes()
-        alarms = AlarmRuntime(AlarmEngine(), sink=EventSink(factory, store),  # type: ignore[arg-type]
+        alarms = AlarmRuntime(AlarmEngine(ENGINE_CONFIG), sink=EventSink(factory, store),  # type: ignore[arg-type]
                               state=store, outputs=Outputs(), notifiers=notes, clock=Clock(mode="synced"))
         with pytest.raises(AlarmNotDurable):
             await alarms.raise_(AlarmKind.SOS, "r-1", BAND_A)
@@ -384,7 +389,7 @@ async def test_a_task_that_ends_ends_run_with_an_exception_the_supervisor_sees(t
     try:
         clock = Clock(mode="synced")
         sink = EventSink(EventFactory(REGISTRY, "site-1", "gw-1", clock), outbox)
-        alarms = AlarmRuntime(AlarmEngine(), sink=sink, state=outbox, outputs=Outputs(), notifiers=None,
+        alarms = AlarmRuntime(AlarmEngine(ENGINE_CONFIG), sink=sink, state=outbox, outputs=Outputs(), notifiers=None,
                               clock=clock)
         cfg = config(broker.port, username="edge", password={"file": str(tmp_path / "missing-secret")})
         service = WristbandService(cfg, sink, alarms, client_id="edgeagent-test-secret")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from edgeagent.drivers.wristband.config import WristbandsConfig
+from edgeagent.drivers.wristband.kinds import WRISTBAND_ALARM_KINDS
 from edgeagent.kernel.capability import Capability, CapabilityContext, CapabilitySpec, DoctorCheck, TaskSpec
 from edgeagent.kernel.config.schema import CoreConfig, DeviceBase, Issue
 
@@ -92,4 +93,4 @@ def _doctor(section: WristbandsConfig | None, _cfg: CoreConfig) -> list[DoctorCh
 
 SPEC: CapabilitySpec[WristbandsConfig] = CapabilitySpec(
     name="wristbands", build=_build, section="wristbands", section_model=WristbandsConfig, optional=True,
-    cross_checks=_cross_checks, doctor=_doctor)
+    cross_checks=_cross_checks, doctor=_doctor, alarm_kinds=WRISTBAND_ALARM_KINDS)

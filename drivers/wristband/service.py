@@ -67,12 +67,12 @@ from edgeagent.drivers.wristband.decoders import (
     Reading,
     Rejected,
 )
+from edgeagent.drivers.wristband.kinds import AlarmKind
 from edgeagent.kernel.alarms.engine import (
     MAX_BY_CHARS,
     Alarm,
     AlarmError,
     AlarmInputError,
-    AlarmKind,
     AlarmState,
     check_text,
 )
@@ -640,8 +640,9 @@ class WristbandService:
                 log.warning("guard-room topic: publishing works again")
 
     async def _publish_one(self, session: MqttSession, alarm: Alarm) -> None:
-        doc = {"alarm_id": alarm.id, "kind": alarm.kind.value, "state": alarm.state.value,
-               "resident_id": alarm.resident_id, "device_id": alarm.device_id, "count": alarm.count,
+        doc = {"alarm_id": alarm.id, "kind": alarm.kind, "state": alarm.state.value,
+               "resident_id": alarm.resident_id, "place": alarm.place, "device_id": alarm.device_id,
+               "count": alarm.count,
                "level": alarm.level, "raised_at": alarm.first_raised.wall.isoformat(),
                "acknowledged_by": alarm.acknowledged_by}
         topic = f"{self._cfg.guard_topic}/{alarm.id}"

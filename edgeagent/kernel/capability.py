@@ -26,6 +26,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from edgeagent.kernel.alarms.kinds import AlarmKindSpec
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
 from edgeagent.kernel.config.schema import CoreConfig, DeviceBase, Issue
 from edgeagent.kernel.errors import CommandRejected
@@ -154,7 +155,10 @@ class Capability:
 @dataclass(frozen=True)
 class CapabilitySpec(Generic[SectionT]):
     """A registry entry. ``section`` names the top-level config key the capability owns (None: it has
-    none); ``section_model`` validates it; ``optional`` sections default to None (absent = off)."""
+    none); ``section_model`` validates it; ``optional`` sections default to None (absent = off).
+    ``alarm_kinds``: the kinds of alarm the capability raises through ``CapabilityContext.alarms``
+    (names unique across capabilities; the site's ``alarms.policies.<kind>`` overrides each one's policy).
+    They are registered whether or not the capability is configured, so saved alarms and config stay valid."""
 
     name: str
     build: Callable[[SectionT | None, Sequence[DeviceBase], CapabilityContext], Capability | None]
@@ -165,6 +169,7 @@ class CapabilitySpec(Generic[SectionT]):
     cross_checks: Callable[[SectionT | None, Sequence[DeviceBase], CoreConfig], list[Issue]] | None = None
     probes: Mapping[str, Probe] = field(default_factory=dict)
     doctor: Callable[[SectionT | None, CoreConfig], list[DoctorCheck]] | None = None
+    alarm_kinds: Sequence[AlarmKindSpec] = ()
 
     def section_of(self, cfg: CoreConfig) -> SectionT | None:
         """This capability's section of a loaded config (typed)."""

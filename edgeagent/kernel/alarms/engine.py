@@ -1,4 +1,4 @@
-"""Elderly residents' wristband alarms: the lifecycle and escalation core.
+"""Alarms of every capability (wristbands, cameras, chargers): the lifecycle and escalation core.
 
 :class:`AlarmEngine` is pure: it is fed operations with the time (:class:`Instant`, wall and monotonic)
 and returns :data:`Action` s, in the order they are to be carried out. It does no I/O, never reads a
@@ -12,16 +12,18 @@ One alarm's life::
                   ▼  │          │      (resolved may also follow raised/notified directly)
                escalated (level 1, 2, ...) ─┘
 
-* **raise**: a new alarm switches its kind's outputs on (siren, strobe), is ``alarm.raised``, and is
-  notified at once to the first level's targets (``Notify(..., "new")``, ``alarm.notified``). A raise of
-  the same kind for the same resident within the fold window (measured from the alarm's last raise, so
-  a continuing storm keeps folding) while that alarm is active only counts: a storm of 100 presses is
-  one alarm with ``count == 100`` and one ``alarm.raised``.
+* **raise**: a new alarm switches its kind's outputs on (siren, strobe, a lift's door hold), is
+  ``alarm.raised`` (with the raise's evidence attachments, e.g. a snapshot), and is notified at once to
+  the first level of its kind's ladder (``Notify(..., "new")``, ``alarm.notified``). A raise of the same
+  kind about the same subject (a resident, or a place) within the fold window (measured from the alarm's
+  last raise, so a continuing storm keeps folding) while that alarm is active only counts: a storm of 100
+  presses is one alarm with ``count == 100`` and one ``alarm.raised``.
 * **tick**: until acknowledged, an alarm is notified again every ``repeat_s`` (``"repeat"``); at
   ``escalate_after_s[i]`` after its first raise it reaches level ``i + 1`` (``alarm.escalated``,
   ``"escalated"``), after which repeats go to that level and every level below it. A late tick sends
   one notification, never the rounds it missed; the repeat grid is kept when it can be.
-* **ack**: records who, when and via what (``cli``, ``local_mqtt``, ``cloud``); notifications and
+* **ack**: records who, when and via what (``cli``, ``local_mqtt``, ``cloud``, or the capability's own
+  ``auto``/``rule``); notifications and
   escalation stop; an output is switched off once no unacknowledged alarm needs it any more.
 * **resolve**: closes the alarm (acknowledged or not); it leaves the engine.
 
@@ -37,6 +39,10 @@ the active alarms over a crash. Monotonic times do not survive a reboot, so ever
 notification is never put further away than one repeat interval, so a wall clock that went backwards
 over the restart delays nothing by more than that.
 
+Kinds: the engine knows no kind of its own. :class:`AlarmConfig.kinds` holds the kinds the capabilities
+declared (:mod:`edgeagent.kernel.alarms.kinds`); raising any other kind is a ValueError, and so is a
+resident kind raised about a place or the other way round.
+
 Privacy: events carry the resident's id; the name (from the ``names`` lookup the engine is given) only
 when ``AlarmConfig.include_names`` is set, and notifications name the resident only when
 ``AlarmConfig.message_names`` is set.
@@ -46,8 +52,9 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -56,48 +63,42 @@ from typing import Any, Final, Literal, Protocol, cast, get_args
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ulid import ULID
 
+from edgeagent.kernel.alarms.kinds import (
+    SEVERITIES,
+    SIREN,
+    STROBE,
+    AlarmKindSpec,
+    KindPolicy,
+    _positive,
+    known_list,
+)
 from edgeagent.kernel.errors import EdgeagentError
 from edgeagent.kernel.pipeline.event_types import (
     ALARM_ACKNOWLEDGED,
     ALARM_ESCALATED,
     ALARM_NOTIFIED,
+    ALARM_PLACE_PATTERN,
     ALARM_RAISED,
     ALARM_RESOLVED,
     AlarmAcknowledged,
     AlarmDetail,
     AlarmEscalated,
-    AlarmKindName,
     AlarmNotified,
     AlarmRaised,
     AlarmResolved,
     AlarmSeverity,
     AlarmVia,
 )
-from edgeagent.kernel.pipeline.events import EventData, utc_ms
+from edgeagent.kernel.pipeline.events import Attachment, EventData, utc_ms
+
+__all__ = ["SEVERITIES", "SIREN", "STROBE", "AlarmKindSpec", "KindPolicy"]  # re-exported for callers
 
 STATE_VERSION: Final = 1
+_PLACE_RE: Final = re.compile(ALARM_PLACE_PATTERN)
 VIAS: Final[tuple[str, ...]] = get_args(AlarmVia)
-SEVERITIES: Final[tuple[str, ...]] = get_args(AlarmSeverity)
-SIREN: Final = "siren"
-STROBE: Final = "strobe"
+MAX_ATTACHMENTS: Final = 8  # evidence references per raise (they are references, not bytes)
 
 MessageKind = Literal["new", "repeat", "escalated"]
-
-
-class AlarmKind(enum.StrEnum):
-    SOS = "sos"
-    FALL = "fall"
-    HEART_RATE_HIGH = "heart_rate_high"
-    HEART_RATE_LOW = "heart_rate_low"
-    SPO2_LOW = "spo2_low"
-    REMOVED = "removed"
-    LOW_BATTERY = "low_battery"
-    NO_SIGNAL = "no_signal"
-    LEFT_COMPOUND = "left_compound"
-
-
-if {k.value for k in AlarmKind} != set(get_args(AlarmKindName)):  # pragma: no cover - caught at import
-    raise RuntimeError("AlarmKind and event_types.AlarmKindName list different kinds")
 
 
 class AlarmState(enum.StrEnum):
@@ -216,9 +217,9 @@ class Alarm:
     """One alarm, as a snapshot: the engine replaces it on every change, so actions carry what was true."""
 
     id: str
-    kind: AlarmKind
-    resident_id: str
-    device_id: str  # the wristband that raised it first
+    kind: str
+    resident_id: str | None  # a resident alarm's subject (None for a place alarm)
+    device_id: str  # the device that raised it first (a wristband, a camera, a charger)
     state: AlarmState
     first_raised: Instant
     last_raised: Instant
@@ -234,6 +235,17 @@ class Alarm:
     resolved_via: AlarmVia | None = None
     note: str | None = None
     details: Mapping[str, AlarmDetail] = field(default_factory=dict, hash=False)
+    place: str | None = None  # a place alarm's subject (None for a resident alarm)
+    attachments: tuple[Attachment, ...] = ()  # evidence of the first raise (snapshot references)
+
+    @property
+    def subject(self) -> str:
+        """The resident's id, or the place's name."""
+        return self.place if self.place is not None else self.resident_id or ""
+
+    @property
+    def about_place(self) -> bool:
+        return self.place is not None
 
     @property
     def active(self) -> bool:
@@ -280,6 +292,7 @@ class Notify:
     severity: AlarmSeverity
     at: Instant
     name: str | None = None  # the resident's name, only when AlarmConfig.message_names
+    label: str = ""  # the kind's description, for people (AlarmKindSpec.description)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +312,7 @@ class Emit:
     event_type: str
     device_id: str
     data: EventData
+    attachments: tuple[Attachment, ...] = ()  # into the envelope (alarm.raised: the evidence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,11 +326,6 @@ Action = Notify | SetOutput | Emit | Persist
 
 
 # --- configuration ---------------------------------------------------------------------------------
-
-def _positive(owner: str, name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{owner}.{name} must be a positive number (got {value!r})")
-
 
 @dataclass(frozen=True, slots=True)
 class EscalationLevel:
@@ -333,75 +342,31 @@ class EscalationLevel:
             raise ValueError(f"escalation level {self.name!r} needs at least one (non-empty) target")
 
 
-@dataclass(frozen=True, slots=True)
-class KindPolicy:
-    """How one kind of alarm is handled.
-
-    ``outputs``: outputs switched on while it is unacknowledged (``("siren", "strobe")`` sounds the siren).
-    ``repeat_s``: notify again this often until acknowledged.
-    ``escalate_after_s``: times after the first raise at which levels 1, 2, ... are reached (strictly
-    increasing; fewer entries than levels stops the ladder early; empty: the first level only).
-    ``fold_window_s``: overrides :attr:`AlarmConfig.fold_window_s` for this kind.
-    """
-
-    severity: AlarmSeverity
-    outputs: tuple[str, ...] = ()
-    repeat_s: float = 60.0
-    escalate_after_s: tuple[float, ...] = ()
-    fold_window_s: float | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "outputs", tuple(self.outputs))
-        object.__setattr__(self, "escalate_after_s", tuple(self.escalate_after_s))
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"KindPolicy.severity must be one of {', '.join(SEVERITIES)} (got {self.severity!r})")
-        _positive("KindPolicy", "repeat_s", self.repeat_s)
-        if self.fold_window_s is not None:
-            _positive("KindPolicy", "fold_window_s", self.fold_window_s)
-        for t in self.escalate_after_s:
-            _positive("KindPolicy", "escalate_after_s", t)
-        if any(b <= a for a, b in zip(self.escalate_after_s, self.escalate_after_s[1:], strict=False)):
-            raise ValueError(f"KindPolicy.escalate_after_s must be strictly increasing (got {self.escalate_after_s})")
-        if not all(self.outputs):
-            raise ValueError("KindPolicy.outputs: output names must not be empty")
-
-    @property
-    def sounds_siren(self) -> bool:
-        return SIREN in self.outputs
-
-
 DEFAULT_LEVELS: Final = (
     EscalationLevel("guard_room", ("guard_room",)),
     EscalationLevel("grid_worker", ("grid_worker",)),
     EscalationLevel("family", ("family",)),
 )
 
-_LOUD: Final = (SIREN, STROBE)
-DEFAULT_POLICIES: Final[Mapping[AlarmKind, KindPolicy]] = MappingProxyType({
-    AlarmKind.SOS: KindPolicy("critical", _LOUD, repeat_s=30, escalate_after_s=(120, 300)),
-    AlarmKind.FALL: KindPolicy("critical", _LOUD, repeat_s=30, escalate_after_s=(120, 300)),
-    AlarmKind.HEART_RATE_HIGH: KindPolicy("high", (STROBE,), repeat_s=60, escalate_after_s=(300, 900)),
-    AlarmKind.HEART_RATE_LOW: KindPolicy("high", (STROBE,), repeat_s=60, escalate_after_s=(300, 900)),
-    AlarmKind.SPO2_LOW: KindPolicy("high", (STROBE,), repeat_s=60, escalate_after_s=(300, 900)),
-    AlarmKind.LEFT_COMPOUND: KindPolicy("high", (STROBE,), repeat_s=120, escalate_after_s=(600, 1800)),
-    AlarmKind.REMOVED: KindPolicy("medium", repeat_s=600, escalate_after_s=(1800,)),
-    AlarmKind.NO_SIGNAL: KindPolicy("medium", repeat_s=900, escalate_after_s=(3600,)),
-    AlarmKind.LOW_BATTERY: KindPolicy("low", repeat_s=3600, fold_window_s=12 * 3600.0),
-})
-
-
 @dataclass(frozen=True, slots=True)
 class AlarmConfig:
-    """The alarm engine's settings (to move into the kernel config as ``alarms:``).
+    """The alarm engine's settings (from the kernel config's ``alarms:`` and the capabilities' kinds).
 
-    ``policies`` need not list every kind: a missing one uses :data:`DEFAULT_POLICIES` (whose ladders stop
-    at the top configured level; a listed policy with more escalation times than levels is an error).
+    ``kinds``: every kind that may be raised, as the capabilities declared them (by name).
+    ``policies``: the site's replacements of kinds' shipped policies; a kind not listed uses its spec's.
+    A shipped ladder stops at the top level there is; a listed policy with more escalation times than
+    its ladder has levels above the first is an error.
+    ``levels``: the main escalation ladder (the resident escalation: guard room, grid worker, family);
+    ``ladders``: other ladders by name, which a policy picks with ``ladder`` (e.g. the guard room only,
+    for a lift alarm); a place kind whose policy names none uses the main ladder.
     ``output_pulse_s``: None keeps outputs on until acknowledged; a number pulses them for that long on
     the raise and again on every repeat and escalation (for sites that may not sound a siren for long).
     """
 
     levels: tuple[EscalationLevel, ...] = DEFAULT_LEVELS
-    policies: Mapping[AlarmKind, KindPolicy] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    kinds: Mapping[str, AlarmKindSpec] = field(default_factory=dict)
+    policies: Mapping[str, KindPolicy] = field(default_factory=dict)
+    ladders: Mapping[str, tuple[EscalationLevel, ...]] = field(default_factory=dict)
     fold_window_s: float = 120.0
     output_pulse_s: float | None = None
     include_names: bool = False  # names in events (to the cloud)
@@ -409,29 +374,65 @@ class AlarmConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(self.levels))
-        if not self.levels:
-            raise ValueError("AlarmConfig.levels needs at least one escalation level")
-        names = [lv.name for lv in self.levels]
-        if len(set(names)) != len(names):
-            raise ValueError(f"AlarmConfig.levels: level names must be unique (got {names})")
+        object.__setattr__(self, "kinds", MappingProxyType(dict(self.kinds)))
+        object.__setattr__(self, "policies", MappingProxyType({str(k): v for k, v in self.policies.items()}))
+        object.__setattr__(self, "ladders", MappingProxyType({k: tuple(v) for k, v in self.ladders.items()}))
+        for ladder_name, ladder in (("levels", self.levels), *((f"ladders.{k}", v) for k, v in self.ladders.items())):
+            if not ladder:
+                raise ValueError(f"AlarmConfig.{ladder_name} needs at least one escalation level")
+            names = [lv.name for lv in ladder]
+            if len(set(names)) != len(names):
+                raise ValueError(f"AlarmConfig.{ladder_name}: level names must be unique (got {names})")
         _positive("AlarmConfig", "fold_window_s", self.fold_window_s)
         if self.output_pulse_s is not None:
             _positive("AlarmConfig", "output_pulse_s", self.output_pulse_s)
+        for name, spec in self.kinds.items():
+            if name != spec.name:
+                raise ValueError(f"AlarmConfig.kinds[{name!r}] holds the spec of {spec.name!r}")
+            self._ladder_of(name, spec.policy)
         for kind, policy in self.policies.items():
-            AlarmKind(kind)
-            if len(policy.escalate_after_s) > len(self.levels) - 1:
+            if kind not in self.kinds:
+                raise ValueError(f"AlarmConfig.policies: unknown alarm kind {kind!r} "
+                                 f"(known: {known_list(self.kinds)})")
+            ladder = self._ladder_of(kind, policy)
+            if len(policy.escalate_after_s) > len(ladder) - 1:
                 raise ValueError(f"AlarmConfig.policies[{kind}]: {len(policy.escalate_after_s)} escalation times "
-                                 f"but only {len(self.levels) - 1} levels above the first")
+                                 f"but only {len(ladder) - 1} levels above the first")
 
-    def policy(self, kind: AlarmKind) -> KindPolicy:
-        return self.policies.get(kind) or DEFAULT_POLICIES[kind]
+    def _ladder_of(self, kind: str, policy: KindPolicy) -> tuple[EscalationLevel, ...]:
+        if policy.ladder is None:
+            return self.levels
+        try:
+            return self.ladders[policy.ladder]
+        except KeyError:
+            raise ValueError(f"alarm kind {kind!r}: unknown escalation ladder {policy.ladder!r} (ladders: "
+                             f"{', '.join(sorted(self.ladders)) or 'none besides levels'})") from None
 
-    def targets(self, level: int) -> tuple[str, ...]:
-        """Targets notified at ``level``: its own and every lower level's, each once, lowest level first."""
+    def spec(self, kind: str) -> AlarmKindSpec:
+        """The kind's spec; ValueError for a kind no capability declared."""
+        try:
+            return self.kinds[kind]
+        except KeyError:
+            raise ValueError(f"unknown alarm kind {kind!r} (known: {known_list(self.kinds)})") from None
+
+    def policy(self, kind: str) -> KindPolicy:
+        return self.policies.get(kind) or self.spec(kind).policy
+
+    def ladder(self, kind: str) -> tuple[EscalationLevel, ...]:
+        """The escalation ladder of ``kind``."""
+        return self._ladder_of(kind, self.policy(kind))
+
+    def targets(self, level: int, kind: str | None = None) -> tuple[str, ...]:
+        """Targets notified at ``level`` of ``kind``'s ladder (None: the main ladder): its own and every
+        lower level's, each once, lowest level first."""
         seen: dict[str, None] = {}
-        for lv in self.levels[: level + 1]:
+        for lv in (self.levels if kind is None else self.ladder(kind))[: level + 1]:
             seen.update(dict.fromkeys(lv.targets))
         return tuple(seen)
+
+    def all_targets(self) -> set[str]:
+        """Every target of every ladder (for the start-up check of unserved targets)."""
+        return {t for ladder in (self.levels, *self.ladders.values()) for lv in ladder for t in lv.targets}
 
 
 def _ulid_at(now: Instant) -> str:
@@ -489,30 +490,45 @@ class AlarmEngine:
 
     def raise_(
         self,
-        kind: AlarmKind | str,
-        resident_id: str,
+        kind: str,
+        subject: str,
         device_id: str,
         now: Instant,
         details: Mapping[str, AlarmDetail] | None = None,
+        *,
+        place: bool = False,
+        attachments: Sequence[Attachment] = (),
     ) -> list[Action]:
-        """A detector saw ``kind`` for a resident: a new alarm, or a repeat folded into the active one."""
-        kind = AlarmKind(kind)
-        if not resident_id or not device_id:
-            raise ValueError("raise_: resident_id and device_id must not be empty")
+        """A detector saw ``kind`` about ``subject`` (a resident's id, or with ``place`` a place's name): a
+        new alarm, or a repeat folded into the active one of the same kind and subject. A folded raise
+        keeps the first raise's details and attachments. ValueError for a kind no capability declared, a
+        subject of the wrong sort for the kind, or empty names; TypeError for bad details/attachments."""
+        kind = str(kind)
+        spec = self._cfg.spec(kind)
+        if spec.place != place:
+            raise ValueError(f"alarm kind {kind!r} is about a {spec.subject}: raise it with "
+                             f"place={spec.place}")
+        if not subject or not device_id:
+            raise ValueError("raise_: subject and device_id must not be empty")
+        if place and not _PLACE_RE.match(subject):
+            raise ValueError(f"raise_: place {subject!r} must be 1-64 printable characters")
         detail_map = _check_details(details)
+        evidence = _check_attachments(attachments)
         policy = self._cfg.policy(kind)
         window_s = policy.fold_window_s if policy.fold_window_s is not None else self._cfg.fold_window_s
 
-        folds_into = self._fold_target(resident_id, kind)
+        folds_into = self._fold_target(subject, place, kind)
         if folds_into is not None and now.mono_s - folds_into.last_raised.mono_s <= window_s:
             folded = self._put(replace(folds_into, count=folds_into.count + 1, last_raised=now))
             return [Persist(folded)]
 
         alarm = self._put(Alarm(
-            id=self._new_id(now), kind=kind, resident_id=resident_id, device_id=device_id,
-            state=AlarmState.RAISED, first_raised=now, last_raised=now, next_notify_at=now, details=detail_map))
+            id=self._new_id(now), kind=kind, resident_id=None if place else subject, device_id=device_id,
+            state=AlarmState.RAISED, first_raised=now, last_raised=now, next_notify_at=now, details=detail_map,
+            place=subject if place else None, attachments=evidence))
         actions: list[Action] = [SetOutput(name, True, self._cfg.output_pulse_s) for name in policy.outputs]
-        actions.append(self._emit(ALARM_RAISED.name, alarm, AlarmRaised, details=dict(detail_map)))
+        actions.append(replace(self._emit(ALARM_RAISED.name, alarm, AlarmRaised, details=dict(detail_map)),
+                               attachments=evidence))
         actions.append(Persist(alarm))
         actions.extend(self._due(alarm, now))
         return actions
@@ -590,6 +606,11 @@ class AlarmEngine:
         for alarm in saved.alarms:
             if not alarm.active:
                 continue  # a resolved snapshot: nothing left to do for it
+            if alarm.kind not in self._cfg.kinds:
+                raise AlarmImportError(f"alarm {alarm.id} is of kind {alarm.kind!r}, which no capability declares "
+                                       f"any more (known: {known_list(self._cfg.kinds)})")
+            if (alarm.place is None) == (alarm.resident_id is None):
+                raise AlarmImportError(f"alarm {alarm.id} must be about exactly one resident or place")
             if alarm.id in self._alarms or any(a.id == alarm.id for a in restored):
                 raise AlarmImportError(f"alarm {alarm.id} is already active")
             restored.append(self._rebased(alarm, now))
@@ -626,15 +647,16 @@ class AlarmEngine:
         self._alarms[alarm.id] = alarm
         return alarm
 
-    def _fold_target(self, resident_id: str, kind: AlarmKind) -> Alarm | None:
-        candidates = [a for a in self._alarms.values() if a.resident_id == resident_id and a.kind is kind]
+    def _fold_target(self, subject: str, place: bool, kind: str) -> Alarm | None:
+        candidates = [a for a in self._alarms.values()
+                      if a.kind == kind and a.about_place == place and a.subject == subject]
         return max(candidates, key=lambda a: a.last_raised.mono_s, default=None)
 
     def _escalation_due_at(self, alarm: Alarm) -> float | None:
-        ladder = self._cfg.policy(alarm.kind).escalate_after_s
-        if alarm.level + 1 >= len(self._cfg.levels) or alarm.level >= len(ladder):
+        times = self._cfg.policy(alarm.kind).escalate_after_s
+        if alarm.level + 1 >= len(self._cfg.ladder(alarm.kind)) or alarm.level >= len(times):
             return None
-        return alarm.first_raised.mono_s + ladder[alarm.level]
+        return alarm.first_raised.mono_s + times[alarm.level]
 
     def _due(self, alarm: Alarm, now: Instant) -> list[Action]:
         if not alarm.state.unacknowledged:
@@ -661,8 +683,9 @@ class AlarmEngine:
             actions.append(self._notify(alarm, "escalated", now))
             for at_level in reached:
                 actions.append(self._emit(
-                    ALARM_ESCALATED.name, at_level, AlarmEscalated, level_name=self._cfg.levels[at_level.level].name,
-                    targets=list(self._cfg.targets(at_level.level)),
+                    ALARM_ESCALATED.name, at_level, AlarmEscalated,
+                    level_name=self._cfg.ladder(alarm.kind)[at_level.level].name,
+                    targets=list(self._cfg.targets(at_level.level, alarm.kind)),
                     after_s=max(0.0, now.mono_s - alarm.first_raised.mono_s)))
             actions.append(Persist(alarm))
         elif alarm.next_notify_at is not None and now.mono_s >= alarm.next_notify_at.mono_s:
@@ -686,21 +709,28 @@ class AlarmEngine:
         return [SetOutput(name, False) for name in self._cfg.policy(alarm.kind).outputs if name not in still_needed]
 
     def _notify(self, alarm: Alarm, kind: MessageKind, now: Instant) -> Notify:
-        return Notify(alarm=alarm, level=alarm.level, level_name=self._cfg.levels[alarm.level].name,
-                      targets=self._cfg.targets(alarm.level), message_kind=kind,
+        return Notify(alarm=alarm, level=alarm.level, level_name=self._cfg.ladder(alarm.kind)[alarm.level].name,
+                      targets=self._cfg.targets(alarm.level, alarm.kind), message_kind=kind,
                       severity=self._cfg.policy(alarm.kind).severity, at=now,
-                      name=self._name(alarm.resident_id) if self._cfg.message_names else None)
+                      name=self._name(alarm.resident_id) if self._cfg.message_names else None,
+                      label=self._cfg.spec(alarm.kind).description)
 
-    def _name(self, resident_id: str) -> str | None:
-        return None if self._names is None else self._names(resident_id) or None
+    def _name(self, resident_id: str | None) -> str | None:
+        if resident_id is None or self._names is None:
+            return None  # a place alarm names its place; names are residents' only
+        return self._names(resident_id) or None
 
     def _emit(self, event_type: str, alarm: Alarm, model: type[EventData], **extra: Any) -> Emit:
         data: dict[str, Any] = {
-            "alarm_id": alarm.id, "kind": alarm.kind.value, "severity": self._cfg.policy(alarm.kind).severity,
-            "resident_id": alarm.resident_id, "device_id": alarm.device_id, "count": alarm.count,
+            "alarm_id": alarm.id, "kind": alarm.kind, "severity": self._cfg.policy(alarm.kind).severity,
+            "device_id": alarm.device_id, "count": alarm.count,
             "level": alarm.level, "raised_at": utc_ms(alarm.first_raised.wall),
         }
-        if self._cfg.include_names:
+        if alarm.place is not None:
+            data["place"] = alarm.place
+        else:
+            data["resident_id"] = alarm.resident_id
+        if self._cfg.include_names and alarm.place is None:
             data["name"] = self._name(alarm.resident_id)
         return Emit(event_type, alarm.device_id, model.model_validate({**data, **extra}))
 
@@ -716,6 +746,16 @@ def _check_via(via: str) -> AlarmVia:
     if via not in VIAS:
         raise ValueError(f"via must be one of {', '.join(VIAS)} (got {via!r})")
     return cast(AlarmVia, via)
+
+
+def _check_attachments(attachments: Sequence[Attachment]) -> tuple[Attachment, ...]:
+    out = tuple(attachments)
+    if len(out) > MAX_ATTACHMENTS:
+        raise ValueError(f"an alarm keeps at most {MAX_ATTACHMENTS} attachments (got {len(out)})")
+    for att in out:
+        if not isinstance(att, Attachment):
+            raise TypeError(f"alarm attachments must be Attachment references (got {type(att).__name__})")
+    return out
 
 
 def _check_details(details: Mapping[str, AlarmDetail] | None) -> dict[str, AlarmDetail]:

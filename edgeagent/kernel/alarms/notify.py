@@ -4,29 +4,18 @@ A :class:`Notifier` delivers one message to one target (a guard-room MQTT topic,
 modem, ...); which notifier serves which target name is configuration, resolved by the runtime. The
 message is built from the engine's :class:`~edgeagent.kernel.alarms.engine.Notify` action by
 :func:`message_for`, a pure function: it names the resident only when the engine put the name on the
-action (``AlarmConfig.message_names``); otherwise it carries the resident's id only.
+action (``AlarmConfig.message_names``); otherwise it carries the resident's id only. A place alarm names
+its place and the device (camera, charger) that raised it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Protocol
 
-from edgeagent.kernel.alarms.engine import AlarmKind, MessageKind, Notify
+from edgeagent.kernel.alarms.engine import MessageKind, Notify
 from edgeagent.kernel.errors import EdgeagentError
-
-KIND_LABELS: Final[dict[AlarmKind, str]] = {
-    AlarmKind.SOS: "SOS button pressed",
-    AlarmKind.FALL: "Fall detected",
-    AlarmKind.HEART_RATE_HIGH: "Heart rate too high",
-    AlarmKind.HEART_RATE_LOW: "Heart rate too low",
-    AlarmKind.SPO2_LOW: "Blood oxygen (SpO2) low",
-    AlarmKind.REMOVED: "Wristband taken off",
-    AlarmKind.LOW_BATTERY: "Wristband battery low",
-    AlarmKind.NO_SIGNAL: "No signal from wristband",
-    AlarmKind.LEFT_COMPOUND: "Left the compound",
-}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -79,10 +68,16 @@ def _clean(text: str) -> str:
 def message_for(notify: Notify) -> Message:
     """The message for a :class:`~edgeagent.kernel.alarms.engine.Notify` action (pure)."""
     alarm = notify.alarm
-    label = KIND_LABELS[alarm.kind]
-    who = f"resident {_clean(alarm.resident_id)}"
-    if notify.name:
-        who += f" ({_clean(notify.name)})"
+    label = _clean(notify.label or alarm.kind)
+    label = label[:1].upper() + label[1:]
+    if alarm.place is not None:
+        who = f"at {_clean(alarm.place)}"
+        source = f"device {_clean(alarm.device_id)}"
+    else:
+        who = f"resident {_clean(alarm.resident_id or '')}"
+        if notify.name:
+            who += f" ({_clean(notify.name)})"
+        source = f"wristband {_clean(alarm.device_id)}"
     if notify.message_kind == "new":
         prefix = "ALARM"
     elif notify.message_kind == "repeat":
@@ -93,7 +88,7 @@ def message_for(notify: Notify) -> Message:
 
     waited_s = max(0.0, notify.at.mono_s - alarm.first_raised.mono_s)
     lines = [
-        f"{label}: {who}, wristband {_clean(alarm.device_id)}.",
+        f"{label}: {who}, {source}.",
         f"Raised {alarm.first_raised.wall:%Y-%m-%d %H:%M:%S} UTC, not acknowledged for {_duration(waited_s)}.",
     ]
     if alarm.count > 1:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from edgeagent.kernel.alarms.engine import (
@@ -40,7 +40,6 @@ from edgeagent.kernel.alarms.engine import (
     Alarm,
     AlarmEngine,
     AlarmError,
-    AlarmKind,
     Emit,
     Instant,
     Notify,
@@ -50,6 +49,8 @@ from edgeagent.kernel.alarms.engine import (
 )
 from edgeagent.kernel.alarms.notify import Message, message_for
 from edgeagent.kernel.errors import OutboxError
+from edgeagent.kernel.pipeline.event_types import AlarmDetail
+from edgeagent.kernel.pipeline.events import Attachment
 from edgeagent.kernel.runtime.outputs import Outputs
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class AlarmNotDurable(OutboxError):
 
 
 class Sink(Protocol):
-    async def emit(self, type_name: str, device_id: str, data: Any) -> Any: ...
+    async def emit(self, type_name: str, device_id: str, data: Any,
+                   attachments: tuple[Attachment, ...] = ()) -> Any: ...
 
 
 class KeyValue(Protocol):
@@ -149,11 +151,21 @@ class AlarmRuntime:
             log.warning("restored %d active alarm(s) from before the restart", n)
         return n
 
-    async def raise_(self, kind: AlarmKind | str, resident_id: str, device_id: str,
-                     details: Mapping[str, Any] | None = None) -> None:
+    async def raise_(self, kind: str, subject: str, device_id: str,
+                     details: Mapping[str, AlarmDetail] | None = None, *, place: bool = False,
+                     attachments: Sequence[Attachment] = ()) -> Alarm:
+        """Raise ``kind`` (declared by a capability) about ``subject``: a resident's id, or with ``place``
+        the place's name (``"lift-2 car"``); ``device_id`` is the device that saw it; ``attachments`` are
+        evidence references (a snapshot kept at the edge) that go into ``alarm.raised``. Returns the
+        alarm, new or the active one it folded into, as it stands after the raise.
+
+        ValueError/TypeError (nothing changed) for an undeclared kind, a subject of the wrong sort, bad
+        details; AlarmNotDurable after the alarm ran locally but was not stored (see the module doc)."""
         async with self._lock:
-            actions = self.engine.raise_(kind, resident_id, device_id, self.now(), details)
+            actions = self.engine.raise_(kind, subject, device_id, self.now(), details, place=place,
+                                         attachments=attachments)
             self.raised_total += 1
+            alarm_id = next(a.alarm.id for a in actions if isinstance(a, Persist))
             try:
                 # [fold off the disk] A press folded into an alarm already raised changes only its count:
                 # the alarm itself is durable, so its state is saved by the ticker within _IDLE_TICK_S
@@ -163,6 +175,7 @@ class AlarmRuntime:
                 await self._carry_out(actions, defer_state=fold_only)
             finally:
                 self._wake.set()  # its repeats and escalations are due whether or not it was stored
+            return self.engine.get(alarm_id)
 
     async def ack(self, alarm_id: str, by: str, via: str, caller: str | None = None) -> Alarm:
         """Raises AlarmNotDurable when the acknowledgement took effect but was not stored, AlarmError
@@ -208,7 +221,10 @@ class AlarmRuntime:
                 self._keep_unstored(emit)
                 continue
             try:
-                await self._sink.emit(emit.event_type, emit.device_id, emit.data)
+                if emit.attachments:
+                    await self._sink.emit(emit.event_type, emit.device_id, emit.data, emit.attachments)
+                else:
+                    await self._sink.emit(emit.event_type, emit.device_id, emit.data)
             except OutboxError as exc:
                 # The alarm still runs locally (siren, notifications); the caller learns it is not durable.
                 log.error("alarm event %s not stored (kept to store again): %s", emit.event_type, exc)

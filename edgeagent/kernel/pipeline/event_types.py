@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from edgeagent.kernel.pipeline.events import EventData, EventRegistry, EventType, Priority
 
@@ -295,38 +295,85 @@ CHARGER_PORT_FULL_CUTOFF = REGISTRY.register(EventType(
     "The gateway cut a port whose battery was full (low current for a long time); not a lockout."))
 
 
-# --- elderly residents' wristband alarms (edgeagent/kernel/alarms/engine.py) ---------------------------------
+# --- alarms: one lifecycle for every capability (edgeagent/kernel/alarms/engine.py) ---------------------------
 #
 # One alarm's life: raised → notified → (escalated, once per level) → acknowledged → resolved. Each step is
-# one event, emitted exactly once, at alarm priority. Events carry the resident's id; the name only when
-# the site enables ``include_names`` (names, rooms and thresholds otherwise stay in the local config).
+# one event, emitted exactly once, at alarm priority. An alarm is about a resident (``resident_id``: a
+# wristband's SOS) or a place (``place``: a lift car, the car gate, a façade, a charging shed), never both.
+# Events carry the resident's id; the name only when the site enables ``include_names`` (names, rooms and
+# thresholds otherwise stay in the local config). Kinds are declared by capabilities
+# (``CapabilitySpec.alarm_kinds``); the contract fixes their form and lists the ones shipped
+# (:data:`DOCUMENTED_ALARM_KINDS`, kept equal to the declared ones by tests/test_contract.py).
 
-AlarmKindName = Literal["sos", "fall", "heart_rate_high", "heart_rate_low", "spo2_low", "removed", "low_battery",
-                        "no_signal", "left_compound"]
+ALARM_KIND_PATTERN = r"^[a-z][a-z0-9_]{0,47}$"
+ALARM_PLACE_PATTERN = r"^[^\x00-\x1f\x7f]{1,64}$"
 AlarmSeverity = Literal["critical", "high", "medium", "low"]
-AlarmVia = Literal["cli", "local_mqtt", "cloud", "console"]
+# auto: the capability saw the condition end (the e-bike left the car); rule: a local rule closed it (a
+# safety timeout released a door hold); the others are people: cli, a guard-room panel, the platform.
+AlarmVia = Literal["cli", "local_mqtt", "cloud", "auto", "rule"]
 AlarmDetail = bool | int | float | str
+
+#: Every alarm kind shipped, as declared by its capability: ``(subject, what it means)``.
+DOCUMENTED_ALARM_KINDS: dict[str, tuple[str, str]] = {
+    # wristbands (drivers/wristband)
+    "sos": ("resident", "SOS button pressed"),
+    "fall": ("resident", "fall detected by the wristband"),
+    "heart_rate_high": ("resident", "heart rate above the resident's threshold"),
+    "heart_rate_low": ("resident", "heart rate below the resident's threshold"),
+    "spo2_low": ("resident", "blood oxygen below the resident's threshold"),
+    "removed": ("resident", "wristband taken off"),
+    "low_battery": ("resident", "wristband battery low"),
+    "no_signal": ("resident", "wristband not heard from for the configured time"),
+    "left_compound": ("resident", "seen by a gateway outside the compound's zones"),
+    # e-bike chargers (drivers/modbus)
+    "charger_cutoff": ("place", "a charger port or station was cut off for a hazard (over-current, "
+                                "over-temperature, smoke)"),
+    # cameras (drivers/camera)
+    "ebike_in_lift": ("place", "an e-bike in a lift car"),
+    "video_fall": ("place", "a person's fall seen by a camera in a common area"),
+    "thrown_object": ("place", "an object thrown from height, seen by a façade camera"),
+}
+
+
+def _kinds_doc() -> str:
+    listed = "; ".join(f"{name} ({subject}): {text}" for name, (subject, text) in DOCUMENTED_ALARM_KINDS.items())
+    return f"the kind of alarm, declared by the capability that raises it. Shipped kinds: {listed}"
 
 
 class AlarmEventBase(EventData):
+    # Exactly one subject, in the published schema too (None values are left out of the wire form).
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "oneOf": [{"required": ["resident_id"]}, {"required": ["place"]}]})
+
     alarm_id: str = Field(min_length=1, description="id of the alarm (a ULID), the same in all of its events")
-    kind: AlarmKindName = Field(
-        description="sos: button pressed; fall: fall detected; heart_rate_high/low, spo2_low: a reading outside "
-        "the resident's thresholds; removed: wristband taken off; low_battery; no_signal: not heard from for the "
-        "configured time; left_compound: seen by a gateway outside the compound's zones")
+    kind: str = Field(pattern=ALARM_KIND_PATTERN, description=_kinds_doc())
     severity: AlarmSeverity = Field(description="severity configured for the kind")
-    resident_id: str = Field(min_length=1, description="the resident's id in the site's local config")
-    device_id: str = Field(min_length=1, description="wristband that raised the alarm first")
+    resident_id: str | None = Field(
+        default=None, min_length=1,
+        description="the resident's id in the site's local config (resident alarms; absent for place alarms)")
+    place: str | None = Field(
+        default=None, pattern=ALARM_PLACE_PATTERN,
+        description="the place the alarm is about, as the site names it, e.g. 'lift-2 car' (place alarms; "
+        "absent for resident alarms)")
+    device_id: str = Field(min_length=1, description="device that raised the alarm first (a wristband, a camera, "
+                           "a charger)")
     name: str | None = Field(
         default=None, description="the resident's name; present only when the site enables include_names")
     count: int = Field(ge=1, description="raises folded into this alarm so far (a storm of presses counts each)")
     level: int = Field(ge=0, description="escalation level reached, 0 being the first (e.g. the guard room)")
     raised_at: str = Field(description="when the alarm was first raised, UTC RFC 3339 ms")
 
+    @model_validator(mode="after")
+    def _one_subject(self) -> AlarmEventBase:
+        if (self.resident_id is None) == (self.place is None):
+            raise ValueError("an alarm event carries exactly one of resident_id and place")
+        return self
+
 
 class AlarmRaised(AlarmEventBase):
     details: dict[str, AlarmDetail] = Field(
-        default_factory=dict, description="what the detector saw, e.g. {'heart_rate': 142, 'threshold': 120}")
+        default_factory=dict, description="what the detector saw, e.g. {'heart_rate': 142, 'threshold': 120}; "
+        "evidence (a snapshot) is in the envelope's attachments")
 
 
 class AlarmNotified(AlarmEventBase):
@@ -369,7 +416,8 @@ class AlarmResolved(AlarmEventBase):
 
 ALARM_RAISED = REGISTRY.register(EventType(
     "alarm.raised", Priority.ALARM, AlarmRaised,
-    "A resident's wristband raised an alarm (repeats within the fold window are counted, not raised again)."))
+    "An alarm was raised about a resident or a place (repeats within the fold window are counted, not raised "
+    "again); evidence such as a snapshot is referenced in the envelope's attachments."))
 ALARM_NOTIFIED = REGISTRY.register(EventType(
     "alarm.notified", Priority.ALARM, AlarmNotified,
     "The first notification of an alarm went out to its first escalation level."))
