@@ -147,11 +147,12 @@ class Daemon:
         self.router = CommandRouter()
         self.outputs = Outputs()
         self._names: dict[str, str] = {}
+        self._actions: dict[str, LocalAction] = {}  # every capability's local actions, for rules (see _start)
         self.alarms = AlarmRuntime(AlarmEngine(alarm_config(cfg, capabilities), names=self._names.get), sink=self.sink,
                                    state=self.outbox, outputs=self.outputs, notifiers=None, clock=self.clock)
         ctx = CapabilityContext(site_id=cfg.site_id, gateway_id=cfg.gateway_id, sink=self.sink, outputs=self.outputs,
                                 alarms=self.alarms, state=self.outbox, clock=self.clock, state_dir=self.state_dir,
-                                config_dir=config_dir, names=self._names)
+                                config_dir=config_dir, names=self._names, local_actions=self._actions)
         # Built now (nothing runs yet): a bad device profile or section is a config error before start.
         self.capabilities: list[Capability] = []
         for spec in capabilities:
@@ -309,6 +310,7 @@ class Daemon:
             for name, out in cap.outputs().items():
                 if name not in self.outputs:
                     self.outputs.register(name, out)
+        self._actions.update(self._local_actions())  # before the tasks: a rule may act at its first frame
         for cap in self.capabilities:
             for task in cap.tasks():
                 if not task.critical:
@@ -327,7 +329,7 @@ class Daemon:
             self.health = HealthServer(cfg.health.host, cfg.health.port, self)
             await self.health.start()
         runtime_dir = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-        self.control = ControlServer(Path(runtime_dir or self.state_dir) / SOCKET_NAME, self._local_actions())
+        self.control = ControlServer(Path(runtime_dir or self.state_dir) / SOCKET_NAME, dict(self._actions))
         await self.control.start()
         self._write_runtime_file()
         # Start-up objects live for the whole run: keep them out of the collector, whose full passes

@@ -16,8 +16,10 @@ from edgeagent.drivers.modbus.config import (
     ModbusDeviceBase,
     ModbusSection,
 )
+from edgeagent.drivers.modbus.charger import CHARGER_ALARM_KINDS
 from edgeagent.drivers.modbus.probe import probe_device
 from edgeagent.kernel.capability import (
+    RULE_CALLER,
     Capability,
     CapabilityContext,
     CapabilitySpec,
@@ -81,7 +83,8 @@ class ModbusCapability(Capability):
 
         async def gate(args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
             a = validate_args(LocalGateArgs, args)
-            return await service.gate(a.device_id, a.command, reason=a.reason, by=who, via="cli", note=a.note)
+            via = "local" if who.startswith(RULE_CALLER) else "cli"  # a rule on the box (a plate match), or a person
+            return await service.gate(a.device_id, a.command, reason=a.reason, by=who, via=via, note=a.note)
 
         async def charger_reset(args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
             a = validate_args(LocalResetArgs, args)
@@ -102,7 +105,7 @@ def _build(section: ModbusSection | None, devices: Sequence[DeviceBase], ctx: Ca
         return None
     # Resolves every device profile now: a bad one is a config error before anything starts.
     service = ModbusService(section.buses if section is not None else {}, mine, ctx.sink, state=ctx.state,
-                            config_dir=ctx.config_dir)
+                            config_dir=ctx.config_dir, alarms=ctx.alarms)
     return ModbusCapability(service, [d.id for d in mine])
 
 
@@ -162,4 +165,4 @@ SPEC: CapabilitySpec[ModbusSection] = CapabilitySpec(
     name="modbus", build=_build, section="modbus", section_model=ModbusSection,
     device_types=DEVICE_CLASSES, cross_checks=_cross_checks,
     probes=dict.fromkeys(("modbus.gate", "modbus.charger", "modbus.relay", "modbus.device"), probe_device),
-    doctor=_doctor)
+    doctor=_doctor, alarm_kinds=CHARGER_ALARM_KINDS)

@@ -42,6 +42,9 @@ ArgsT = TypeVar("ArgsT", bound=BaseModel)
 # a JSON-able answer out; ``who`` is the calling user, recorded by the action.
 LocalAction = Callable[[Mapping[str, Any], str], Awaitable[Mapping[str, Any]]]
 
+# ``who`` of a local action called by a rule on the box rather than a person (see CapabilityContext.local_actions).
+RULE_CALLER = "rule:"
+
 
 def validate_args(model: type[ArgsT], args: Mapping[str, Any]) -> ArgsT:
     """A local action's arguments, or CommandRejected('bad_args') naming the first bad one."""
@@ -97,6 +100,10 @@ class CapabilityContext:
     config_dir: Path | None = None
     # Display names of alarm subjects (residents), local only: a capability adds the ones it knows.
     names: dict[str, str] = field(default_factory=dict)
+    # Every capability's local actions (a Modbus gate's "gate", ...), filled by the daemon once all are known
+    # (empty until it starts): how a rule of one capability acts through another. A rule calls an action with
+    # ``who`` starting with RULE_CALLER ("rule:<what>"), which the action records as coming from the box itself.
+    local_actions: dict[str, LocalAction] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
