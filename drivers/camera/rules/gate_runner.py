@@ -1,0 +1,364 @@
+"""The car gate in the running daemon: the I/O shell around :class:`~edgeagent.drivers.camera.rules.plates.PlateGate`.
+
+A :class:`GateRunner` follows one gate camera's tracks (a pipeline ``TickObserver``). For every vehicle track
+whose box's bottom-centre is in the gate zone it reads the plate every ``read_every_s``: the vehicle's box
+(with a margin) goes to the plate detector, the best plate is warped flat (in a thread) and read by the plate
+reader, and, where the site configures one, by a general text reader as a second opinion, all through the
+shared inference engine. The reads are voted per track into one decision:
+
+* ``open`` (a listed plate, valid now): the gate opens at once, through the Modbus gate's ``gate`` local
+  action (its ``gate.commanded`` audit: reason ``plate_match``, by ``rule:plate:<camera>#<track>``, via
+  ``local``) or by pulsing a named output (the camera's own relay), audited here with the same event;
+* ``visitor`` (any other plate, or a listed one out of its dates, or reads not sure enough to open): a
+  ``gate.visitor`` event with the plate, its confidence and a snapshot for the guard room, which opens
+  remotely if it wants to (the driver's call button is a ``gate.call`` event);
+* ``undecided`` (no plate read at all): counted and logged; the call button is the driver's way in.
+
+Privacy: a resident's plate leaves the box in no event (the open's audit names the track, not the plate, and
+the plate list is never sent); only visitors' plates are in events, because the guard room needs them.
+
+Bounds and policies (each with a counter in :meth:`GateRunner.stats`):
+
+* at most ``MAX_READS_IN_FLIGHT`` plate reads per camera at once; a track due while they run waits for the
+  next tick (``reads_deferred``); the engine refusing a request (its queue full) skips that read
+  (``reads_busy``); a failed inference skips it too (``reads_failed``);
+* the voting core runs on one worker task fed by a queue of ``MAX_OPS`` operations (the residents' list is a
+  SQLite lookup: done in a thread, never on the loop). When the queue is full the operation is dropped and
+  counted (``ops_dropped``): a dropped track start or end is made good by the voter's ``decide_after_s``
+  timeout, a dropped read is one frame's vote fewer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import numpy as np
+
+from edgeagent.drivers.camera.config import CameraDevice, GateRuleConfig
+from edgeagent.drivers.camera.rules.plates import GateDecision, PlateGate, PlateObservation, PlateVoteConfig
+from edgeagent.drivers.camera.tracker import Track
+from edgeagent.kernel.capability import RULE_CALLER, LocalAction
+from edgeagent.kernel.errors import CommandRejected
+from edgeagent.kernel.pipeline.event_types import GATE_COMMANDED
+from edgeagent.kernel.pipeline.events import Attachment
+from edgeagent.kernel.runtime.outputs import Outputs
+from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError
+
+log = logging.getLogger(__name__)
+
+GATE_VISITOR = "gate.visitor"
+GATE_CALL = "gate.call"
+MAX_READS_IN_FLIGHT: Final = 2
+MAX_OPS: Final = 256
+CROP_MARGIN: Final = 0.08  # of the vehicle box, each side: the plate sits at its lower edge
+OPEN_TIMEOUT_S: Final = 5.0
+MAX_SECOND_OPINION_CROPS: Final = 1
+
+
+class Engine(Protocol):
+    async def infer(self, model: str, images: Sequence[np.ndarray], *, camera: str = "") -> list[list[Detection]]: ...
+
+
+class Sink(Protocol):
+    async def emit(self, type_name: str, device_id: str, data: Any,
+                   attachments: tuple[Attachment, ...] = ()) -> Any: ...
+
+
+class Evidence(Protocol):
+    async def save_snapshot(self, camera: str, image: np.ndarray, detections: Sequence[Detection]) -> Attachment: ...
+
+
+class FrameLike(Protocol):
+    @property
+    def image(self) -> np.ndarray: ...
+
+
+def vote_config(rule: GateRuleConfig) -> PlateVoteConfig:
+    return PlateVoteConfig(
+        min_read_confidence=rule.min_read_confidence, min_confidence=rule.min_confidence,
+        min_province_confidence=rule.min_province_confidence, min_frames=rule.min_frames,
+        min_agreement=rule.min_agreement, visitor_wait_s=rule.visitor_wait_s, decide_after_s=rule.decide_after_s,
+        second_opinion_weight=rule.second_opinion_weight)
+
+
+def inside(points: Sequence[tuple[float, float]], box: Box, w: int, h: int) -> bool:
+    """Even-odd test of the box's bottom-centre (the wheels on the ground) against a normalized polygon."""
+    px, py = (box[0] + box[2]) / 2.0 / w, box[3] / h
+    if not (math.isfinite(px) and math.isfinite(py)):
+        return False
+    hit = False
+    for (x1, y1), (x2, y2) in zip(points, [*points[1:], points[0]], strict=True):
+        if (y1 > py) != (y2 > py) and px < x1 + (py - y1) * (x2 - x1) / (y2 - y1):
+            hit = not hit
+    return hit
+
+
+@dataclass(slots=True)
+class _TrackState:
+    last_read_s: float = -1e9
+    reading: bool = False
+    ended: bool = False
+    image: np.ndarray | None = None  # the frame of the last read, for the decision's snapshot
+    box: Box = (0.0, 0.0, 0.0, 0.0)
+    label: str = ""
+    score: float = 0.0
+
+
+class GateRunner:
+    """One gate camera's plate rule (see the module docstring). ``lookup`` is the residents' list
+    (``PlateList.find``); ``actions`` the daemon's local actions (filled when it starts), ``outputs`` its
+    named outputs; ``wall`` the wall clock (aware) for the entries' validity."""
+
+    def __init__(self, cam: CameraDevice, rule: GateRuleConfig, *, engine: Engine, sink: Sink,
+                 evidence: Evidence | None, lookup: Callable[[str], Any], actions: Mapping[str, LocalAction],
+                 outputs: Outputs, wall: Callable[[], datetime], clock: Callable[[], float] = time.monotonic) -> None:
+        self.cam = cam
+        self.rule = rule
+        self._engine = engine
+        self._sink = sink
+        self._evidence = evidence
+        self._actions = actions
+        self._outputs = outputs
+        self._wall = wall
+        self._clock = clock
+        self._zone = next(tuple(z.points) for z in cam.zones if z.name == rule.zone)
+        self._classes = frozenset(rule.classes)
+        self._gate = PlateGate(vote_config(rule), lookup)
+        self._tracks: dict[int, _TrackState] = {}
+        self._in_flight = 0
+        self._ops: asyncio.Queue[tuple[str, int, float, PlateObservation | None, PlateObservation | None]] = \
+            asyncio.Queue(MAX_OPS)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("reads", "reads_with_plate", "reads_deferred", "reads_busy", "reads_failed", "ops_dropped",
+             "opens", "open_failed", "visitors", "undecided", "calls", "events_failed"), 0)
+
+    # --- the pipeline's tick (on the loop: returns at once) ------------------------------------------------
+
+    def on_tick(self, frame: FrameLike, tracks: Sequence[Track], ended: Sequence[Track], now: float) -> None:
+        image = frame.image
+        h, w = image.shape[:2]
+        present: set[int] = set()
+        for t in tracks:
+            if not t.confirmed or t.label not in self._classes or not inside(self._zone, t.box, w, h):
+                continue
+            present.add(t.id)
+            st = self._tracks.get(t.id)
+            if st is None:
+                st = self._tracks[t.id] = _TrackState()
+                self._op("start", t.id, now)
+            st.box, st.label, st.score = t.box, t.label, float(t.score)
+            if st.reading or now - st.last_read_s < self.rule.read_every_s or not t.matched:
+                continue
+            if self._in_flight >= MAX_READS_IN_FLIGHT:
+                self.counts["reads_deferred"] += 1
+                continue
+            st.reading, st.last_read_s = True, now
+            self._in_flight += 1
+            self._spawn(self._read(t.id, image, t.box, now))
+        if len(self._tracks) > 4 * MAX_OPS // 8:  # ends lost to a full queue: forget the oldest ended tracks
+            for tid in [k for k, v in self._tracks.items() if v.ended and not v.reading][:8]:
+                del self._tracks[tid]
+        gone = [tid for tid in self._tracks if tid not in present]
+        for tid in gone:
+            st = self._tracks[tid]
+            if not st.ended:
+                st.ended = True
+                if not st.reading:
+                    self._op("end", tid, now)
+        self._op("tick", 0, now)
+
+    # --- plate reads ---------------------------------------------------------------------------------------
+
+    async def _read(self, track_id: int, image: np.ndarray, box: Box, tick_s: float) -> None:
+        read: PlateObservation | None = None
+        second: PlateObservation | None = None
+        try:
+            read, second = await self._read_plate(image, box)
+            self.counts["reads"] += 1
+        except EngineBusy:
+            self.counts["reads_busy"] += 1
+        except (InferenceError, ValueError) as exc:
+            self.counts["reads_failed"] += 1
+            log.debug("%s: plate read failed: %s", self.cam.id, exc)
+        finally:
+            self._in_flight -= 1
+            st = self._tracks.get(track_id)
+            if st is not None:
+                st.reading = False
+                if read is not None:
+                    st.image = image
+        if read is not None or second is not None:
+            self.counts["reads_with_plate"] += 1
+            self._op("read", track_id, tick_s, read, second)
+        st = self._tracks.get(track_id)
+        if st is not None and st.ended:
+            self._op("end", track_id, self._clock())
+
+    async def _read_plate(self, image: np.ndarray, box: Box) -> tuple[PlateObservation | None,
+                                                                      PlateObservation | None]:
+        from edgeagent.models.decoders.plates import warp_plate  # noqa: PLC0415 - cv2 only where cameras run
+
+        h, w = image.shape[:2]
+        mx, my = (box[2] - box[0]) * CROP_MARGIN, (box[3] - box[1]) * CROP_MARGIN
+        x1, y1 = max(0, int(box[0] - mx)), max(0, int(box[1] - my))
+        x2, y2 = min(w, int(box[2] + mx) + 1), min(h, int(box[3] + my) + 1)
+        if x2 - x1 < 16 or y2 - y1 < 16:
+            return None, None
+        crop = np.ascontiguousarray(image[y1:y2, x1:x2])
+        found = (await self._engine.infer(self.rule.plate_detector, [crop], camera=self.cam.id))[0]
+        plates = [d for d in found if d.points is not None and len(d.points) == 4]
+        if not plates:
+            return None, None
+        best = max(plates, key=lambda d: d.score)
+        corners = np.asarray([(p[0], p[1]) for p in best.points or ()], np.float32)
+        flat = await asyncio.to_thread(warp_plate, crop, corners)
+        models = [self.rule.plate_reader] + ([self.rule.second_opinion] if self.rule.second_opinion else [])
+        results = await asyncio.gather(*(self._engine.infer(m, [flat], camera=self.cam.id) for m in models))
+        reads = [_observation(r[0]) for r in results]
+        return reads[0], reads[1] if len(reads) > 1 else None
+
+    # --- the voting core, on its worker --------------------------------------------------------------------
+
+    def _op(self, kind: str, track_id: int, now: float, read: PlateObservation | None = None,
+            second: PlateObservation | None = None) -> None:
+        try:
+            self._ops.put_nowait((kind, track_id, now, read, second))
+        except asyncio.QueueFull:
+            self.counts["ops_dropped"] += 1
+
+    async def run(self) -> None:
+        """The voting worker (a task for the camera's lifetime)."""
+        try:
+            while True:
+                kind, track_id, now, read, second = await self._ops.get()
+                at = self._wall()
+                gate = self._gate
+                if kind == "tick":
+                    if not gate.active():
+                        continue
+                    decisions = gate.tick(now, at)
+                elif kind == "start":
+                    decisions = await asyncio.to_thread(gate.feed, track_id, now, at)
+                elif kind == "read":
+                    decisions = await asyncio.to_thread(gate.feed, track_id, now, at, read, second)
+                else:
+                    decisions = await asyncio.to_thread(gate.end, track_id, now, at)
+                for d in decisions:
+                    self._spawn(self._act(d, self._tracks.get(d.track_id)))
+                if kind == "end":
+                    st = self._tracks.get(track_id)
+                    if st is not None and st.ended and not st.reading:
+                        del self._tracks[track_id]
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- decisions -----------------------------------------------------------------------------------------
+
+    async def _act(self, d: GateDecision, st: _TrackState | None) -> None:
+        if d.decision == "open":
+            await self._open(d)
+        elif d.decision == "visitor":
+            await self._visitor(d, st)
+        else:
+            self.counts["undecided"] += 1
+            log.info("%s: vehicle track %d left no readable plate (%s)", self.cam.id, d.track_id, d.reason)
+
+    async def _open(self, d: GateDecision) -> None:
+        """Open for a listed plate. Nothing here names the plate: the audit names the camera and track."""
+        target = self.rule.open
+        who = f"{RULE_CALLER}plate:{self.cam.id}#{d.track_id}"
+        note = f"camera {self.cam.id} track {d.track_id}"
+        self.counts["opens"] += 1
+        if target in self._outputs:
+            await self._pulse_open(target, who, note)
+            return
+        action = self._actions.get("gate")
+        if action is None:
+            self.counts["open_failed"] += 1
+            log.error("%s: a listed plate is at the gate but %r is neither an output nor a gate this box runs",
+                      self.cam.id, target)
+            return
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                await action({"device_id": target, "command": "open", "reason": "plate_match", "note": note}, who)
+        except (CommandRejected, TimeoutError) as exc:
+            # The gate's capability audits its own failure (gate.commanded outcome failed).
+            self.counts["open_failed"] += 1
+            log.warning("%s: opening %s for track %d failed: %s", self.cam.id, target, d.track_id, exc)
+
+    async def _pulse_open(self, output: str, who: str, note: str) -> None:
+        started = time.monotonic()
+        outcome, error = "executed", None
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                await self._outputs.pulse(output, self.rule.relay_pulse_s)
+        except Exception as exc:  # noqa: BLE001 - any device failure is audited as a failed open
+            outcome, error = "failed", f"{type(exc).__name__}: {exc}"[:200]
+            self.counts["open_failed"] += 1
+            log.warning("%s: pulsing %s to open failed: %s", self.cam.id, output, error)
+        data: dict[str, Any] = {"command": "open", "reason": "plate_match", "by": who, "via": "local",
+                                "outcome": outcome, "latency_ms": round((time.monotonic() - started) * 1000, 1),
+                                "note": f"{note}, output {output}"}
+        if error:
+            data["error"] = error
+        await self._emit(GATE_COMMANDED.name, data)
+
+    async def _visitor(self, d: GateDecision, st: _TrackState | None) -> None:
+        self.counts["visitors"] += 1
+        atts: tuple[Attachment, ...] = ()
+        if st is not None and st.image is not None and self._evidence is not None and self.cam.snapshots:
+            det = Detection(label=st.label or "car", score=st.score, box=st.box, model="")
+            try:
+                atts = (await self._evidence.save_snapshot(self.cam.id, st.image, [det]),)
+            except Exception as exc:  # noqa: BLE001 - the event goes without its snapshot
+                log.warning("%s: visitor snapshot not kept: %s", self.cam.id, exc)
+        await self._emit(GATE_VISITOR, {
+            "plate": d.plate, "confidence": round(float(d.confidence), 3), "agreement": round(float(d.agreement), 3),
+            "reason": d.reason, "track_id": d.track_id, "zone": self.rule.zone, "reads": d.reads, "votes": d.votes,
+            "gate": self.rule.open}, atts)
+
+    async def call_button(self, active: bool | None, source: str) -> None:
+        """The driver pressed the gate's call button: the guard console rings (``gate.call``)."""
+        if active is False:
+            return
+        self.counts["calls"] += 1
+        await self._emit(GATE_CALL, {"gate": self.rule.open, "source": source, "zone": self.rule.zone})
+
+    async def _emit(self, type_name: str, data: dict[str, Any], atts: tuple[Attachment, ...] = ()) -> None:
+        try:
+            await self._sink.emit(type_name, self.cam.id, data, atts)
+        except Exception as exc:  # noqa: BLE001 - the outbox refusing one event must not stop the gate
+            self.counts["events_failed"] += 1
+            log.warning("%s: %s not stored: %s", self.cam.id, type_name, exc)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counts, "tracks": len(self._tracks), "voting": len(self._gate.active()),
+                "reads_in_flight": self._in_flight, "ops_queued": self._ops.qsize(), "evicted": self._gate.evicted}
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _observation(found: Sequence[Detection]) -> PlateObservation | None:
+    best = max((d for d in found if d.text), key=lambda d: d.score, default=None)
+    return None if best is None else PlateObservation.from_detection(best)
