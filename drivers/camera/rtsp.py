@@ -60,6 +60,8 @@ Policies:
   skips, which is set when ``decode_fps`` is lower than the stream's), but only frames needed for
   ``decode_fps`` are converted to BGR arrays; the rest are counted as skipped. ``keyframes_only`` sends only
   keyframes to the decoder: decoding itself is skipped, at one frame per GOP.
+* **Full-rate grey taps** (``luma_tap()``, see :mod:`edgeagent.drivers.camera.luma`): every decoded frame's
+  luma inside a region, for a consumer that needs the full rate; registering one turns off the ``NONREF`` skip.
 * **Errors never crash the reader.** Decoder errors are counted and the packet skipped (FFmpeg's H.264
   decoder raises only for broken headers and parameter sets; damage inside a slice it conceals, and such
   frames, flagged corrupt, are handed out and counted as ``corrupt_frames``); anything else ends the session
@@ -97,6 +99,8 @@ from urllib.parse import urlsplit, urlunsplit
 import av
 import av.error
 import numpy as np
+
+from edgeagent.drivers.camera.luma import LumaTap, Region
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +343,7 @@ class RtspSource:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._consumers: list[_Consumer] = []
+        self._luma_taps: list[LumaTap] = []
         self._wake_pending = False
         self._latest: Frame | None = None
         self._online: bool | None = None
@@ -429,6 +434,19 @@ class RtspSource:
             with self._lock:
                 self._consumers.remove(consumer)
 
+    def luma_tap(self, region: Callable[[int, int], Region], *, max_frames: int = 25) -> LumaTap:
+        """A full-rate grey consumer (:mod:`edgeagent.drivers.camera.luma`); register it before ``async with``."""
+        tap = LumaTap(region, max_frames=max_frames, name=self.name)
+        with self._lock:
+            self._luma_taps.append(tap)
+        return tap
+
+    def remove_luma_tap(self, tap: LumaTap) -> None:
+        with self._lock:
+            if tap in self._luma_taps:
+                self._luma_taps.remove(tap)
+        tap.close()
+
     def packets_since(self, mono_s: float, until_mono_s: float | None = None) -> list[EncodedPacket]:
         """Encoded packets for a clip, from the keyframe at or before ``mono_s`` (see ``PacketBuffer.since``)."""
         return self.packets.since(mono_s, until_mono_s)
@@ -455,6 +473,7 @@ class RtspSource:
             "open_s": None if self.open_s is None else round(self.open_s, 3),
             "last_frame_age_s": None if last is None else round(now - last, 3),
             "queue_depth": depth, "consumers": consumers, "packet_buffer": self.packets.stats(),
+            "luma_taps": [t.stats() for t in list(self._luma_taps)],
         }
 
     # --- loop-side state -----------------------------------------------------------------------------------
@@ -602,7 +621,7 @@ class RtspSource:
         fps = float(rate) if rate else None
         if self.keyframes_only:
             ctx.skip_frame = "NONKEY"
-        elif self.decode_fps is not None and (fps is None or self.decode_fps < fps):
+        elif self.decode_fps is not None and (fps is None or self.decode_fps < fps) and not self._luma_taps:
             ctx.skip_frame = "NONREF"
         self.sessions += 1
         time_base = stream.time_base or Fraction(1, 90000)
@@ -712,6 +731,8 @@ class RtspSource:
                     self.stale_flushed += 1
                     continue
                 pts_s = float(frame.pts * tb) if frame.pts is not None else None
+                if self._luma_taps:
+                    self._feed_taps(frame, pts_s)
                 if self.decode_fps is not None:
                     t = pts_s if pts_s is not None else now
                     if last_emit_pts is not None and t >= last_emit_pts and \
@@ -729,6 +750,12 @@ class RtspSource:
             if now - last_progress > undecodable_after_s:
                 self.freezes += 1
                 raise _SessionEnd(f"frozen: packets but no decodable frame for {now - last_progress:.1f} s")
+
+    def _feed_taps(self, frame: av.VideoFrame, pts_s: float | None) -> None:
+        with self._lock:
+            taps = list(self._luma_taps)
+        for tap in taps:
+            tap.feed(frame, self._seq, pts_s)
 
     def _pace(self, pts_s: float, anchor: tuple[float, float] | None) -> tuple[float, float]:
         """Sleep until a file's packet is due in real time; re-anchor on a jump (a loop, a gap)."""

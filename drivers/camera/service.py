@@ -142,6 +142,13 @@ class CameraRunner:
         if cam.snapshots_from == "main" and cam.onvif is not None:
             self.pipeline.main_snapshot = self.main_snapshot
         self._reopen = asyncio.Event()
+        # Falls and thrown objects (drivers/camera/rules/*_runner.py): a tick observer, a full-rate path.
+        from edgeagent.drivers.camera.rules.wiring import fall_observer, thrown_runner  # noqa: PLC0415
+
+        self.falls = fall_observer(cam, service)
+        if self.falls is not None:
+            self.pipeline.observers.append(self.falls)
+        self.thrown = thrown_runner(cam, service)
 
     def _password(self) -> str | None:
         return self.cam.password.resolve().get_secret_value() if self.cam.password is not None else None
@@ -186,6 +193,8 @@ class CameraRunner:
                                     loop_file=streams.record.startswith("file:"))
             self.source, self.record_source = source, record
             self.pipeline.clip_source = record
+            if self.thrown is not None:
+                self.thrown.attach(source)  # its full-rate tap, before the session opens
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     await stack.enter_async_context(source)
@@ -193,12 +202,17 @@ class CameraRunner:
                         await stack.enter_async_context(record)
                     pipe = asyncio.create_task(self.pipeline.run(source), name=f"{self.cam.id}:pipeline")
                     reopen = asyncio.create_task(self._reopen.wait())
+                    side = [asyncio.create_task(self.thrown.run(source, record), name=f"{self.cam.id}:thrown")] \
+                        if self.thrown is not None else []
                     try:
-                        done, _ = await asyncio.wait({pipe, reopen}, return_when=asyncio.FIRST_COMPLETED)
+                        done, _ = await asyncio.wait({pipe, reopen, *side}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        for task in (pipe, reopen):
+                        for task in (pipe, reopen, *side):
                             task.cancel()
-                        await asyncio.gather(pipe, reopen, return_exceptions=True)
+                        await asyncio.gather(pipe, reopen, *side, return_exceptions=True)
+                    for task in side:
+                        if task in done:
+                            task.result()  # the thrown-object path ended: its error goes to the supervisor
                     if pipe in done:
                         pipe.result()  # a pipeline error goes to the supervisor
                         return  # the source ended (a file that does not loop)
@@ -299,8 +313,10 @@ class CameraRunner:
     def status(self) -> dict[str, Any]:
         src = self.source.stats() if self.source is not None else {}
         events = self._events.status() if self._events is not None else None
+        rules = {name: r.stats() for name, r in (("falls", self.falls), ("thrown", self.thrown)) if r is not None}
         return {"online": self.online, "error": self.stream_error, "stream": src,
-                "pipeline": self.pipeline.snapshot_state(), "onvif_events": events or self.events_state or None}
+                "pipeline": self.pipeline.snapshot_state(), "onvif_events": events or self.events_state or None,
+                **({"rules": rules} if rules else {})}
 
 
 class _Args(BaseModel):

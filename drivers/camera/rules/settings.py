@@ -2,9 +2,10 @@
 and their translation into the pure cores' specs.
 
 ``falls``: poses of the people in the camera's named ``zones`` (none: the whole frame) into the fall head;
-a confirmed fall raises ``video_fall`` about ``place`` (default: the camera's name or id), or, where the site
-links the area to a resident (a care home's room, a resident living alone), about ``resident``: the alarm then
-follows the resident escalation the wristbands use.
+a confirmed fall raises ``video_fall`` about ``place`` (default: the camera's name or id), escalated on the
+site's main ladder (the resident escalation the wristbands use) unless ``alarms.policies.video_fall`` says
+otherwise; where the site links the area to a resident (one living alone on that landing), ``resident`` names
+them in the alarm's details.
 
 ``thrown``: the façade (its window grid's quad, floors and columns) this camera looks up at; every frame of
 the stream goes through the thrown-object detector (see :mod:`.thrown` for what each number does).
@@ -34,7 +35,7 @@ class FallsConfig(Strict):
     place: str | None = Field(default=None, min_length=1, max_length=64,
                               description="the place in alarms (default: the camera's name or id)")
     resident: str | None = Field(default=None, min_length=1, max_length=64,
-                                 description="raise about this resident instead (the wristbands' escalation)")
+                                 description="a resident linked to this area, named in the alarm's details")
     threshold: float = Field(default=0.7, gt=0, le=1, description="fallen probability a head output must reach")
     min_high: int = Field(default=3, ge=1, le=5, description="outputs at threshold among the last 5 to confirm")
     recover_s: float = Field(default=2.0, ge=0, le=60, description="up this long: the fall episode ends")
