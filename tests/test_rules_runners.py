@@ -10,6 +10,7 @@ on a simulated clock; every tick's job is awaited, so the rule sees what a camer
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import cv2
 import numpy as np
 import pytest
 
+from edgeagent.app import Daemon
+from edgeagent.capabilities import Config
 from edgeagent.drivers.camera.evidence import EvidenceStore
 from edgeagent.drivers.camera.rtsp import RtspSource
 from edgeagent.drivers.camera.rules.alarm_kinds import CAMERA_RULE_ALARM_KINDS
@@ -30,6 +33,7 @@ from edgeagent.drivers.camera.rules.thrown_runner import ThrownRunner, ThrownSet
 from edgeagent.drivers.camera.tracker import Tracker
 from edgeagent.kernel.alarms.engine import AlarmConfig, AlarmEngine
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
+from edgeagent.kernel.config.schema import parse_yaml, validate_doc
 from edgeagent.kernel.pipeline.event_types import REGISTRY
 from edgeagent.kernel.pipeline.events import Event, EventFactory
 from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
@@ -40,7 +44,7 @@ from edgeagent.models.engine import InferenceEngine
 from edgeagent.models.manifest import load_manifests
 from edgeagent.models.types import Box, Detection
 from tests.facade_video import encode
-from tests.helpers import wait_until
+from tests.helpers import running_daemon, wait_until
 from tests.media import image
 from tests.rtsp_peer import RtspServer
 from tests.synth_facade import Scene, SynthSequence, falling_object
@@ -111,7 +115,7 @@ async def test_a_throw_on_the_stream_raises_one_thrown_object_alarm_with_its_win
     details = d["details"]
     assert (details["floor"], details["column"]) == (9, 3)
     points = [tuple(map(float, p.split(","))) for p in details["trajectory"].split(";")]
-    assert len(points) >= 8 and all(b[0] > a[0] for a, b in zip(points, points[1:], strict=False))
+    assert len(points) >= 8 and all(b[0] > a[0] for a, b in itertools.pairwise(points))
     assert points[-1][2] - points[0][2] >= 0.04  # more than a floor down the picture
     assert 0.4 <= details["accel_g"] <= 1.6
     kinds = sorted(a.media_type for a in event.attachments)
@@ -213,3 +217,45 @@ async def test_standing_and_walking_raise_nothing(rig: Rig, engine: InferenceEng
     observer = await follow(rig, engine, photo, motion, 8.0)
     assert rig.raised("video_fall") == []
     assert observer.counts["poses"] >= 30 and observer.rule.stats()["head_windows"] >= 10
+
+
+# --- in the daemon ------------------------------------------------------------------------------------------
+
+
+async def test_the_daemon_runs_a_facade_camera_into_a_thrown_object_alarm(tmp_path: Path, facade_clip: Path) -> None:
+    """Config to alarm: a camera with ``thrown:`` (the scene's quad) and ``falls:`` in the real daemon; the
+    throw on the stream becomes one durable alarm.raised (place, window, clip), the fall observer runs."""
+    q = SCENE.quad
+    with RtspServer(facade_clip) as server:
+        text = f"""version: 1
+site_id: s
+gateway_id: g
+state_dir: {tmp_path / 'state'}
+clock: {{sync: synced}}
+health: {{port: 0}}
+cameras:
+  evidence: {{dir: {tmp_path / 'evidence'}}}
+devices:
+  - type: camera
+    id: facade-south
+    name: block 3 south
+    rtsp: {{detect_url: "{server.url}"}}
+    detect: {{fps: 5}}
+    falls: {{}}
+    thrown:
+      quad: [{list(q[0])}, {list(q[1])}, {list(q[2])}, {list(q[3])}]
+      floors: {SCENE.floors}
+      columns: {SCENE.columns}
+      clip_post_s: 1.0
+"""
+        daemon = Daemon(validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config))
+        async with running_daemon(daemon) as run:
+            assert await wait_until(lambda: run.of("alarm.raised", "facade-south"), 40.0)
+            cap: Any = daemon.capability("cameras")
+            status = cap.status()["cameras"]["facade-south"]
+    (event,) = run.of("alarm.raised", "facade-south")
+    assert event.data["kind"] == "thrown_object" and event.data["place"] == "block 3 south"
+    assert (event.data["details"]["floor"], event.data["details"]["column"]) == (9, 3)
+    assert "video/mp4" in [a.media_type for a in event.attachments]
+    rules = status["rules"]
+    assert rules["thrown"]["frames"] > 0 and rules["falls"]["ticks"] > 0
