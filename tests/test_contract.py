@@ -106,6 +106,9 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                                  "elapsed_ms": 310.0},
     "camera.clip": {"for_event": "01J9Z8Y7X6W5V4T3S2R1Q0PNMK", "pre_s": 4.6, "duration_s": 9.8, "frames": 98,
                     "codec": "h264", "truncated": False},
+    "console.audit": {"user": "guard-li", "role": "guard", "action": "alarm.ack",
+                      "target": "01J9Z8Y7X6W5V4T3S2R1Q0PNMK", "outcome": "ok", "detail": None,
+                      "remote": "192.168.1.20"},
 }
 # Device-point types share one schema (PointEvent); each gets this example, so a new one is covered.
 POINT_EXAMPLE = {"point": "port3_temperature", "port": 3, "value": 71.5, "previous": 64.0, "unit": "degC",

@@ -309,8 +309,9 @@ ALARM_KIND_PATTERN = r"^[a-z][a-z0-9_]{0,47}$"
 ALARM_PLACE_PATTERN = r"^[^\x00-\x1f\x7f]{1,64}$"
 AlarmSeverity = Literal["critical", "high", "medium", "low"]
 # auto: the capability saw the condition end (the e-bike left the car); rule: a local rule closed it (a
-# safety timeout released a door hold); the others are people: cli, a guard-room panel, the platform.
-AlarmVia = Literal["cli", "local_mqtt", "cloud", "auto", "rule"]
+# safety timeout released a door hold); the others are people: cli, a guard-room panel (local_mqtt), the
+# platform, the guard-room console (console).
+AlarmVia = Literal["cli", "local_mqtt", "cloud", "auto", "rule", "console"]
 AlarmDetail = bool | int | float | str
 
 #: Every alarm kind shipped, as declared by its capability: ``(subject, what it means)``.
@@ -551,3 +552,24 @@ class CameraClip(EventData):
 CAMERA_CLIP = REGISTRY.register(EventType(
     "camera.clip", Priority.EVENT, CameraClip,
     "A clip around an earlier camera event was kept on the box (attachment kind 'clip'; upload on request)."))
+
+
+# --- the guard-room console (edgeagent/console) ------------------------------------------------------------
+
+class ConsoleAudit(EventData):
+    user: str = Field(max_length=64, description="the console account (as typed, for a refused login)")
+    role: Literal["viewer", "guard", "installer"] | None = Field(
+        default=None, description="its role (absent for a login that did not succeed)")
+    action: str = Field(max_length=64, description="login, logout, alarm.ack, alarm.resolve, gate.open, "
+                        "config.zone, config.line, doctor")
+    target: str = Field(max_length=128, description="what it acted on: an alarm id, a gate, camera/zone")
+    outcome: Literal["ok", "refused", "failed"] = Field(
+        description="refused: not allowed (role, rate limit, wrong password); failed: allowed but it did not work")
+    detail: str | None = Field(default=None, max_length=300, description="why it was refused or failed")
+    remote: str | None = Field(default=None, max_length=64, description="the browser's address")
+
+
+CONSOLE_AUDIT = REGISTRY.register(EventType(
+    "console.audit", Priority.EVENT, ConsoleAudit,
+    "Something done in the guard-room console, or refused there: logins, alarm acknowledgements, opening the "
+    "gate, config changes."))
