@@ -40,6 +40,7 @@ from edgeagent.kernel.config.base import (
     is_loopback_host,
     redact_url,
 )
+from edgeagent.kernel.config.console import ConsoleConfig
 from edgeagent.kernel.errors import ConfigError
 from edgeagent.kernel.pipeline.event_types import ALARM_KIND_PATTERN
 
@@ -295,6 +296,8 @@ class CoreConfig(Strict):
     uplink: UplinkConfig | None = None
     commands: CommandsConfig = CommandsConfig()
     health: HealthConfig = HealthConfig()
+    console: ConsoleConfig | None = Field(default=None, description="the guard-room console (HTTPS, local "
+                                          "accounts); absent: none")
     supervisor: SupervisorConfig = SupervisorConfig()
     alarms: AlarmsSection = AlarmsSection()
     notifiers: NotifiersSection = Field(
