@@ -23,6 +23,7 @@ from edgeagent.kernel.alarms.engine import (
     AlarmEngine,
     AlarmImportError,
     AlarmInputError,
+    AlarmKindSpec,
     AlarmState,
     AlarmStateError,
     Emit,
@@ -582,7 +583,15 @@ def test_instant_needs_an_aware_wall_time() -> None:
 
 # --- property: any sequence of operations keeps the invariants --------------------------------------
 
-PROP_CONFIG = cfg(
+# A place kind next to the wristband's (as a camera declares one): its own outputs, partly shared with SOS,
+# and its own ladder. "res-1" is also used as a place name: a place alarm never folds into a resident's.
+LIFT = AlarmKindSpec("lift_blocked", "E-bike in a lift car (test)",
+                     KindPolicy("high", ("door_hold", "siren"), repeat_s=25, escalate_after_s=(40,),
+                                ladder="guard_then_manager"), subject="place")
+PROP_CONFIG = AlarmConfig(
+    kinds={**KINDS, LIFT.name: LIFT},
+    ladders={"guard_then_manager": (EscalationLevel("guard_room", ("guard_room",)),
+                                    EscalationLevel("manager", ("manager",)))},
     policies={
         AlarmKind.SOS: KindPolicy("critical", ("siren", "strobe"), repeat_s=30, escalate_after_s=(60, 150)),
         AlarmKind.FALL: KindPolicy("critical", ("strobe",), repeat_s=20, escalate_after_s=(50,)),
@@ -590,13 +599,14 @@ PROP_CONFIG = cfg(
     },
     fold_window_s=120,
 )
-PROP_KINDS = [AlarmKind.SOS, AlarmKind.FALL, AlarmKind.LOW_BATTERY]
+PROP_KINDS = [AlarmKind.SOS, AlarmKind.FALL, AlarmKind.LOW_BATTERY, LIFT.name]
+VIAS = ["cli", "local_mqtt", "cloud", "auto", "rule"]
 DT = st.one_of(st.sampled_from([0.0, 0.01, 1.0, 19.99, 20.0, 30.0, 50.0, 60.0, 120.0, 150.0, 400.0]),
                st.floats(min_value=0, max_value=1000, allow_nan=False))
 OPS = st.lists(st.one_of(
-    st.tuples(st.just("raise"), st.sampled_from(["res-1", "res-2"]), st.sampled_from(PROP_KINDS), DT),
-    st.tuples(st.just("ack"), st.integers(0, 6), st.sampled_from(["cli", "local_mqtt", "cloud"]), DT),
-    st.tuples(st.just("resolve"), st.integers(0, 6), st.sampled_from(["cli", "local_mqtt", "cloud"]), DT),
+    st.tuples(st.just("raise"), st.sampled_from(["res-1", "res-2", "lift-1 car"]), st.sampled_from(PROP_KINDS), DT),
+    st.tuples(st.just("ack"), st.integers(0, 6), st.sampled_from(VIAS), DT),
+    st.tuples(st.just("resolve"), st.integers(0, 6), st.sampled_from(VIAS), DT),
     st.tuples(st.just("tick"), DT),
     st.tuples(st.just("restart"), DT),
 ), max_size=50)
@@ -613,6 +623,7 @@ def test_any_sequence_of_operations_keeps_the_invariants(ops: list[tuple[Any, ..
     log: list[Action] = []
     ids: list[str] = []  # every alarm ever raised, in order
     raises = 0
+    raised_about: Counter[tuple[str, str, bool]] = Counter()  # raises by (kind, subject, about a place)
 
     for op in ops:
         clock.advance(op[-1])
@@ -620,8 +631,10 @@ def test_any_sequence_of_operations_keeps_the_invariants(ops: list[tuple[Any, ..
         before = engine.export()
         try:
             if op[0] == "raise":
-                actions = engine.raise_(op[2], op[1], "wb-" + op[1], now)
+                place = op[2] == LIFT.name
+                actions = engine.raise_(op[2], op[1], ("cam-" if place else "wb-") + op[1], now, place=place)
                 raises += 1
+                raised_about[op[2], op[1], place] += 1
             elif op[0] in ("ack", "resolve"):
                 if not ids:
                     continue
@@ -650,6 +663,12 @@ def test_any_sequence_of_operations_keeps_the_invariants(ops: list[tuple[Any, ..
             assert deadline is None or deadline > now.mono_s
 
     _check_invariants(log, engine, raises, factory)
+    # Folding keys on (kind, subject): each alarm's count is raises about its own subject only.
+    latest = {a.alarm.id: a.alarm for a in log if isinstance(a, Persist)}
+    per_subject: Counter[tuple[str, str, bool]] = Counter()
+    for alarm in latest.values():
+        per_subject[alarm.kind, alarm.subject, alarm.about_place] += alarm.count
+    assert per_subject == raised_about
 
 
 def _check_invariants(log: list[Action], engine: AlarmEngine, raises: int, factory: EventFactory) -> None:
@@ -668,8 +687,11 @@ def _check_invariants(log: list[Action], engine: AlarmEngine, raises: int, facto
                 assert a.notifications >= prev.notifications
             latest[a.id] = a
         elif isinstance(action, Emit):
-            factory.make(action.event_type, action.device_id, action.data)  # fits the contract
-            alarm_id = action.data.model_dump()["alarm_id"]
+            data = factory.make(action.event_type, action.device_id, action.data).data  # fits the contract
+            alarm_id = data["alarm_id"]
+            # Exactly one subject on the wire: a place, or a resident.
+            assert ("place" in data) != ("resident_id" in data)
+            assert ("place" in data) == (data["kind"] == LIFT.name)
             events.setdefault(alarm_id, []).append((i, action))
             if action.event_type in ("alarm.acknowledged", "alarm.resolved"):
                 closed_at.setdefault(alarm_id, i)

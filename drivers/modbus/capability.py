@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgeagent.drivers.modbus.charger import CHARGER_ALARM_KINDS
 from edgeagent.drivers.modbus.config import (
     DEVICE_CLASSES,
     ModbusDeviceBase,
     ModbusSection,
 )
-from edgeagent.drivers.modbus.charger import CHARGER_ALARM_KINDS
 from edgeagent.drivers.modbus.probe import probe_device
 from edgeagent.kernel.capability import (
     RULE_CALLER,

@@ -5,6 +5,14 @@ priority from inside the listener, before the poller emits anything; the events 
 reporter, so a slow (durable) event store never delays the next cut. Lockouts are saved through a
 :class:`StateStore` and survive restarts.
 
+A hazard cut-off (a port or the station cut and locked out, or a locked-out one found switched on again) is
+also a **place alarm** of kind ``charger_cutoff`` through the shared alarm service, about the charger's place
+(its configured name, else its id): the guard room sees it among the live alarms, it repeats and escalates
+until acknowledged, and the site may give it outputs (``alarms.policies.charger_cutoff.outputs``: a shed
+siren). Further cut-offs of the same charger within the fold window count into it. Clearing the last lockout
+of the charger resolves it (``via: auto``, the reset's who and how in the note). A full-battery cut is no
+alarm.
+
 The rule core's public names are re-exported here (``from edgeagent.drivers.modbus.charger import ...``
 keeps working for them).
 """
@@ -15,7 +23,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -38,6 +46,7 @@ from edgeagent.drivers.modbus.charger_rules import (
 )
 from edgeagent.drivers.modbus.device import Value, ValueListener
 from edgeagent.drivers.modbus.profile_model import Point, Profile
+from edgeagent.kernel.alarms.kinds import AlarmKindSpec, KindPolicy
 from edgeagent.kernel.pipeline.event_types import (
     CHARGER_LOCKOUT_RESET,
     CHARGER_PORT_CUTOFF,
@@ -45,11 +54,14 @@ from edgeagent.kernel.pipeline.event_types import (
     CHARGER_STATION_CUTOFF,
     CHARGING_SESSION_ENDED,
     CHARGING_SESSION_STARTED,
+    AlarmDetail,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CHARGER_ALARM_KINDS",
+    "CHARGER_CUTOFF",
     "Action",
     "ChargerDevice",
     "ChargerRules",
@@ -69,7 +81,26 @@ __all__ = [
     "Via",
 ]
 
+CHARGER_CUTOFF: Final = "charger_cutoff"
+#: Declared in the Modbus capability's spec. Critical (a fire risk), no output of its own (a site names its
+#: shed siren in alarms.policies), reminders every 2 min, the grid worker after 10 min.
+CHARGER_ALARM_KINDS: Final = (
+    AlarmKindSpec(CHARGER_CUTOFF, "Charger cut off for a hazard",
+                  KindPolicy("critical", repeat_s=120, escalate_after_s=(600,)), subject="place"),
+)
+
 # --- the I/O shell -----------------------------------------------------------------------------------
+
+class Alarms(Protocol):
+    """What charger safety uses of the shared alarm service (``CapabilityContext.alarms``)."""
+
+    async def raise_(self, kind: str, subject: str, device_id: str,
+                     details: Mapping[str, AlarmDetail] | None = None, *, place: bool = False) -> Any: ...
+
+    def active(self, kind: str | None = None, subject: str | None = None) -> Sequence[Any]: ...
+
+    async def resolve(self, alarm_id: str, by: str, via: str, note: str | None = None) -> Any: ...
+
 
 class ChargerDevice(Protocol):
     """What the safety shell uses of a :class:`~edgeagent.drivers.modbus.device.ModbusDevice`."""
@@ -130,6 +161,7 @@ def _command_priority() -> Any:
 class _Report:
     type_name: str | None  # None: only save the state
     data: dict[str, Any] = field(default_factory=dict)
+    alarm: bool = False  # also raise the charger_cutoff place alarm
 
 
 class ChargerSafety:
@@ -148,7 +180,8 @@ class ChargerSafety:
     def __init__(self, device: ChargerDevice, limits: SafetyLimits | None, sink: EventSink,
                  state_store: StateStore, *, priority: Any = _UNSET,
                  monotonic: Callable[[], float] = time.monotonic,
-                 rules: ChargerRules | None = None) -> None:
+                 rules: ChargerRules | None = None, alarms: Alarms | None = None,
+                 place: str | None = None) -> None:
         profile = device.profile
         missing = [c for c in _REQUIRED_COMMANDS if c not in profile.commands]
         if missing:
@@ -159,6 +192,8 @@ class ChargerSafety:
         self.rules = rules or ChargerRules(limits, ports=None if ports is None else ports.count,
                                            prefix="port" if ports is None else ports.prefix)
         self._sink = sink
+        self._alarms = alarms
+        self.place = place or device.device_id
         self._store = state_store
         self._priority = _command_priority() if priority is _UNSET else priority
         self._now = monotonic
@@ -170,6 +205,7 @@ class ChargerSafety:
         self.cuts = 0
         self.cut_failures = 0
         self.report_failures = 0
+        self.alarm_failures = 0
         self.last_reaction_ms: float | None = None
         device.listen(self._on_value)
 
@@ -307,6 +343,29 @@ class ChargerSafety:
                 self.report_failures += 1
                 log.exception("%s: charger safety could not %s", self.device.device_id,
                               "save its state" if report.type_name is None else f"emit {report.type_name}")
+            if self._alarms is not None and report.type_name is not None:
+                try:
+                    await self._alarm(report)
+                except Exception:
+                    # AlarmNotDurable included: the alarm ran locally (guard room, outputs) but is not stored.
+                    self.alarm_failures += 1
+                    log.exception("%s: charger cut-off alarm for %s not raised or resolved", self.device.device_id,
+                                  self.place)
+
+    async def _alarm(self, report: _Report) -> None:
+        assert self._alarms is not None
+        if report.alarm:
+            details = {k: v for k, v in report.data.items()
+                       if k in ("port", "reason", "value", "limit", "unit", "reaction_ms", "cut_error")
+                       and isinstance(v, bool | int | float | str)}
+            await self._alarms.raise_(CHARGER_CUTOFF, self.place, self.device.device_id, details, place=True)
+        elif report.type_name == CHARGER_LOCKOUT_RESET.name and not self.rules.locked_ports() \
+                and not self.rules.station_locked_out:
+            note = "".join(ch if ch.isprintable() else "?"
+                           for ch in f"lockouts cleared by {report.data.get('by')} via {report.data.get('via')}")
+            for alarm in self._alarms.active(CHARGER_CUTOFF, self.place):
+                if alarm.device_id == self.device.device_id:
+                    await self._alarms.resolve(alarm.id, self.device.device_id, "auto", note[:500])
 
 
 def _to_report(action: Action, reaction_ms: float | None, error: str | None) -> _Report | None:
@@ -314,17 +373,18 @@ def _to_report(action: Action, reaction_ms: float | None, error: str | None) -> 
     if isinstance(action, CutPort):
         return _Report(CHARGER_PORT_CUTOFF.name, {"port": action.port, "reason": action.reason,
                                                   "value": action.value, "limit": action.limit,
-                                                  "unit": action.unit, **cut})
+                                                  "unit": action.unit, **cut}, alarm=True)
     if isinstance(action, CutStation):
         return _Report(CHARGER_STATION_CUTOFF.name, {"reason": action.reason, "port": action.port,
                                                      "value": action.value, "limit": action.limit,
-                                                     "unit": action.unit, **cut})
+                                                     "unit": action.unit, **cut}, alarm=True)
     if isinstance(action, EnforceLockout):
         if not action.report:
             return None
         if action.port is None:
-            return _Report(CHARGER_STATION_CUTOFF.name, {"reason": "lockout_enforced", **cut})
-        return _Report(CHARGER_PORT_CUTOFF.name, {"port": action.port, "reason": "lockout_enforced", **cut})
+            return _Report(CHARGER_STATION_CUTOFF.name, {"reason": "lockout_enforced", **cut}, alarm=True)
+        return _Report(CHARGER_PORT_CUTOFF.name, {"port": action.port, "reason": "lockout_enforced", **cut},
+                       alarm=True)
     if isinstance(action, FullCut):
         return _Report(CHARGER_PORT_FULL_CUTOFF.name, {
             "port": action.port, "session_id": action.session_id, "current_a": action.current_a,

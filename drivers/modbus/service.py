@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeagent.drivers.modbus.bus import ModbusBus, Priority
-from edgeagent.drivers.modbus.charger import ChargerSafety
+from edgeagent.drivers.modbus.charger import Alarms, ChargerSafety
 from edgeagent.drivers.modbus.charger_rules import ResetRefused, SafetyLimits
 from edgeagent.drivers.modbus.config import (
     ModbusBusConfig,
@@ -125,8 +125,10 @@ class ModbusService:
     """Owns the buses and devices; use as an async context manager around the daemon's run."""
 
     def __init__(self, buses: Mapping[str, ModbusBusConfig], devices: Sequence[ModbusDeviceBase], sink: EventSink, *,
-                 state: KeyValueStore | None = None, config_dir: Path | None = None) -> None:
+                 state: KeyValueStore | None = None, config_dir: Path | None = None,
+                 alarms: Alarms | None = None) -> None:
         self._bus_cfgs = dict(buses)
+        self._alarms = alarms  # charger cut-offs are place alarms (see drivers/modbus/charger.py)
         self._devices = [d for d in devices if d.enabled]
         self._sink = sink
         self._state = state
@@ -177,7 +179,7 @@ class ModbusService:
                 if store is None:
                     raise ConfigError(f"device {dev.id!r}: charger safety needs the durable state store")
                 safety = ChargerSafety(device, SafetyLimits(**dev.safety.model_dump()), self._sink, store,
-                                       priority=Priority.COMMAND)
+                                       priority=Priority.COMMAND, alarms=self._alarms, place=dev.name or dev.id)
                 self.safety[dev.id] = safety
         return self
 

@@ -147,7 +147,7 @@ def output_set(name: str = typer.Argument(..., help="output name, e.g. siren"),
     console.print(f"output {name}: {action.value}" + (f" for {seconds:g} s" if action is OutputAction.pulse else ""))
 
 
-alarms_app = typer.Typer(no_args_is_help=True, help="Residents' alarms on the running daemon.")
+alarms_app = typer.Typer(no_args_is_help=True, help="Alarms on the running daemon (residents' and places').")
 
 
 @alarms_app.command("list")
@@ -163,13 +163,18 @@ def alarms_list(config: Path | None = ConfigOption, as_json: bool = JsonOption) 
     from rich.table import Table  # noqa: PLC0415
 
     t = Table(title=f"{len(alarms)} active alarm(s)", title_justify="left")
-    for col in ("id", "kind", "state", "resident", "wristband", "count", "level", "raised (UTC)", "acknowledged by"):
+    for col in ("id", "kind", "state", "about", "device", "count", "level", "raised (UTC)", "acknowledged by",
+                "evidence"):
         t.add_column(col)
     for a in alarms:
         color = "red" if a["state"] in ("raised", "notified") else "yellow"
-        t.add_row(_shown(a["id"]), _shown(a["kind"]), f"[{color}]{_shown(a['state'])}[/]", _shown(a["resident_id"]),
+        # A place alarm (a lift car, a charging shed) names its place; a resident alarm the resident's id.
+        about = f"place {_shown(a['place'])}" if a.get("place") else f"resident {_shown(a.get('resident_id'))}"
+        evidence = ", ".join(f"{_shown(att.get('kind'))} {_shown(att.get('sha256'))[:12]}"
+                             for att in a.get("attachments") or ())
+        t.add_row(_shown(a["id"]), _shown(a["kind"]), f"[{color}]{_shown(a['state'])}[/]", about,
                   _shown(a["device_id"]), str(a["count"]), str(a["level"]), _shown(a["first_raised"]["wall"])[:19],
-                  _shown(a.get("acknowledged_by")))
+                  _shown(a.get("acknowledged_by")), evidence)
     console.print(t)
 
 

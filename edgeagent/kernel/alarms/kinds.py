@@ -94,6 +94,8 @@ class AlarmKindSpec:
     subject: AlarmSubject = "resident"
 
     def __post_init__(self) -> None:
+        if isinstance(self.name, str):
+            object.__setattr__(self, "name", str(self.name))  # a StrEnum member becomes its plain value
         if not isinstance(self.name, str) or not _KIND_RE.match(self.name):
             raise ValueError(f"alarm kind name {self.name!r} must match {ALARM_KIND_PATTERN}")
         if not self.description.strip() or "\n" in self.description:

@@ -177,6 +177,12 @@ class AlarmRuntime:
                 self._wake.set()  # its repeats and escalations are due whether or not it was stored
             return self.engine.get(alarm_id)
 
+    def active(self, kind: str | None = None, subject: str | None = None) -> list[Alarm]:
+        """Active alarms, oldest first; only of ``kind`` and about ``subject`` (a resident id or a place)
+        when given. A capability finds its own alarms here after a restart (their ids are not its to keep)."""
+        return [a for a in self.engine.active()
+                if (kind is None or a.kind == kind) and (subject is None or a.subject == subject)]
+
     async def ack(self, alarm_id: str, by: str, via: str, caller: str | None = None) -> Alarm:
         """Raises AlarmNotDurable when the acknowledgement took effect but was not stored, AlarmError
         (AlarmInputError for a bad ``by``/``caller``) when it did not take effect."""
