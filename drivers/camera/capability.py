@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from edgeagent.drivers.camera.config import CameraDevice, CamerasConfig
 from edgeagent.drivers.camera.rules.alarm_kinds import CAMERA_RULE_ALARM_KINDS
+from edgeagent.drivers.camera.rules.ebike_runner import EBIKE_ALARM_KIND
 from edgeagent.kernel.capability import Capability, CapabilityContext, CapabilitySpec, DoctorCheck
 from edgeagent.kernel.config.schema import CoreConfig, DeviceBase, Issue
 
@@ -90,4 +91,4 @@ def _doctor(section: CamerasConfig | None, cfg: CoreConfig) -> list[DoctorCheck]
 SPEC: CapabilitySpec[CamerasConfig] = CapabilitySpec(
     name="cameras", build=_build, section="cameras", section_model=CamerasConfig, optional=True,
     device_types=(CameraDevice,), cross_checks=_cross_checks, doctor=_doctor,
-    alarm_kinds=CAMERA_RULE_ALARM_KINDS)
+    alarm_kinds=(*CAMERA_RULE_ALARM_KINDS, EBIKE_ALARM_KIND))

@@ -29,6 +29,8 @@ from edgeagent.drivers.camera.evidence import EvidenceStore
 from edgeagent.drivers.camera.metrics import CameraCollector
 from edgeagent.drivers.camera.pipeline import CameraPipeline
 from edgeagent.drivers.camera.rtsp import RtspSource
+from edgeagent.drivers.camera.rules.ebike_runner import EbikeRunner
+from edgeagent.drivers.camera.rules.gate_runner import GateRunner
 from edgeagent.kernel.capability import (
     Capability,
     CapabilityContext,
@@ -131,6 +133,9 @@ class CameraRunner:
         ev = service.section.evidence
         self.pipeline.clip_pre_s, self.pipeline.clip_post_s = ev.clip_pre_s, ev.clip_post_s
         self.pipeline.clip_max_bytes = ev.buffer_bytes_per_camera
+        # The community rules that follow this camera's tracks (car gate plates, e-bike in a lift car).
+        self.gate, self.ebike = service.rule_runners(cam)
+        self.pipeline.observers += [r for r in (self.gate, self.ebike) if r is not None]
         self.online: bool | None = None
         self.onvif: Any = None  # OnvifCamera while connected
         self.stream_error: str | None = None
@@ -306,6 +311,8 @@ class CameraRunner:
             assert self.cam.onvif is not None
             data["input"] = self.cam.onvif.inputs.get(token, token)[:64]
             await sink.emit(CAMERA_INPUT.name, self.cam.id, data)
+            if self.gate is not None and data["input"] == self.gate.rule.call_input:
+                await self.gate.call_button(ev.active, "camera")
         elif ev.kind == "line_crossed" and ev.active is not False:
             await sink.emit(CAMERA_LINE_CROSSED.name, self.cam.id, {
                 "line": (ev.rule or "camera")[:64], "direction": "crossed", "source": "camera"})
@@ -313,7 +320,8 @@ class CameraRunner:
     def status(self) -> dict[str, Any]:
         src = self.source.stats() if self.source is not None else {}
         events = self._events.status() if self._events is not None else None
-        rules = {name: r.stats() for name, r in (("falls", self.falls), ("thrown", self.thrown)) if r is not None}
+        rules = {name: r.stats() for name, r in (("gate", self.gate), ("ebike_lift", self.ebike),
+                                                  ("falls", self.falls), ("thrown", self.thrown)) if r is not None}
         return {"online": self.online, "error": self.stream_error, "stream": src,
                 "pipeline": self.pipeline.snapshot_state(), "onvif_events": events or self.events_state or None,
                 **({"rules": rules} if rules else {})}
@@ -372,8 +380,32 @@ class CameraService:
         self.evidence = EvidenceStore(Path(root), max_bytes=section.evidence.max_bytes,
                                       retention_s=section.evidence.retention_days * 86_400,
                                       jpeg_quality=section.evidence.jpeg_quality)
+        self.plates: Any = None  # the residents' plate list, opened when a camera runs the gate rule
         self.runners = {cam.id: CameraRunner(cam, self) for cam in cams}
         self._tasks: set[asyncio.Task[Any]] = set()
+        if any(r.ebike is not None for r in self.runners.values()):
+            ctx.alarms.listen(self._on_alarm)
+
+    def rule_runners(self, cam: CameraDevice) -> tuple[GateRunner | None, EbikeRunner | None]:
+        """The camera's car gate and e-bike rules, as pipeline observers."""
+        ctx = self.ctx
+        gate = ebike = None
+        if cam.gate is not None:
+            if self.plates is None:
+                from edgeagent.drivers.camera.rules.plate_list import PlateList, plates_path  # noqa: PLC0415
+
+                self.plates = PlateList(plates_path(ctx.state_dir))
+            gate = GateRunner(cam, cam.gate, engine=self.engine, sink=ctx.sink, evidence=self.evidence,
+                              lookup=self.plates.find, actions=ctx.local_actions, outputs=ctx.outputs,
+                              wall=ctx.clock.now)
+        if cam.ebike_lift is not None:
+            ebike = EbikeRunner(cam, cam.ebike_lift, outputs=ctx.outputs, alarms=ctx.alarms, evidence=self.evidence)
+        return gate, ebike
+
+    async def _on_alarm(self, alarm: Any) -> None:
+        for runner in self.runners.values():
+            if runner.ebike is not None:
+                await runner.ebike.on_alarm(alarm)
 
     def model_for(self, cam: CameraDevice) -> str:
         return cam.detect.model or self.section.detector
@@ -400,6 +432,8 @@ class CameraService:
                 await asyncio.wait_for(task, 2.0)
         await self.engine.__aexit__(None, None, None)
         await self.evidence.aclose()
+        if self.plates is not None:
+            self.plates.close()
 
     async def prune_loop(self) -> None:
         while True:
@@ -446,6 +480,10 @@ class CameraCapability(Capability):
             specs.append(TaskSpec(f"device:{cid}", runner.run))
             if runner.cam.onvif is not None and runner.cam.onvif.events:
                 specs.append(TaskSpec(f"device:{cid}:events", runner.events))
+            if runner.gate is not None:
+                specs.append(TaskSpec(f"device:{cid}:gate", runner.gate.run))
+            if runner.ebike is not None:
+                specs.append(TaskSpec(f"device:{cid}:ebike-lift", runner.ebike.run))
         return specs
 
     def outputs(self) -> Mapping[str, Output]:
