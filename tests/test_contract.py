@@ -68,9 +68,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                          "battery_pct": 81, "worn": True, "rssi_dbm": -67},
     "gate.commanded": {"command": "open", "reason": "visitor", "by": "guard-desk", "via": "cli",
                        "outcome": "executed", "latency_ms": 12.5},
-    "alarm.raised": {"alarm_id": "01J9Z8Y7X6W5V4T3S2R1Q0PNMK", "kind": "heart_rate_high", "severity": "high",
-                     "resident_id": "res-0042", "device_id": "wb-C3:1A:77:04:9E:21", "count": 1, "level": 0,
-                     "raised_at": "2025-01-01T12:00:00.000Z", "details": {"heart_rate": 142, "threshold": 120}},
+    # a place alarm (a camera's, with its snapshot in the envelope's attachments) and resident alarms
+    "alarm.raised": {"alarm_id": "01J9Z8Y7X6W5V4T3S2R1Q0PNMK", "kind": "ebike_in_lift", "severity": "high",
+                     "place": "lift-2 car", "device_id": "cam-lift2", "count": 1, "level": 0,
+                     "raised_at": "2025-01-01T12:00:00.000Z", "details": {"label": "motorcycle", "score": 0.87}},
     "alarm.notified": {"alarm_id": "01J9Z8Y7X6W5V4T3S2R1Q0PNMK", "kind": "sos", "severity": "critical",
                        "resident_id": "res-0042", "device_id": "wb-1", "count": 3, "level": 0,
                        "raised_at": "2025-01-01T12:00:00.000Z", "level_name": "guard_room",
@@ -141,6 +142,23 @@ def is_valid_everywhere(envelope: dict[str, Any], type_name: str) -> bool:
 
 def test_examples_cover_every_registered_type() -> None:
     assert set(EXAMPLES) == set(REGISTERED)
+
+
+ALARM_TYPES = [t for t in REGISTERED if t.startswith("alarm.")]
+
+
+@pytest.mark.parametrize("type_name", ALARM_TYPES)
+def test_an_alarm_is_about_exactly_one_resident_or_place(type_name: str) -> None:
+    env = make_envelope(type_name, attachments=(SNAPSHOT,) if type_name == "alarm.raised" else ())
+    assert is_valid_everywhere(env, type_name)
+    data = env["data"]
+    subject = {k: data.pop(k) for k in ("place", "resident_id") if k in data}
+    assert len(subject) == 1
+    swapped = {"resident_id": "res-0042"} if "place" in subject else {"place": "shed north"}
+    assert is_valid_everywhere({**env, "data": {**data, **swapped}}, type_name)
+    assert not is_valid_everywhere({**env, "data": data}, type_name)  # neither
+    assert not is_valid_everywhere({**env, "data": {**data, **subject, **swapped}}, type_name)  # both
+    assert not is_valid_everywhere({**env, "data": {**data, **subject, "kind": "Fire!"}}, type_name)
 
 
 def test_every_registered_type_has_a_schema_file() -> None:
