@@ -68,6 +68,9 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                          "battery_pct": 81, "worn": True, "rssi_dbm": -67},
     "gate.commanded": {"command": "open", "reason": "visitor", "by": "guard-desk", "via": "cli",
                        "outcome": "executed", "latency_ms": 12.5},
+    "gate.visitor": {"plate": "苏E5A2B8", "confidence": 0.97, "agreement": 1.0, "reason": "not_in_list",
+                     "track_id": 12, "zone": "lane", "reads": 6, "votes": 6, "gate": "car-gate"},
+    "gate.call": {"gate": "car-gate", "source": "camera", "zone": "lane"},
     # a place alarm (a camera's, with its snapshot in the envelope's attachments) and resident alarms
     "alarm.raised": {"alarm_id": "01J9Z8Y7X6W5V4T3S2R1Q0PNMK", "kind": "ebike_in_lift", "severity": "high",
                      "place": "lift-2 car", "device_id": "cam-lift2", "count": 1, "level": 0,

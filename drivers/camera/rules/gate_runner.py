@@ -47,15 +47,13 @@ from edgeagent.drivers.camera.rules.plates import GateDecision, PlateGate, Plate
 from edgeagent.drivers.camera.tracker import Track
 from edgeagent.kernel.capability import RULE_CALLER, LocalAction
 from edgeagent.kernel.errors import CommandRejected
-from edgeagent.kernel.pipeline.event_types import GATE_COMMANDED
+from edgeagent.kernel.pipeline.event_types import GATE_CALL, GATE_COMMANDED, GATE_VISITOR
 from edgeagent.kernel.pipeline.events import Attachment
 from edgeagent.kernel.runtime.outputs import Outputs
 from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError
 
 log = logging.getLogger(__name__)
 
-GATE_VISITOR = "gate.visitor"
-GATE_CALL = "gate.call"
 MAX_READS_IN_FLIGHT: Final = 2
 MAX_OPS: Final = 256
 CROP_MARGIN: Final = 0.08  # of the vehicle box, each side: the plate sits at its lower edge
@@ -324,7 +322,7 @@ class GateRunner:
                 atts = (await self._evidence.save_snapshot(self.cam.id, st.image, [det]),)
             except Exception as exc:  # noqa: BLE001 - the event goes without its snapshot
                 log.warning("%s: visitor snapshot not kept: %s", self.cam.id, exc)
-        await self._emit(GATE_VISITOR, {
+        await self._emit(GATE_VISITOR.name, {
             "plate": d.plate, "confidence": round(float(d.confidence), 3), "agreement": round(float(d.agreement), 3),
             "reason": d.reason, "track_id": d.track_id, "zone": self.rule.zone, "reads": d.reads, "votes": d.votes,
             "gate": self.rule.open}, atts)
@@ -334,7 +332,7 @@ class GateRunner:
         if active is False:
             return
         self.counts["calls"] += 1
-        await self._emit(GATE_CALL, {"gate": self.rule.open, "source": source, "zone": self.rule.zone})
+        await self._emit(GATE_CALL.name, {"gate": self.rule.open, "source": source, "zone": self.rule.zone})
 
     async def _emit(self, type_name: str, data: dict[str, Any], atts: tuple[Attachment, ...] = ()) -> None:
         try:

@@ -197,6 +197,37 @@ GATE_COMMANDED = REGISTRY.register(EventType(
     "A barrier gate was commanded (opened for a plate, by the guard room or the platform): the audit record."))
 
 
+class GateVisitor(EventData):
+    plate: str | None = Field(default=None, max_length=16, description="the plate as voted over the vehicle's frames "
+                              "(None when too little was read to vote); a visitor's plate, never a resident's")
+    confidence: float = Field(ge=0, le=1, description="the voted plate's weakest position's mean character score")
+    agreement: float = Field(ge=0, le=1, description="the voted plate's share of the reads (1: all agree)")
+    reason: str = Field(max_length=32, description="why it did not open: not_in_list, entry_expired, "
+                        "entry_not_yet_valid, low_confidence, too_few_reads, reads_disagree, bad_format")
+    track_id: int = Field(ge=0, description="the vehicle's track on the camera")
+    zone: str = Field(max_length=64, description="the camera's gate zone")
+    reads: int = Field(ge=0, description="plate reads that voted")
+    votes: int = Field(ge=0, description="reads of exactly the voted plate")
+    gate: str = Field(max_length=130, description="the gate this camera opens (a gate device id or an output)")
+
+
+class GateCall(EventData):
+    gate: str = Field(max_length=130, description="the gate this camera opens (a gate device id or an output)")
+    source: str = Field(max_length=32, description="where the press was seen: 'camera' (its digital input)")
+    zone: str | None = Field(default=None, max_length=64, description="the camera's gate zone")
+
+
+GATE_VISITOR = REGISTRY.register(EventType(
+    "gate.visitor", Priority.EVENT, GateVisitor,
+    "A vehicle at the car gate whose plate did not open it (not a resident's, out of its dates, or not read "
+    "surely enough): for the guard room, with a snapshot in the envelope's attachments. The device is the "
+    "gate camera."))
+GATE_CALL = REGISTRY.register(EventType(
+    "gate.call", Priority.EVENT, GateCall,
+    "A driver pressed the car gate's call button: the guard console rings (and may open remotely). The device "
+    "is the camera or gate that saw the press."))
+
+
 # --- e-bike charging shed safety (drivers/modbus/charger.py) ----------------------------------------
 #
 # Local rules that act without the cloud: a hazard cuts a port (or the whole station) at once and the
