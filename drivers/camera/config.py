@@ -130,6 +130,10 @@ class DetectConfig(Strict):
         default_factory=lambda: ["person", "bicycle", "car", "motorcycle", "bus", "truck"],
         description="labels to track; the model knows more")
     min_score: float = Field(default=0.4, ge=0, le=1)
+    class_min_score: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: {"person": 0.5},
+        description="a higher minimum score for some labels (on top of min_score): NanoDet scores traffic cones "
+                    "and stones 0.42-0.47 as 'person', people 0.53-0.88")
     min_area: float = Field(default=0.0005, ge=0, le=1, description="minimum box area, fraction of the frame")
     objects_events: bool = Field(default=True, description="a camera.object event per new track")
 
