@@ -3,6 +3,7 @@ attachments, per-kind ladders, ``auto``/``rule`` resolutions, restart. Pure engi
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from edgeagent.kernel.alarms.notify import message_for
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
 from edgeagent.kernel.config.schema import parse_yaml
 from edgeagent.kernel.errors import ConfigError
+from edgeagent.kernel.local_actions import alarm_command, core_local_actions
 from edgeagent.kernel.pipeline.event_types import DOCUMENTED_ALARM_KINDS, REGISTRY
 from edgeagent.kernel.pipeline.events import Attachment, EventFactory
 from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
@@ -288,3 +290,45 @@ async def test_charger_cutoffs_raise_one_place_alarm_resolved_when_the_last_lock
 async def _all_events(outbox: Any) -> list[dict[str, Any]]:
     batch = await outbox.lease(100, 1 << 20)
     return [] if batch is None else [orjson.loads(p) for p in batch.payloads]
+
+
+async def test_local_action_and_signed_command_handle_a_place_alarm(tmp_path: Path) -> None:
+    """The CLI's ``alarm`` action and the platform's ``alarm.handle`` are kind-blind: a place alarm is
+    acknowledged and resolved through them like an SOS, with who and how recorded."""
+    outbox = Outbox(OutboxConfig(tmp_path / "outbox.db"))
+    await outbox.open()
+    try:
+        wall = WallClock(mode="synced")
+        outs = Outputs()
+        siren = Lamp()
+        outs.register("siren", siren)
+        alarms = AlarmRuntime(AlarmEngine(AlarmConfig(kinds=KINDS, ladders=LADDERS)),
+                              sink=EventSink(EventFactory(REGISTRY, "s", "g", wall), outbox), state=outbox,
+                              outputs=outs, notifiers=None, clock=wall)
+        shed = await alarms.raise_("shed_fire", "shed-north", "charger-1", place=True)
+        listed = await core_local_actions(outs, alarms)["alarms"]({}, "root(0)")
+        assert [(a["kind"], a["place"], a["resident_id"]) for a in listed["alarms"]] == [
+            ("shed_fire", "shed-north", None)]
+        out = await core_local_actions(outs, alarms)["alarm"]({"alarm_id": shed.id, "by": "guard-7"}, "root(0)")
+        assert out["stored"] is True and alarms.active()[0].acknowledged_via == "cli"
+        cloud = alarm_command(alarms)
+        out = await cloud.handler({"alarm_id": shed.id, "action": "resolve", "by": "op-1", "note": "checked"})
+        assert out["stored"] is True and alarms.active() == []
+        for _ in range(250):  # the output lane switches in the background
+            if siren.states[-1:] == [False]:
+                break
+            await asyncio.sleep(0.02)
+        assert siren.states == [True, False]
+        kinds = [(e["type"], e["data"]["place"], e["data"].get("via")) for e in await _all_events(outbox)]
+        assert kinds == [("alarm.raised", "shed-north", None), ("alarm.notified", "shed-north", None),
+                         ("alarm.acknowledged", "shed-north", "cli"), ("alarm.resolved", "shed-north", "cloud")]
+    finally:
+        await outbox.close()
+
+
+class Lamp:
+    def __init__(self) -> None:
+        self.states: list[bool] = []
+
+    async def set(self, on: bool) -> None:
+        self.states.append(on)
