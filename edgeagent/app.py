@@ -80,7 +80,10 @@ def alarm_config(cfg: Config, capabilities: Sequence[CapabilitySpec[Any]] = CAPA
     """The engine's settings: the capabilities' kinds with the site's ``alarms:`` section over them.
     ConfigError (located at the key) for a policy of a kind no capability declares."""
     a = cfg.alarms
-    kinds = alarm_kinds(capabilities)
+    try:
+        kinds = alarm_kinds(capabilities)
+    except ValueError as exc:  # two capabilities declare one kind
+        raise ConfigError(f"alarm kinds: {exc}") from exc
     issues = alarm_kind_issues(a, kinds) + a.ladder_issues()
     if issues:
         raise ConfigError("\n".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in issues))
@@ -88,12 +91,15 @@ def alarm_config(cfg: Config, capabilities: Sequence[CapabilitySpec[Any]] = CAPA
     def levels(items: Sequence[Any]) -> tuple[EscalationLevel, ...]:
         return tuple(EscalationLevel(lv.name, tuple(lv.targets)) for lv in items)
 
-    return AlarmConfig(
-        levels=levels(a.levels), kinds=kinds, ladders={name: levels(ladder) for name, ladder in a.ladders.items()},
-        policies={kind: KindPolicy(p.severity, tuple(p.outputs), p.repeat_s, tuple(p.escalate_after_s),
-                                   p.fold_window_s, p.ladder) for kind, p in a.policies.items()},
-        fold_window_s=a.fold_window_s, output_pulse_s=a.output_pulse_s, include_names=a.include_names,
-        message_names=a.message_names)
+    try:
+        return AlarmConfig(
+            levels=levels(a.levels), kinds=kinds, ladders={name: levels(ladder) for name, ladder in a.ladders.items()},
+            policies={kind: KindPolicy(p.severity, tuple(p.outputs), p.repeat_s, tuple(p.escalate_after_s),
+                                       p.fold_window_s, p.ladder) for kind, p in a.policies.items()},
+            fold_window_s=a.fold_window_s, output_pulse_s=a.output_pulse_s, include_names=a.include_names,
+            message_names=a.message_names)
+    except ValueError as exc:  # e.g. a capability's shipped policy names a ladder this site does not have
+        raise ConfigError(f"alarms: {exc}") from exc
 
 
 def echo_to(stream: TextIO) -> Callable[[Event, int], None]:
