@@ -26,6 +26,13 @@ Queue policy: at most ``queue_size`` requests wait; a request beyond that is ref
 rather than queueing stale work. A request is one call of :meth:`InferenceEngine.infer` (all the regions of
 one frame), however many images it holds.
 
+Staleness: a request may say how long it is worth waiting (``max_wait_s``: the camera pipeline's detection
+ticks pass 0.3 s, a bit more than one tick at 5 fps). When its turn comes later than that, it is not run: it
+fails with :class:`EngineBusy` and is counted (``stale``, per camera too), and the worker's time goes to
+requests that are still current. A queue bound alone does not do this: with one request per camera and as
+many cameras as places in the queue, nothing is ever refused while every answer comes 250-400 ms late (the
+benchmark at 8 cameras). Requests without ``max_wait_s`` wait as long as the queue makes them.
+
 Batching: requests for the same model waiting together are sent as one batch when the manifest's
 ``max_batch`` is above 1 (up to ``max_batch`` images); a model with ``max_batch: 1`` gets one request per
 round trip so one camera's request never waits behind another's. Measured on this 2-core CPU (2 threads),
@@ -365,6 +372,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     camera: str
     submitted: float
+    max_wait_s: float | None = None
     cancelled: bool = False
 
 
@@ -383,6 +391,7 @@ class _ModelStats:
 class _CameraStats:
     requests: int = 0
     refused: int = 0
+    stale: int = 0
 
 
 def _pct(values: deque[float], q: float) -> float | None:
@@ -420,6 +429,7 @@ class InferenceEngine:
         self._wake_w: Connection | None = None
         self._batch_id = 0
         self._refused = 0
+        self._stale = 0
         self._timeouts = 0
         self._restarts = 0
         self._crashes = 0
@@ -477,10 +487,12 @@ class InferenceEngine:
 
     # --- requests ------------------------------------------------------------------------------------------
 
-    async def infer(self, model: str, images: Sequence[np.ndarray], *, camera: str = "") -> list[list[Detection]]:
+    async def infer(self, model: str, images: Sequence[np.ndarray], *, camera: str = "",
+                    max_wait_s: float | None = None) -> list[list[Detection]]:
         """Detections per image, in that image's pixels. Raises :class:`EngineBusy` at once when the queue is
-        full, :class:`InferenceTimeout` when the watchdog restarted the worker, :class:`InferenceError` for
-        any other failure of this request; :class:`ModelError` for a model the engine was not given."""
+        full, or when the request's turn came more than ``max_wait_s`` after it was made (stale, not run);
+        :class:`InferenceTimeout` when the watchdog restarted the worker, :class:`InferenceError` for any other
+        failure of this request; :class:`ModelError` for a model the engine was not given."""
         manifest = self._manifests.get(model)
         if manifest is None:
             raise ModelError(f"no model {model!r} in this engine (it has: {', '.join(sorted(self._manifests))})")
@@ -491,7 +503,9 @@ class InferenceEngine:
         if not items:
             return []
         loop = asyncio.get_running_loop()
-        request = _Request(model, items, loop.create_future(), loop, camera, time.monotonic())
+        if max_wait_s is not None and max_wait_s <= 0:
+            raise ValueError(f"max_wait_s must be positive, got {max_wait_s}")
+        request = _Request(model, items, loop.create_future(), loop, camera, time.monotonic(), max_wait_s)
         with self._cond:
             cam = self._cameras.setdefault(camera, _CameraStats())
             cam.requests += 1
@@ -508,8 +522,8 @@ class InferenceEngine:
             request.cancelled = True
             raise
 
-    async def detect_regions(self, model: str, frame: np.ndarray, regions: Sequence[Box], *, camera: str = ""
-                             ) -> list[Detection]:
+    async def detect_regions(self, model: str, frame: np.ndarray, regions: Sequence[Box], *, camera: str = "",
+                             max_wait_s: float | None = None) -> list[Detection]:
         """Run ``model`` on each region of ``frame`` (clipped to it; empty ones skipped) in one request, map the
         detections to frame pixels and merge what several regions saw (:func:`merge_region_detections`)."""
         if frame.ndim < 2:
@@ -528,7 +542,7 @@ class InferenceEngine:
             boxes.append((ix1, iy1, ix2, iy2))
         if not crops:
             return []
-        found = await self.infer(model, crops, camera=camera)
+        found = await self.infer(model, crops, camera=camera, max_wait_s=max_wait_s)
         per_region = [[d.shifted(bx[0], bx[1]) for d in dets] for dets, bx in zip(found, boxes, strict=True)]
         return merge_region_detections(per_region, boxes, fw, fh, self._manifests[model].thresholds.nms_iou)
 
@@ -563,19 +577,37 @@ class InferenceEngine:
                 if self._stopping:
                     return None
                 first = self._pending.popleft()
-                if not first.cancelled:
+                if not first.cancelled and not self._stale_now(first):
                     break
             group = [first]
             limit = self._manifests[first.model].max_batch
             total = len(first.items)
             if limit > 1 and total < limit:
                 for request in list(self._pending):
-                    if request.model == first.model and not request.cancelled and total + len(request.items) <= limit:
+                    if request.cancelled or self._stale_now(request):
+                        with contextlib.suppress(ValueError):
+                            self._pending.remove(request)
+                        continue
+                    if request.model == first.model and total + len(request.items) <= limit:
                         self._pending.remove(request)
                         group.append(request)
                         total += len(request.items)
             self._in_flight = len(group)
             return group
+
+    def _stale_now(self, request: _Request) -> bool:
+        """Under ``self._cond``: a request whose turn came too late is refused (settled, counted) here."""
+        if request.max_wait_s is None:
+            return False
+        waited = time.monotonic() - request.submitted
+        if waited <= request.max_wait_s:
+            return False
+        self._stale += 1
+        self._cameras.setdefault(request.camera, _CameraStats()).stale += 1
+        _settle(request, exc=EngineBusy(f"{request.model} for {request.camera or 'a caller'}: waited "
+                                        f"{waited * 1000:.0f} ms, more than its {request.max_wait_s * 1000:.0f} ms: "
+                                        "not run (stale); skip this tick"))
+        return True
 
     def _run_group(self, group: list[_Request]) -> None:
         model = group[0].model
@@ -700,6 +732,7 @@ class InferenceEngine:
                 "queue_size": self._queue_size,
                 "in_flight": self._in_flight,
                 "refused": self._refused,
+                "stale": self._stale,
                 "timeouts": self._timeouts,
                 "restarts": self._restarts,
                 "crashes": self._crashes,
@@ -708,7 +741,8 @@ class InferenceEngine:
                            "timeouts": s.timeouts, "p50_ms": _pct(s.latency_ms, 50), "p99_ms": _pct(s.latency_ms, 99),
                            "compute_p50_ms": _pct(s.compute_ms, 50)}
                     for name, s in self._models.items() if s.requests or s.errors or s.timeouts},
-                "cameras": {cam: {"requests": c.requests, "refused": c.refused} for cam, c in self._cameras.items()},
+                "cameras": {cam: {"requests": c.requests, "refused": c.refused, "stale": c.stale}
+                            for cam, c in self._cameras.items()},
             }
 
 

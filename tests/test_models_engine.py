@@ -189,11 +189,41 @@ async def test_watchdog_restarts_a_stuck_inference_and_a_full_queue_refuses(tmp_
         stats = engine.stats()
         assert stats["timeouts"] == 1 and stats["restarts"] == 1 and stats["refused"] == 1
         assert stats["models"]["slow"]["timeouts"] == 1 and stats["models"]["nanodet"]["requests"] == 1
-        assert stats["cameras"]["cam3"] == {"requests": 1, "refused": 1}
+        assert stats["cameras"]["cam3"] == {"requests": 1, "refused": 1, "stale": 0}
         assert stats["worker_pid"] != first_pid
         # and the next request works too
         [again] = await engine.infer("nanodet", [dog])
         assert "bicycle" in {d.label for d in again}
+
+
+async def test_a_request_whose_turn_comes_too_late_is_refused_as_stale_and_counted(tmp_path: Path) -> None:
+    slow_model(tmp_path)
+    slow = site_manifest(["fire", "smoke"], name="slow", file="slow.onnx", folder=tmp_path)
+    small = np.zeros((32, 32, 3), np.uint8)
+    dog = image("dog.jpg")
+    engine = InferenceEngine({"slow": slow, "nanodet": SHIPPED["nanodet"]}, queue_size=4, stuck_after_s=1.0,
+                             load_timeout_s=1.0)
+    async with engine:
+        stuck = asyncio.create_task(engine.infer("slow", [small], camera="cam1"))
+        await wait_until(lambda: engine.stats()["in_flight"] == 1, "the slow request to be in flight")
+        # Both wait behind the stuck one (over a second): the one worth 0.3 s is not run, the other is.
+        late = asyncio.create_task(engine.infer("nanodet", [dog], camera="cam2", max_wait_s=0.3))
+        patient = asyncio.create_task(engine.infer("nanodet", [dog], camera="cam3"))
+        with pytest.raises(InferenceTimeout):
+            await asyncio.wait_for(stuck, 30)
+        with pytest.raises(EngineBusy, match="stale"):
+            await late
+        [found] = await patient
+        assert "bicycle" in {d.label for d in found}
+        stats = engine.stats()
+        assert stats["stale"] == 1 and stats["refused"] == 0
+        assert stats["cameras"]["cam2"] == {"requests": 1, "refused": 0, "stale": 1}
+        assert stats["models"]["nanodet"]["requests"] == 1  # the stale one never reached the worker
+        # A request served in time is unaffected by its bound.
+        [again] = await engine.infer("nanodet", [dog], camera="cam2", max_wait_s=5.0)
+        assert "bicycle" in {d.label for d in again} and engine.stats()["stale"] == 1
+        with pytest.raises(ValueError):
+            await engine.infer("nanodet", [dog], max_wait_s=0.0)
 
 
 async def test_the_loop_runs_while_inference_runs() -> None:
