@@ -28,6 +28,7 @@ from typing import Any, TextIO
 from edgeagent import __version__
 from edgeagent.capabilities import CAPABILITIES
 from edgeagent.cloud_bridge.uplink import Uplink
+from edgeagent.console import ConsoleContext, ConsoleServer, ConsoleTools
 from edgeagent.control import SOCKET_NAME, ControlServer
 from edgeagent.drivers.notifiers import NotifierHub
 from edgeagent.health import HealthServer
@@ -128,8 +129,10 @@ class Daemon:
         environ: Mapping[str, str] | None = None,
         config_dir: Path | None = None,
         capabilities: Sequence[CapabilitySpec[Any]] = CAPABILITIES,
+        console_tools: ConsoleTools | None = None,
     ) -> None:
         self.cfg = cfg
+        self._console_tools = console_tools  # the CLI's config editor and checks, for the console's installer pages
         self.clock = clock or Clock(cfg.clock.sync)
         self.notifier = notifier or Notifier()
         self.state_dir = state_dir_for(cfg, environ)
@@ -171,6 +174,7 @@ class Daemon:
         self.health: HealthServer | None = None
         self.notifiers: NotifierHub | None = None
         self.control: ControlServer | None = None
+        self.console: ConsoleServer | None = None
         self.heartbeat: Heartbeat | None = None
         self.started_mono = time.monotonic()
         self.ready = asyncio.Event()
@@ -337,6 +341,9 @@ class Daemon:
         runtime_dir = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
         self.control = ControlServer(Path(runtime_dir or self.state_dir) / SOCKET_NAME, dict(self._actions))
         await self.control.start()
+        if cfg.console is not None and cfg.console.enabled:
+            self.console = ConsoleServer(cfg.console, self._console_context())
+            await self.console.start()
         self._write_runtime_file()
         # Start-up objects live for the whole run: keep them out of the collector, whose full passes
         # otherwise pause the loop for ~40 ms (measured in bench/alarm_latency.py).
@@ -356,6 +363,15 @@ class Daemon:
             clock_synced=lambda: self.clock.synced,
             audit=self._audit_command, max_ttl_s=self.cfg.commands.max_ttl_s,
             clock_skew_s=self.cfg.commands.clock_skew_s, max_concurrent=self.cfg.commands.max_concurrent)
+
+    def _console_context(self) -> ConsoleContext:
+        cams = getattr(self.cfg, "cameras", None)  # where camera evidence is kept, if cameras are configured
+        evidence = getattr(getattr(cams, "evidence", None), "dir", None)
+        return ConsoleContext(
+            site_id=self.cfg.site_id, gateway_id=self.cfg.gateway_id, state_dir=self.state_dir, sink=self.sink,
+            alarms=self.alarms, actions=self._actions, status=self.status, devices=self.cfg.devices, names=self._names,
+            evidence_dirs=[p for p in (evidence, self.state_dir / "evidence") if p is not None],
+            tools=self._console_tools)
 
     def _local_actions(self) -> dict[str, LocalAction]:
         """What the CLI may do through the control socket; the caller's user is recorded as ``by``."""
@@ -455,6 +471,8 @@ class Daemon:
             log.error("orderly shutdown took longer than %.0f s; cancelling what is left", budget)
         if self.supervisor is not None:
             await self.supervisor.stop_all()
+        if self.console is not None:
+            await self.console.stop()
         if self.health is not None:
             await self.health.stop()
         if self.control is not None:

@@ -159,11 +159,12 @@ def run(
 ) -> None:
     """Run the daemon (what systemd starts)."""
     from edgeagent.app import Daemon, echo_to  # noqa: PLC0415 - keeps `edgeagent --help` fast
+    from edgeagent.cli.console_cmd import ConfigTools  # noqa: PLC0415
 
     path, cfg = load_or_exit(config)
     setup_logging(cfg.log_level)
     try:
-        daemon = Daemon(cfg, config_dir=path.parent)
+        daemon = Daemon(cfg, config_dir=path.parent, console_tools=ConfigTools(path))
         if echo_events:
             daemon.sink.observe(echo_to(sys.stdout))
         code = asyncio.run(daemon.run())
@@ -272,7 +273,18 @@ def devices_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _register_subcommands() -> None:
-    from edgeagent.cli import broker, camera, devices, events, local, modbus, models, plates, support  # noqa: PLC0415
+    from edgeagent.cli import (  # noqa: PLC0415
+        broker,
+        camera,
+        devices,
+        events,
+        local,
+        modbus,
+        models,
+        plates,
+        support,
+    )
+    from edgeagent.cli.console_cmd import app as console_app  # noqa: PLC0415
 
     app.add_typer(events.app, name="events")
     app.add_typer(devices.app, name="device")
@@ -287,6 +299,7 @@ def _register_subcommands() -> None:
     app.add_typer(camera.app, name="camera")
     app.add_typer(models.app, name="models")
     app.add_typer(plates.app, name="plates")
+    app.add_typer(console_app, name="console")
 
 
 _register_subcommands()

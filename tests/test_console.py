@@ -1,0 +1,280 @@
+"""The guard-room console in a real browser: Playwright driving Debian's chromium (/usr/bin/chromium) against
+the real daemon, with a real local mosquitto for the wristbands and a pymodbus server for the relay module
+(channel 1: the siren) and the car gate. One browser and one daemon for the whole module.
+
+What is checked: a wristband SOS appears as a card; a viewer sees it but cannot acknowledge; a request without
+a session changes nothing; a cross-site form post is refused; the guard acknowledges in the page, the siren
+relay switches off and alarm.acknowledged records the guard with via=console; the gate opens from the page;
+failed logins are limited. Screenshots of each page are saved under the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import paho.mqtt.client as paho
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from paho.mqtt.enums import CallbackAPIVersion
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright
+
+from edgeagent.app import Daemon
+from edgeagent.capabilities import load_config
+from edgeagent.cli.console_cmd import ConfigTools
+from edgeagent.console.accounts import AccountStore
+from edgeagent.console.security import COOKIE
+from edgeagent.console.server import USERS_PATH
+from edgeagent.drivers.modbus.profile import shipped_profile
+from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
+from tests.helpers import wait_until
+from tests.peers import Mosquitto, free_port
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+CHROMIUM = "/usr/bin/chromium"
+BAND = "aabbccddeeff"
+PASSWORDS = {"guard-li": "guard-pass-1", "viewer-wu": "viewer-pass-1"}
+
+
+def write_config(path: Path, state: Path, local_port: int, modbus_port: int) -> None:
+    path.write_text(f"""\
+version: 1
+site_id: site-1
+gateway_id: gw-1
+state_dir: {state}
+clock: {{sync: synced}}
+health: {{enabled: false}}
+console: {{host: 127.0.0.1, port: 0}}   # the guard room's screen
+modbus:
+  buses:
+    lan: {{kind: tcp, host: 127.0.0.1, port: {modbus_port}, timeout_s: 0.3}}
+devices:
+  - {{type: modbus.gate, id: car-gate, bus: lan, unit_id: 1, poll_interval_s: 0.2}}
+  - {{type: modbus.relay, id: guard-io, bus: lan, unit_id: 3, channels: {{1: siren}}, poll_interval_s: 0.2}}
+wristbands:
+  broker: mqtt://127.0.0.1:{local_port}
+  inputs: [{{decoder: ble-json}}]
+  zones: {{gw-north: inside}}
+  residents:
+    - {{id: r-0012, name: Wang Ayi, room: 3-2-501, devices: ["{BAND}"]}}
+notifiers:
+  guard-panel: {{type: mqtt, topic: "compound/notify/{{target}}", targets: [guard_room, grid_worker, family]}}
+""")
+
+
+@dataclass
+class Env:
+    daemon: Daemon
+    url: str
+    browser: Browser
+    sim: ProfileSimulator
+    seen: list[Any]
+    band: Any
+    shots: Path
+    contexts: list[BrowserContext] = field(default_factory=list)
+
+    async def page(self, user: str | None) -> Page:
+        ctx = await self.browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+        self.contexts.append(ctx)
+        page = await ctx.new_page()
+        await page.goto(self.url + "/")
+        if user is not None:
+            await page.fill("#login-user", user)
+            await page.fill("#login-pass", PASSWORDS[user])
+            await page.click("#login button[type=submit]")
+            await page.wait_for_selector("#tabs:not([hidden])")
+        return page
+
+    def of(self, t: str) -> list[Any]:
+        return [e for e in self.seen if e.type == t]
+
+
+def send_sos(client: Any, seq: int) -> None:
+    doc = {"event": "sos", "hr": 72, "spo2": 97, "bat": 80, "worn": True, "seq": seq}
+    client.publish(f"iot/gw-north/{BAND}/data", json.dumps(doc), qos=1).wait_for_publish(5)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    tmp = tmp_path_factory.mktemp("console")
+    broker = Mosquitto(tmp / "broker")
+    broker.start()
+    modbus_port = free_port()
+    sim = ProfileSimulator({1: shipped_profile("barrier-gate-generic"), 3: shipped_profile("relay-io-8ch")},
+                           port=modbus_port)
+    sim[1].on_write.append(gate_mechanics)
+    cfg = tmp / "edgeagent.yaml"
+    write_config(cfg, tmp / "state", broker.port, modbus_port)
+    # The guard's account through the CLI, as an installer makes it; the viewer's directly.
+    r = subprocess.run([sys.executable, "-m", "edgeagent", "console", "add-user", "guard-li", "--role", "guard",
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "EDGEAGENT_CONSOLE_PASSWORD": PASSWORDS["guard-li"]})
+    assert r.returncode == 0, r.stderr
+    users = tmp / "state" / USERS_PATH
+    assert users.stat().st_mode & 0o777 == 0o600 and PASSWORDS["guard-li"] not in users.read_text()
+    AccountStore(users).add("viewer-wu", "viewer", PASSWORDS["viewer-wu"])
+    band = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="ble-gw-north")
+    band.connect("127.0.0.1", broker.port)
+    band.loop_start()
+    try:
+        async with sim, async_playwright() as pw:
+            daemon = Daemon(load_config(cfg), config_dir=tmp, console_tools=ConfigTools(cfg))
+            seen: list[Any] = []
+            daemon.sink.observe(lambda e, _s: seen.append(e))
+            stop = asyncio.Event()
+            task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
+            browser = await pw.chromium.launch(executable_path=CHROMIUM,
+                                               args=["--no-sandbox"] if os.geteuid() == 0 else [])
+            try:
+                await asyncio.wait_for(daemon.ready.wait(), 15)
+                await asyncio.wait_for(daemon.wristbands.connected.wait(), 10)
+                assert daemon.console is not None and daemon.console.url is not None
+                shots = tmp / "screenshots"
+                shots.mkdir()
+                e = Env(daemon, daemon.console.url, browser, sim, seen, band, shots)
+                yield e
+                for ctx in e.contexts:
+                    await ctx.close()
+            finally:
+                await browser.close()
+                stop.set()
+                await asyncio.wait_for(task, 30)
+    finally:
+        band.loop_stop()
+        band.disconnect()
+        broker.stop()
+
+
+async def test_sos_on_the_console_viewer_refused_guard_acknowledges_and_the_siren_stops(env: Env) -> None:
+    guard = await env.page("guard-li")
+    viewer = await env.page("viewer-wu")
+    await guard.screenshot(path=str(env.shots / "alarms-empty.png"))
+    t0 = time.monotonic()
+    await asyncio.to_thread(send_sos, env.band, 1)
+    card = await guard.wait_for_selector(".card.alarm", timeout=10_000)
+    print(f"SOS to card visible: {(time.monotonic() - t0) * 1000:.0f} ms", env.daemon.console.feed.stats(),
+          await guard.evaluate("document.getElementById('conn').className"))
+    assert card is not None
+    text = await card.inner_text()
+    assert "SOS" in text and "Wang Ayi" in text and "r-0012" in text
+    assert await wait_until(lambda: env.sim[3].get("ch1_relay") is True, 5), "the siren did not sound"
+    alarm = env.daemon.alarms.engine.active()[0]
+    assert await guard.evaluate("document.body.dataset.sounding") == "1"
+    await guard.screenshot(path=str(env.shots / "alarms-sos.png"), full_page=True)
+
+    # The viewer sees the card without buttons, and the API refuses the viewer's acknowledgement.
+    await viewer.wait_for_selector(f'.card.alarm[data-alarm="{alarm.id}"]', timeout=10_000)
+    assert await viewer.query_selector(".card.alarm button.ack") is None
+    status = await viewer.evaluate("""async (id) => {
+        const s = await (await fetch('/api/session')).json();
+        const r = await fetch('/api/alarms/' + id + '/ack', {method: 'POST', body: '{}',
+            headers: {'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf}});
+        return r.status; }""", alarm.id)
+    assert status == 403
+    await viewer.screenshot(path=str(env.shots / "alarms-viewer.png"))
+
+    # No session: nothing changes (right Origin, no cookie); a session without its CSRF token: refused too.
+    async with aiohttp.ClientSession() as http:
+        r1 = await http.post(f"{env.url}/api/alarms/{alarm.id}/ack", json={}, ssl=False,
+                             headers={"Origin": env.url})
+        cookies = await guard.context.cookies()
+        token = next(c["value"] for c in cookies if c["name"] == COOKIE)
+        r2 = await http.post(f"{env.url}/api/alarms/{alarm.id}/ack", json={}, ssl=False,
+                             headers={"Origin": env.url, "Cookie": f"{COOKIE}={token}"})
+        r3 = await http.post(f"{env.url}/api/gates/car-gate/open", json={}, ssl=False,
+                             headers={"Origin": env.url})
+        r4 = await http.get(f"{env.url}/api/state", ssl=False)
+        assert (r1.status, r2.status, r3.status, r4.status) == (401, 403, 401, 401)
+        assert "default-src 'none'" in r4.headers["Content-Security-Policy"]
+    # A form posted from another site, in the guard's own (logged-in) browser: refused.
+    evil = web.Application()
+
+    async def form(_r: web.Request) -> web.Response:
+        return web.Response(text=f'<form method="post" action="{env.url}/api/alarms/{alarm.id}/ack">'
+                                 '<input name="x" value="1"><button id="go">win a prize</button></form>',
+                            content_type="text/html")
+
+    evil.router.add_get("/", form)
+    runner = web.AppRunner(evil)
+    await runner.setup()
+    evil_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", evil_port).start()
+    try:
+        attacker = await guard.context.new_page()
+        await attacker.goto(f"http://127.0.0.1:{evil_port}/")
+        async with attacker.expect_navigation() as nav:
+            await attacker.click("#go")
+        resp = await nav.value
+        assert resp is not None and resp.status == 403
+        await attacker.close()
+    finally:
+        await runner.cleanup()
+    assert not env.of("alarm.acknowledged")
+    assert env.daemon.alarms.engine.get(alarm.id).acknowledged_by is None
+
+    # The guard acknowledges in the page: the siren stops, the event names the guard, via the console.
+    await guard.click(f'.card.alarm[data-alarm="{alarm.id}"] button.ack')
+    assert await wait_until(lambda: env.of("alarm.acknowledged"), 10)
+    ack = env.of("alarm.acknowledged")[0].data
+    assert (ack["by"], ack["via"], ack["caller"]) == ("guard-li", "console", "console:guard-li")
+    assert await wait_until(lambda: env.sim[3].get("ch1_relay") is False, 5), "the siren is still on"
+    await guard.wait_for_selector(f'.card.alarm.acked[data-alarm="{alarm.id}"]', timeout=5_000)
+    assert await guard.evaluate("document.body.dataset.sounding") == "0"
+    await guard.screenshot(path=str(env.shots / "alarms-acknowledged.png"))
+    audits = [(e.data["user"], e.data["action"], e.data["outcome"]) for e in env.of("console.audit")]
+    assert ("guard-li", "alarm.ack", "ok") in audits and ("viewer-wu", "alarm.ack", "refused") in audits
+    assert ("guard-li", "login", "ok") in audits
+    await guard.click(f'.card.alarm[data-alarm="{alarm.id}"] button.resolve')
+    await guard.wait_for_selector("#no-alarms:not([hidden])", timeout=5_000)
+    assert env.of("alarm.resolved")[-1].data["via"] == "console"
+
+
+async def test_gate_devices_and_english(env: Env) -> None:
+    guard = await env.page("guard-li")
+    guard.on("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    await guard.click('#tabs [data-tab="gate"]')
+    await guard.click('button.gate-open[data-gate="car-gate"]')
+    assert await wait_until(lambda: ("open_trigger", True) in env.sim[1].writes, 10)
+    assert await wait_until(lambda: env.of("gate.commanded"), 5)
+    assert env.of("gate.commanded")[-1].data["by"] == "console:guard-li"
+    assert await wait_until(lambda: any(e.data["action"] == "gate.open" and e.data["outcome"] == "ok"
+                                        for e in env.of("console.audit")), 5)
+    await guard.screenshot(path=str(env.shots / "gate.png"), full_page=True)
+    await guard.click('#tabs [data-tab="devices"]')
+    row = await guard.wait_for_selector('#devices tr[data-device="guard-io"]', timeout=5_000)
+    assert row is not None and "在线" in await row.inner_text()
+    await guard.screenshot(path=str(env.shots / "devices.png"), full_page=True)
+    await guard.click("#lang")
+    assert await guard.inner_text('#tabs [data-tab="devices"]') == "Devices"
+    assert "online" in await (await guard.wait_for_selector('#devices tr[data-device="guard-io"]')).inner_text()
+    # A phone's width: the page still fits (no horizontal scrolling).
+    await guard.set_viewport_size({"width": 390, "height": 844})
+    assert await guard.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    await guard.screenshot(path=str(env.shots / "devices-phone-en.png"), full_page=True)
+
+
+async def test_failed_logins_are_limited(env: Env) -> None:
+    async with aiohttp.ClientSession() as http:
+        codes = []
+        for _ in range(6):
+            r = await http.post(f"{env.url}/api/login", json={"user": "guard-li", "password": "wrong-guess"},
+                                ssl=False, headers={"Origin": env.url})
+            codes.append(r.status)
+        assert codes == [401] * 5 + [429]
+        # Even the right password waits now (the limit counts this address and this name).
+        r = await http.post(f"{env.url}/api/login", json={"user": "guard-li", "password": PASSWORDS["guard-li"]},
+                            ssl=False, headers={"Origin": env.url})
+        assert r.status == 429 and "Retry-After" in r.headers
+    refused = [e for e in env.of("console.audit") if e.data["action"] == "login" and e.data["outcome"] == "refused"]
+    assert len(refused) >= 7 and all("wrong-guess" not in json.dumps(dict(e.data)) for e in refused)
