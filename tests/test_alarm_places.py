@@ -217,6 +217,11 @@ def test_site_policies_override_any_capabilitys_kind_and_unknown_kinds_are_locat
     text = str(err.value)
     assert "edgeagent.yaml:8:5" in text and "unknown alarm kind 'earthquake'" in text and "charger_cutoff" in text
     assert "alarms.policies.sos.ladder" in text and "no escalation ladder 'nowhere'" in text
+    # The daemon checks again against the capabilities it runs (a config loaded with another model).
+    with pytest.raises(ConfigError, match=r"alarms\.policies\.charger_cutoff: unknown alarm kind"):
+        alarm_config(cfg, [spec for spec in CAPABILITIES if spec.name != "modbus"])
+    with pytest.raises(ConfigError, match="declared by both 'wristbands' and 'wristbands'"):
+        alarm_config(cfg, [*CAPABILITIES, next(spec for spec in CAPABILITIES if spec.name == "wristbands")])
     with pytest.raises(ConfigError, match=r"alarms.policies.Bad-Kind: .*must match"):
         validate_doc(parse_yaml(CONFIG + "    Bad-Kind: {severity: high}\n", path), path)
 
