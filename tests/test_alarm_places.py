@@ -148,9 +148,17 @@ def test_place_alarms_survive_a_restart_with_their_kind_place_and_evidence(clock
     # The door hold and siren come back (a relay may have lost its state with the box); escalation is due.
     assert outputs(actions)[:2] == [SetOutput("lift2_door_hold", True), SetOutput("siren", True)]
     assert [n.message_kind for n in notifies(actions)] == ["escalated"]
-    # A later process whose capabilities no longer declare the kind refuses the state, naming the kind.
-    with pytest.raises(AlarmImportError, match="'lift_blocked'"):
-        AlarmEngine(AlarmConfig(kinds={k.name: k for k in WRISTBAND_ALARM_KINDS})).import_(saved, now)
+    # A later process whose capabilities no longer declare the kind leaves that alarm out (and says so), but
+    # a resident's SOS saved with it still comes back.
+    fresh.raise_("sos", "r-1", "wb-1", now)
+    both = orjson.loads(orjson.dumps(fresh.export()))
+    later = AlarmEngine(AlarmConfig(kinds={k.name: k for k in WRISTBAND_ALARM_KINDS}))
+    later.import_(both, clock.restart(5))
+    assert [a.kind for a in later.active()] == ["sos"]
+    assert [(a.kind, a.place) for a in later.not_restored] == [("lift_blocked", "lift-2 car")]
+    with pytest.raises(AlarmImportError, match="exactly one resident or place"):
+        broken = {**both, "alarms": [{**both["alarms"][0], "resident_id": "r-9"}]}
+        AlarmEngine(AlarmConfig(kinds=KINDS, ladders=LADDERS)).import_(broken, now)
 
 
 def test_wrong_subjects_and_bad_evidence_are_refused_before_anything_changes(clock: FakeClock) -> None:

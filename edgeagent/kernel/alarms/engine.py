@@ -455,6 +455,7 @@ class AlarmEngine:
         self._names = names
         self._new_id = new_id
         self._alarms: dict[str, Alarm] = {}  # active alarms by id, in the order they were raised
+        self.not_restored: list[Alarm] = []  # by the last import_: of kinds no capability declares
 
     @property
     def config(self) -> AlarmConfig:
@@ -596,25 +597,29 @@ class AlarmEngine:
 
         Returns what is to be done at once: outputs of unacknowledged alarms switched on again (the relay
         may have lost its state with the box), then whatever :meth:`tick` finds due. All or nothing: if
-        any saved alarm is unreadable, or already known, nothing is imported.
+        any saved alarm is unreadable, or already known, nothing is imported. An alarm of a kind no capability
+        declares any more (a capability removed by an upgrade) is left out, so it cannot keep the others (a
+        resident's SOS) from coming back; it is listed in :attr:`not_restored` for the runtime to report.
         """
         try:
             saved = _Saved.model_validate(data)
         except ValidationError as exc:
             raise AlarmImportError(f"saved alarm state is not readable: {exc}") from exc
         restored: list[Alarm] = []
+        unknown: list[Alarm] = []
         for alarm in saved.alarms:
             if not alarm.active:
                 continue  # a resolved snapshot: nothing left to do for it
             if alarm.kind not in self._cfg.kinds:
-                raise AlarmImportError(f"alarm {alarm.id} is of kind {alarm.kind!r}, which no capability declares "
-                                       f"any more (known: {known_list(self._cfg.kinds)})")
+                unknown.append(alarm)
+                continue
             if (alarm.place is None) == (alarm.resident_id is None):
                 raise AlarmImportError(f"alarm {alarm.id} must be about exactly one resident or place")
             if alarm.id in self._alarms or any(a.id == alarm.id for a in restored):
                 raise AlarmImportError(f"alarm {alarm.id} is already active")
             restored.append(self._rebased(alarm, now))
         restored.sort(key=lambda a: a.first_raised.mono_s)
+        self.not_restored = unknown
         outputs: dict[str, None] = {}
         for alarm in restored:
             self._put(alarm)

@@ -146,6 +146,9 @@ class AlarmRuntime:
                 return 0
             with contextlib.suppress(AlarmNotDurable):  # logged; the restored alarms sound and notify anyway
                 await self._carry_out(actions)
+        for lost in self.engine.not_restored:
+            log.error("saved alarm %s (%s about %s, raised %s) not restored: no capability declares the kind "
+                      "%r any more", lost.id, lost.kind, lost.subject, lost.first_raised.wall.isoformat(), lost.kind)
         n = len(self.engine.active())
         if n:
             log.warning("restored %d active alarm(s) from before the restart", n)
