@@ -1,0 +1,116 @@
+"""The car gate in the running daemon: a gate camera playing synthetic plates (the demo's clip, through the real
+stream reader, detector, tracker, plate detector and reader on the shared engine) and the barrier on a real
+pymodbus server. A resident's car opens the gate (the open trigger written, audited as a plate match by the box
+itself, the plate in no event); a visitor's raises gate.visitor with its plate and a snapshot and opens nothing;
+a resident whose entry has expired is a visitor too."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeagent.app import Daemon
+from edgeagent.capabilities import Config
+from edgeagent.drivers.camera.rules.plate_list import PlateList, plates_path
+from edgeagent.drivers.modbus.profile import shipped_profile
+from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
+from tests import synth_scenes
+from tests.helpers import running_daemon, wait_until
+from tests.peers import free_port
+
+GATE = shipped_profile("barrier-gate-generic")
+GATE_CLIP = Path(__file__).resolve().parents[1] / "drivers" / "sim" / "media" / "gate.mp4"
+OPEN = ("open_trigger", True)
+RESIDENT, VISITOR = synth_scenes.RESIDENT_PLATE, synth_scenes.VISITOR_PLATE
+
+
+class Barrier(ProfileSimulator):
+    """The car gate (unit 1) on a free loopback port, its arm moving when triggered."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        super().__init__({1: GATE}, port=self.port)
+        self[1].on_write.append(gate_mechanics)
+        self[1].set("state", "closed")
+
+
+@pytest.fixture
+def barrier() -> Iterator[Barrier]:
+    yield Barrier()
+
+
+@pytest.fixture(scope="module")
+def resident_only_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gate") / "resident.mp4"
+    synth_scenes.write_clip(synth_scenes.gate_frames((RESIDENT,), empty_s=0.6), path)
+    return path
+
+
+def config(tmp_path: Path, port: int, clip: Path) -> Config:
+    return Config.model_validate({
+        "version": 1, "site_id": "site-1", "gateway_id": "gw-1", "state_dir": str(tmp_path / "state"),
+        "clock": {"sync": "synced"}, "health": {"enabled": False},
+        "modbus": {"buses": {"lan": {"kind": "tcp", "host": "127.0.0.1", "port": port, "timeout_s": 0.3,
+                                     "backoff_base_s": 0.1, "backoff_cap_s": 0.3, "reconnect_cap_s": 0.3}}},
+        "cameras": {"privacy": {"enabled": False}},
+        "devices": [
+            {"type": "modbus.gate", "id": "car-gate", "bus": "lan", "unit_id": 1, "poll_interval_s": 0.2},
+            {"type": "camera", "id": "gate-cam", "rtsp": {"detect_url": clip.as_uri()}, "snapshots_from": "detect",
+             "detect": {"fps": 5, "classes": ["person"], "min_score": 0.3},
+             "zones": [{"name": "lane", "points": [list(p) for p in synth_scenes.GATE_LANE]}],
+             "gate": {"zone": "lane", "open": "car-gate"}},
+        ],
+    })
+
+
+def listed(tmp_path: Path, **validity: Any) -> None:
+    with PlateList(plates_path(tmp_path / "state")) as plates:
+        plates.add(RESIDENT, ref="3-1-502", reason="resident", **validity)
+
+
+def _plates_in(events: list[Any]) -> str:
+    return " ".join(str(e.data) for e in events)
+
+
+async def test_a_resident_opens_the_gate_and_a_visitor_is_announced(tmp_path: Path, barrier: Barrier) -> None:
+    listed(tmp_path)
+    async with barrier:
+        daemon = Daemon(config(tmp_path, barrier.port, GATE_CLIP))
+        async with running_daemon(daemon) as run:
+            assert await wait_until(lambda: run.of("gate.commanded", "car-gate"), 15)
+            audit = run.of("gate.commanded", "car-gate")[0].data
+            assert (audit["command"], audit["reason"], audit["via"], audit["outcome"]) == \
+                ("open", "plate_match", "local", "executed")
+            assert audit["by"].startswith("rule:plate:gate-cam#")
+            assert OPEN in barrier[1].writes
+            assert await wait_until(lambda: run.of("gate.opened", "car-gate"), 5)
+            # then the visitor: announced with the plate and a snapshot, the gate left alone
+            gate = daemon.capability("cameras").service.runners["gate-cam"].gate  # type: ignore[union-attr]
+            assert await wait_until(lambda: run.of("gate.visitor", "gate-cam"), 15), (
+                gate.stats(), [(e.type, e.data) for e in run.seen if e.type.startswith("camera.")])
+            visitor = run.of("gate.visitor", "gate-cam")[0]
+            assert visitor.data["plate"] == VISITOR and visitor.data["reason"] == "not_in_list"
+            assert visitor.data["confidence"] >= 0.8
+            assert visitor.attachments and visitor.attachments[0].kind == "snapshot"
+            assert barrier[1].writes.count(OPEN) == 1 and len(run.of("gate.commanded")) == 1
+            # the resident's plate is in no event
+            assert RESIDENT not in _plates_in(run.seen)
+            assert gate.counts["opens"] == 1 and gate.counts["open_failed"] == 0
+
+
+async def test_an_expired_entry_does_not_open(tmp_path: Path, barrier: Barrier, resident_only_clip: Path) -> None:
+    now = datetime.now(UTC)
+    listed(tmp_path, valid_from=now - timedelta(days=30), valid_until=now - timedelta(days=1))
+    async with barrier:
+        daemon = Daemon(config(tmp_path, barrier.port, resident_only_clip))
+        async with running_daemon(daemon) as run:
+            gate = daemon.capability("cameras").service.runners["gate-cam"].gate  # type: ignore[union-attr]
+            assert await wait_until(lambda: run.of("gate.visitor", "gate-cam"), 15), (
+                gate.stats(), [(e.type, e.data) for e in run.seen if e.type.startswith("camera.")])
+            visitor = run.of("gate.visitor", "gate-cam")[0].data
+            assert visitor["plate"] == RESIDENT and visitor["reason"] == "entry_expired"
+            assert OPEN not in barrier[1].writes and not run.of("gate.commanded")
