@@ -94,6 +94,7 @@ class Env:
             await page.fill("#login-pass", PASSWORDS[user])
             await page.click("#login button[type=submit]")
             await page.wait_for_selector("#tabs:not([hidden])")
+            assert await page.is_hidden("#login")
         return page
 
     def of(self, t: str) -> list[Any]:

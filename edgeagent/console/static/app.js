@@ -487,6 +487,7 @@ function installerDraw() {
     for (const [x, y] of I.points) { g.beginPath(); g.arc(x * w, y * h, Math.max(4, w / 160), 0, 7); g.fill(); }
   });
   c.dataset.points = String(I.points.length);
+  c.dataset.loaded = I.img ? "1" : "0";
 }
 
 async function installerSave() {
@@ -514,7 +515,7 @@ async function runDoctor() {
   const r = await api("/api/doctor");
   body.replaceChildren();
   if (r.status !== 200) { body.append(el("tr", {}, el("td", { colspan: "3", class: "fail" }, (r.data && r.data.error && r.data.error.message) || String(r.status)))); return; }
-  for (const c of r.data.checks || []) body.append(el("tr", {}, el("td", {}, c.name), el("td", { class: c.status }, c.status), el("td", {}, c.detail)));
+  for (const c of r.data.checks || []) body.append(el("tr", {}, el("td", {}, c.check || c.name), el("td", { class: c.status }, c.status), el("td", {}, c.detail)));
 }
 
 boot();
