@@ -97,8 +97,8 @@ import onnxruntime  # noqa: E402
 
 from edgeagent.drivers.camera.config import CameraDevice, CamerasConfig  # noqa: E402
 from edgeagent.drivers.camera.evidence import EvidenceStore  # noqa: E402
-from edgeagent.drivers.camera.pipeline import CameraPipeline  # noqa: E402
-from edgeagent.drivers.camera.rtsp import Frame, RtspSource  # noqa: E402
+from edgeagent.drivers.camera.pipeline import CameraPipeline, keep_detections  # noqa: E402
+from edgeagent.drivers.camera.rtsp import Frame, RtspSource, luma_view  # noqa: E402
 from edgeagent.drivers.camera.tracker import Tracker  # noqa: E402
 from edgeagent.models.engine import InferenceEngine  # noqa: E402
 from edgeagent.models.manifest import load_manifests  # noqa: E402
@@ -237,8 +237,9 @@ def source_state() -> str:
 
 # --- clip frame index ---------------------------------------------------------------------------------------
 
-def thumb(image: np.ndarray) -> bytes:
-    return image[::THUMB_STEP, ::THUMB_STEP].tobytes()
+def thumb(gray: np.ndarray) -> bytes:
+    """The subsample of a frame's luma plane (the decoder's own Y: no conversion needed to locate a frame)."""
+    return np.ascontiguousarray(gray[::THUMB_STEP, ::THUMB_STEP]).tobytes()
 
 
 class ClipIndex:
@@ -251,7 +252,9 @@ class ClipIndex:
             stream = c.streams.video[0]
             stream.codec_context.thread_count = 1
             for i, frame in enumerate(c.decode(stream)):
-                small = frame.to_ndarray(format="bgr24")[::THUMB_STEP, ::THUMB_STEP]
+                luma = luma_view(frame)
+                assert luma is not None, "the clip must be YUV"
+                small = np.ascontiguousarray(luma[0][::THUMB_STEP, ::THUMB_STEP])
                 self.exact.setdefault(small.tobytes(), i)
                 thumbs.append(small.astype(np.int16).ravel())
         self.thumbs = np.stack(thumbs)
@@ -302,10 +305,11 @@ class CamRecord:
             self.ages_first.append(ms)
         self.ages_last.append(ms)
 
-    def tick(self, now: float, image: np.ndarray, tracks: list[TrackRow]) -> None:
+    def tick(self, now: float, frame: Frame, tracks: list[TrackRow]) -> None:
         if not self.keep_ticks:
             return
-        key = thumb(image)
+        assert frame.gray is not None
+        key = thumb(frame.gray)
         # Located now (a dict look-up): an int per tick instead of the subsample's bytes.
         pos = self.index.exact.get(key) if self.index is not None else None
         self.ticks.append(Tick(now, key if pos is None else pos, tracks))
@@ -336,9 +340,10 @@ class RecordingSource:
         self._pipeline = pipeline
         self._rec = rec
         self._recording = recording
+        self.analyzers = source.analyzers  # the pipeline's motion runs in the reader thread, as in the daemon
 
-    async def frames(self) -> AsyncIterator[Frame]:
-        async for frame in self._source.frames():
+    async def frames(self, *, newest: bool = False) -> AsyncIterator[Frame]:
+        async for frame in self._source.frames(newest=newest):
             now = time.monotonic()
             if self._rec.first_tick is None:
                 self._rec.first_tick = now
@@ -347,7 +352,7 @@ class RecordingSource:
                 self._rec.age((now - frame.mono_s) * 1000)
             yield frame
             if on:
-                self._rec.tick(now, frame.image, [
+                self._rec.tick(now, frame, [
                     (t.id, t.box, t.matched, t.first_seen_s, t.last_seen_s)
                     for t in self._pipeline.tracks if t.label == "person"])
 
@@ -362,10 +367,8 @@ def camera_config(i: int, url: str) -> CameraDevice:
 
 
 def keep(cam: CameraDevice, raw: Sequence[Detection], w: int, h: int) -> list[Detection]:
-    """The pipeline's own filter (classes, min score, min area), for the naive loop."""
-    min_area = cam.detect.min_area * w * h
-    classes = set(cam.detect.classes)
-    return [d for d in raw if d.label in classes and d.score >= cam.detect.min_score and d.area >= min_area]
+    """The pipeline's own filter (classes, min score per class, min area), for the naive loop."""
+    return keep_detections(cam, raw, w, h)
 
 
 async def naive_camera(cam: CameraDevice, engine: InferenceEngine, source: RtspSource, rec: CamRecord,
@@ -400,7 +403,7 @@ async def naive_camera(cam: CameraDevice, engine: InferenceEngine, source: RtspS
         update = tracker.update(keep(cam, raw, w, h), now)
         if on:
             rec.runs += 1
-            rec.tick(now, frame.image, [
+            rec.tick(now, frame, [
                 (tr.id, tr.box, tr.matched, tr.first_seen_s, tr.last_seen_s)
                 for tr in update.tracks if tr.label == "person"])
 
@@ -587,7 +590,9 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
                 # The daemon's source settings (service.py), decode_fps only for the pipeline.
                 src = RtspSource(url, name=cam.id, open_timeout_s=cam.rtsp.open_timeout_s,
                                  freeze_after_s=cam.rtsp.frozen_after_s,
-                                 decode_fps=cam.detect.fps if mode == "pipeline" else None)
+                                 decode_fps=cam.detect.fps if mode == "pipeline" else None,
+                                 # the naive loop converts every frame to BGR as it is decoded
+                                 bgr_on_demand=mode == "pipeline")
                 await stack.enter_async_context(src)
                 sources.append(src)
                 if mode == "pipeline":

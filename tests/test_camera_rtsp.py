@@ -150,6 +150,22 @@ async def test_slow_consumer_drops_oldest_and_counts(server: RtspServer) -> None
         await it.aclose()
 
 
+async def test_a_newest_consumer_takes_the_newest_queued_frame_and_counts_the_rest(server: RtspServer) -> None:
+    async with RtspSource(server.url, name="cam0", queue_frames=3, **FAST) as src:
+        plain = src.frames().__aiter__()
+        fresh = src.frames(newest=True).__aiter__()
+        await asyncio.wait_for(plain.__anext__(), 20)
+        await asyncio.wait_for(fresh.__anext__(), 20)
+        assert await wait_until(lambda: src.stats()["queue_depth"] >= 3, 20)  # both hold still: queues fill
+        dropped = src.stats()["dropped"]
+        a = await asyncio.wait_for(plain.__anext__(), 5)
+        f = await asyncio.wait_for(fresh.__anext__(), 5)
+        assert f.seq > a.seq  # the plain consumer takes the oldest of its queue, the other the newest
+        assert src.stats()["dropped"] > dropped  # what it passed over is counted as dropped
+        await plain.aclose()
+        await fresh.aclose()
+
+
 async def test_decode_fps_converts_only_needed_frames(server: RtspServer) -> None:
     async with RtspSource(server.url, name="cam0", decode_fps=2.5, **FAST) as src:
         frames = await take(src, 6)
@@ -511,3 +527,79 @@ def length_prefixed_nals(data: bytes) -> list[bytes]:
         nals.append(data[i + 4:i + 4 + n].rstrip(b"\x00"))
         i += 4 + n
     return nals
+
+
+async def test_frames_carry_the_luma_plane_and_convert_to_bgr_only_when_asked(server: RtspServer) -> None:
+    import cv2
+    import numpy as np
+
+    async with RtspSource(server.url, name="cam0", decode_fps=5, **FAST) as src:
+        frames = await take(src, 6)
+    assert all(not f.image_ready and f.gray is not None for f in frames)
+    f = frames[-1]
+    assert (f.width, f.height) == (WIDTH, HEIGHT) and f.gray is not None and f.gray.shape == (HEIGHT, WIDTH)
+    assert not f.gray.flags.writeable and not f.gray_full_range  # yuv420p: video range
+    image = f.image  # converted now, once, and kept
+    assert f.image_ready and f.image is image and image.shape == (HEIGHT, WIDTH, 3) and not image.flags.writeable
+    # The luma is the picture's grey: video range (16-235) against OpenCV's full-range grey of the BGR.
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float64)
+    luma_full = (f.gray.astype(np.float64) - 16.0) * 255.0 / 219.0
+    assert float(np.mean(np.abs(grey - luma_full))) < 3.0
+    # A source that converts every frame at once (the benchmark's naive loop) still can.
+    async with RtspSource(server.url, name="cam0", bgr_on_demand=False, **FAST) as src:
+        eager = await take(src, 3)
+    assert all(x.image_ready for x in eager)
+
+
+async def test_the_pipeline_gates_on_the_luma_in_the_reader_and_converts_only_for_the_detector(
+        server: RtspServer) -> None:
+    from typing import Any
+
+    from edgeagent.drivers.camera.config import CameraDevice
+    from edgeagent.drivers.camera.pipeline import CameraPipeline
+    from edgeagent.models.engine import InferenceEngine
+    from edgeagent.models.manifest import load_manifests
+
+    class Sink:
+        async def emit(self, *args: Any) -> None:
+            return None
+
+        def emit_telemetry(self, *args: Any) -> None:
+            return None
+
+    seen: list[Frame] = []
+
+    class Recorded:
+        """The source as the pipeline sees it, keeping each frame it was given."""
+
+        def __init__(self, src: RtspSource) -> None:
+            self.src = src
+            self.analyzers = src.analyzers
+
+        async def frames(self, *, newest: bool = False) -> Any:
+            async for frame in self.src.frames(newest=newest):
+                seen.append(frame)
+                yield frame
+
+        def stats(self) -> dict[str, Any]:
+            return self.src.stats()
+
+    cam = CameraDevice.model_validate({"type": "camera", "id": "cam0", "rtsp": {"detect_url": server.url},
+                                       "detect": {"fps": 5, "classes": ["person"]}})
+    async with InferenceEngine(load_manifests(), threads=2) as engine, \
+            RtspSource(server.url, name="cam0", decode_fps=5, **FAST) as src:
+        pipe = CameraPipeline(cam, detector=engine, model="nanodet", input_size=416,
+                              sink=Sink(), evidence=None)  # type: ignore[arg-type]
+        task = asyncio.create_task(pipe.run(Recorded(src)))
+        try:
+            assert await wait_until(lambda: pipe.stats.ticks >= 40, 30)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert pipe.analyze not in src.analyzers  # the pipeline leaves with its analyzer
+    st = pipe.stats
+    assert st.motion_here == 0  # every tick's motion came from the reader thread
+    assert 0 < st.detector_runs < st.ticks
+    attempted = st.detector_runs + st.skipped_busy + st.skipped_error
+    # BGR only for the frames the detector ran on (the last may still be in flight at cancel).
+    assert attempted <= sum(f.image_ready for f in seen) <= attempted + 1

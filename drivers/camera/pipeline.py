@@ -2,14 +2,17 @@
 zones and lines → events with evidence.
 
 Cost model (why it is shaped like this): decoding is paid on every frame whatever happens next, so the
-source decodes only at the detection rate; motion runs on a ~100 px grey image (about a millisecond); the
-detector, the expensive part, sees only model-size regions around motion and around tracks that are still
-moving, and a track that has stood still for a while is re-checked only every ``recheck_s``. A quiet scene
-therefore costs a decode and a motion pass per tick and no inference at all.
+source decodes only at the detection rate; motion runs in the source's reader thread on the decoder's luma
+plane, downscaled to a ~100 px grey image (a few tenths of a millisecond, no colour conversion); the frame is
+converted to BGR only on a tick where the detector runs. The detector, the expensive part, sees only
+model-size regions around motion and around the tracks it must follow, all of them in one run every other
+tick (synchronized re-checks), and a track that has stood still for a while is re-checked only every
+``RECHECK_STATIONARY_S``. A quiet scene therefore costs a decode and a motion pass per tick and no inference.
 
-The per-frame CPU work (motion, cropping, drawing) runs in a worker thread; inference in the engine's own
-worker; the loop only routes results. Frames are perishable: when the engine refuses a request (its queue is
-full) this tick is skipped and counted, the next frame is newer anyway.
+Inference runs in the engine's own worker, BGR conversion and fallback motion in a worker thread; the loop only
+routes results. Frames are perishable: the pipeline takes the newest frame the source has (older queued ones
+are dropped and counted there); when the engine refuses a request (its queue is full, or its turn came more
+than STALE_AFTER_S late) this tick is skipped and counted, the next frame is newer anyway.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -51,6 +55,11 @@ FULL_PASS_S = 30.0
 MAX_PENDING_CLIPS = 2  # per camera; more events in the window share the pending clips' video (counted)
 MERGE_SCALE = 2.0  # regions merge when the objects shrink at most 2x in the detector's input (one inference)
 LATENCY_WINDOW = 512
+# A detection request not started within this is refused by the engine (stale, counted there) and the tick
+# skipped: the next frame is already waiting, an answer about this one would only make events late.
+STALE_AFTER_S = 0.3
+MOTION_THRESHOLD = 25  # grey levels (MotionDetector's default), full range
+MOTION_KEPT = 8  # motion results waiting for their frame's tick (older ones: the frame was dropped)
 
 
 class FrameLike(Protocol):
@@ -65,7 +74,7 @@ class FrameLike(Protocol):
 
 
 class FrameSource(Protocol):
-    def frames(self) -> AsyncIterator[Any]: ...
+    def frames(self, *, newest: bool = ...) -> AsyncIterator[Any]: ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -81,7 +90,7 @@ class TickObserver(Protocol):
 
 class Detector(Protocol):
     async def detect_regions(self, model: str, frame: np.ndarray, regions: Sequence[Box], *,
-                             camera: str = "") -> list[Detection]: ...
+                             camera: str = "", max_wait_s: float | None = None) -> list[Detection]: ...
 
 
 @dataclass
@@ -99,6 +108,7 @@ class PipelineStats:
     clips: int = 0
     clips_skipped: int = 0
     observer_errors: int = 0
+    motion_here: int = 0  # ticks whose motion was computed by process (the source did not analyze the frame)
     detector_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     frame_to_event_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     last_detections: list[Detection] = field(default_factory=list)
@@ -113,9 +123,20 @@ class PipelineStats:
             "quiet_ticks": self.quiet_ticks, "events": self.events, "events_failed": self.events_failed,
             "snapshots": self.snapshots, "snapshots_skipped": self.snapshots_skipped,
             "clips": self.clips, "clips_skipped": self.clips_skipped, "observer_errors": self.observer_errors,
+            "motion_here": self.motion_here,
             "detector_ms_p50": pct(self.detector_ms, 50), "detector_ms_p99": pct(self.detector_ms, 99),
             "frame_to_event_ms_p99": pct(self.frame_to_event_ms, 99),
         }
+
+
+def keep_detections(cam: CameraDevice, raw: Sequence[Detection], w: int, h: int) -> list[Detection]:
+    """The camera's filter: its classes, ``min_score`` raised per label by ``class_min_score``, ``min_area``."""
+    detect = cam.detect
+    min_area = detect.min_area * w * h
+    classes = set(detect.classes)
+    floor = {label: max(detect.min_score, score) for label, score in detect.class_min_score.items()}
+    return [d for d in raw if d.label in classes and d.score >= floor.get(d.label, detect.min_score)
+            and d.area >= min_area]
 
 
 def norm_box(box: Box, w: int, h: int) -> tuple[float, float, float, float]:
@@ -160,6 +181,10 @@ class CameraPipeline:
         zones, lines = zone_specs(cam)
         self._rules = ZoneRules(zones, lines)
         self._motion: MotionDetector | None = None
+        self._motion_key: tuple[int, int, bool] | None = None
+        self._motion_lock = threading.Lock()  # _motion_done
+        self._motion_calc_lock = threading.Lock()  # the detector (reader thread, or process' fallback)
+        self._motion_done: dict[int, list[Box]] = {}  # frame seq -> motion boxes, from analyze()
         self._frame_size: tuple[int, int] | None = None
         self._last_snapshot_s = -1e9
         self._last_full_s = -1e9
@@ -187,27 +212,59 @@ class CameraPipeline:
 
     async def run(self, source: FrameSource) -> None:
         self._source = source
+        # Motion gating in the source's reader thread, on the decoder's luma plane, when the source offers it
+        # (RtspSource.analyzers): no BGR conversion and no thread hop for a frame the detector does not need.
+        analyzers: list[Callable[[Any], None]] | None = getattr(source, "analyzers", None)
+        if analyzers is not None:
+            analyzers.append(self.analyze)
         try:
-            async for frame in source.frames():
+            # The newest frame each time (older queued ones dropped, counted by the source): a tick acts on
+            # the present, and under load the older of two queued frames is a tick (200 ms) older.
+            async for frame in source.frames(newest=True):
                 await self.process(frame)
         finally:
+            if analyzers is not None and self.analyze in analyzers:
+                analyzers.remove(self.analyze)
             for task in list(self._pending):
                 task.cancel()
             if self._pending:
                 await asyncio.gather(*self._pending, return_exceptions=True)
 
+    def analyze(self, frame: FrameLike) -> None:
+        """Motion on ``frame`` (any thread; the source's reader calls it before queueing the frame): kept for
+        :meth:`process`, which otherwise computes it itself."""
+        boxes = self._motion_of(frame)
+        with self._motion_lock:
+            self._motion_done[frame.seq] = boxes
+            while len(self._motion_done) > MOTION_KEPT:
+                self._motion_done.pop(next(iter(self._motion_done)))
+
+    def _motion_of(self, frame: FrameLike) -> list[Box]:
+        w, h = _size_of(frame)
+        gray: np.ndarray | None = getattr(frame, "gray", None)
+        use_gray = gray is not None
+        with self._motion_calc_lock:
+            key = (w, h, use_gray and not getattr(frame, "gray_full_range", True))
+            if self._motion is None or self._motion_key != key:
+                # Video-range luma (16-235) shows a change of 25 grey levels as about 21.
+                threshold = round(MOTION_THRESHOLD * 219 / 255) if key[2] else MOTION_THRESHOLD
+                self._motion = MotionDetector(w, h, threshold=threshold)
+                self._motion_key = key
+            motion = self._motion
+            return motion.update(gray if gray is not None else frame.image)
+
     async def process(self, frame: FrameLike) -> list[RuleHit]:
         """One detection tick on one frame."""
         self.latest_frame = frame
         self.stats.ticks += 1
-        image = frame.image
-        h, w = image.shape[:2]
-        if self._motion is None or self._frame_size != (w, h):
-            self._motion = MotionDetector(w, h)
-            self._frame_size = (w, h)
+        w, h = _size_of(frame)
+        self._frame_size = (w, h)
+        with self._motion_lock:
+            moving = self._motion_done.pop(frame.seq, None)
+        if moving is None:
+            moving = await asyncio.to_thread(self._motion_of, frame)
+            self.stats.motion_here += 1
         now = self._clock()
-        motion = self._motion
-        moving = await asyncio.to_thread(motion.update, image)
         # What the detector looks at this tick (the whole point of the gating):
         # - motion not explained by a confirmed track (something new, or a track the tracker lost hold of);
         # - the tracks it must follow: tentative ones (they must confirm or die quickly), confirmed moving
@@ -235,8 +292,11 @@ class CameraPipeline:
         detections: list[Detection] = []
         if regions:
             started = time.perf_counter()
+            # BGR only now, off the loop (a frame from the source converts on first access).
+            image = frame.image if getattr(frame, "image_ready", True) else await asyncio.to_thread(_image_of, frame)
             try:
-                raw = await self._detector.detect_regions(self._model, image, regions, camera=self.cam.id)
+                raw = await self._detector.detect_regions(self._model, image, regions, camera=self.cam.id,
+                                                          max_wait_s=STALE_AFTER_S)
             except EngineBusy:
                 self.stats.skipped_busy += 1
                 return []
@@ -271,9 +331,7 @@ class CameraPipeline:
         return hits
 
     def _filter(self, raw: Sequence[Detection], w: int, h: int) -> list[Detection]:
-        min_area = self.cam.detect.min_area * w * h
-        return [d for d in raw
-                if d.label in self._classes and d.score >= self.cam.detect.min_score and d.area >= min_area]
+        return keep_detections(self.cam, raw, w, h)
 
     # --- events --------------------------------------------------------------------------------------
 
@@ -312,7 +370,7 @@ class CameraPipeline:
 
     async def _save_snapshot(self, frame: FrameLike, detections: list[Detection]) -> Attachment:
         assert self._evidence is not None
-        image = frame.image
+        image = frame.image if getattr(frame, "image_ready", True) else await asyncio.to_thread(_image_of, frame)
         if self.main_snapshot is not None:
             main = await self.main_snapshot()
             if main is not None and main.ndim == 3:
@@ -416,6 +474,18 @@ class CameraPipeline:
         return {**self.stats.as_dict(), "tracks": len(self.tracks),
                 "stationary": sum(1 for t in self.tracks if t.stationary)}
 
+
+
+def _size_of(frame: FrameLike) -> tuple[int, int]:
+    w, h = getattr(frame, "width", None), getattr(frame, "height", None)
+    if isinstance(w, int) and isinstance(h, int):
+        return w, h
+    ih, iw = frame.image.shape[:2]
+    return int(iw), int(ih)
+
+
+def _image_of(frame: FrameLike) -> np.ndarray:
+    return frame.image
 
 
 def _centre_in(box: Box, region: Box) -> bool:

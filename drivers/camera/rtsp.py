@@ -146,15 +146,76 @@ def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random |
     return (rng or random).uniform(cap / 2, cap)
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame handed to consumers. ``image`` is shared between consumers and read-only ([1]): copy it
-    (or use a function that returns a copy, as ``evidence.draw_boxes`` does) to draw on it."""
+    """A decoded frame handed to consumers.
 
-    image: np.ndarray  # uint8 BGR HxWx3
-    seq: int  # per source, counts decoded frames (gaps: frames skipped, flushed or dropped)
-    pts_s: float | None  # stream time
-    mono_s: float  # time.monotonic() when decoded
+    ``image`` (uint8 BGR HxWx3) is shared between consumers and read-only ([1]): copy it (or use a function
+    that returns a copy, as ``evidence.draw_boxes`` does) to draw on it. From a source with
+    ``bgr_on_demand`` it is converted from the decoder's picture on first access (1-3 ms at 768x576, in the
+    thread that asks first, once: touch it from a worker thread, not the loop) and then kept.
+
+    ``gray``: the decoder's luma (Y) plane as a read-only HxW uint8 view, no conversion, when the picture is
+    YUV (``None`` otherwise); ``gray_full_range`` says whether it spans 0-255 (JPEG range) or 16-235 (video
+    range: a difference of 25 grey levels in BGR is about 21 there). ``seq`` counts decoded frames per source
+    (gaps: frames skipped, flushed or dropped), ``pts_s`` is stream time, ``mono_s`` ``time.monotonic()``
+    when decoded.
+    """
+
+    __slots__ = ("_av", "_image", "_lock", "gray", "gray_full_range", "height", "mono_s", "pts_s", "seq", "width")
+
+    def __init__(self, image: np.ndarray | None = None, seq: int = 0, pts_s: float | None = None,
+                 mono_s: float = 0.0, *, av_frame: av.VideoFrame | None = None, gray: np.ndarray | None = None,
+                 gray_full_range: bool = True) -> None:
+        if image is None and av_frame is None:
+            raise ValueError("a Frame needs an image or a decoded picture")
+        self._image = image
+        self._av = av_frame if image is None else None
+        self._lock = threading.Lock() if image is None else None
+        self.seq = seq
+        self.pts_s = pts_s
+        self.mono_s = mono_s
+        if image is not None:
+            self.height, self.width = int(image.shape[0]), int(image.shape[1])
+        else:
+            assert av_frame is not None
+            self.width, self.height = int(av_frame.width), int(av_frame.height)
+        self.gray = gray
+        self.gray_full_range = gray_full_range
+
+    @property
+    def image_ready(self) -> bool:
+        """Whether ``image`` is already converted (reading it then costs nothing)."""
+        return self._image is not None
+
+    @property
+    def image(self) -> np.ndarray:
+        image = self._image
+        if image is not None:
+            return image
+        assert self._lock is not None
+        with self._lock:
+            if self._image is None:
+                assert self._av is not None
+                converted = self._av.to_ndarray(format="bgr24")
+                converted.flags.writeable = False  # one array for every consumer: [1] nobody draws on it
+                self._image = converted
+                self._av = None  # the decoder's picture is no longer needed (gray, a view, keeps its plane)
+            return self._image
+
+    def __repr__(self) -> str:
+        return f"Frame(seq={self.seq}, {self.width}x{self.height}, pts_s={self.pts_s}, mono_s={self.mono_s:.3f})"
+
+
+def luma_view(frame: av.VideoFrame) -> tuple[np.ndarray, bool] | None:
+    """The Y plane of a YUV picture as a read-only numpy view (no copy), and whether it is full range."""
+    name = frame.format.name
+    if not (name.startswith(("yuv", "nv")) or name == "gray"):
+        return None
+    plane = frame.planes[0]
+    view = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)[
+        :frame.height, :frame.width]
+    view.flags.writeable = False
+    return view, name.startswith("yuvj") or name == "gray" or getattr(frame, "color_range", 0) == 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +369,7 @@ class RtspSource:
                  packet_buffer_bytes: int = 8_000_000, decode: bool = True, decode_fps: float | None = None,
                  keyframes_only: bool = False, loop_file: bool = False, on_state: StateCallback | None = None,
                  backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0, stable_after_s: float = 30.0,
-                 flush_max_s: float = 2.0, decoder_threads: int = 1,
+                 flush_max_s: float = 2.0, decoder_threads: int = 1, bgr_on_demand: bool = True,
                  options: Mapping[str, str] | None = None) -> None:
         if queue_frames < 1:
             raise ValueError("queue_frames must be at least 1")
@@ -332,6 +393,11 @@ class RtspSource:
         self.stable_after_s = stable_after_s
         self.flush_max_s = flush_max_s
         self.decoder_threads = decoder_threads
+        self.bgr_on_demand = bgr_on_demand
+        # Called in the reader thread with each frame before it is queued (motion gating runs there, on the
+        # luma plane, off the loop). Must be quick; an exception is logged once and counted.
+        self.analyzers: list[Callable[[Frame], None]] = []
+        self.analyzer_errors = 0
         scheme = urlsplit(url).scheme.lower()
         self._is_rtsp = scheme in ("rtsp", "rtsps")
         self._options = {**(RTSP_OPTIONS if self._is_rtsp else {}), **(options or {})}
@@ -408,9 +474,11 @@ class RtspSource:
     def latest(self) -> Frame | None:
         return self._latest
 
-    async def frames(self) -> AsyncIterator[Frame]:
+    async def frames(self, *, newest: bool = False) -> AsyncIterator[Frame]:
         """The frames as they come, for one consumer: its own queue of ``queue_frames``, oldest dropped when
-        it lags. Ends when the source closes."""
+        it lags. ``newest``: take only the newest queued frame, dropping (and counting) the older ones, for a
+        consumer that must act on the present (the detection pipeline: under load the older of two queued
+        frames is a tick older). Ends when the source closes."""
         if self._thread is None and not self._closed:
             raise RuntimeError(f"{self.name}: frames() needs the source started (async with)")
         consumer = _Consumer()
@@ -419,6 +487,11 @@ class RtspSource:
         try:
             while True:
                 with self._lock:
+                    if newest:
+                        while len(consumer.queue) > 1:
+                            consumer.queue.popleft()
+                            consumer.dropped += 1
+                            self.dropped += 1
                     frame = consumer.queue.popleft() if consumer.queue else None
                 if frame is not None:
                     yield frame
@@ -468,6 +541,7 @@ class RtspSource:
             "fps_in": round(fps_in, 2), "decoded": self.decoded, "delivered": self.delivered,
             "skipped": self.skipped, "dropped": self.dropped, "stale_flushed": self.stale_flushed,
             "decode_errors": self.decode_errors, "corrupt_frames": self.corrupt_frames,
+            "analyzer_errors": self.analyzer_errors,
             "reconnects": self.reconnects,
             "reconnects_last_hour": len(hour), "freezes": self.freezes, "sessions": self.sessions,
             "open_s": None if self.open_s is None else round(self.open_s, 3),
@@ -740,10 +814,24 @@ class RtspSource:
                         self.skipped += 1
                         continue
                     last_emit_pts = t
-                image = frame.to_ndarray(format="bgr24")
-                image.flags.writeable = False  # one array for every consumer: [1] nobody draws on it
+                luma = luma_view(frame)
+                gray, full_range = luma if luma is not None else (None, True)
+                if self.bgr_on_demand:
+                    out = Frame(seq=self._seq, pts_s=pts_s, mono_s=time.monotonic(), av_frame=frame, gray=gray,
+                                gray_full_range=full_range)
+                else:
+                    image = frame.to_ndarray(format="bgr24")
+                    image.flags.writeable = False  # one array for every consumer: [1] nobody draws on it
+                    out = Frame(image, self._seq, pts_s, time.monotonic(), gray=gray, gray_full_range=full_range)
                 self.delivered += 1
-                self._publish(Frame(image=image, seq=self._seq, pts_s=pts_s, mono_s=time.monotonic()))
+                for analyze in list(self.analyzers):
+                    try:
+                        analyze(out)
+                    except Exception:
+                        self.analyzer_errors += 1
+                        if self.analyzer_errors == 1:
+                            log.exception("%s: a frame analyzer failed", self.name)
+                self._publish(out)
                 if not announced:
                     announced = True
                     self._call_on_loop(self._set_state, True, f"streaming, opened in {self.open_s:.2f} s")
