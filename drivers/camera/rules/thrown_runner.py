@@ -150,7 +150,8 @@ class ThrownRunner:
         self.counts = {"frames": 0, "alarms": 0, "raised": 0, "raise_failed": 0, "clips": 0, "clips_missing": 0,
                        "snapshots": 0, "without_evidence": 0, "frame_errors": 0, "reanchors": 0}
         self.frame_ms: list[float] = []  # the last frames' detector time (bounded below)
-        self.raised: list[tuple[Any, float]] = []  # (alarm, seconds from first sighting to raised), last 16
+        # (alarm, seconds from the first sighting to raised, from the decision to raised), the last 16
+        self.raised: list[tuple[Any, float, float]] = []
 
     # -- wiring
 
@@ -277,7 +278,8 @@ class ThrownRunner:
             log.exception("%s: the thrown_object alarm could not be raised", self.camera_id)
             return
         self.counts["raised"] += 1
-        self.raised.append((raised, time.monotonic() - alarm.first_seen_s))
+        now = time.monotonic()
+        self.raised.append((raised, now - alarm.first_seen_s, now - alarm.decided_s))
         del self.raised[:-16]
         log.warning("%s: object thrown from floor %s column %s (%s)", self.camera_id, details.get("floor", "?"),
                     details.get("column", "?"), self.settings.place)
