@@ -164,10 +164,13 @@ class Daemon:
                                 config_dir=config_dir, names=self._names, local_actions=self._actions)
         # Built now (nothing runs yet): a bad device profile or section is a config error before start.
         self.capabilities: list[Capability] = []
+        self._raises_alarms: list[str] = []  # running capabilities that declare alarm kinds
         for spec in capabilities:
             cap = spec.build(spec.section_of(cfg), spec.devices_of(cfg), ctx)
             if cap is not None:
                 self.capabilities.append(cap)
+                if spec.alarm_kinds:
+                    self._raises_alarms.append(spec.name)
         self._check_claims()
         self.uplink: Uplink | None = None
         self.supervisor: Supervisor | None = None
@@ -238,9 +241,10 @@ class Daemon:
         targets = self.alarms.engine.config.all_targets()
         # Targets a capability tells itself (the guard-room topic tells 'guard_room') need no notifier.
         missing = [t for t in unserved(self.cfg.notifiers, targets) if t not in self.alarms.local_targets]
-        if missing and self.capability("wristbands") is not None:
-            log.warning("alarm targets with no notifier: %s (only the guard-room topic and outputs will tell "
-                        "anyone); add them under 'notifiers'", ", ".join(sorted(missing)))
+        if missing and self._raises_alarms:  # any capability that can raise one (wristbands, cameras, chargers)
+            log.warning("alarm targets with no notifier: %s (alarms of %s; only the guard-room topic and outputs "
+                        "will tell anyone); add them under 'notifiers'", ", ".join(sorted(missing)),
+                        ", ".join(self._raises_alarms))
         return NotifierHub.from_config(self.cfg.notifiers, publish=self._publish_local)
 
     async def _publish_local(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from edgeagent.app import Daemon
 from edgeagent.capabilities import CAPABILITIES, assemble
@@ -82,7 +83,7 @@ def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_a_capabilitys_place_alarm_sounds_is_acknowledged_locally_and_reaches_the_cloud(
-        tmp_path: Path, broker: Mosquitto) -> None:
+        tmp_path: Path, broker: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
     modbus_port = free_port()
     sim = ProfileSimulator({3: shipped_profile("relay-io-8ch")}, port=modbus_port)
     cfg_path = tmp_path / "edgeagent.yaml"
@@ -97,6 +98,10 @@ async def test_a_capabilitys_place_alarm_sounds_is_acknowledged_locally_and_reac
                 again = await lifts.seen_ebike("lift-2 car", "cam-lift2")  # the same bike, seen again: folds
                 assert again.id == alarm.id and again.count == 2
                 assert (alarm.place, alarm.resident_id, alarm.kind) == ("lift-2 car", None, KIND)
+                # No wristbands and no notifiers: the site is still told that nobody is notified.
+                unserved = [r.getMessage() for r in caplog.records
+                            if "alarm targets with no notifier" in r.getMessage()]
+                assert unserved and "test-lifts" in unserved[0] and "guard_room" in unserved[0], unserved
                 assert await wait_until(lambda: sim[3].get("ch1_relay") is True, 5), "siren not switched on"
 
                 listed = await asyncio.to_thread(cli, cfg_path, "alarms", "list")
