@@ -11,6 +11,7 @@ failed logins are limited. Screenshots of each page are saved under the test's t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import cv2
 import paho.mqtt.client as paho
 import pytest
 import pytest_asyncio
@@ -37,6 +39,7 @@ from edgeagent.console.security import COOKIE
 from edgeagent.console.server import USERS_PATH
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
+from edgeagent.kernel.pipeline.events import Attachment
 from tests.helpers import wait_until
 from tests.peers import Mosquitto, free_port
 
@@ -83,11 +86,13 @@ class Env:
     band: Any
     shots: Path
     contexts: list[BrowserContext] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
 
     async def page(self, user: str | None) -> Page:
         ctx = await self.browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
         self.contexts.append(ctx)
         page = await ctx.new_page()
+        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
         await page.goto(self.url + "/")
         if user is not None:
             await page.fill("#login-user", user)
@@ -147,6 +152,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
                 yield e
                 for ctx in e.contexts:
                     await ctx.close()
+                assert not e.page_errors, e.page_errors
             finally:
                 await browser.close()
                 stop.set()
@@ -241,16 +247,45 @@ async def test_sos_on_the_console_viewer_refused_guard_acknowledges_and_the_sire
     assert env.of("alarm.resolved")[-1].data["via"] == "console"
 
 
-async def test_gate_devices_and_english(env: Env) -> None:
+def plate_jpeg(folder: Path) -> Attachment:
+    """A synthetic car front with a Chinese plate, kept as evidence the way the camera keeps it."""
+    from tests.synth_plates import render_plate
+
+    image = render_plate("京AF0236", scale=2.0)
+    ok, data = cv2.imencode(".jpg", image)
+    assert ok
+    raw = data.tobytes()
+    sha = hashlib.sha256(raw).hexdigest()
+    (folder / "snapshots").mkdir(parents=True, exist_ok=True)
+    (folder / "snapshots" / f"{sha}.jpg").write_bytes(raw)
+    return Attachment("snapshot", sha, "image/jpeg", len(raw))
+
+
+async def test_gate_visitor_call_open_devices_and_english(env: Env) -> None:
     guard = await env.page("guard-li")
     guard.on("dialog", lambda d: asyncio.ensure_future(d.accept()))
     await guard.click('#tabs [data-tab="gate"]')
-    await guard.click('button.gate-open[data-gate="car-gate"]')
+    # A visitor's car whose plate did not open the gate, then the driver presses the call button.
+    snap = plate_jpeg(env.daemon.state_dir / "evidence")
+    await env.daemon.sink.emit("gate.visitor", "cam-gate", {
+        "plate": "京AF0236", "confidence": 0.91, "agreement": 1.0, "reason": "not_in_list", "track_id": 7,
+        "zone": "gate-lane", "reads": 5, "votes": 5, "gate": "car-gate"}, (snap,))
+    await env.daemon.sink.emit("gate.call", "cam-gate", {"gate": "car-gate", "source": "camera", "zone": "gate-lane"})
+    card = await guard.wait_for_selector('.card[data-event="gate.visitor"]', timeout=10_000)
+    assert card is not None and "京AF0236" in await card.inner_text() and "91%" in await card.inner_text()
+    img = await guard.wait_for_selector('.card[data-event="gate.visitor"] img', timeout=5_000)
+    assert img is not None and await img.evaluate("i => i.complete && i.naturalWidth > 0")
+    await guard.wait_for_selector('.card.ringing[data-event="gate.call"]', timeout=5_000)
+    assert await guard.evaluate("document.body.dataset.sounding") == "1"
+    await guard.screenshot(path=str(env.shots / "gate-call.png"), full_page=True)
+    # The guard answers the call and opens the gate from the ringing card.
+    await guard.click('.card.ringing[data-event="gate.call"] button.open-for')
     assert await wait_until(lambda: ("open_trigger", True) in env.sim[1].writes, 10)
     assert await wait_until(lambda: env.of("gate.commanded"), 5)
     assert env.of("gate.commanded")[-1].data["by"] == "console:guard-li"
     assert await wait_until(lambda: any(e.data["action"] == "gate.open" and e.data["outcome"] == "ok"
                                         for e in env.of("console.audit")), 5)
+    assert await guard.evaluate("document.body.dataset.sounding") == "0"  # answered
     await guard.screenshot(path=str(env.shots / "gate.png"), full_page=True)
     await guard.click('#tabs [data-tab="devices"]')
     row = await guard.wait_for_selector('#devices tr[data-device="guard-io"]', timeout=5_000)

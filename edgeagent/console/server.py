@@ -66,6 +66,7 @@ RECENT_EVENTS: Final = 100
 RECENT_GATE_EVENTS: Final = 30
 DOCTOR_TIMEOUT_S: Final = 90.0
 MAX_BODY_BYTES: Final = 64 * 1024
+GATE_PULSE_S: Final = 1.0  # a barrier opened through an output: one pulse, as its own button would
 SESSION: Final = web.RequestKey("session", Session)
 
 
@@ -252,8 +253,8 @@ class ConsoleServer:
         self.feed.on_event(event, seq)
         if event.priority.label == "telemetry":
             return
-        row = {"type": event.type, "device_id": event.device_id, "occurred_at": utc_ms(event.stamp.wall),
-               "data": dict(event.data), "attachments": [a.to_dict() for a in event.attachments]}
+        row = {"id": event.id, "type": event.type, "device_id": event.device_id,
+               "occurred_at": utc_ms(event.stamp.wall), "data": dict(event.data), "attachments": [a.to_dict() for a in event.attachments]}
         self._recent.append(row)
         if event.type.startswith("gate."):
             self._gate_events.append(row)
@@ -498,14 +499,19 @@ class ConsoleServer:
             await self._audit(s, "gate.open", device_id, "refused", f"role {s.role} may not")
             return _error(403, "forbidden", "your role may not open the gate")
         body = await self._body(request)
-        action = self.ctx.actions.get("gate")
-        if action is None:
-            return _error(404, "no_gate", "no gate is configured on this box")
         reason = body.get("reason") if body.get("reason") in ("visitor", "guard_room") else "guard_room"
         note = str(body.get("note") or "")[:200] or None
+        gate_ids = {g["id"] for g in gates_of(self.ctx.devices)}
+        # A gate camera may open the barrier through a named output (its own relay) instead of a gate device.
+        output = self.ctx.actions.get("output") if device_id not in gate_ids else None
+        action = self.ctx.actions.get("gate") if device_id in gate_ids else output
+        if action is None:
+            return _error(404, "no_gate", f"no gate {device_id!r} on this box")
+        args: dict[str, Any] = ({"device_id": device_id, "command": "open", "reason": reason, "note": note}
+                                if action is not output else {"name": device_id, "action": "pulse",
+                                                              "seconds": GATE_PULSE_S})
         try:
-            result = await action({"device_id": device_id, "command": "open", "reason": reason, "note": note},
-                                  f"console:{s.user}")
+            result = await action(args, f"console:{s.user}")
         except CommandRejected as exc:
             await self._audit(s, "gate.open", device_id, "failed", exc.message)
             return _error(409 if exc.code == "failed" else 400, exc.code, exc.message)

@@ -18,6 +18,8 @@ const T = {
     none: "无", s: "秒", min: "分", h: "小时", confirm_open: "确认开闸？", running: "运行中",
     k_sos: "紧急呼叫 SOS", k_fall: "跌倒", k_heart_rate_high: "心率过高", k_heart_rate_low: "心率过低", k_spo2_low: "血氧过低",
     k_removed: "手环摘除", k_low_battery: "手环电量低", k_no_signal: "手环无信号", k_left_compound: "离开小区",
+    r_not_in_list: "不在住户名单", r_entry_expired: "登记已过期", r_entry_not_yet_valid: "登记未生效",
+    r_low_confidence: "识别置信度低", r_too_few_reads: "识别次数不足", r_reads_disagree: "识别结果不一致", r_bad_format: "车牌格式不符",
     k_charger_cutoff: "充电桩断电", k_ebike_in_lift: "电动车进电梯", k_video_fall: "视频跌倒", k_thrown_object: "高空抛物",
   },
   en: {
@@ -37,6 +39,9 @@ const T = {
     disconnected: "not connected", none: "none", s: "s", min: "min", h: "h", confirm_open: "Open the gate?",
     running: "running",
     k_sos: "SOS", k_fall: "Fall", k_heart_rate_high: "Heart rate high", k_heart_rate_low: "Heart rate low",
+    r_not_in_list: "not a resident's plate", r_entry_expired: "entry expired", r_entry_not_yet_valid: "entry not yet valid",
+    r_low_confidence: "read not sure enough", r_too_few_reads: "too few reads", r_reads_disagree: "reads disagree",
+    r_bad_format: "not a plate's format",
     k_spo2_low: "Blood oxygen low", k_removed: "Wristband removed", k_low_battery: "Wristband battery low",
     k_no_signal: "Wristband silent", k_left_compound: "Left the compound", k_charger_cutoff: "Charger cut off",
     k_ebike_in_lift: "E-bike in lift", k_video_fall: "Fall (camera)", k_thrown_object: "Thrown object",
@@ -58,7 +63,8 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
-const S = { session: null, state: null, tab: "alarms", clockSkewMs: 0, es: null, gateEvents: [], audio: null };
+const S = { session: null, state: null, tab: "alarms", clockSkewMs: 0, es: null, gateEvents: [], audio: null,
+  answered: new Set() };  // gate calls answered on this screen (by event id)
 
 function applyLang() {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
@@ -275,9 +281,16 @@ function beep() {
   });
 }
 
+// A call is answered once someone (on any screen, or the platform) commanded its gate after it rang.
+function answered(call) {
+  if (S.answered.has(call.id)) return true;
+  const gate = (call.data || {}).gate;
+  return S.gateEvents.some((e) => e.type === "gate.commanded" && e.device_id === gate && e.occurred_at >= call.occurred_at);
+}
+
 function ringing() {
   const open = ((S.state && S.state.alarms) || []).some((a) => !a.acknowledged);
-  const calls = S.gateEvents.some((e) => e.type === "gate.call" && !e._answered && Date.now() + S.clockSkewMs - Date.parse(e.occurred_at) < 60000);
+  const calls = S.gateEvents.some((e) => e.type === "gate.call" && !answered(e) && Date.now() + S.clockSkewMs - Date.parse(e.occurred_at) < 60000);
   return open || calls;
 }
 
@@ -310,17 +323,18 @@ function renderGate() {
     const d = ev.data || {};
     const isCall = ev.type === "gate.call";
     const fresh = Date.now() + S.clockSkewMs - Date.parse(ev.occurred_at) < 60000;
-    const card = el("div", { class: "card" + (isCall && fresh && !ev._answered ? " ringing" : ""), "data-event": ev.type },
-      el("h3", {}, el("span", {}, isCall ? t("call") : (d.known || d.resident || d.decision === "resident" ? t("resident") : t("visitor"))),
+    const card = el("div", { class: "card" + (isCall && fresh && !answered(ev) ? " ringing" : ""), "data-event": ev.type },
+      el("h3", {}, el("span", {}, isCall ? t("call") : t("visitor")),
         el("span", { class: "meta" }, new Date(ev.occurred_at).toLocaleTimeString())),
       d.plate ? el("div", { class: "plate" }, d.plate) : null,
-      d.confidence !== undefined ? el("div", { class: "meta" }, t("confidence") + " " + Math.round(Number(d.confidence) * 100) + "%") : null,
+      d.confidence !== undefined ? el("div", { class: "meta" }, t("confidence") + " " + Math.round(Number(d.confidence) * 100) + "%"
+        + (d.reason ? " · " + (T[lang]["r_" + d.reason] || d.reason) : "")) : null,
       el("div", { class: "meta" }, t("device") + " " + (d.gate || d.gate_id || ev.device_id)));
     const snap = snapshotOf(ev);
     if (snap) card.append(el("img", { src: snap, alt: "snapshot" }));
     const gate = d.gate || d.gate_id || (gates[0] && gates[0].id);
     if (can("gate") && gate) {
-      card.append(el("div", { class: "actions" }, el("button", { class: "ok", on: { click: () => { ev._answered = true; openGate(gate, isCall ? "visitor" : "visitor", d.plate); } } }, t("open_gate"))));
+      card.append(el("div", { class: "actions" }, el("button", { class: "ok open-for", on: { click: () => { S.answered.add(ev.id); openGate(gate, "visitor", d.plate); } } }, t("open_gate"))));
     }
     box.append(card);
   }
