@@ -254,7 +254,8 @@ class ConsoleServer:
         if event.priority.label == "telemetry":
             return
         row = {"id": event.id, "type": event.type, "device_id": event.device_id,
-               "occurred_at": utc_ms(event.stamp.wall), "data": dict(event.data), "attachments": [a.to_dict() for a in event.attachments]}
+               "occurred_at": utc_ms(event.stamp.wall), "data": dict(event.data),
+               "attachments": [a.to_dict() for a in event.attachments]}
         self._recent.append(row)
         if event.type.startswith("gate."):
             self._gate_events.append(row)
