@@ -1,0 +1,142 @@
+"""The console's parts without a browser: accounts and password hashes, the login limit, sessions, the live
+feed's overflow policy, the self-signed certificate, and the config editor's zone replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeagent.cli.console_cmd import ConfigTools
+from edgeagent.console import tls
+from edgeagent.console.accounts import AccountError, AccountStore, hash_password, verify_password
+from edgeagent.console.feed import CLIENT_QUEUE, MAX_CLIENTS, Feed
+from edgeagent.console.security import LoginLimiter, Sessions
+from edgeagent.kernel.pipeline.events import EventFactory
+
+CHEAP = hash_password("correct horse", n=2**4)  # a low cost keeps the property test fast; the format is the same
+
+
+def test_hash_and_verify() -> None:
+    stored = hash_password("correct horse battery")
+    assert stored.startswith("scrypt$16384$8$1$") and "correct" not in stored
+    assert verify_password("correct horse battery", stored)
+    assert not verify_password("correct horse batterY", stored)
+    assert hash_password("correct horse battery") != stored  # salted
+
+
+@settings(max_examples=60, deadline=None)
+@given(password=st.text(max_size=300), stored=st.one_of(st.just(CHEAP), st.text(max_size=120)))
+def test_verify_never_raises_on_what_a_browser_or_a_damaged_file_gives(password: str, stored: str) -> None:
+    assert verify_password(password, stored) == (stored == CHEAP and password == "correct horse")
+
+
+def test_account_store(tmp_path: Path) -> None:
+    store = AccountStore(tmp_path / "state" / "console" / "users.json")
+    (tmp_path / "state").mkdir()
+    store.add("guard-li", "guard", "secret-pass")
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    assert "secret-pass" not in store.path.read_text()
+    assert store.get("guard-li") is not None and store.get("guard-li").may("alarm")  # type: ignore[union-attr]
+    with pytest.raises(AccountError, match="exists"):
+        store.add("guard-li", "installer", "other-pass")
+    store.add("guard-li", "viewer", "other-pass", replace=True)
+    assert not store.get("guard-li").may("alarm")  # type: ignore[union-attr]
+    for name, role, pw in (("bad name", "guard", "password1"), ("ok", "admin", "password1"), ("ok", "guard", "short")):
+        with pytest.raises(AccountError):
+            store.add(name, role, pw)
+    store.remove("guard-li")
+    assert store.load() == {}
+    store.path.write_text("{not json")
+    with pytest.raises(AccountError, match="not a readable accounts file"):
+        store.load()
+
+
+def test_login_limiter_counts_per_key_and_stays_bounded() -> None:
+    lim = LoginLimiter(max_failures=3, max_tracked=4)
+    keys = ["ip:10.0.0.5", "user:guard-li"]
+    for _ in range(3):
+        assert lim.retry_after(keys) == 0
+        lim.failed(keys)
+    assert lim.retry_after(keys) > 0 and lim.refused == 1
+    assert lim.retry_after(["ip:10.0.0.6", "user:viewer"]) == 0  # others are not affected
+    lim.succeeded(["user:guard-li"])
+    assert lim.retry_after(["user:guard-li"]) == 0 and lim.retry_after(["ip:10.0.0.5"]) > 0
+    for i in range(10):
+        lim.failed([f"ip:10.1.0.{i}"])
+    assert lim.forgotten >= 6
+
+
+def test_sessions_are_bounded() -> None:
+    sessions = Sessions(max_sessions=3)
+    made = [sessions.create(f"u{i}", "guard", "127.0.0.1") for i in range(5)]
+    assert len(sessions) == 3 and sessions.evicted == 2
+    assert sessions.get(made[0].token) is None and sessions.get(made[4].token) is not None
+    assert sessions.get(None) is None and sessions.get("forged") is None
+    assert sessions.end_user("u4") == 1
+
+
+async def test_a_slow_screen_is_dropped_and_counted_the_others_keep_up(factory: EventFactory) -> None:
+    feed = Feed()
+    slow, quick = feed.connect("slow"), feed.connect("quick")
+    assert slow is not None and quick is not None
+    for i in range(CLIENT_QUEUE + 10):
+        feed.on_event(factory.make("gateway.stopped", "gw-1", {"reason": "test", "unsent": i}), i)
+        quick.queue.get_nowait()  # the quick screen drains as it goes
+    assert slow.dropped.is_set() and feed.dropped_clients == 1 and feed.clients == 1
+    feed.on_event(factory.make("sensor.reading", "s-1", {"metric": "t", "value": 1.0, "unit": "degC"}), 0)
+    assert feed.skipped_telemetry == 1 and quick.queue.empty()
+    more = [feed.connect("x") for _ in range(MAX_CLIENTS)]
+    assert more[-1] is None and feed.clients == MAX_CLIENTS and feed.refused_clients == 1
+    await asyncio.sleep(0)
+
+
+def test_self_signed_certificate(tmp_path: Path) -> None:
+    cert, key, made = tls.ensure_certificate(tmp_path / "tls", "gw-1", ["192.168.10.5", "guard-pc.local"])
+    assert made and stat.S_IMODE(key.stat().st_mode) == 0o600
+    parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("192.168.10.5") in san.get_values_for_type(x509.IPAddress)
+    assert "guard-pc.local" in san.get_values_for_type(x509.DNSName)
+    assert tls.ensure_certificate(tmp_path / "tls", "gw-1", [])[2] is False  # kept, not made again
+    tls.server_context(cert, key)
+    assert len(tls.fingerprint(cert).split(":")) == 32
+
+
+def test_redrawn_zone_keeps_its_other_settings_and_flow_lists_stay_flow(tmp_path: Path) -> None:
+    cfg = tmp_path / "edgeagent.yaml"
+    cfg.write_text("""\
+version: 1
+site_id: site-1
+gateway_id: gw-1
+state_dir: /tmp/unused
+devices:
+  - type: camera   # the gate camera
+    id: cam-gate
+    rtsp: {detect_url: "rtsp://192.0.2.10/sub"}
+    zones:
+      - {name: gate-lane, points: [[0.2, 0.5], [0.8, 0.5], [0.9, 1.0]], classes: [car], loiter_s: 60}  # lane
+      - {name: kerb, points: [[0.0, 0.8], [0.1, 0.8], [0.1, 1.0]]}
+# trailing comment
+""")
+    tools = ConfigTools(cfg)
+    out = tools.save_shape("cam-gate", "zone", {"name": "gate-lane", "points": [[0.1, 0.4], [0.9, 0.4], [0.9, 1.0]]})
+    text = cfg.read_text()
+    assert "{name: gate-lane, points: [[0.1, 0.4], [0.9, 0.4], [0.9, 1.0]], classes: [car], loiter_s: 60}" in text
+    assert "# lane" in text and "# the gate camera" in text and text.endswith("# trailing comment\n")
+    assert [z["name"] for z in out["camera"]["zones"]] == ["gate-lane", "kerb"]
+    tools.save_shape("cam-gate", "zone", {"name": "island", "points": [[0.4, 0.4], [0.6, 0.4], [0.5, 0.6]]})
+    assert "  - {name: island, points: [[0.4, 0.4], [0.6, 0.4], [0.5, 0.6]]}\n# trailing comment\n" in cfg.read_text()
+    before = cfg.read_text()
+    for camera, shape in (("cam-gate", {"name": "Bad Name", "points": [[0, 0], [1, 0], [1, 1]]}),
+                          ("cam-gate", {"name": "out", "points": [[0, 0], [2, 0], [1, 1]]}),
+                          ("cam-none", {"name": "x", "points": [[0, 0], [1, 0], [1, 1]]})):
+        with pytest.raises(ValueError, match=r"not saved|no camera"):
+            tools.save_shape(camera, "zone", shape)
+    assert cfg.read_text() == before
