@@ -219,6 +219,7 @@ def test_wheel_holds_every_package_of_the_tree(wheel: Path) -> None:
     data += [f"edgeagent/drivers/modbus/profiles/{p.name}" for p in (ROOT / "drivers/modbus/profiles").glob("*.yaml")]
     data += [f"edgeagent/cloud_bridge/contract/schemas/{p.name}"
              for p in (ROOT / "cloud-bridge/contract/schemas").glob("*.json")]
+    data += [f"edgeagent/console/static/{p.name}" for p in (ROOT / "edgeagent/console/static").iterdir()]
     assert len(data) > 5
     for required in data:
         assert required in names, required
