@@ -47,7 +47,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 CHROMIUM = "/usr/bin/chromium"
 BAND = "aabbccddeeff"
-PASSWORDS = {"guard-li": "guard-pass-1", "viewer-wu": "viewer-pass-1"}
+PASSWORDS = {"guard-li": "guard-pass-1", "viewer-wu": "viewer-pass-1", "installer-ma": "install-pass-1"}
 
 
 def write_config(path: Path, state: Path, local_port: int, modbus_port: int) -> None:
@@ -130,6 +130,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     users = tmp / "state" / USERS_PATH
     assert users.stat().st_mode & 0o777 == 0o600 and PASSWORDS["guard-li"] not in users.read_text()
     AccountStore(users).add("viewer-wu", "viewer", PASSWORDS["viewer-wu"])
+    AccountStore(users).add("installer-ma", "installer", PASSWORDS["installer-ma"])
     band = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="ble-gw-north")
     band.connect("127.0.0.1", broker.port)
     band.loop_start()
@@ -191,6 +192,8 @@ async def test_sos_on_the_console_viewer_refused_guard_acknowledges_and_the_sire
     assert status == 403
     await viewer.screenshot(path=str(env.shots / "alarms-viewer.png"))
 
+    cookie = next(c for c in await guard.context.cookies() if c["name"] == COOKIE)
+    assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
     # No session: nothing changes (right Origin, no cookie); a session without its CSRF token: refused too.
     async with aiohttp.ClientSession() as http:
         r1 = await http.post(f"{env.url}/api/alarms/{alarm.id}/ack", json={}, ssl=False,
@@ -298,6 +301,19 @@ async def test_gate_visitor_call_open_devices_and_english(env: Env) -> None:
     await guard.set_viewport_size({"width": 390, "height": 844})
     assert await guard.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
     await guard.screenshot(path=str(env.shots / "devices-phone-en.png"), full_page=True)
+
+
+async def test_installer_tests_a_device(env: Env) -> None:
+    page = await env.page("installer-ma")
+    await page.click('#tabs [data-tab="installer"]')
+    await page.click('#device-tests tr[data-device="car-gate"] button.test')
+    cell = await page.wait_for_selector('#device-tests tr[data-device="car-gate"] td.out.ok', timeout=15_000)
+    assert cell is not None and await cell.inner_text()
+    await page.click('#device-tests tr[data-device="guard-io"] button.test')
+    await page.wait_for_selector('#device-tests tr[data-device="guard-io"] td.out.ok', timeout=15_000)
+    await page.screenshot(path=str(env.shots / "installer-device-tests.png"), full_page=True)
+    assert any(e.data["action"] == "device.test" and e.data["target"] == "car-gate" and e.data["outcome"] == "ok"
+               for e in env.of("console.audit"))
 
 
 async def test_failed_logins_are_limited(env: Env) -> None:

@@ -230,6 +230,32 @@ class ConfigTools:
         checks, _ = run_checks(self.path)
         return doctor_report(self.path, checks)
 
+    def device_test(self, device_id: str) -> dict[str, Any]:
+        """The device's ``device add`` probe (test before configure) against the config file's settings. A device on
+        a serial line is not probed: the running daemon owns that line (its live state is on the devices page)."""
+        from edgeagent.capabilities import PROBES, load_config  # noqa: PLC0415
+        from edgeagent.kernel.capability import ProbeContext  # noqa: PLC0415
+        from edgeagent.kernel.errors import EdgeagentError  # noqa: PLC0415
+
+        cfg = load_config(self.path)
+        dev = next((d for d in cfg.devices if d.id == device_id), None)
+        if dev is None:
+            raise ValueError(f"no device {device_id!r} in {self.path}")
+        kind = str(getattr(dev, "type", "?"))
+        probe = PROBES.get(kind)
+        if probe is None:
+            raise ValueError(f"devices of type {kind} have no test")
+        bus = getattr(dev, "bus", None)
+        buses = getattr(getattr(cfg, "modbus", None), "buses", None) or {}
+        if bus in buses and buses[bus].kind == "rtu":
+            raise ValueError(f"{device_id} is on the serial line {bus}, which the running daemon owns: see its live "
+                             "state on the devices page (or stop the daemon and use 'edgeagent modbus read')")
+        try:
+            detail = probe(dev, ProbeContext(cfg, self.path))
+        except (EdgeagentError, OSError, TimeoutError) as exc:
+            return {"device": device_id, "ok": False, "detail": str(exc)}
+        return {"device": device_id, "ok": True, "detail": detail or "answers"}
+
     def plates(self) -> list[dict[str, Any]]:
         from edgeagent.app import state_dir_for  # noqa: PLC0415
         from edgeagent.capabilities import load_config  # noqa: PLC0415

@@ -65,6 +65,7 @@ KEEPALIVE_S: Final = 15.0
 RECENT_EVENTS: Final = 100
 RECENT_GATE_EVENTS: Final = 30
 DOCTOR_TIMEOUT_S: Final = 90.0
+DEVICE_TEST_TIMEOUT_S: Final = 30.0
 MAX_BODY_BYTES: Final = 64 * 1024
 GATE_PULSE_S: Final = 1.0  # a barrier opened through an output: one pulse, as its own button would
 SESSION: Final = web.RequestKey("session", Session)
@@ -84,6 +85,10 @@ class ConsoleTools(Protocol):
 
     def plates(self) -> list[dict[str, Any]]:
         """The residents' plate list (plate, ref, reason, valid_from, valid_until)."""
+        ...
+
+    def device_test(self, device_id: str) -> dict[str, Any]:
+        """The device's test before configure (``device add``'s probe): {ok, detail}; ValueError when it has none."""
         ...
 
 
@@ -198,6 +203,7 @@ class ConsoleServer:
         r.add_get("/api/plates", self._plates)
         r.add_post("/api/cameras/{camera_id}/shapes", self._save_shape)
         r.add_get("/api/doctor", self._doctor)
+        r.add_post("/api/devices/{device_id}/test", self._device_test)
         return app
 
     async def start(self) -> None:
@@ -411,6 +417,7 @@ class ConsoleServer:
             "devices": st.get("devices") or [],
             "outputs": st.get("outputs"),
             "cameras": [c | self._shapes.get(c["id"], {}) for c in cameras_of(self.ctx.devices)],
+            "config_devices": [{"id": d.id, "type": getattr(d, "type", "?")} for d in self.ctx.devices],
             "camera_status": _camera_status(caps.get("cameras")),
             "gates": gates_of(self.ctx.devices),
             "gate_events": list(self._gate_events),
@@ -602,6 +609,27 @@ class ConsoleServer:
             return _error(504, "timeout", f"the checks took longer than {DOCTOR_TIMEOUT_S:.0f} s")
         await self._audit(s, "doctor", self.ctx.gateway_id, "ok")
         return _json({"ok": True, **report})
+
+
+    async def _device_test(self, request: web.Request) -> web.Response:
+        s = self._me(request)
+        device_id = request.match_info["device_id"]
+        if not self._allowed(s, "configure"):
+            await self._audit(s, "device.test", device_id, "refused", f"role {s.role} may not")
+            return _error(403, "forbidden", "only an installer may run a device's test")
+        if self.ctx.tools is None:
+            return _error(503, "no_tools", "this daemon was started without the installer's tools")
+        try:
+            result = await asyncio.wait_for(asyncio.to_thread(self.ctx.tools.device_test, device_id),
+                                            DEVICE_TEST_TIMEOUT_S)
+        except ValueError as exc:
+            await self._audit(s, "device.test", device_id, "failed", str(exc))
+            return _error(400, "no_test", str(exc))
+        except TimeoutError:
+            result = {"device": device_id, "ok": False, "detail": f"no answer within {DEVICE_TEST_TIMEOUT_S:.0f} s"}
+        await self._audit(s, "device.test", device_id, "ok" if result.get("ok") else "failed",
+                          str(result.get("detail") or ""))
+        return _json({"ok": True, **result})
 
 
 def _camera_status(cams: Any) -> dict[str, Any]:
