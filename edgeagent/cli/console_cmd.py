@@ -121,7 +121,7 @@ def cert(config: Path | None = ConfigOption) -> None:
         if made:
             console.print(f"made a self-signed certificate in {escape(str(cert_path.parent))}")
     try:
-        console.print(f"{escape(str(cert_path))}\nSHA-256 {tls.fingerprint(cert_path)}")
+        console.print(f"{escape(str(cert_path))}\nSHA-256 {tls.fingerprint(cert_path)}", soft_wrap=True)
     except (OSError, ValueError) as exc:
         fail(escape(f"cannot read {cert_path}: {exc}"))
 

@@ -68,6 +68,12 @@ def make_self_signed(folder: Path, common_name: str, hosts: list[str]) -> tuple[
     _write(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()), 0o600)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    # Made by root's CLI (``edgeagent console cert``) in the daemon's state directory: the daemon's account must
+    # read the key, so everything made here belongs to whoever owns the state directory (folder's grandparent).
+    owner = folder.parent.parent.stat()
+    for path in (folder.parent, folder, key_path, cert_path):
+        with contextlib.suppress(PermissionError):
+            os.chown(path, owner.st_uid, owner.st_gid)
     return cert_path, key_path
 
 
