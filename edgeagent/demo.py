@@ -33,6 +33,7 @@ from rich.console import Console
 from edgeagent.app import Daemon
 from edgeagent.capabilities import Config
 from edgeagent.drivers import sim as sim_package
+from edgeagent.drivers.camera.rules.plate_list import PlateList, plates_path
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
 from edgeagent.kernel.errors import UplinkError
@@ -91,7 +92,15 @@ class PrivateBroker:
             self.proc = None
 
 
-DEMO_CLIP = Path(sim_package.__file__).resolve().parent / "media" / "pedestrians.mp4"
+MEDIA = Path(sim_package.__file__).resolve().parent / "media"
+DEMO_CLIP = MEDIA / "pedestrians.mp4"
+# Synthetic scenes (tests/synth_scenes.py, see media/PROVENANCE.md): a resident's car then a visitor's at the
+# gate; a motorcycle (standing in for an e-bike) wheeled into a lift car.
+GATE_CLIP = MEDIA / "gate.mp4"
+LIFT_CLIP = MEDIA / "lift.mp4"
+RESIDENT_PLATE = "京AF0236"
+GATE_LANE = [[0.1, 0.45], [0.9, 0.45], [0.95, 1.0], [0.05, 1.0]]
+LIFT_FLOOR = [[0.05, 0.55], [0.8, 0.55], [0.8, 1.0], [0.05, 1.0]]
 
 
 def demo_config_data(workdir: Path, broker: str | None, public_key: Path, modbus_port: int,
@@ -115,7 +124,8 @@ def demo_config_data(workdir: Path, broker: str | None, public_key: Path, modbus
             {"type": "modbus.gate", "id": "car-gate", "bus": "lan", "unit_id": 1, "poll_interval_s": 0.25},
             {"type": "modbus.charger", "id": "shed-a-charger", "bus": "lan", "unit_id": 2, "poll_interval_s": 0.5},
             {"type": "modbus.relay", "id": "guard-io", "bus": "lan", "unit_id": 3,
-             "channels": {"1": "siren", "2": "strobe"}, "poll_interval_s": 1},
+             "channels": {"1": "siren", "2": "strobe", "3": "lift2_door_hold", "4": "lift2_voice"},
+             "poll_interval_s": 1},
             # A camera over the campus path, playing a real pedestrian clip through the whole pipeline
             # (motion gating, the shared detector, tracking): people entering the lawn zone and crossing
             # the path's middle line, each an event with a snapshot kept on the box.
@@ -126,6 +136,19 @@ def demo_config_data(workdir: Path, broker: str | None, public_key: Path, modbus
                         "classes": ["person"], "loiter_s": 20}],
              "lines": [{"name": "middle", "a": [0.05, 0.55], "b": [0.95, 0.55], "a_to_b": "south",
                         "b_to_a": "north", "classes": ["person"]}]},
+            # The car gate's camera: plates read and voted per vehicle; a resident's opens the Modbus gate,
+            # a visitor's is a gate.visitor event for the guard room.
+            {"type": "camera", "id": "cam-gate", "name": "Car gate", "rtsp": {"detect_url": GATE_CLIP.as_uri()},
+             "detect": {"fps": 5, "classes": ["car"], "min_score": 0.3, "objects_events": False},
+             "snapshots_from": "detect", "zones": [{"name": "lane", "points": GATE_LANE}],
+             "gate": {"zone": "lane", "open": "car-gate"}},
+            # A lift car's camera: an e-bike wheeled in holds the doors and starts the voice message (relay
+            # channels 3 and 4 of the guard room's module) and raises an alarm until it is wheeled out.
+            {"type": "camera", "id": "cam-lift2", "name": "Building 3 lift 2",
+             "rtsp": {"detect_url": LIFT_CLIP.as_uri()},
+             "detect": {"fps": 5, "classes": ["person"], "objects_events": False}, "snapshots_from": "detect",
+             "zones": [{"name": "car", "points": LIFT_FLOOR}],
+             "ebike_lift": {"zone": "car", "door_hold": "lift2_door_hold", "announce": "lift2_voice"}},
         ],
         "modbus": {"buses": {"lan": {"kind": "tcp", "host": "127.0.0.1", "port": modbus_port}}},
     }
@@ -317,6 +340,9 @@ async def _demo(console: Console, work: Path, seconds: float, broker: str | None
     data = demo_config_data(work, broker, pub, modbus.port, local)
     config_file = work / "edgeagent.yaml"
     config_file.write_text(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())  # JSON is YAML too
+    # The residents' plate list (what `edgeagent plates add` writes): one resident's car.
+    with PlateList(plates_path(Path(data["state_dir"]))) as plates:
+        plates.add(RESIDENT_PLATE, ref="3-1-502", reason="resident")
     daemon = Daemon(Config.model_validate(data))
     bands = Wristbands(local) if local is not None else None
     accepted: Counter[str] = Counter()
@@ -384,15 +410,26 @@ async def _script(console: Console, platform: Platform | None, modbus: ModbusDem
     """What happens in the compound during the demo, at fixed times from the start."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    steps: list[tuple[float, str]] = [(2, "car"), (4, "ping"), (5, "heat"), (8, "sos"), (9, "fall"), (11, "ack")]
+    steps: list[tuple[float, str]] = [(0, "cameras"), (2, "car"), (4, "ping"), (5, "heat"), (8, "sos"), (9, "fall"),
+                                      (11, "ack")]
     heat: asyncio.Task[None] | None = None
+    door = False
     try:
         while loop.time() - start < seconds:
             await asyncio.sleep(min(0.25, max(0.0, seconds - (loop.time() - start))))
+            if bool(modbus.sim[3].get("ch3_relay")) != door:
+                door = not door
+                what = "ON: the doors are held open, the voice message plays" if door else "off: the doors may close"
+                console.print(f"  [bold yellow]lift 2[/] → door hold relay {what}")
             while steps and loop.time() - start >= steps[0][0]:
                 _, step = steps.pop(0)
-                if step == "car":
-                    console.print("  [bold yellow]car gate[/] → a visitor's car stops at the gate")
+                if step == "cameras":
+                    console.print("  [bold yellow]car gate camera[/] → a resident's car (京A·F0236, in the plate list) "
+                                  "drives up, then a visitor's (苏E·5A2B8)")
+                    console.print("  [bold yellow]lift 2 camera[/] → someone wheels an e-bike into the lift car")
+                elif step == "car":
+                    console.print("  [bold yellow]car gate[/] → a visitor called the guard room, which opens the gate "
+                                  "remotely (through the platform)")
                     modbus.sim[1].set("vehicle_present", True)
                     if platform is not None:
                         cmd_id, _ = await platform.send("gate.open", {"device_id": "car-gate", "reason": "visitor"})
@@ -426,7 +463,7 @@ async def _ack_from_cli(console: Console, config_file: Path, daemon: Daemon, mod
     siren = "on" if modbus.sim[3].get("ch1_relay") else "off"
     console.print(f"  [bold yellow]guard room[/] → siren is {siren}; guard Li acknowledges from the CLI")
     for alarm in daemon.alarms.engine.active():
-        if alarm.acknowledged:
+        if alarm.acknowledged or alarm.kind == "ebike_in_lift":  # the lift lets go by itself as the bike leaves
             continue
         cmd = [sys.executable, "-m", "edgeagent", "alarms", "ack", alarm.id, "--by", "guard Li",
                "--config", str(config_file)]

@@ -24,6 +24,13 @@ def test_demo_with_its_private_broker_shows_events_and_commands() -> None:
     assert re.search(r"gate\.commanded\s+car-gate\s+command=open reason=visitor by=platform via=cloud "
                      r"outcome=executed", out), out[-3000:]
     assert "gate.opened" in out
+    # The car gate's camera: the resident's plate opens the gate by itself; the visitor's is announced.
+    assert re.search(r"gate\.commanded\s+car-gate\s+command=open reason=plate_match by=rule:plate:cam-gate#\d+ "
+                     r"via=local outcome=executed", out), out[-3000:]
+    assert re.search(r"gate\.visitor\s+cam-gate\s+plate=苏E5A2B8 .*reason=not_in_list", out), out[-3000:]
+    # The lift's camera: the e-bike holds the door (relay) and raises an alarm about the lift car.
+    assert re.search(r"alarm\.raised\s+cam-lift2\s+alarm_id=\w+ kind=ebike_in_lift", out)
+    assert "lift 2 → door hold relay ON" in out
     assert re.search(r"alarm\s+charger\.port\.cutoff\s+shed-a-charger\s+port=3 reason=over_temperature", out)
     # Wristbands: an SOS (pressed three times: one alarm) and a fall sound the siren; the guard
     # acknowledges both from the CLI and the siren goes off.

@@ -103,6 +103,7 @@ def inside(points: Sequence[tuple[float, float]], box: Box, w: int, h: int) -> b
 class _TrackState:
     last_read_s: float = -1e9
     reading: bool = False
+    decided: bool = False  # its decision is taken: no more reads
     ended: bool = False
     image: np.ndarray | None = None  # the frame of the last read, for the decision's snapshot
     box: Box = (0.0, 0.0, 0.0, 0.0)
@@ -154,7 +155,9 @@ class GateRunner:
                 st = self._tracks[t.id] = _TrackState()
                 self._op("start", t.id, now)
             st.box, st.label, st.score = t.box, t.label, float(t.score)
-            if st.reading or now - st.last_read_s < self.rule.read_every_s or not t.matched:
+            # Every tick, matched or not: the pipeline re-detects a car waiting at the barrier only every few
+            # seconds, and its last box is where it stands (a box a little off still holds the plate).
+            if st.decided or st.reading or now - st.last_read_s < self.rule.read_every_s:
                 continue
             if self._in_flight >= MAX_READS_IN_FLIGHT:
                 self.counts["reads_deferred"] += 1
@@ -251,7 +254,10 @@ class GateRunner:
                 else:
                     decisions = await asyncio.to_thread(gate.end, track_id, now, at)
                 for d in decisions:
-                    self._spawn(self._act(d, self._tracks.get(d.track_id)))
+                    st = self._tracks.get(d.track_id)
+                    if st is not None:
+                        st.decided = True
+                    self._spawn(self._act(d, st))
                 if kind == "end":
                     st = self._tracks.get(track_id)
                     if st is not None and st.ended and not st.reading:
