@@ -114,3 +114,34 @@ async def test_an_expired_entry_does_not_open(tmp_path: Path, barrier: Barrier, 
             visitor = run.of("gate.visitor", "gate-cam")[0].data
             assert visitor["plate"] == RESIDENT and visitor["reason"] == "entry_expired"
             assert OPEN not in barrier[1].writes and not run.of("gate.commanded")
+
+
+def _check(cam: dict[str, Any], *extra: dict[str, Any]) -> list[str]:
+    cfg = Config.model_validate({
+        "version": 1, "site_id": "s", "gateway_id": "g", "state_dir": "/tmp/unused",
+        "modbus": {"buses": {"lan": {"kind": "tcp", "host": "127.0.0.1", "port": 502}}},
+        "devices": [{"type": "camera", "id": "cam", "rtsp": {"detect_url": "file:///clip.mp4"},
+                     "zones": [{"name": "lane", "points": [[0, 0], [1, 0], [1, 1]]}], **cam}, *extra]})
+    return [f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in cfg.cross_checks()]
+
+
+def test_rule_config_names_what_is_wrong() -> None:
+    relay = {"type": "modbus.relay", "id": "lift-io", "bus": "lan", "unit_id": 3, "channels": {1: "door_hold"}}
+    gate = {"type": "modbus.gate", "id": "car-gate", "bus": "lan", "unit_id": 1}
+    assert _check({"gate": {"zone": "lane", "open": "car-gate"}}, gate) == []
+    assert _check({"gate": {"zone": "lane", "open": "lift-io.door_hold"}}, relay) == []  # an output opens it
+    (issue,) = _check({"gate": {"zone": "lane", "open": "north-gate"}}, gate)
+    assert issue.startswith("devices.0.gate.open: 'north-gate' is neither a Modbus gate (gates: car-gate)")
+    (issue,) = _check({"gate": {"zone": "lane", "open": "car-gate", "second_opinion": "no-such-ocr"}}, gate)
+    assert "devices.0.gate.second_opinion: no model manifest 'no-such-ocr'" in issue
+    (issue,) = _check({"ebike_lift": {"zone": "lane", "door_hold": "door_hld"}}, relay)
+    assert issue.startswith("devices.0.ebike_lift.door_hold: no output 'door_hld'") and "lift-io.door_hold" in issue
+    with pytest.raises(ValueError, match=r"gate\.zone: no zone 'gate-lane' on this camera \(zones: lane\)"):
+        _check({"gate": {"zone": "gate-lane", "open": "car-gate"}}, gate)
+    # the classes a rule needs are tracked even when detect.classes leaves them out
+    cfg = Config.model_validate({
+        "version": 1, "site_id": "s", "gateway_id": "g", "state_dir": "/tmp/unused",
+        "devices": [{"type": "camera", "id": "cam", "rtsp": {"detect_url": "file:///clip.mp4"},
+                     "detect": {"classes": ["person"]}, "zones": [{"name": "car", "points": [[0, 0], [1, 0], [1, 1]]}],
+                     "ebike_lift": {"zone": "car", "door_hold": "x"}}]})
+    assert cfg.devices[0].detect.classes == ["person", "bicycle", "motorcycle"]  # type: ignore[attr-defined]

@@ -7,13 +7,13 @@ Heavy libraries (onnxruntime, PyAV, onvif) load only when the capability is buil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeagent.drivers.camera.config import CameraDevice, CamerasConfig
 from edgeagent.drivers.camera.rules.alarm_kinds import CAMERA_RULE_ALARM_KINDS
-from edgeagent.drivers.camera.rules.ebike_runner import EBIKE_ALARM_KIND
+from edgeagent.kernel.alarms.kinds import AlarmKindSpec, KindPolicy
 from edgeagent.kernel.capability import Capability, CapabilityContext, CapabilitySpec, DoctorCheck
 from edgeagent.kernel.config.schema import CoreConfig, DeviceBase, Issue
 
@@ -64,6 +64,7 @@ def _cross_checks(section: CamerasConfig | None, devices: Sequence[DeviceBase], 
                 if cls not in labels:
                     issues.append((("devices", i, "detect", "classes", j),
                                    f"the detector does not know {cls!r}"))
+        issues += _rule_checks(i, cam, cfg, manifests, labels)
         named: list[tuple[str, int, list[str] | None]] = [("zones", j, z.classes) for j, z in enumerate(cam.zones)]
         named += [("lines", j, ln.classes) for j, ln in enumerate(cam.lines)]
         for kind, j, item_classes in named:
@@ -71,6 +72,49 @@ def _cross_checks(section: CamerasConfig | None, devices: Sequence[DeviceBase], 
                 if cls not in cam.detect.classes:
                     issues.append((("devices", i, kind, j, "classes"),
                                    f"{cls!r} is not among this camera's detect.classes, so it is never tracked"))
+    return issues
+
+
+def known_outputs(cfg: CoreConfig) -> set[str]:
+    """The named outputs the config makes: Modbus relay channels (bare and '<device>.<name>'), cameras' relays."""
+    names: set[str] = set()
+    for dev in cfg.devices:
+        if getattr(dev, "type", "") == "modbus.relay":
+            for name in getattr(dev, "channels", {}).values():
+                names |= {name, f"{dev.id}.{name}"}
+        elif isinstance(dev, CameraDevice) and dev.onvif is not None:
+            names |= {f"{dev.id}.{name}" for name in dev.onvif.relays}
+    return names
+
+
+def _rule_checks(i: int, cam: CameraDevice, cfg: CoreConfig, manifests: Mapping[str, Any],
+                 labels: set[str]) -> list[Issue]:
+    """The car gate's and the e-bike rule's references: what opens the gate, the outputs, the models, the
+    site's e-bike class."""
+    issues: list[Issue] = []
+    outputs = known_outputs(cfg)
+    gates = {d.id for d in cfg.devices if getattr(d, "type", "") == "modbus.gate"}
+    if cam.gate is not None:
+        g = cam.gate
+        if g.open not in gates and g.open not in outputs:
+            issues.append((("devices", i, "gate", "open"),
+                           f"{g.open!r} is neither a Modbus gate (gates: {', '.join(sorted(gates)) or 'none'}) "
+                           f"nor a named output (outputs: {', '.join(sorted(outputs)) or 'none'})"))
+        for key, model in (("plate_detector", g.plate_detector), ("plate_reader", g.plate_reader),
+                           ("second_opinion", g.second_opinion)):
+            if model is not None and model not in manifests:
+                issues.append((("devices", i, "gate", key),
+                               f"no model manifest {model!r} (known: {', '.join(sorted(manifests))})"))
+    if cam.ebike_lift is not None:
+        e = cam.ebike_lift
+        for key, name in (("door_hold", e.door_hold), ("announce", e.announce)):
+            if name is not None and name not in outputs:
+                issues.append((("devices", i, "ebike_lift", key),
+                               f"no output {name!r} (a Modbus relay channel's name, or a camera relay "
+                               f"'<camera>.<name>'; outputs: {', '.join(sorted(outputs)) or 'none'})"))
+        if e.site_class and labels and e.site_class not in labels:
+            issues.append((("devices", i, "ebike_lift", "site_class"),
+                           f"the detector does not know {e.site_class!r}: set detect.model to the site's model"))
     return issues
 
 
@@ -87,6 +131,12 @@ def _doctor(section: CamerasConfig | None, cfg: CoreConfig) -> list[DoctorCheck]
         return [DoctorCheck("cameras", "skip", "no cameras configured")]
     return doctor_checks(section or CamerasConfig(), cams)
 
+
+# The e-bike lift rule's alarm (drivers/camera/rules/ebike_runner.py). High, not critical: nobody is hurt yet,
+# and the door hold and the announcement act on their own; the guard room is told at once and again every
+# minute until someone acknowledges, the main ladder's next level after 3 minutes.
+EBIKE_ALARM_KIND = AlarmKindSpec("ebike_in_lift", "E-bike in a lift car (camera)",
+                                 KindPolicy("high", repeat_s=60, escalate_after_s=(180,)), subject="place")
 
 SPEC: CapabilitySpec[CamerasConfig] = CapabilitySpec(
     name="cameras", build=_build, section="cameras", section_model=CamerasConfig, optional=True,

@@ -49,19 +49,13 @@ from edgeagent.drivers.camera.rules.ebike import (
     ResolveAlarm,
 )
 from edgeagent.drivers.camera.tracker import Track
-from edgeagent.kernel.alarms.kinds import AlarmKindSpec, KindPolicy
 from edgeagent.kernel.pipeline.events import Attachment
 from edgeagent.kernel.runtime.outputs import Outputs
 from edgeagent.models.types import Detection
 
 log = logging.getLogger(__name__)
 
-ALARM_KIND: Final = "ebike_in_lift"
-# Declared in the camera capability's spec. High, not critical: nobody is hurt yet, and the door hold and the
-# announcement act on their own; the guard room is told at once and again every minute until someone
-# acknowledges, and the main ladder's next level after 3 minutes.
-EBIKE_ALARM_KIND: Final = AlarmKindSpec(ALARM_KIND, "E-bike in a lift car (camera)",
-                                        KindPolicy("high", repeat_s=60, escalate_after_s=(180,)), subject="place")
+ALARM_KIND: Final = "ebike_in_lift"  # declared in the camera capability's spec (EBIKE_ALARM_KIND)
 MAX_ALARM_OPS: Final = 32
 IDLE_TICK_S: Final = 1.0
 
@@ -135,7 +129,7 @@ class EbikeRunner:
                 self.counts["holds" if a.on else "releases"] += 1
                 self._switch(self.rule.door_hold, a.on)
                 if a.on:
-                    log.warning("%s: e-bike in the lift car: door held, announcing", self.cam.id)
+                    log.info("%s: e-bike in the lift car: door held, announcing", self.cam.id)
                 else:
                     log.info("%s: door hold released (%s)", self.cam.id, a.reason)
             elif isinstance(a, Announce):
