@@ -341,6 +341,7 @@ class RecordingSource:
         self._rec = rec
         self._recording = recording
         self.analyzers = source.analyzers  # the pipeline's motion runs in the reader thread, as in the daemon
+        self.set_idle = source.set_idle  # and it makes the source decode keyframes only in a quiet scene
 
     async def frames(self, *, newest: bool = False) -> AsyncIterator[Frame]:
         async for frame in self._source.frames(newest=newest):

@@ -2,14 +2,16 @@
 clip, frame by frame with the clip's own clock: which ticks run the detector, and what becomes of the tracks.
 
 The clip is run once per module (a real engine, NanoDet on CPU): its first 40 s at the detection rate (5 fps,
-every other frame), then 20 s of the scene's empty background (the median of the clip's frames); and the same
+every other frame), then 20 s of the scene's empty background (the median of the clip's frames), then the clip's
+first 2 s again; and the same
 40 s through the naive loop (the whole frame to the detector at every tick, the same tracker), the reference
 for the person tracks the pipeline must find."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import itertools
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 
 from edgeagent.drivers.camera.config import CameraDevice
-from edgeagent.drivers.camera.pipeline import CameraPipeline, keep_detections
+from edgeagent.drivers.camera.pipeline import IDLE_AFTER_S, CameraPipeline, keep_detections
 from edgeagent.drivers.camera.tracker import Tracker
 from edgeagent.models.engine import InferenceEngine
 from edgeagent.models.manifest import load_manifests
@@ -30,6 +32,7 @@ CLIP_FPS = 10.0
 DETECT_FPS = 5.0
 CLIP_S = 40.0
 EMPTY_S = 20.0
+AGAIN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class ClipRun:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     telemetry: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    idle_calls: list[tuple[str, int, bool]] = field(default_factory=list)  # (phase, tick, idle)
+    first_again: int = 0
+    telemetry_after_empty: int = 0
 
 
 def clip_frames(seconds: float) -> Iterator[np.ndarray]:
@@ -93,39 +99,61 @@ def camera() -> CameraDevice:
         "zones": [{"name": "path", "points": [[0.0, 0.4], [1.0, 0.4], [1.0, 1.0], [0.0, 1.0]]}]})
 
 
+class ClipSource:
+    """The clip's first CLIP_S, then EMPTY_S of the empty scene, then AGAIN_S of the clip, at the detection rate
+    with the clip's own clock; records each tick's tracks and the pipeline's idle requests."""
+
+    def __init__(self, out: ClipRun, clock: list[float], empty: np.ndarray, sink: RecordingSink) -> None:
+        self.out, self.clock, self.empty, self.sink = out, clock, empty, sink
+        self.pipe: CameraPipeline | None = None
+        self.seq = 0
+        self.phase = ""
+
+    def set_idle(self, idle: bool) -> None:
+        self.out.idle_calls.append((self.phase, self.seq, idle))
+
+    async def frames(self, *, newest: bool = False) -> AsyncIterator[ClipFrame]:
+        out, pipe = self.out, self.pipe
+        assert pipe is not None
+        phases = [("clip", clip_frames(CLIP_S)), ("empty", itertools.repeat(self.empty, round(EMPTY_S * DETECT_FPS))),
+                  ("again", clip_frames(AGAIN_S))]
+        for phase, images in phases:
+            self.phase = phase
+            if phase == "again":
+                out.first_again = self.seq + 1
+            for image in images:
+                self.seq += 1
+                self.clock[0] = self.seq / DETECT_FPS
+                yield ClipFrame(image, self.seq, self.clock[0])
+                if phase == "clip":
+                    out.states_max = max(out.states_max, len(pipe._tracker))
+                    out.person_ids.update(t.id for t in pipe.tracks if t.label == "person")
+                    out.per_tick.append([(t.id, t.box) for t in pipe.tracks if t.label == "person"])
+            if phase == "clip":
+                out.clip_ticks = pipe.stats.ticks
+                out.clip_runs = pipe.stats.detector_runs
+            elif phase == "empty":
+                out.tracks_after_empty = list(pipe.tracks)
+                out.end_s = self.clock[0]
+                out.states_after_empty = len(pipe._tracker)
+                out.telemetry_after_empty = len(self.sink.telemetry)
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
 async def run_clip() -> ClipRun:
     out = ClipRun()
     clock = [0.0]
     sink = RecordingSink()
-    empty = background()
+    source = ClipSource(out, clock, background(), sink)
     async with InferenceEngine(load_manifests(), threads=2) as engine:
         pipe = CameraPipeline(camera(), detector=engine, model="nanodet", input_size=416,
                               sink=sink, evidence=None, clock=lambda: clock[0])  # type: ignore[arg-type]
-        seq = 0
-
-        async def tick(image: np.ndarray) -> None:
-            nonlocal seq
-            seq += 1
-            clock[0] = seq / DETECT_FPS
-            await pipe.process(ClipFrame(image, seq, clock[0]))
-            out.states_max = max(out.states_max, len(pipe._tracker))
-            out.person_ids.update(t.id for t in pipe.tracks if t.label == "person")
-            out.per_tick.append([(t.id, t.box) for t in pipe.tracks if t.label == "person"])
-
-        for image in clip_frames(CLIP_S):
-            await tick(image)
-        out.clip_ticks = pipe.stats.ticks
-        out.clip_runs = pipe.stats.detector_runs
-        for _ in range(round(EMPTY_S * DETECT_FPS)):
-            await tick(empty)
+        source.pipe = pipe
+        await pipe.run(source)
         out.ticks = pipe.stats.ticks
-        out.tracks_after_empty = list(pipe.tracks)
-        out.end_s = clock[0]
-        out.states_after_empty = len(pipe._tracker)
         out.stats = pipe.stats.as_dict()
-        await asyncio.sleep(0)  # let the event tasks finish
-        while pipe._pending:
-            await asyncio.gather(*pipe._pending, return_exceptions=True)
         naive = Tracker()
         for k, image in enumerate(clip_frames(CLIP_S), start=1):
             raw = await engine.detect_regions("nanodet", image, [(0.0, 0.0, 768.0, 576.0)])
@@ -150,7 +178,8 @@ def test_tracks_that_leave_the_frame_end_and_the_empty_scene_holds_none(clip_run
     assert all(0 <= t.centre[0] <= 768 and 0 <= t.centre[1] <= 576 for t in left), left
     assert clip_run.states_after_empty == len(left)
     # ... and the zone's occupancy falls back to those with them.
-    occupancy = [d["counts"] for name, d in clip_run.telemetry if name == "camera.zone.occupancy"]
+    occupancy = [d["counts"] for name, d in clip_run.telemetry[:clip_run.telemetry_after_empty]
+                 if name == "camera.zone.occupancy"]
     assert occupancy and sum(occupancy[-1].values()) <= len(left), (occupancy[-3:], left)
 
 
@@ -216,3 +245,13 @@ def test_a_person_needs_a_higher_score_than_the_cones_and_stones_of_the_empty_sc
     assert [d for d in keep_detections(cam, empty, 768, 576) if d.label == "person"] == []
     kept = [d for d in keep_detections(cam, walkers, 768, 576) if d.label == "person"]
     assert len(kept) >= 3 and kept == [d for d in keep_detections(no_floor, walkers, 768, 576) if d.score >= 0.5]
+
+
+def test_a_quiet_scene_idles_the_source_and_the_first_motion_wakes_it(clip_run: ClipRun) -> None:
+    # Keyframes only after IDLE_AFTER_S with nothing moving and no track (during the empty scene, once the
+    # last tracks ended), full decoding again at the first tick where the walkers are back.
+    idle_on = [(phase, tick) for phase, tick, idle in clip_run.idle_calls if idle]
+    idle_off = [(phase, tick) for phase, tick, idle in clip_run.idle_calls if not idle]
+    assert [p for p, _ in idle_on] == ["empty"] and clip_run.stats["idle_spells"] == 1, clip_run.idle_calls
+    assert idle_on[0][1] >= clip_run.clip_ticks + IDLE_AFTER_S * DETECT_FPS
+    assert idle_off == [("again", clip_run.first_again)], clip_run.idle_calls

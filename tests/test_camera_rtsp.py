@@ -603,3 +603,27 @@ async def test_the_pipeline_gates_on_the_luma_in_the_reader_and_converts_only_fo
     attempted = st.detector_runs + st.skipped_busy + st.skipped_error
     # BGR only for the frames the detector ran on (the last may still be in flight at cancel).
     assert attempted <= sum(f.image_ready for f in seen) <= attempted + 1
+
+
+async def test_idle_decodes_keyframes_only_and_resumes_mid_gop_at_once(server: RtspServer) -> None:
+    async with RtspSource(server.url, name="cam0", decode_fps=5, **FAST) as src:
+        it = src.frames().__aiter__()
+        await asyncio.wait_for(it.__anext__(), 20)
+        src.set_idle(True)
+        idle = [await asyncio.wait_for(it.__anext__(), 5) for _ in range(5)]
+        st = src.stats()
+        assert st["idle"] and st["idle_spells"] == 1 and st["idle_skipped"] > 0
+        # One picture per GOP (the clip's GOP is 10 frames at 10 fps): the last ones are a second apart.
+        pts = [f.pts_s for f in idle[-3:]]
+        assert all(p is not None for p in pts)
+        assert [b - a for a, b in itertools.pairwise(pts)] == [pytest.approx(1.0, abs=0.05)] * 2  # type: ignore[operator]
+        src.set_idle(False)
+        after = [await asyncio.wait_for(it.__anext__(), 5) for _ in range(6)]
+        # Back at the detection rate at once: the first frame comes from the same GOP (its packets so far were
+        # decoded in one burst), not a second later at the next keyframe.
+        first, last_idle = after[0].pts_s, idle[-1].pts_s
+        assert first is not None and last_idle is not None and first - last_idle < 0.95
+        gaps = [b.pts_s - a.pts_s for a, b in itertools.pairwise(after[-4:])]  # type: ignore[operator]
+        assert gaps == [pytest.approx(0.2, abs=0.05)] * 3
+        assert not src.stats()["idle"]
+        await it.aclose()

@@ -119,6 +119,18 @@ class MotionDetector:
         self._background = None
 
     @property
+    def alpha(self) -> float:
+        """The background's learning rate per update; a caller whose frames come further apart (keyframes only)
+        raises it so that the background follows the same slow changes per second."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {value}")
+        self._alpha = value
+
+    @property
     def small_size(self) -> tuple[int, int]:
         """``(width, height)`` of the grey image :meth:`update_gray_small` expects."""
         return self._small_w, self._small_h

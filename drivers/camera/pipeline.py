@@ -59,6 +59,11 @@ LATENCY_WINDOW = 512
 # skipped: the next frame is already waiting, an answer about this one would only make events late.
 STALE_AFTER_S = 0.3
 MOTION_THRESHOLD = 25  # grey levels (MotionDetector's default), full range
+MOTION_ALPHA = 0.1  # the background's learning rate per detection tick (MotionDetector's default)
+# After this long with nothing moving and no track, the source decodes keyframes only (RtspSource.set_idle):
+# decoding every frame is most of a quiet camera's cost. The first motion ends it; what appears while idle is
+# seen at the next keyframe (up to one GOP later: 1-2 s on most cameras).
+IDLE_AFTER_S = 5.0
 MOTION_KEPT = 8  # motion results waiting for their frame's tick (older ones: the frame was dropped)
 
 
@@ -108,6 +113,7 @@ class PipelineStats:
     clips: int = 0
     clips_skipped: int = 0
     observer_errors: int = 0
+    idle_spells: int = 0  # times the source was asked to decode keyframes only (a quiet scene)
     motion_here: int = 0  # ticks whose motion was computed by process (the source did not analyze the frame)
     detector_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     frame_to_event_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
@@ -123,7 +129,7 @@ class PipelineStats:
             "quiet_ticks": self.quiet_ticks, "events": self.events, "events_failed": self.events_failed,
             "snapshots": self.snapshots, "snapshots_skipped": self.snapshots_skipped,
             "clips": self.clips, "clips_skipped": self.clips_skipped, "observer_errors": self.observer_errors,
-            "motion_here": self.motion_here,
+            "motion_here": self.motion_here, "idle_spells": self.idle_spells,
             "detector_ms_p50": pct(self.detector_ms, 50), "detector_ms_p99": pct(self.detector_ms, 99),
             "frame_to_event_ms_p99": pct(self.frame_to_event_ms, 99),
         }
@@ -186,6 +192,10 @@ class CameraPipeline:
         self._motion_calc_lock = threading.Lock()  # the detector (reader thread, or process' fallback)
         self._motion_done: dict[int, list[Box]] = {}  # frame seq -> motion boxes, from analyze()
         self._frame_size: tuple[int, int] | None = None
+        self._motion_last_s: float | None = None
+        self._set_idle: Callable[[bool], None] | None = None
+        self._idle = False
+        self._quiet_since: float | None = None
         self._last_snapshot_s = -1e9
         self._last_full_s = -1e9
         self._last_run_s = -1e9  # the detector's last run on this camera, and its regions
@@ -217,6 +227,7 @@ class CameraPipeline:
         analyzers: list[Callable[[Any], None]] | None = getattr(source, "analyzers", None)
         if analyzers is not None:
             analyzers.append(self.analyze)
+        self._set_idle = getattr(source, "set_idle", None)
         try:
             # The newest frame each time (older queued ones dropped, counted by the source): a tick acts on
             # the present, and under load the older of two queued frames is a tick (200 ms) older.
@@ -225,6 +236,9 @@ class CameraPipeline:
         finally:
             if analyzers is not None and self.analyze in analyzers:
                 analyzers.remove(self.analyze)
+            if self._set_idle is not None and self._idle:
+                self._set_idle(False)
+            self._set_idle, self._idle = None, False
             for task in list(self._pending):
                 task.cancel()
             if self._pending:
@@ -248,9 +262,16 @@ class CameraPipeline:
             if self._motion is None or self._motion_key != key:
                 # Video-range luma (16-235) shows a change of 25 grey levels as about 21.
                 threshold = round(MOTION_THRESHOLD * 219 / 255) if key[2] else MOTION_THRESHOLD
-                self._motion = MotionDetector(w, h, threshold=threshold)
+                self._motion = MotionDetector(w, h, threshold=threshold, alpha=MOTION_ALPHA)
                 self._motion_key = key
             motion = self._motion
+            # Frames further apart than a tick (keyframes only, while idle): the background learns as much
+            # per second as at the detection rate, so a slow lighting change stays below the threshold.
+            t = frame.mono_s
+            dt = t - self._motion_last_s if self._motion_last_s is not None else 0.0
+            self._motion_last_s = t
+            ticks = dt * self.cam.detect.fps
+            motion.alpha = 1.0 - (1.0 - MOTION_ALPHA) ** ticks if ticks > 1.5 else MOTION_ALPHA
             return motion.update(gray if gray is not None else frame.image)
 
     async def process(self, frame: FrameLike) -> list[RuleHit]:
@@ -314,6 +335,7 @@ class CameraPipeline:
             self.stats.quiet_ticks += 1
         update = self._tracker.update(detections, now, covered=regions, frame_size=(w, h))
         self.tracks = list(update.tracks)
+        self._idle_check(bool(moving) or len(self._tracker) > 0, now)
         self.stats.last_detections = detections
         self.stats.last_tick_mono_s = now
         hits = self._rules.update(self.tracks, w, h, now, ended=update.ended)
@@ -329,6 +351,20 @@ class CameraPipeline:
                 self.stats.observer_errors += 1
                 log.exception("%s: %s failed on a tick", self.cam.id, type(observer).__name__)
         return hits
+
+    def _idle_check(self, busy: bool, now: float) -> None:
+        """Keyframes only after IDLE_AFTER_S with nothing moving and no track; full decoding at the first
+        motion (or track)."""
+        if busy:
+            self._quiet_since = None
+        elif self._quiet_since is None:
+            self._quiet_since = now
+        idle = self._quiet_since is not None and now - self._quiet_since >= IDLE_AFTER_S
+        if idle != self._idle and self._set_idle is not None:
+            self._set_idle(idle)
+            self._idle = idle
+            if idle:
+                self.stats.idle_spells += 1
 
     def _filter(self, raw: Sequence[Detection], w: int, h: int) -> list[Detection]:
         return keep_detections(self.cam, raw, w, h)

@@ -59,7 +59,10 @@ Policies:
   predecessors; a camera stream rarely has the non-reference B-frames whose decoding ``skip_frame='NONREF'``
   skips, which is set when ``decode_fps`` is lower than the stream's), but only frames needed for
   ``decode_fps`` are converted to BGR arrays; the rest are counted as skipped. ``keyframes_only`` sends only
-  keyframes to the decoder: decoding itself is skipped, at one frame per GOP.
+  keyframes to the decoder: decoding itself is skipped, at one frame per GOP. ``set_idle(True)`` does the same
+  for a while (the pipeline's quiet scene: decoding every frame is most of its cost); ``set_idle(False)``
+  resumes at once, mid-GOP too: the packets since the keyframe (kept, up to ``GOP_KEEP_MAX``) are decoded in
+  one burst, so the next frame handed out is the current one.
 * **Full-rate grey taps** (``luma_tap()``, see :mod:`edgeagent.drivers.camera.luma`): every decoded frame's
   luma inside a region, for a consumer that needs the full rate; registering one turns off the ``NONREF`` skip.
 * **Errors never crash the reader.** Decoder errors are counted and the packet skipped (FFmpeg's H.264
@@ -112,6 +115,7 @@ RTSP_OPTIONS: Final[Mapping[str, str]] = {
 LIVE_EDGE_WAIT_S: Final = 0.02  # a read that waited this long found no buffered data: we are live
 FPS_WINDOW_S: Final = 5.0
 HOUR_S: Final = 3600.0
+GOP_KEEP_MAX: Final = 300  # packets of the current GOP kept to resume decoding after an idle spell
 SIZE_CHANGE_AFTER: Final = 10  # frames in a row of another picture size: a real change, not damage
 
 StateCallback = Callable[[bool, str], None]
@@ -398,6 +402,10 @@ class RtspSource:
         # luma plane, off the loop). Must be quick; an exception is logged once and counted.
         self.analyzers: list[Callable[[Frame], None]] = []
         self.analyzer_errors = 0
+        self._idle = False  # set_idle(): decode only keyframes until something moves
+        self.idle_spells = 0
+        self.idle_skipped = 0  # packets not decoded while idle
+        self.idle_caught_up = 0  # packets decoded after an idle spell to resume mid-GOP
         scheme = urlsplit(url).scheme.lower()
         self._is_rtsp = scheme in ("rtsp", "rtsps")
         self._options = {**(RTSP_OPTIONS if self._is_rtsp else {}), **(options or {})}
@@ -520,6 +528,13 @@ class RtspSource:
                 self._luma_taps.remove(tap)
         tap.close()
 
+    def set_idle(self, idle: bool) -> None:
+        """Idle: decode only keyframes (one picture per GOP) until called with False, for a consumer whose scene
+        is quiet (the detection pipeline). Leaving it mid-GOP decodes the GOP's packets so far at once, so the
+        next frame handed out is the current one. Ignored while a luma tap needs every frame; clips are not
+        affected (packets are always buffered)."""
+        self._idle = idle
+
     def packets_since(self, mono_s: float, until_mono_s: float | None = None) -> list[EncodedPacket]:
         """Encoded packets for a clip, from the keyframe at or before ``mono_s`` (see ``PacketBuffer.since``)."""
         return self.packets.since(mono_s, until_mono_s)
@@ -541,7 +556,8 @@ class RtspSource:
             "fps_in": round(fps_in, 2), "decoded": self.decoded, "delivered": self.delivered,
             "skipped": self.skipped, "dropped": self.dropped, "stale_flushed": self.stale_flushed,
             "decode_errors": self.decode_errors, "corrupt_frames": self.corrupt_frames,
-            "analyzer_errors": self.analyzer_errors,
+            "analyzer_errors": self.analyzer_errors, "idle": self._idle, "idle_spells": self.idle_spells,
+            "idle_skipped": self.idle_skipped, "idle_caught_up": self.idle_caught_up,
             "reconnects": self.reconnects,
             "reconnects_last_hour": len(hour), "freezes": self.freezes, "sessions": self.sessions,
             "open_s": None if self.open_s is None else round(self.open_s, 3),
@@ -719,6 +735,8 @@ class RtspSource:
         undecodable_after_s = self.freeze_after_s if not self.keyframes_only else max(self.freeze_after_s, 10.0)
         pace_anchor: tuple[float, float] | None = None  # (mono, pts_s) for files
         session_errors = 0
+        gop: list[av.Packet[Any]] | None = None
+        idling = False
 
         self._streaming_since = time.monotonic()
         demux = container.demux(stream)
@@ -769,16 +787,52 @@ class RtspSource:
                     self._call_on_loop(self._set_state, True, f"streaming, opened in {self.open_s:.2f} s")
                 continue
 
+            # The current GOP's packets, to catch up when an idle spell ends mid-GOP (bounded: a stream with
+            # a very long GOP waits for its next keyframe instead).
+            if packet.is_keyframe:
+                gop = [packet]
+            elif gop is not None and len(gop) < GOP_KEEP_MAX:
+                gop.append(packet)
+            else:
+                gop = None
+            idle = self._idle and not self.keyframes_only and not self._luma_taps
+            to_decode: list[av.Packet[Any]] = []
+            if self.keyframes_only or idle:
+                if idle and not idling:
+                    idling = True
+                    self.idle_spells += 1
+                if packet.is_keyframe:
+                    to_decode = [packet]
+                elif idle:
+                    self.idle_skipped += 1
+            elif idling and not packet.is_keyframe:
+                # Back from an idle spell mid-GOP: decode the packets since its keyframe (the decoder holds
+                # that keyframe) so that this packet decodes now, not at the next keyframe.
+                if gop is None:
+                    self.idle_skipped += 1  # the GOP was too long to keep: wait for the next keyframe
+                else:
+                    idling = False
+                    self.idle_caught_up += len(gop) - 2
+                    to_decode = gop[1:]
+            else:
+                idling = False
+                to_decode = [packet]
             frames: list[av.VideoFrame] = []
-            if not self.keyframes_only or packet.is_keyframe:
+            for k, pkt in enumerate(to_decode):
                 try:
-                    frames = ctx.decode(packet)
+                    out_frames = ctx.decode(pkt)
                 except av.error.FFmpegError as exc:
                     self.decode_errors += 1
                     session_errors += 1
                     level = logging.WARNING if session_errors == 1 else logging.DEBUG
                     log.log(level, "%s: decoder error (%s), packet skipped (%d this session)", self.name,
                             exc.strerror or type(exc).__name__, session_errors)
+                    continue
+                if k < len(to_decode) - 1:  # catching up: decoded for the reference, not handed out
+                    self.decoded += len(out_frames)
+                    self.skipped += len(out_frames)
+                    continue
+                frames = out_frames
             for frame in frames:
                 self.decoded += 1
                 if frame.is_corrupt:  # damage the decoder concealed: still a usable picture, counted
@@ -835,7 +889,7 @@ class RtspSource:
                 if not announced:
                     announced = True
                     self._call_on_loop(self._set_state, True, f"streaming, opened in {self.open_s:.2f} s")
-            if now - last_progress > undecodable_after_s:
+            if now - last_progress > (undecodable_after_s if not idling else max(self.freeze_after_s, 10.0)):
                 self.freezes += 1
                 raise _SessionEnd(f"frozen: packets but no decodable frame for {now - last_progress:.1f} s")
 
