@@ -94,6 +94,16 @@ def in_zones(box: Box, zones: Sequence[Sequence[tuple[float, float]]], w: int, h
     return False
 
 
+def _size(frame: FrameLike) -> tuple[int, int]:
+    """The frame's width and height without touching ``image`` on the loop where the frame can tell (a
+    source's frames may convert to BGR on first access)."""
+    w, h = getattr(frame, "width", None), getattr(frame, "height", None)
+    if isinstance(w, int) and isinstance(h, int):
+        return w, h
+    shape = frame.image.shape
+    return int(shape[1]), int(shape[0])
+
+
 def _crops(image: np.ndarray, boxes: Sequence[Box]) -> list[tuple[np.ndarray, pose_mod.PoseCrop]]:
     return [pose_mod.pose_crop(image, b) for b in boxes]
 
@@ -126,7 +136,7 @@ class FallObserver:
         if self._job is not None and not self._job.done():
             self.counts["ticks_busy"] += 1
             return
-        h, w = frame.image.shape[:2]
+        w, h = _size(frame)
         s = self.settings
         people = [t for t in tracks if t.confirmed and t.label == s.spec.person_label]
         wanted: list[Track] = []
@@ -145,7 +155,7 @@ class FallObserver:
     async def _pose_tick(self, frame: FrameLike, people: list[Track], wanted: list[Track], w: int, h: int,
                          now: float) -> None:
         try:
-            poses = await self._poses(frame.image, wanted)
+            poses = await self._poses(frame, wanted)
             events = self.rule.update(people, poses, w, h, now)
             ready = self.rule.windows_ready()
             if ready:
@@ -155,9 +165,9 @@ class FallObserver:
             self.counts["job_errors"] += 1
             log.exception("%s: fall reading failed", self.camera_id)
 
-    async def _poses(self, image: np.ndarray, wanted: list[Track]) -> dict[int, np.ndarray]:
+    async def _poses(self, frame: FrameLike, wanted: list[Track]) -> dict[int, np.ndarray]:
         boxes = [t.detection.box if t.matched else t.box for t in wanted]
-        crops = await asyncio.to_thread(_crops, image, boxes)
+        crops = await asyncio.to_thread(lambda: _crops(frame.image, boxes))
         self.counts["pose_requests"] += 1
         try:
             found = await self._engine.infer(self.settings.pose_model, [c for c, _ in crops], camera=self.camera_id)
@@ -214,8 +224,7 @@ class FallObserver:
                          ev.fallen_s)
 
     async def _raise(self, ev: FallConfirmed, frame: FrameLike) -> None:
-        image = frame.image
-        h, w = image.shape[:2]
+        w, h = _size(frame)
         x1, y1, x2, y2 = ev.box
         details: dict[str, Any] = {
             "track_id": ev.track_id, "fallen": round(ev.probs[2], 3),
@@ -225,6 +234,7 @@ class FallObserver:
         if self._evidence is not None:
             det = Detection(label="fallen", score=float(ev.probs[2]), box=ev.box, model=self.settings.head_model)
             try:
+                image = await asyncio.to_thread(lambda: frame.image)  # converted off the loop if not yet
                 attachments = (await self._evidence.save_snapshot(self.camera_id, image, [det]),)
             except Exception as exc:  # noqa: BLE001 - the alarm goes without its snapshot
                 details["snapshot"] = f"not kept: {type(exc).__name__}"

@@ -168,7 +168,9 @@ class ThrownRunner:
         """Consume the tap until cancelled; alarms become tasks that complete them with evidence."""
         tap = self._tap or self.attach(source)
         loop = asyncio.get_running_loop()
-        found: asyncio.Queue[tuple[ThrownAlarm, LumaFrame]] = asyncio.Queue()  # bounded by the alarms decided
+        # Unbounded by type, bounded by the detector: one alarm per track, de-duplicated, at most max_tracks
+        # tracks; alarms are never dropped.
+        found: asyncio.Queue[tuple[ThrownAlarm, LumaFrame]] = asyncio.Queue()
         stop = threading.Event()
 
         def hand_over(alarm: ThrownAlarm, frame: LumaFrame) -> None:
@@ -287,8 +289,9 @@ class ThrownRunner:
     async def _snapshot(self, alarm: ThrownAlarm, frame: LumaFrame, source: LumaSource) -> Attachment | None:
         assert self._evidence is not None
         latest = source.latest()
-        image = getattr(latest, "image", None)
         try:
+            # the frame's BGR picture may be converted on first access: off the loop
+            image = await asyncio.to_thread(lambda: getattr(latest, "image", None))
             if image is not None and image.ndim == 3:
                 sx, sy = image.shape[1] / frame.frame_w, image.shape[0] / frame.frame_h
                 base = image
