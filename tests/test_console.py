@@ -303,6 +303,28 @@ async def test_gate_visitor_call_open_devices_and_english(env: Env) -> None:
     await guard.screenshot(path=str(env.shots / "devices-phone-en.png"), full_page=True)
 
 
+async def test_a_place_alarm_with_its_snapshot_and_a_removed_account(env: Env) -> None:
+    guard = await env.page("guard-li")
+    viewer = await env.page("viewer-wu")
+    snap = plate_jpeg(env.daemon.state_dir / "evidence")  # any JPEG kept as evidence will do
+    alarm = await env.daemon.alarms.raise_("ebike_in_lift", "lift-2 car", "cam-lift-2", place=True,
+                                           attachments=(snap,))
+    card = await guard.wait_for_selector(f'.card.alarm[data-alarm="{alarm.id}"]', timeout=10_000)
+    assert card is not None and "lift-2 car" in await card.inner_text()
+    img = await guard.wait_for_selector(f'.card.alarm[data-alarm="{alarm.id}"] img', timeout=5_000)
+    assert img is not None and await img.evaluate("i => i.complete && i.naturalWidth > 0")
+    await guard.screenshot(path=str(env.shots / "alarms-place.png"), full_page=True)
+    await guard.click(f'.card.alarm[data-alarm="{alarm.id}"] button.resolve')
+    await guard.wait_for_selector(f'.card.alarm[data-alarm="{alarm.id}"]', state="detached", timeout=5_000)
+    assert env.of("alarm.resolved")[-1].data["place"] == "lift-2 car"
+    # An account removed on the box: its open screen stops seeing at its next request.
+    AccountStore(env.daemon.state_dir / USERS_PATH).remove("viewer-wu")
+    assert await viewer.evaluate("async () => (await fetch('/api/state')).status") == 401
+    await viewer.evaluate("refresh()")
+    await viewer.wait_for_selector("#login:not([hidden])", timeout=5_000)
+    AccountStore(env.daemon.state_dir / USERS_PATH).add("viewer-wu", "viewer", PASSWORDS["viewer-wu"])
+
+
 async def test_installer_tests_a_device(env: Env) -> None:
     page = await env.page("installer-ma")
     await page.click('#tabs [data-tab="installer"]')

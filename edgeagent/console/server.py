@@ -40,7 +40,14 @@ import orjson
 from aiohttp import web
 
 from edgeagent.console import tls
-from edgeagent.console.accounts import HASH_CONCURRENCY, AccountError, AccountStore, dummy_hash, verify_password
+from edgeagent.console.accounts import (
+    HASH_CONCURRENCY,
+    Account,
+    AccountError,
+    AccountStore,
+    dummy_hash,
+    verify_password,
+)
 from edgeagent.console.feed import Feed
 from edgeagent.console.security import COOKIE, HEADERS, LoginLimiter, Session, Sessions
 from edgeagent.kernel.alarms.engine import Alarm
@@ -320,9 +327,22 @@ class ConsoleServer:
     def _me(request: web.Request) -> Session:
         return request[SESSION]
 
-    def _allowed(self, session: Session, permission: str) -> bool:
-        account = self.accounts.get(session.user)  # a removed account or a changed role counts at once
-        return account is not None and account.role == session.role and account.may(permission)
+    async def _account(self, session: Session) -> Account | None:
+        """The session's account as the file says now (read in a thread; cached by the file's mtime): a removed
+        account or a changed role counts at once. None: gone or changed, and the session is ended."""
+        try:
+            account = await asyncio.to_thread(self.accounts.get, session.user)
+        except AccountError as exc:
+            log.error("console accounts: %s", exc)
+            return None
+        if account is None or account.role != session.role:
+            self.sessions.end(session.token)
+            return None
+        return account
+
+    async def _allowed(self, session: Session, permission: str) -> bool:
+        account = await self._account(session)
+        return account is not None and account.may(permission)
 
     async def _audit(self, session: Session | None, action: str, target: str, outcome: str,
                      detail: str | None = None, *, user: str | None = None, remote: str = "") -> None:
@@ -380,13 +400,12 @@ class ConsoleServer:
         self.limiter.succeeded([f"user:{user}"])
         session = self.sessions.create(account.name, account.role, remote)
         await self._audit(session, "login", account.name, "ok")
-        resp = _json(self._session_json(session))
+        resp = _json(self._session_json(session, account))
         resp.set_cookie(COOKIE, session.token, secure=True, httponly=True, samesite="Strict", path="/")
         return resp
 
-    def _session_json(self, s: Session) -> dict[str, Any]:
-        account = self.accounts.get(s.user)
-        perms = sorted(p for p in ("alarm", "gate", "configure") if account is not None and account.may(p))
+    def _session_json(self, s: Session, account: Account) -> dict[str, Any]:
+        perms = sorted(p for p in ("alarm", "gate", "configure") if account.may(p))
         return {"ok": True, "user": s.user, "role": s.role, "csrf": s.csrf, "perms": perms,
                 "site_id": self.ctx.site_id, "gateway_id": self.ctx.gateway_id}
 
@@ -399,7 +418,11 @@ class ConsoleServer:
         return resp
 
     async def _session(self, request: web.Request) -> web.Response:
-        return _json(self._session_json(self._me(request)))
+        s = self._me(request)
+        account = await self._account(s)
+        if account is None:
+            return _error(401, "login", "log in again")
+        return _json(self._session_json(s, account))
 
     # --- state and feed ------------------------------------------------------------------------------
 
@@ -426,7 +449,9 @@ class ConsoleServer:
             "feed": self.feed.stats(),
         }
 
-    async def _state(self, _request: web.Request) -> web.Response:
+    async def _state(self, request: web.Request) -> web.Response:
+        if await self._account(self._me(request)) is None:  # screens of a removed account stop seeing
+            return _error(401, "login", "log in again")
         return _json(await self.state())
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
@@ -485,7 +510,7 @@ class ConsoleServer:
         alarm_id, action = request.match_info["alarm_id"], request.match_info["action"]
         if action not in ("ack", "resolve"):
             raise web.HTTPNotFound
-        if not self._allowed(s, "alarm"):
+        if not await self._allowed(s, "alarm"):
             await self._audit(s, f"alarm.{action}", alarm_id, "refused", f"role {s.role} may not")
             return _error(403, "forbidden", "your role may not acknowledge or resolve alarms")
         body = await self._body(request)
@@ -503,7 +528,7 @@ class ConsoleServer:
     async def _gate_open(self, request: web.Request) -> web.Response:
         s = self._me(request)
         device_id = request.match_info["device_id"]
-        if not self._allowed(s, "gate"):
+        if not await self._allowed(s, "gate"):
             await self._audit(s, "gate.open", device_id, "refused", f"role {s.role} may not")
             return _error(403, "forbidden", "your role may not open the gate")
         body = await self._body(request)
@@ -576,7 +601,7 @@ class ConsoleServer:
     async def _save_shape(self, request: web.Request) -> web.Response:
         s = self._me(request)
         camera_id = request.match_info["camera_id"]
-        if not self._allowed(s, "configure"):
+        if not await self._allowed(s, "configure"):
             await self._audit(s, "config.shape", camera_id, "refused", f"role {s.role} may not")
             return _error(403, "forbidden", "only an installer may change the configuration")
         if self.ctx.tools is None:
@@ -599,7 +624,7 @@ class ConsoleServer:
 
     async def _doctor(self, request: web.Request) -> web.Response:
         s = self._me(request)
-        if not self._allowed(s, "configure"):
+        if not await self._allowed(s, "configure"):
             return _error(403, "forbidden", "only an installer may run the checks")
         if self.ctx.tools is None:
             return _error(503, "no_tools", "this daemon was started without the installer's tools")
@@ -614,7 +639,7 @@ class ConsoleServer:
     async def _device_test(self, request: web.Request) -> web.Response:
         s = self._me(request)
         device_id = request.match_info["device_id"]
-        if not self._allowed(s, "configure"):
+        if not await self._allowed(s, "configure"):
             await self._audit(s, "device.test", device_id, "refused", f"role {s.role} may not")
             return _error(403, "forbidden", "only an installer may run a device's test")
         if self.ctx.tools is None:
