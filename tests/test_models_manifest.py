@@ -27,7 +27,7 @@ from edgeagent.models.preprocess import fit, prepare, preprocess_images
 from edgeagent.models.types import InferenceError, ModelError
 from tests.media import MODELS
 
-SHIPPED = {"nanodet", "centerface", "clp_det", "clp_v2_c_rec", "movenet-multipose", "nfd-fall"}
+SHIPPED = {"nanodet", "centerface", "clp_det", "clp_v2_c_rec", "movenet-multipose", "nfd-fall", "ppocr_rec"}
 NANODET_YAML = (MODELS / "nanodet.yaml").read_text(encoding="utf-8")
 GOOD_SHA = "15f6ccefb082ef8966e9beac5d069d24d8d57d5fb7aad075391824dc21e68d2c"
 

@@ -159,7 +159,8 @@ class GateRuleConfig(Strict):
     plate_detector: str = Field(default="clp_det", description="plate detector manifest")
     plate_reader: str = Field(default="clp_v2_c_rec", description="plate reader manifest")
     second_opinion: str | None = Field(
-        default=None, description="a general text reader's manifest, read on the same plate crop as a check")
+        default="ppocr_rec", description="a general text reader's manifest, read on the same plate crop as a check "
+        "(weighs second_opinion_weight of a plate read, never counts toward opening); null: none")
     read_every_s: float = Field(default=0.2, ge=0, le=10, description="at most one plate read per track this often")
     min_read_confidence: float = Field(default=0.6, ge=0, le=1)
     min_confidence: float = Field(default=0.8, ge=0, le=1)

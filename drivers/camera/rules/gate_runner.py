@@ -137,8 +137,8 @@ class GateRunner:
             asyncio.Queue(MAX_OPS)
         self._tasks: set[asyncio.Task[None]] = set()
         self.counts: dict[str, int] = dict.fromkeys(
-            ("reads", "reads_with_plate", "reads_deferred", "reads_busy", "reads_failed", "ops_dropped",
-             "opens", "open_failed", "visitors", "undecided", "calls", "events_failed"), 0)
+            ("reads", "reads_with_plate", "second_opinions", "reads_deferred", "reads_busy", "reads_failed",
+             "ops_dropped", "opens", "open_failed", "visitors", "undecided", "calls", "events_failed"), 0)
 
     # --- the pipeline's tick (on the loop: returns at once) ------------------------------------------------
 
@@ -197,6 +197,8 @@ class GateRunner:
                 st.reading = False
                 if read is not None:
                     st.image = image
+        if second is not None:
+            self.counts["second_opinions"] += 1
         if read is not None or second is not None:
             self.counts["reads_with_plate"] += 1
             self._op("read", track_id, tick_s, read, second)
