@@ -146,3 +146,39 @@ def test_rule_config_names_what_is_wrong() -> None:
                      "detect": {"classes": ["person"]}, "zones": [{"name": "car", "points": [[0, 0], [1, 0], [1, 1]]}],
                      "ebike_lift": {"zone": "car", "door_hold": "x"}}]})
     assert cfg.devices[0].detect.classes == ["person", "bicycle", "motorcycle"]  # type: ignore[attr-defined]
+
+
+async def test_the_cameras_own_relay_opens_and_its_call_button_rings(tmp_path: Path, resident_only_clip: Path) -> None:
+    """A plate camera that opens the barrier itself (its ONVIF relay, the project's SOAP peer) and whose
+    digital input is the driver's call button."""
+    from tests.onvif_peer import OnvifFixture
+
+    listed(tmp_path)
+    secret = tmp_path / "cam.pass"
+    secret.write_text("s3cret-pw")
+    async with OnvifFixture() as fixture:
+        cfg = Config.model_validate({
+            "version": 1, "site_id": "site-1", "gateway_id": "gw-1", "state_dir": str(tmp_path / "state"),
+            "clock": {"sync": "synced"}, "health": {"enabled": False}, "cameras": {"privacy": {"enabled": False}},
+            "devices": [
+                {"type": "camera", "id": "gate-cam", "username": "admin", "password": {"file": str(secret)},
+                 "onvif": {"host": "127.0.0.1", "port": fixture.port, "inputs": {"DigitalInputToken_1": "call_button"},
+                           "relays": {"barrier": "RelayOutputToken_1"}},
+                 "rtsp": {"detect_url": resident_only_clip.as_uri()}, "snapshots_from": "detect",
+                 "detect": {"fps": 5, "min_score": 0.3},
+                 "zones": [{"name": "lane", "points": [list(p) for p in synth_scenes.GATE_LANE]}],
+                 "gate": {"zone": "lane", "open": "gate-cam.barrier", "relay_pulse_s": 0.3}}]})
+        daemon = Daemon(cfg)
+        async with running_daemon(daemon) as run:
+            assert await wait_until(lambda: run.of("gate.commanded", "gate-cam"), 15)
+            audit = run.of("gate.commanded", "gate-cam")[0].data
+            assert (audit["reason"], audit["via"], audit["outcome"]) == ("plate_match", "local", "executed")
+            assert "output gate-cam.barrier" in audit["note"]
+            assert ("RelayOutputToken_1", "active") in fixture.relay_log
+            assert await wait_until(lambda: ("RelayOutputToken_1", "inactive") in fixture.relay_log, 5)  # a pulse
+            runner = daemon.capability("cameras").service.runners["gate-cam"]  # type: ignore[union-attr]
+            assert await wait_until(lambda: runner.onvif is not None and fixture.calls["PullMessages"] >= 1, 15)
+            fixture.push_digital_input(True)
+            assert await wait_until(lambda: run.of("gate.call", "gate-cam"), 10)
+            assert run.of("gate.call", "gate-cam")[0].data == {"gate": "gate-cam.barrier", "source": "camera",
+                                                               "zone": "lane"}
