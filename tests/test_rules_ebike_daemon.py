@@ -118,3 +118,19 @@ async def test_a_person_alone_never_holds_the_door(tmp_path: Path, relay: Relay,
             people = [e for e in run.of("camera.object", "lift-2") if e.data["label"] == "person"]
             assert people, "the person was not even seen: the test would prove nothing"
             assert DOOR not in relay[3].writes and not _alarms(run)
+
+
+async def test_the_door_is_never_held_past_max_hold(tmp_path: Path, relay: Relay) -> None:
+    """Fire safety: the door lets go after max_hold_s although the bike still stands there; the alarm stays open
+    (the bike is still in the car) until it is seen to leave."""
+    async with relay:
+        daemon = Daemon(config(tmp_path, relay.port, LIFT_CLIP, max_hold_s=1.0))
+        async with running_daemon(daemon) as run:
+            assert await wait_until(lambda: DOOR in relay[3].writes, 15), relay[3].writes
+            ebike = daemon.capability("cameras").service.runners["lift-2"].ebike  # type: ignore[union-attr]
+            assert await wait_until(lambda: DOOR_OFF in relay[3].writes, 5), relay[3].writes
+            assert ebike.core.alarm_open and ebike.core.stats()["max_hold"] == 1
+            assert ebike.core.stats()["left"] == 0  # the bike was still there when the door let go
+            assert not _alarms(run, "alarm.resolved")
+            assert await wait_until(lambda: _alarms(run, "alarm.resolved"), 15)  # then wheeled out
+            assert relay[3].writes.count(DOOR) == 1  # not held again in the same episode
