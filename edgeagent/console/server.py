@@ -466,7 +466,9 @@ class ConsoleServer:
             self._streams.add(task)
         try:
             await resp.prepare(request)
-            await resp.write(b"retry: 2000\nevent: hello\ndata: {}\n\n")
+            # The active alarms right away: a screen draws its cards before its full state arrives.
+            hello = orjson.dumps({"alarms": self._alarm_cards()}, default=str)
+            await resp.write(b"retry: 2000\nevent: hello\ndata: " + hello + b"\n\n")
             while True:
                 get = asyncio.ensure_future(client.queue.get())
                 dropped = asyncio.ensure_future(client.dropped.wait())

@@ -136,8 +136,9 @@ async function start(session) {
   $("who").textContent = session.user + " (" + session.role + ")";
   document.querySelector('[data-tab="installer"]').hidden = !can("configure");
   showTab(S.tab);
-  await refresh();
+  S.state = null;
   connect();
+  await refresh();
   loadPlates();
 }
 
@@ -159,7 +160,7 @@ async function refresh() {
   const r = await api("/api/state");
   if (r.status === 401) { showLogin(); return; }
   if (r.status !== 200) return;
-  S.state = r.data;
+  S.state = r.data;  // (alarms pushed meanwhile are in it: the state is newer than the push it replaces)
   S.clockSkewMs = Date.parse(r.data.server_time) - Date.now();
   S.gateEvents = (r.data.gate_events || []).slice().reverse();
   renderAll();
@@ -175,7 +176,14 @@ function connect() {
   if (S.es) S.es.close();
   const es = new EventSource("/api/events");
   S.es = es;
-  es.addEventListener("hello", () => { $("conn").className = "dot on"; refreshSoon(); });
+  es.addEventListener("hello", (m) => {
+    $("conn").className = "dot on";
+    const first = !S.state;
+    if (first) {
+      S.state = { alarms: JSON.parse(m.data).alarms || [] };  // cards first; the full state follows
+      renderAlarms();
+    } else refreshSoon();  // a reconnect: what was missed meanwhile
+  });
   es.addEventListener("alarms", (m) => {
     if (!S.state) return;
     S.state.alarms = JSON.parse(m.data);
