@@ -37,6 +37,7 @@ from edgeagent.cli.console_cmd import ConfigTools
 from edgeagent.console.accounts import AccountStore
 from edgeagent.console.security import COOKIE
 from edgeagent.console.server import USERS_PATH
+from edgeagent.drivers.camera.rules.plate_list import PlateList, plates_path
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
 from edgeagent.kernel.pipeline.events import Attachment
@@ -131,6 +132,8 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     assert users.stat().st_mode & 0o777 == 0o600 and PASSWORDS["guard-li"] not in users.read_text()
     AccountStore(users).add("viewer-wu", "viewer", PASSWORDS["viewer-wu"])
     AccountStore(users).add("installer-ma", "installer", PASSWORDS["installer-ma"])
+    with PlateList(plates_path(tmp / "state")) as plates:
+        plates.add("川A12345", ref="3-2-501", reason="resident")
     band = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="ble-gw-north")
     band.connect("127.0.0.1", broker.port)
     band.loop_start()
@@ -281,6 +284,8 @@ async def test_gate_visitor_call_open_devices_and_english(env: Env) -> None:
     await guard.wait_for_selector('.card.ringing[data-event="gate.call"]', timeout=5_000)
     assert await guard.evaluate("document.body.dataset.sounding") == "1"
     await guard.screenshot(path=str(env.shots / "gate-call.png"), full_page=True)
+    row = await guard.wait_for_selector("#plates tbody tr", timeout=5_000)
+    assert row is not None and "川A12345" in await row.inner_text() and "3-2-501" in await row.inner_text()
     # The guard answers the call and opens the gate from the ringing card.
     await guard.click('.card.ringing[data-event="gate.call"] button.open-for')
     assert await wait_until(lambda: ("open_trigger", True) in env.sim[1].writes, 10)

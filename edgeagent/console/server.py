@@ -436,7 +436,7 @@ class ConsoleServer:
             "alarms": self._alarm_cards(),
             "uplink": {k: uplink.get(k) for k in ("state", "broker", "last_error", "published_events")},
             "outbox": st.get("outbox", {}).get("classes", {}),
-            "tasks": [t for t in st.get("tasks", []) if t.get("state") != "running"],
+            "tasks": [t for t in st.get("tasks", []) if t.get("state") not in ("running", "done")],
             "devices": st.get("devices") or [],
             "outputs": st.get("outputs"),
             "cameras": [c | self._shapes.get(c["id"], {}) for c in cameras_of(self.ctx.devices)],

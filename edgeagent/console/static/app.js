@@ -333,7 +333,7 @@ function renderGate() {
     const fresh = Date.now() + S.clockSkewMs - Date.parse(ev.occurred_at) < 60000;
     const card = el("div", { class: "card" + (isCall && fresh && !answered(ev) ? " ringing" : ""), "data-event": ev.type },
       el("h3", {}, el("span", {}, isCall ? t("call") : t("visitor")),
-        el("span", { class: "meta" }, new Date(ev.occurred_at).toLocaleTimeString())),
+        el("span", { class: "meta" }, new Date(ev.occurred_at).toLocaleTimeString(lang === "zh" ? "zh-CN" : "en-GB"))),
       d.plate ? el("div", { class: "plate" }, d.plate) : null,
       d.confidence !== undefined ? el("div", { class: "meta" }, t("confidence") + " " + Math.round(Number(d.confidence) * 100) + "%"
         + (d.reason ? " · " + (T[lang]["r_" + d.reason] || d.reason) : "")) : null,
