@@ -88,12 +88,14 @@ class Env:
     shots: Path
     contexts: list[BrowserContext] = field(default_factory=list)
     page_errors: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
 
     async def page(self, user: str | None) -> Page:
         ctx = await self.browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
         self.contexts.append(ctx)
         page = await ctx.new_page()
         page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
+        page.on("request", lambda req: self.requests.append(req.url))
         await page.goto(self.url + "/")
         if user is not None:
             await page.fill("#login-user", user)
@@ -157,6 +159,9 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
                 for ctx in e.contexts:
                     await ctx.close()
                 assert not e.page_errors, e.page_errors
+                # Every asset and call from the box itself (the internet may be down): no CDN, no font service.
+                assert e.requests and all(u.startswith(e.url + "/") for u in e.requests), \
+                    sorted({u for u in e.requests if not u.startswith(e.url + "/")})
             finally:
                 await browser.close()
                 stop.set()
