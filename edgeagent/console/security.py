@@ -17,7 +17,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from edgeagent.console.accounts import Role
@@ -53,7 +53,6 @@ class Session:
     created: float
     seen: float
     remote: str = ""
-    lang: str = field(default="zh")
 
 
 class Sessions:

@@ -390,9 +390,8 @@ class ConsoleServer:
         except AccountError as exc:
             log.error("console accounts: %s", exc)
             return _error(503, "accounts", "the accounts file is unreadable")
-        async with self._hashing:
-            ok = await asyncio.to_thread(verify_password, password,
-                                         account.hash if account is not None else dummy_hash())
+        async with self._hashing:  # the hash (and the decoy's, made once) in a thread, never on the loop
+            ok = await asyncio.to_thread(_check_password, password, account)
         if account is None or not ok:
             self.limiter.failed(keys)
             await self._audit(None, "login", user, "refused", "wrong user or password", user=user, remote=remote)
@@ -657,6 +656,11 @@ class ConsoleServer:
         await self._audit(s, "device.test", device_id, "ok" if result.get("ok") else "failed",
                           str(result.get("detail") or ""))
         return _json({"ok": True, **result})
+
+
+def _check_password(password: str, account: Account | None) -> bool:
+    """Hash the attempt even for an unknown name (against a decoy), so the time taken does not tell names apart."""
+    return verify_password(password, account.hash if account is not None else dummy_hash()) and account is not None
 
 
 def _camera_status(cams: Any) -> dict[str, Any]:
