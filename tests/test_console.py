@@ -303,6 +303,7 @@ async def test_gate_visitor_call_open_devices_and_english(env: Env) -> None:
     await guard.click('#tabs [data-tab="devices"]')
     row = await guard.wait_for_selector('#devices tr[data-device="guard-io"]', timeout=5_000)
     assert row is not None and "在线" in await row.inner_text()
+    assert await guard.inner_text('#capabilities details[data-cap="wristbands"] summary') == "wristbands"
     await guard.screenshot(path=str(env.shots / "devices.png"), full_page=True)
     await guard.click("#lang")
     assert await guard.inner_text('#tabs [data-tab="devices"]') == "Devices"

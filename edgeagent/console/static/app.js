@@ -10,7 +10,7 @@ const T = {
     valid_until: "有效期至", uplink: "上行链路", class: "类别", unsent: "未发送", oldest: "最早未发送", type: "类型",
     state: "状态", last_poll: "上次轮询", fault: "故障", tasks: "异常任务", draw: "绘制区域 / 越线", zone: "区域", line: "越线",
     clear: "清除", save: "保存", draw_hint: "在画面上点击放置点（区域至少 3 个点，越线 2 个点）。", doctor: "系统检查",
-    run_doctor: "运行检查", device_tests: "设备测试", test: "测试", check: "检查项", result: "结果", detail: "详情", ack: "确认", resolve: "解除",
+    run_doctor: "运行检查", capabilities: "各功能状态", device_tests: "设备测试", test: "测试", check: "检查项", result: "结果", detail: "详情", ack: "确认", resolve: "解除",
     acked_by: "已确认", open_for: "已持续", level: "级别", count: "次数", device: "设备", open_gate: "开闸",
     online: "在线", offline: "离线", unknown: "未知", never: "从未", visitor: "访客", resident: "住户", call: "呼叫",
     confidence: "置信度", saved: "已保存", wrong_login: "用户名或密码错误", rate_limited: "登录失败次数过多，请稍后再试",
@@ -30,7 +30,7 @@ const T = {
     uplink: "Uplink", class: "Class", unsent: "Unsent", oldest: "Oldest unsent", type: "Type", state: "State",
     last_poll: "Last poll", fault: "Fault", tasks: "Tasks not running", draw: "Draw a zone / line", zone: "Zone",
     line: "Line", clear: "Clear", save: "Save", draw_hint: "Click on the picture to place points (a zone needs 3 or more, a line 2).",
-    doctor: "Checks", run_doctor: "Run checks", device_tests: "Device tests", test: "Test", check: "Check", result: "Result", detail: "Detail", ack: "Acknowledge",
+    doctor: "Checks", run_doctor: "Run checks", capabilities: "Capabilities", device_tests: "Device tests", test: "Test", check: "Check", result: "Result", detail: "Detail", ack: "Acknowledge",
     resolve: "Resolve", acked_by: "Acknowledged by", open_for: "Open for", level: "Level", count: "Count",
     device: "Device", open_gate: "Open gate", online: "online", offline: "offline", unknown: "unknown", never: "never",
     visitor: "Visitor", resident: "Resident", call: "Call", confidence: "confidence", saved: "Saved",
@@ -397,6 +397,16 @@ function renderDevices() {
   const tasks = $("tasks");
   tasks.replaceChildren();
   for (const task of st.tasks || []) tasks.append(el("li", {}, task.name + ": " + task.state + (task.last_error ? " · " + task.last_error : "")));
+  // Every capability's own status(), as it gives it: a new capability shows here without a page of its own.
+  const caps = $("capabilities");
+  const open = new Set([...caps.querySelectorAll("details[open]")].map((d) => d.dataset.cap));
+  caps.replaceChildren();
+  for (const [name, value] of Object.entries(st.capabilities || {})) {
+    if (value === null || value === undefined) continue;
+    const d = el("details", { "data-cap": name }, el("summary", {}, name), el("pre", {}, JSON.stringify(value, null, 1)));
+    if (open.has(name)) d.open = true;
+    caps.append(d);
+  }
 }
 
 // --- cameras: the latest picture with zones, lines (and the detector's boxes, drawn by the box) -------------------
