@@ -296,6 +296,8 @@ async def test_gate_visitor_call_open_devices_and_english(env: Env) -> None:
     assert await wait_until(lambda: ("open_trigger", True) in env.sim[1].writes, 10)
     assert await wait_until(lambda: env.of("gate.commanded"), 5)
     assert env.of("gate.commanded")[-1].data["by"] == "console:guard-li"
+    opened = await guard.wait_for_selector('.card[data-event="gate.commanded"]', timeout=5_000)
+    assert opened is not None and "访客放行" in await opened.inner_text()
     assert await wait_until(lambda: any(e.data["action"] == "gate.open" and e.data["outcome"] == "ok"
                                         for e in env.of("console.audit")), 5)
     assert await guard.evaluate("document.body.dataset.sounding") == "0"  # answered

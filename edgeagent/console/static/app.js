@@ -20,6 +20,7 @@ const T = {
     k_removed: "手环摘除", k_low_battery: "手环电量低", k_no_signal: "手环无信号", k_left_compound: "离开小区",
     r_not_in_list: "不在住户名单", r_entry_expired: "登记已过期", r_entry_not_yet_valid: "登记未生效",
     r_low_confidence: "识别置信度低", r_too_few_reads: "识别次数不足", r_reads_disagree: "识别结果不一致", r_bad_format: "车牌格式不符",
+    g_plate_match: "住户车辆", g_guard_room: "监控室开闸", g_visitor: "访客放行", g_cloud_command: "平台开闸",
     k_charger_cutoff: "充电桩断电", k_ebike_in_lift: "电动车进电梯", k_video_fall: "视频跌倒", k_thrown_object: "高空抛物",
   },
   en: {
@@ -42,6 +43,8 @@ const T = {
     r_not_in_list: "not a resident's plate", r_entry_expired: "entry expired", r_entry_not_yet_valid: "entry not yet valid",
     r_low_confidence: "read not sure enough", r_too_few_reads: "too few reads", r_reads_disagree: "reads disagree",
     r_bad_format: "not a plate's format",
+    g_plate_match: "Resident's car", g_guard_room: "Opened by the guard room", g_visitor: "Visitor let in",
+    g_cloud_command: "Opened by the platform",
     k_spo2_low: "Blood oxygen low", k_removed: "Wristband removed", k_low_battery: "Wristband battery low",
     k_no_signal: "Wristband silent", k_left_compound: "Left the compound", k_charger_cutoff: "Charger cut off",
     k_ebike_in_lift: "E-bike in lift", k_video_fall: "Fall (camera)", k_thrown_object: "Thrown object",
@@ -327,8 +330,16 @@ function renderGate() {
   }
   const box = $("gate-cards");
   box.replaceChildren();
-  for (const ev of S.gateEvents.filter((e) => e.type === "gate.visitor" || e.type === "gate.call").slice(0, 20)) {
+  for (const ev of S.gateEvents.filter((e) => ["gate.visitor", "gate.call", "gate.commanded"].includes(e.type)).slice(0, 20)) {
     const d = ev.data || {};
+    if (ev.type === "gate.commanded") {  // who opened it and why: a resident's plate, the guard room, the platform
+      box.append(el("div", { class: "card" + (d.outcome === "executed" ? "" : " failed"), "data-event": ev.type },
+        el("h3", {}, el("span", {}, (T[lang]["g_" + d.reason] || d.reason) + " · " + (d.command || "")),
+          el("span", { class: "meta" }, new Date(ev.occurred_at).toLocaleTimeString(lang === "zh" ? "zh-CN" : "en-GB"))),
+        el("div", { class: "meta" }, ev.device_id + " · " + d.by + " (" + d.via + ") · " + (d.outcome === "executed" ? "✓" : "✗ " + (d.error || ""))),
+        d.note ? el("div", { class: "meta" }, d.note) : null));
+      continue;
+    }
     const isCall = ev.type === "gate.call";
     const fresh = Date.now() + S.clockSkewMs - Date.parse(ev.occurred_at) < 60000;
     const card = el("div", { class: "card" + (isCall && fresh && !answered(ev) ? " ringing" : ""), "data-event": ev.type },
