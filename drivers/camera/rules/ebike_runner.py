@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 ALARM_KIND: Final = "ebike_in_lift"  # declared in the camera capability's spec (EBIKE_ALARM_KIND)
 MAX_ALARM_OPS: Final = 32
 IDLE_TICK_S: Final = 1.0
+RESTORED_GRACE_S: Final = 15.0  # after a restart: time for the stream to come back and see a bike still there
 
 
 class Evidence(Protocol):
@@ -83,6 +84,7 @@ class _Op:
     image: np.ndarray | None = None
     acked_by: str | None = None  # a guard acknowledged the open alarm
     alarm_id: str | None = None
+    restored_id: str | None = None  # an alarm from before a restart, no bike seen since
 
 
 class EbikeRunner:
@@ -103,6 +105,7 @@ class EbikeRunner:
         self._wake = asyncio.Event()
         self._missing: set[str] = set()
         self._last_s = -1e18
+        self.restored_grace_s = RESTORED_GRACE_S
         self.alarm_id: str | None = None  # the lifecycle's id of the open alarm, once raised
         self.last_switch: dict[str, tuple[bool, float]] = {}  # output -> (on, monotonic time requested)
         self.counts: dict[str, int] = dict.fromkeys(
@@ -169,10 +172,26 @@ class EbikeRunner:
     # --- the tasks ------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The core's timers and the alarm operations (one task for the camera's lifetime)."""
+        """The core's timers and the alarm operations (one task for the camera's lifetime).
+
+        On start (the daemon's, or this task's restart) the outputs are switched off: a relay module keeps its
+        state, and a door held by a process that died must not stay held ([restart]). An ``ebike_in_lift``
+        alarm about this car restored from before is left to the rule for ``restored_grace_s``: a bike seen
+        again folds into it (the same alarm) and resolves it as usual; any other still open then is resolved as
+        gone."""
+        self._switch(self.rule.door_hold, False)
+        if self.rule.announce:
+            self._switch(self.rule.announce, False)
+        # The daemon restores saved alarms after its tasks start: look once the grace is over.
+        grace_until: float | None = self._clock() + self.restored_grace_s
         worker = asyncio.ensure_future(self._alarm_worker())
         try:
             while True:
+                if grace_until is not None and self._clock() >= grace_until:
+                    grace_until = None
+                    for alarm in self._alarms.active(ALARM_KIND, self.place):
+                        if alarm.id != self.alarm_id:
+                            self._queue(_Op(restored_id=alarm.id))
                 deadline = self.core.next_deadline_s()
                 now = self._clock()
                 wait = IDLE_TICK_S if deadline is None else max(0.0, min(IDLE_TICK_S, deadline - now))
@@ -191,6 +210,10 @@ class EbikeRunner:
     async def _alarm_worker(self) -> None:
         while True:
             op = await self._ops.get()
+            if op.restored_id is not None:
+                await self._resolve_alarm(op.restored_id, "e-bike rule", "auto",
+                                          "no e-bike was seen in the car after the restart")
+                continue
             if op.acked_by is not None:
                 if op.alarm_id == self.alarm_id and self.core.alarm_open:
                     self.counts["guard_releases"] += 1
@@ -223,6 +246,9 @@ class EbikeRunner:
             self.counts["alarm_failures"] += 1
             log.error("%s: the e-bike alarm could not be raised (the door hold is on regardless): %s",
                       self.cam.id, exc)
+            # Not stored but raised locally (a full disk): it is active, and this rule must still resolve it.
+            active = self._alarms.active(ALARM_KIND, self.place)
+            self.alarm_id = active[-1].id if active else None
             return
         self.counts["alarms_raised"] += 1
         self.alarm_id = getattr(alarm, "id", None)
@@ -237,6 +263,9 @@ class EbikeRunner:
             by, via, note = "e-bike rule", "rule", "nobody was seen to take the e-bike out before the timeout"
         else:
             by, via, note = (a.by or "guard")[:64], "rule", "the guard's acknowledgement released the lift"
+        await self._resolve_alarm(alarm_id, by, via, note)
+
+    async def _resolve_alarm(self, alarm_id: str, by: str, via: str, note: str) -> None:
         try:
             await self._alarms.resolve(alarm_id, by, via, note)
         except Exception as exc:  # noqa: BLE001 - logged; the lifecycle keeps it open for a person to close
