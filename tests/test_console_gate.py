@@ -6,6 +6,7 @@ page shows it; the visitor's car appears with its plate and snapshot; the guard 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, async_playwright
 
 from edgeagent.app import Daemon
-from edgeagent.capabilities import Config
+from edgeagent.capabilities import load_config
 from edgeagent.cli.console_cmd import ConfigTools
 from edgeagent.console.accounts import AccountStore
 from edgeagent.console.server import USERS_PATH
@@ -50,8 +51,7 @@ async def test_resident_opens_by_itself_visitor_appears_and_the_guard_lets_it_in
     barrier[1].on_write.append(gate_mechanics)
     barrier[1].set("state", "closed")
     cfg_path = tmp_path / "edgeagent.yaml"
-    cfg_path.write_text("version: 1\n")  # the tools read it only for the plate list's place (state_dir below)
-    cfg = Config.model_validate({
+    doc = {
         "version": 1, "site_id": "site-1", "gateway_id": "gw-1", "state_dir": str(tmp_path / "state"),
         "clock": {"sync": "synced"}, "health": {"enabled": False}, "console": {"port": 0},
         "modbus": {"buses": {"lan": {"kind": "tcp", "host": "127.0.0.1", "port": port, "timeout_s": 0.3}}},
@@ -62,14 +62,15 @@ async def test_resident_opens_by_itself_visitor_appears_and_the_guard_lets_it_in
              "snapshots_from": "detect", "detect": {"fps": 5, "classes": ["person"], "min_score": 0.3},
              "zones": [{"name": "lane", "points": [list(p) for p in synth_scenes.GATE_LANE]}],
              "gate": {"zone": "lane", "open": "car-gate"}},
-        ]})
+        ]}
+    cfg_path.write_text(json.dumps(doc, ensure_ascii=False))  # JSON is YAML: the file the daemon and its tools read
     with PlateList(plates_path(tmp_path / "state")) as plates:
         plates.add(synth_scenes.RESIDENT_PLATE, ref="3-1-502", reason="resident")
     AccountStore(tmp_path / "state" / USERS_PATH).add("guard-li", "guard", "guard-pass-1")
     shots = tmp_path / "screenshots"
     shots.mkdir()
     async with barrier:
-        daemon = Daemon(cfg, console_tools=ConfigTools(cfg_path))
+        daemon = Daemon(load_config(cfg_path), console_tools=ConfigTools(cfg_path))
         async with running_daemon(daemon) as run:
             assert daemon.console is not None and daemon.console.url is not None
             ctx = await browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 900})
@@ -90,6 +91,8 @@ async def test_resident_opens_by_itself_visitor_appears_and_the_guard_lets_it_in
             img = await page.wait_for_selector('.card[data-event="gate.visitor"] img', timeout=5_000)
             assert img is not None and await img.evaluate("i => i.complete && i.naturalWidth > 100")
             assert barrier[1].writes.count(OPEN) == 1
+            plate_row = await page.wait_for_selector("#plates tbody tr", timeout=5_000)
+            assert plate_row is not None and synth_scenes.RESIDENT_PLATE in await plate_row.inner_text()
             await page.screenshot(path=str(shots / "gate-visitor.png"), full_page=True)
             await page.click('.card[data-event="gate.visitor"] button.open-for')
             assert await wait_until(lambda: barrier[1].writes.count(OPEN) == 2, 10)
