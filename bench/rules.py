@@ -259,7 +259,17 @@ async def bench_plates(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     for t, r in zip(texts, resident, strict=True):
         if r:
             plates.add(t, ref="bench", reason="resident")
-    manifests = {k: v for k, v in load_manifests().items() if k in ("clp_det", "clp_v2_c_rec")}
+    def gate_camera(lane: int) -> CameraDevice:
+        return CameraDevice.model_validate({
+            "type": "camera", "id": f"gate{lane}", "rtsp": {"detect_url": "rtsp://127.0.0.1/none"},
+            "zones": [{"name": "lane", "points": [[0, 0], [1, 0], [1, 1], [0, 1]]}],
+            "gate": {"zone": "lane", "open": f"barrier{lane}"}})
+
+    rule = gate_camera(0).gate
+    assert rule is not None
+    models = {rule.plate_detector, rule.plate_reader, *([rule.second_opinion] if rule.second_opinion else [])}
+    manifests = {k: v for k, v in load_manifests().items() if k in models}
+    print(f"  the gate rule's models (its defaults): {', '.join(sorted(models))}")
     outbox = Outbox(OutboxConfig(workdir / "plates-outbox.db"))
     await outbox.open()
     clock = Clock(mode="synced")
@@ -300,10 +310,7 @@ async def bench_plates(args: argparse.Namespace, workdir: Path) -> dict[str, Any
             EvidenceStore(workdir / "plates-evidence", max_bytes=10**9, retention_s=3600) as evidence:
 
         async def lane_run(lane: int) -> None:
-            cam = CameraDevice.model_validate({
-                "type": "camera", "id": f"gate{lane}", "rtsp": {"detect_url": "rtsp://127.0.0.1/none"},
-                "zones": [{"name": "lane", "points": [[0, 0], [1, 0], [1, 1], [0, 1]]}],
-                "gate": {"zone": "lane", "open": f"barrier{lane}"}})
+            cam = gate_camera(lane)
             assert cam.gate is not None
             runner = GateRunner(cam, cam.gate, engine=engine, sink=sink, evidence=evidence, lookup=plates.find,
                                 actions={}, outputs=outputs, wall=lambda: datetime.now(UTC))
