@@ -81,7 +81,7 @@ async def test_motorcycle_in_the_car_holds_the_door_once_and_releases_when_it_le
         daemon = Daemon(config(tmp_path, relay.port, LIFT_CLIP))
         async with running_daemon(daemon) as run:
             assert await wait_until(lambda: DOOR in relay[3].writes, 15), relay[3].writes
-            assert await wait_until(lambda: VOICE in relay[3].writes, 3)
+            assert await wait_until(lambda: VOICE in relay[3].writes, 10)
             ebike = daemon.capability("cameras").service.runners["lift-2"].ebike  # type: ignore[union-attr]
             assert ebike.core.door_held
             assert await wait_until(lambda: _alarms(run), 10)

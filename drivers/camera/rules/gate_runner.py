@@ -11,7 +11,8 @@ shared inference engine. The reads are voted per track into one decision:
   ``local``) or by pulsing a named output (the camera's own relay), audited here with the same event;
 * ``visitor`` (any other plate, or a listed one out of its dates, or reads not sure enough to open): a
   ``gate.visitor`` event with the plate, its confidence and a snapshot for the guard room, which opens
-  remotely if it wants to (the driver's call button is a ``gate.call`` event);
+  remotely if it wants to (the driver's call button is a ``gate.call`` event); the same plate again within
+  ``VISITOR_REPEAT_S`` (one car the tracker split into two tracks) is counted, not announced again;
 * ``undecided`` (no plate read at all): counted and logged; the call button is the driver's way in.
 
 Privacy: a resident's plate leaves the box in no event (the open's audit names the track, not the plate, and
@@ -58,7 +59,8 @@ MAX_READS_IN_FLIGHT: Final = 2
 MAX_OPS: Final = 256
 CROP_MARGIN: Final = 0.08  # of the vehicle box, each side: the plate sits at its lower edge
 OPEN_TIMEOUT_S: Final = 5.0
-MAX_SECOND_OPINION_CROPS: Final = 1
+VISITOR_REPEAT_S: Final = 60.0  # the same visitor plate again within this is not announced again (counted)
+MAX_ANNOUNCED: Final = 256
 
 
 class Engine(Protocol):
@@ -136,9 +138,11 @@ class GateRunner:
         self._ops: asyncio.Queue[tuple[str, int, float, PlateObservation | None, PlateObservation | None]] = \
             asyncio.Queue(MAX_OPS)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._announced: dict[str, float] = {}  # visitor plate -> when it was last announced (monotonic)
         self.counts: dict[str, int] = dict.fromkeys(
             ("reads", "reads_with_plate", "second_opinions", "reads_deferred", "reads_busy", "reads_failed",
-             "ops_dropped", "opens", "open_failed", "visitors", "undecided", "calls", "events_failed"), 0)
+             "ops_dropped", "visitor_repeats", "opens", "open_failed", "visitors", "undecided", "calls",
+             "events_failed"), 0)
 
     # --- the pipeline's tick (on the loop: returns at once) ------------------------------------------------
 
@@ -322,6 +326,16 @@ class GateRunner:
         await self._emit(GATE_COMMANDED.name, data)
 
     async def _visitor(self, d: GateDecision, st: _TrackState | None) -> None:
+        now = self._clock()
+        if d.plate is not None:
+            # One car the tracker split into two tracks (it stopped behind another, it turned) is one visitor.
+            last = self._announced.get(d.plate)
+            self._announced[d.plate] = now
+            if len(self._announced) > MAX_ANNOUNCED:
+                self._announced.pop(next(iter(self._announced)))
+            if last is not None and now - last < VISITOR_REPEAT_S:
+                self.counts["visitor_repeats"] += 1
+                return
         self.counts["visitors"] += 1
         atts: tuple[Attachment, ...] = ()
         if st is not None and st.image is not None and self._evidence is not None and self.cam.snapshots:
