@@ -198,6 +198,13 @@ async def test_sos_on_the_console_viewer_refused_guard_acknowledges_and_the_sire
             headers: {'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf}});
         return r.status; }""", alarm.id)
     assert status == 403
+    others = await viewer.evaluate("""async () => {
+        const s = await (await fetch('/api/session')).json();
+        const post = (u) => fetch(u, {method: 'POST', body: '{}',
+            headers: {'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf}}).then((r) => r.status);
+        return [await post('/api/gates/car-gate/open'), await post('/api/devices/car-gate/test'),
+                (await fetch('/api/doctor')).status]; }""")
+    assert others == [403, 403, 403]
     await viewer.screenshot(path=str(env.shots / "alarms-viewer.png"))
 
     cookie = next(c for c in await guard.context.cookies() if c["name"] == COOKIE)

@@ -140,3 +140,31 @@ devices:
         with pytest.raises(ValueError, match=r"not saved|no camera"):
             tools.save_shape(camera, "zone", shape)
     assert cfg.read_text() == before
+
+
+_coord = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.text(max_size=4),
+                   st.none())
+_shape = st.fixed_dictionaries({
+    "name": st.one_of(st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True), st.text(max_size=12), st.integers()),
+    "points": st.one_of(st.lists(st.lists(_coord, min_size=0, max_size=3), max_size=6), st.text(max_size=5)),
+    "a": st.lists(_coord, max_size=3), "b": st.lists(_coord, max_size=3)})
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["zone", "line", "circle"]), shape=_shape)
+def test_whatever_a_browser_sends_as_a_shape_is_saved_valid_or_refused_with_the_file_intact(
+        tmp_path_factory: pytest.TempPathFactory, kind: str, shape: dict[str, object]) -> None:
+    cfg = tmp_path_factory.mktemp("shape") / "edgeagent.yaml"
+    cfg.write_text("version: 1  # keep\nsite_id: s\ngateway_id: g\nstate_dir: /tmp/unused\ndevices:\n"
+                   "  - {type: camera, id: cam, rtsp: {detect_url: 'rtsp://192.0.2.1/s'}}  # the camera\n")
+    before = cfg.read_text()
+    try:
+        ConfigTools(cfg).save_shape("cam", kind, shape)
+    except ValueError:
+        assert cfg.read_text() == before
+        return
+    text = cfg.read_text()
+    assert "# keep" in text and "# the camera" in text
+    from edgeagent.capabilities import load_config
+
+    load_config(cfg)  # what was written is a valid config
