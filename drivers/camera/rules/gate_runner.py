@@ -214,13 +214,9 @@ class GateRunner:
                                                                       PlateObservation | None]:
         from edgeagent.models.decoders.plates import warp_plate  # noqa: PLC0415 - cv2 only where cameras run
 
-        h, w = image.shape[:2]
-        mx, my = (box[2] - box[0]) * CROP_MARGIN, (box[3] - box[1]) * CROP_MARGIN
-        x1, y1 = max(0, int(box[0] - mx)), max(0, int(box[1] - my))
-        x2, y2 = min(w, int(box[2] + mx) + 1), min(h, int(box[3] + my) + 1)
-        if x2 - x1 < 16 or y2 - y1 < 16:
+        crop = await asyncio.to_thread(vehicle_crop, image, box)  # a copy of up to a frame: off the loop
+        if crop is None:
             return None, None
-        crop = np.ascontiguousarray(image[y1:y2, x1:x2])
         found = (await self._engine.infer(self.rule.plate_detector, [crop], camera=self.cam.id))[0]
         plates = [d for d in found if d.points is not None and len(d.points) == 4]
         if not plates:
@@ -377,6 +373,18 @@ class GateRunner:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def vehicle_crop(image: np.ndarray, box: Box) -> np.ndarray | None:
+    """The vehicle's box grown by CROP_MARGIN each side, clipped to the frame, as its own array (None when
+    nearly empty)."""
+    h, w = image.shape[:2]
+    mx, my = (box[2] - box[0]) * CROP_MARGIN, (box[3] - box[1]) * CROP_MARGIN
+    x1, y1 = max(0, int(box[0] - mx)), max(0, int(box[1] - my))
+    x2, y2 = min(w, int(box[2] + mx) + 1), min(h, int(box[3] + my) + 1)
+    if x2 - x1 < 16 or y2 - y1 < 16:
+        return None
+    return np.ascontiguousarray(image[y1:y2, x1:x2])
 
 
 def _observation(found: Sequence[Detection]) -> PlateObservation | None:
