@@ -14,13 +14,15 @@ noise and a slow brightness ramp). Every configuration (clip x camera count) run
 each on a fresh server, so both see the same part of the clip (the feeders start at the clip's first frame):
 
 * **pipeline**: what the daemon runs (``drivers/camera/service.py``): per camera an ``RtspSource`` with
-  ``decode_fps`` = the detection rate (5) and a ``CameraPipeline`` (motion gating, model-size regions, the
-  shared detector, tracker, a zone and a line as in the demo, events into a recording sink; no evidence store
-  unless ``--evidence``), all cameras in this ONE asyncio process sharing ONE ``InferenceEngine`` (one worker
-  process, the ``cameras`` section's defaults: CPU, 2 threads, queue of 8);
+  ``decode_fps`` = the detection rate (5) and a ``CameraPipeline`` (motion gating on the luma plane in the
+  reader thread, BGR only on detector ticks, keyframes-only decoding while the scene is quiet, model-size
+  regions with synchronized re-checks, the shared detector, tracker, a zone and a line as in the demo, events
+  into a recording sink; no evidence store unless ``--evidence``), all cameras in this ONE asyncio process
+  sharing ONE ``InferenceEngine`` (one worker process, the ``cameras`` section's defaults: CPU, 2 threads,
+  queue of 8);
 * **naive**: per camera an ``RtspSource`` that converts every frame (10 fps) to BGR, and at every detection
   tick (every other frame, 5 fps) the same engine on the whole frame (one whole-frame region), the same
-  class / score / size filter, and the same ``Tracker``: no gating of any kind.
+  class / score (per class) / size filter, and the same ``Tracker``: no gating of any kind.
 
 Measured in a window of ``--seconds`` after a warm-up (every camera ticking, then ``--warmup`` seconds):
 
@@ -500,6 +502,8 @@ class Phase:
     rss_samples: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     hwm_mb: float = float("nan")
     engine_refused: int = 0
+    engine_stale: int = 0
+    idle_skipped: int = 0  # packets not decoded while the source was idle (keyframes only)
     engine_ms_p50: float | None = None
     engine_compute_p50: float | None = None
     records: list[CamRecord] = field(default_factory=list)
@@ -634,7 +638,7 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
             cam_pids = [p.pid for p in [server.server, *server.feeders] if p is not None]
             keys = ("ticks", "detector_runs", "regions", "quiet_ticks", "skipped_busy", "skipped_error", "events")
             p0 = {k: pipe_sum(k) for k in keys}
-            s0 = {k: src_sum(k) for k in ("dropped", "decoded", "delivered", "reconnects")}
+            s0 = {k: src_sum(k) for k in ("dropped", "decoded", "delivered", "reconnects", "idle_skipped")}
             e0 = engine.stats()
             events_before = [p.stats.events for p in pipelines]
             hwm_ok = reset_hwm() and (worker_pid is None or reset_hwm(worker_pid))
@@ -692,6 +696,8 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
             ph.delivered = src_sum("delivered") - s0["delivered"]
             ph.reconnects = src_sum("reconnects") - s0["reconnects"]
             ph.engine_refused = int(e1["refused"]) - int(e0["refused"])
+            ph.engine_stale = int(e1.get("stale", 0)) - int(e0.get("stale", 0))
+            ph.idle_skipped = src_sum("idle_skipped") - s0["idle_skipped"]
             model = e1["models"].get(MODEL, {})
             ph.engine_ms_p50, ph.engine_compute_p50 = model.get("p50_ms"), model.get("compute_p50_ms")
             ph.events = {k: v - ev0.get(k, 0) for k, v in sink.counts.items() if v - ev0.get(k, 0)}
@@ -868,9 +874,12 @@ def detail(ph: Phase) -> list[str]:
              f"    machine busy {ph.cpu_machine / ph.seconds * 100:.0f}% of one core: cameras (gst + ffmpeg, not "
              f"counted) {ph.cpu_cameras / ph.seconds * 100:.0f}%, everything else "
              f"{(ph.cpu_machine - ph.total_cpu - ph.cpu_cameras) / ph.seconds * 100:.0f}%",
-             f"    frames decoded {ph.decoded}, converted {ph.delivered}, dropped {ph.dropped}, reconnects "
+             f"    frames decoded {ph.decoded}, handed out {ph.delivered} (BGR: "
+             f"{'every one' if ph.mode == 'naive' else 'on detector ticks only'}), not decoded while idle "
+             f"{ph.idle_skipped}, dropped {ph.dropped}, reconnects "
              f"{ph.reconnects}; engine p50 {fmt(ph.engine_ms_p50)} ms (compute {fmt(ph.engine_compute_p50)} ms), "
-             f"refused {ph.engine_refused}; frame age when taken p50 first 10 s {fmt(ph.age_ms(True))} ms, "
+             f"refused {ph.engine_refused}, stale {ph.engine_stale}; frame age when taken p50 first 10 s "
+             f"{fmt(ph.age_ms(True))} ms, "
              f"last 10 s {fmt(ph.age_ms(False))} ms"]
     if ph.mode == "pipeline":
         lines.append(f"    ticks {ph.ticks} (quiet {ph.quiet_ticks}, busy {ph.skipped_busy}, "
