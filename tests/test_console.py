@@ -370,5 +370,12 @@ async def test_failed_logins_are_limited(env: Env) -> None:
         r = await http.post(f"{env.url}/api/login", json={"user": "guard-li", "password": PASSWORDS["guard-li"]},
                             ssl=False, headers={"Origin": env.url})
         assert r.status == 429 and "Retry-After" in r.headers
+    from prometheus_client import generate_latest
+
+    from edgeagent.kernel.runtime.metrics import REGISTRY
+
+    scraped = generate_latest(REGISTRY).decode()
+    assert "edgeagent_console_logins_rate_limited_total 2.0" in scraped, scraped
+    assert "edgeagent_console_screens_dropped_total 0.0" in scraped
     refused = [e for e in env.of("console.audit") if e.data["action"] == "login" and e.data["outcome"] == "refused"]
     assert len(refused) >= 7 and all("wrong-guess" not in json.dumps(dict(e.data)) for e in refused)

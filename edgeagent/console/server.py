@@ -49,6 +49,7 @@ from edgeagent.console.accounts import (
     verify_password,
 )
 from edgeagent.console.feed import Feed
+from edgeagent.console.metrics import ConsoleCollector
 from edgeagent.console.security import COOKIE, HEADERS, LoginLimiter, Session, Sessions
 from edgeagent.kernel.alarms.engine import Alarm
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
@@ -58,6 +59,7 @@ from edgeagent.kernel.errors import CommandRejected, OutboxError
 from edgeagent.kernel.local_actions import alarm_action
 from edgeagent.kernel.pipeline.events import utc_ms
 from edgeagent.kernel.pipeline.sink import EventSink
+from edgeagent.kernel.runtime import metrics
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,7 @@ class ConsoleServer:
         self.url: str | None = None
         self.fingerprint: str | None = None
         self.audit_failed = 0
+        self._collector: ConsoleCollector | None = None
         self._static = {name: resources.files("edgeagent.console").joinpath("static", name).read_bytes()
                         for name in STATIC_FILES}
 
@@ -228,6 +231,8 @@ class ConsoleServer:
                       exc.strerror)
             return
         self._runner = runner
+        self._collector = ConsoleCollector(self.stats)
+        metrics.REGISTRY.register(self._collector)
         sockets = getattr(site._server, "sockets", None) or []  # the bound port, for port 0
         port = int(sockets[0].getsockname()[1]) if sockets else self.cfg.port
         host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
@@ -252,7 +257,15 @@ class ConsoleServer:
         self.fingerprint = tls.fingerprint(cert)
         return cert, key
 
+    def stats(self) -> dict[str, Any]:
+        return {**self.feed.stats(), "sessions": len(self.sessions), "sessions_evicted": self.sessions.evicted,
+                "logins_refused": self.limiter.refused, "audit_failed": self.audit_failed}
+
     async def stop(self) -> None:
+        if self._collector is not None:
+            with contextlib.suppress(KeyError):
+                metrics.REGISTRY.unregister(self._collector)
+            self._collector = None
         for task in list(self._streams):
             task.cancel()
         if self._runner is not None:
@@ -444,7 +457,7 @@ class ConsoleServer:
             "gate_events": list(self._gate_events),
             "recent": list(self._recent)[-30:],
             "capabilities": caps,
-            "feed": self.feed.stats(),
+            "feed": self.stats(),
         }
 
     async def _state(self, request: web.Request) -> web.Response:
