@@ -102,6 +102,79 @@ def remove_user(name: str = typer.Argument(...), config: Path | None = ConfigOpt
     console.print(f"removed {escape(name)}")
 
 
+@app.command("enable")
+def enable(host: str = typer.Option(..., "--host", help="the box's address on the guard room's network (127.0.0.1: "
+                                    "this box only)"),
+           port: int = typer.Option(8443, "--port", min=1, max=65535),
+           config: Path | None = ConfigOption) -> None:
+    """Turn the console on (or move it) in the config file, keeping its comments; the self-signed certificate is
+    made again if it does not name this address. Restart the daemon to apply."""
+    import ipaddress  # noqa: PLC0415
+
+    from edgeagent.capabilities import validate_doc  # noqa: PLC0415
+    from edgeagent.cli.devices import _dump, _last_slot, _put_lines, _take_lines, write_atomically  # noqa: PLC0415
+
+    path = config_path(config)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        fail(escape(f"{host!r} is not an IP address (the address of the box the guard room's browsers open)"))
+    try:
+        old_text = path.read_text(encoding="utf-8")
+        doc = parse_yaml(old_text, path)
+    except (OSError, ConfigError) as exc:
+        fail(escape(f"cannot read {path}: {exc}"))
+    section = doc.get("console")
+    if isinstance(section, CommentedMap):
+        section["host"] = host
+        section["port"] = port
+        section.pop("enabled", None)
+    else:
+        after = _take_lines(_last_slot(doc))  # comment lines at the end of the file stay at the end
+        entry = CommentedMap()
+        entry["host"] = host
+        entry["port"] = port
+        doc["console"] = entry
+        _put_lines(_last_slot(doc), after)
+    new_text = _dump(doc)
+    try:
+        cfg = validate_doc(parse_yaml(new_text, path), path)
+        write_atomically(path, new_text, old_text)
+    except (OSError, ConfigError) as exc:
+        fail(escape(f"{path} left unchanged: {exc}"))
+    console.print(f"console on https://{host}:{port} in {escape(str(path))}")
+    _certificate_for(cfg, host)
+    console.print("[dim]restart the daemon to apply: systemctl restart edgeagent[/]")
+
+
+def _certificate_for(cfg: Any, host: str) -> None:
+    """The self-signed certificate, made again when it does not name ``host`` (a supplied one is left alone)."""
+    import ipaddress  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
+
+    from edgeagent.app import state_dir_for  # noqa: PLC0415
+    from edgeagent.console import tls  # noqa: PLC0415
+
+    tls_cfg = cfg.console.tls
+    if tls_cfg.cert_file is not None:
+        return
+    folder = state_dir_for(cfg) / TLS_DIR
+    cert_path = folder / tls.CERT_FILE
+    if cert_path.is_file():
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            if ipaddress.ip_address(host) in san.get_values_for_type(x509.IPAddress):
+                return
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            pass
+    if folder.parent.parent.is_dir():  # the state directory exists (else the daemon makes it at first start)
+        cert_path, _ = tls.make_self_signed(folder, cfg.gateway_id, [host, *tls_cfg.hosts])
+        console.print(f"made a self-signed certificate for {escape(host)}: SHA-256 {tls.fingerprint(cert_path)}",
+                      soft_wrap=True)
+
+
 @app.command("cert")
 def cert(config: Path | None = ConfigOption) -> None:
     """Make the console's self-signed certificate now (the installer does) and print its fingerprint, to compare
