@@ -100,6 +100,9 @@ async function boot() {
 }
 
 function showLogin() {
+  if (S.es) { S.es.close(); S.es = null; }  // a logged-out screen stops asking the stream again
+  S.session = null;
+  S.state = null;
   $("login").hidden = false;
   $("tabs").hidden = true;
   $("logout").hidden = true;
@@ -118,8 +121,6 @@ $("login").addEventListener("submit", async (ev) => {
 
 $("logout").addEventListener("click", async () => {
   await api("/api/logout", {});
-  if (S.es) S.es.close();
-  S.session = null;
   showLogin();
 });
 
@@ -204,7 +205,7 @@ function connect() {
   });
   es.onerror = () => {
     $("conn").className = "dot off";
-    if (es.readyState === EventSource.CLOSED) setTimeout(connect, 2000);
+    if (es.readyState === EventSource.CLOSED && S.es === es && S.session) setTimeout(() => { if (S.es === es) connect(); }, 2000);
   };
 }
 
