@@ -99,19 +99,24 @@ async def test_motorcycle_in_the_car_holds_the_door_once_and_releases_when_it_le
             assert ebike.counts["alarm_failures"] == 0
 
 
-async def test_a_guard_acknowledging_the_alarm_releases_the_lift(tmp_path: Path, relay: Relay) -> None:
+@pytest.mark.parametrize("action", ["ack", "resolve"])
+async def test_a_guard_acknowledging_the_alarm_releases_the_lift(tmp_path: Path, relay: Relay, action: str) -> None:
     async with relay:
         daemon = Daemon(config(tmp_path, relay.port, LIFT_CLIP))
         async with running_daemon(daemon) as run:
             assert await wait_until(lambda: _alarms(run), 20)
             alarm_id = _alarms(run)[0].data["alarm_id"]
-            await daemon.alarms.ack(alarm_id, "guard Li", "cli")
+            if action == "ack":
+                await daemon.alarms.ack(alarm_id, "guard Li", "cli")
+            else:
+                await daemon.alarms.resolve(alarm_id, "guard Li", "cli", "took the bike out myself")
             assert await wait_until(lambda: released(relay), 10), relay[3].writes
             assert await wait_until(lambda: _alarms(run, "alarm.resolved"), 10)
             resolved = _alarms(run, "alarm.resolved")[0]
             assert resolved.data["by"] == "guard Li" and resolved.data["alarm_id"] == alarm_id
             ebike = daemon.capability("cameras").service.runners["lift-2"].ebike  # type: ignore[union-attr]
             assert ebike.counts["guard_releases"] == 1 and not ebike.core.door_held
+            assert ebike.counts["alarm_failures"] == 0  # a resolved alarm is not resolved twice
 
 
 async def test_a_person_alone_never_holds_the_door(tmp_path: Path, relay: Relay, person_clip: Path) -> None:

@@ -85,6 +85,7 @@ class _Op:
     acked_by: str | None = None  # a guard acknowledged the open alarm
     alarm_id: str | None = None
     restored_id: str | None = None  # an alarm from before a restart, no bike seen since
+    resolved: bool = False  # the acknowledgement was a resolution: nothing left to resolve
 
 
 class EbikeRunner:
@@ -164,10 +165,12 @@ class EbikeRunner:
 
     async def on_alarm(self, alarm: Any) -> None:
         """A change of any alarm (the lifecycle's listener; called under its lock: only queues)."""
-        if self.alarm_id is None or getattr(alarm, "id", None) != self.alarm_id:
+        if self.alarm_id is None or getattr(alarm, "id", None) != self.alarm_id or not self.core.alarm_open:
             return
-        if getattr(alarm, "acknowledged_at", None) is not None and self.core.alarm_open:
-            self._queue(_Op(acked_by=str(getattr(alarm, "acknowledged_by", None) or "guard"), alarm_id=alarm.id))
+        if not alarm.active:  # a person resolved it outright (this rule's own resolves clear alarm_id first)
+            self._queue(_Op(acked_by=str(alarm.resolved_by or "guard"), alarm_id=alarm.id, resolved=True))
+        elif alarm.acknowledged_at is not None:
+            self._queue(_Op(acked_by=str(alarm.acknowledged_by or "guard"), alarm_id=alarm.id))
 
     # --- the tasks ------------------------------------------------------------------------------------------
 
@@ -218,9 +221,11 @@ class EbikeRunner:
                 if op.alarm_id == self.alarm_id and self.core.alarm_open:
                     self.counts["guard_releases"] += 1
                     log.info("%s: %s acknowledged the e-bike alarm: lift released", self.cam.id, op.acked_by)
+                    if op.resolved:
+                        self.alarm_id = None
                     for a in self.core.release(self._now(self._clock()), by=op.acked_by):
                         if isinstance(a, ResolveAlarm):
-                            await self._resolve(a)
+                            await self._resolve(a)  # nothing to do when it was resolved already
                         else:
                             self._apply([a])
                 continue
