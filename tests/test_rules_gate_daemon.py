@@ -101,6 +101,7 @@ async def test_a_resident_opens_the_gate_and_a_visitor_is_announced(tmp_path: Pa
             assert RESIDENT not in _plates_in(run.seen)
             assert gate.counts["opens"] == 1 and gate.counts["open_failed"] == 0
             assert gate.counts["second_opinions"] > 0  # the general text reader read the crops too
+            assert gate.stats()["decision_ms_p99"] is not None and gate.stats()["reads_in_flight"] <= 2
 
 
 async def test_an_expired_entry_does_not_open(tmp_path: Path, barrier: Barrier, resident_only_clip: Path) -> None:

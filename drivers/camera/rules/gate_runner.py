@@ -36,6 +36,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,6 +62,7 @@ CROP_MARGIN: Final = 0.08  # of the vehicle box, each side: the plate sits at it
 OPEN_TIMEOUT_S: Final = 5.0
 VISITOR_REPEAT_S: Final = 60.0  # the same visitor plate again within this is not announced again (counted)
 MAX_ANNOUNCED: Final = 256
+LATENCY_WINDOW: Final = 256
 
 
 class Engine(Protocol):
@@ -138,6 +140,7 @@ class GateRunner:
         self._ops: asyncio.Queue[tuple[str, int, float, PlateObservation | None, PlateObservation | None]] = \
             asyncio.Queue(MAX_OPS)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.decision_s: deque[float] = deque(maxlen=LATENCY_WINDOW)  # from a track's first frame in the zone
         self._announced: dict[str, float] = {}  # visitor plate -> when it was last announced (monotonic)
         self.counts: dict[str, int] = dict.fromkeys(
             ("reads", "reads_with_plate", "second_opinions", "reads_deferred", "reads_busy", "reads_failed",
@@ -273,6 +276,7 @@ class GateRunner:
     # --- decisions -----------------------------------------------------------------------------------------
 
     async def _act(self, d: GateDecision, st: _TrackState | None) -> None:
+        self.decision_s.append(d.latency_s)
         if d.decision == "open":
             await self._open(d)
         elif d.decision == "visitor":
@@ -365,7 +369,8 @@ class GateRunner:
         task.add_done_callback(self._tasks.discard)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, "tracks": len(self._tracks), "voting": len(self._gate.active()),
+        p99 = round(float(np.percentile(np.fromiter(self.decision_s, float), 99)) * 1000) if self.decision_s else None
+        return {**self.counts, "decision_ms_p99": p99, "tracks": len(self._tracks), "voting": len(self._gate.active()),
                 "reads_in_flight": self._in_flight, "ops_queued": self._ops.qsize(), "evicted": self._gate.evicted}
 
     async def aclose(self) -> None:
