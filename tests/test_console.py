@@ -222,6 +222,10 @@ async def test_sos_on_the_console_viewer_refused_guard_acknowledges_and_the_sire
         r4 = await http.get(f"{env.url}/api/state", ssl=False)
         assert (r1.status, r2.status, r3.status, r4.status) == (401, 403, 401, 401)
         assert "default-src 'none'" in r4.headers["Content-Security-Policy"]
+        js = await http.get(f"{env.url}/static/app.js", ssl=False)  # public, small, sent again only when changed
+        assert js.status == 200 and "script-src 'self'" in js.headers["Content-Security-Policy"]
+        again = await http.get(f"{env.url}/static/app.js", ssl=False, headers={"If-None-Match": js.headers["ETag"]})
+        assert again.status == 304
     # A form posted from another site, in the guard's own (logged-in) browser: refused.
     evil = web.Application()
 

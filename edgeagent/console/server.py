@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import logging
 import re
 import time
@@ -192,6 +193,8 @@ class ConsoleServer:
         self._collector: ConsoleCollector | None = None
         self._static = {name: resources.files("edgeagent.console").joinpath("static", name).read_bytes()
                         for name in STATIC_FILES}
+        # Revalidated on every load (no-cache) but sent again only when changed: an ETag per file.
+        self._etags = {name: '"' + hashlib.sha256(body).hexdigest()[:16] + '"' for name, body in self._static.items()}
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -370,16 +373,21 @@ class ConsoleServer:
 
     # --- pages ---------------------------------------------------------------------------------------
 
-    async def _index(self, _request: web.Request) -> web.Response:
-        return web.Response(body=self._static["index.html"], content_type="text/html", charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+    async def _index(self, request: web.Request) -> web.Response:
+        return self._asset(request, "index.html")
 
     async def _static_file(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in STATIC_FILES or name == "index.html":
             raise web.HTTPNotFound
+        return self._asset(request, name)
+
+    def _asset(self, request: web.Request, name: str) -> web.Response:
+        headers = {"Cache-Control": "no-cache", "ETag": self._etags[name]}
+        if request.headers.get("If-None-Match") == self._etags[name]:
+            return web.Response(status=304, headers=headers)
         return web.Response(body=self._static[name], content_type=STATIC_FILES[name], charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers=headers)
 
     # --- login ---------------------------------------------------------------------------------------
 
