@@ -347,6 +347,9 @@ async def test_a_place_alarm_with_its_snapshot_and_a_removed_account(env: Env) -
     await viewer.evaluate("refresh()")
     await viewer.wait_for_selector("#login:not([hidden])", timeout=5_000)
     AccountStore(env.daemon.state_dir / USERS_PATH).add("viewer-wu", "viewer", PASSWORDS["viewer-wu"])
+    # A new password (same role) ends the guard's open sessions too.
+    AccountStore(env.daemon.state_dir / USERS_PATH).add("guard-li", "guard", PASSWORDS["guard-li"], replace=True)
+    assert await guard.evaluate("async () => (await fetch('/api/state')).status") == 401
 
 
 async def test_installer_tests_a_device(env: Env) -> None:

@@ -53,6 +53,7 @@ class Session:
     created: float
     seen: float
     remote: str = ""
+    credential: str = ""  # the account's stored hash at login: a new password ends the session
 
 
 class Sessions:
@@ -64,9 +65,9 @@ class Sessions:
         self._max = max_sessions
         self.evicted = 0
 
-    def create(self, user: str, role: Role, remote: str) -> Session:
+    def create(self, user: str, role: Role, remote: str, credential: str = "") -> Session:
         now = time.monotonic()
-        s = Session(secrets.token_urlsafe(32), user, role, secrets.token_urlsafe(32), now, now, remote)
+        s = Session(secrets.token_urlsafe(32), user, role, secrets.token_urlsafe(32), now, now, remote, credential)
         self._by_token[s.token] = s
         while len(self._by_token) > self._max:
             self._by_token.popitem(last=False)

@@ -344,13 +344,13 @@ class ConsoleServer:
 
     async def _account(self, session: Session) -> Account | None:
         """The session's account as the file says now (read in a thread; cached by the file's mtime): a removed
-        account or a changed role counts at once. None: gone or changed, and the session is ended."""
+        account, a changed role or a new password counts at once. None: gone or changed, the session ended."""
         try:
             account = await asyncio.to_thread(self.accounts.get, session.user)
         except AccountError as exc:
             log.error("console accounts: %s", exc)
             return None
-        if account is None or account.role != session.role:
+        if account is None or account.role != session.role or account.hash != session.credential:
             self.sessions.end(session.token)
             return None
         return account
@@ -417,7 +417,7 @@ class ConsoleServer:
             await self._audit(None, "login", user, "refused", "wrong user or password", user=user, remote=remote)
             return _error(401, "login", "wrong user or password")
         self.limiter.succeeded([f"user:{user}"])
-        session = self.sessions.create(account.name, account.role, remote)
+        session = self.sessions.create(account.name, account.role, remote, account.hash)
         await self._audit(session, "login", account.name, "ok")
         resp = _json(self._session_json(session, account))
         resp.set_cookie(COOKIE, session.token, secure=True, httponly=True, samesite="Strict", path="/")
