@@ -29,7 +29,7 @@ from edgeagent.drivers.camera.rules.alarm_kinds import CAMERA_RULE_ALARM_KINDS
 from edgeagent.drivers.camera.rules.fall_runner import FallObserver, FallSettings
 from edgeagent.drivers.camera.rules.falls import FallSpec
 from edgeagent.drivers.camera.rules.thrown import ThrownParams
-from edgeagent.drivers.camera.rules.thrown_runner import ThrownRunner, ThrownSettings, crop_spec
+from edgeagent.drivers.camera.rules.thrown_runner import ThrownRunner, ThrownSettings, alarm_place, crop_spec
 from edgeagent.drivers.camera.tracker import Tracker
 from edgeagent.kernel.alarms.engine import AlarmConfig, AlarmEngine
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
@@ -111,7 +111,7 @@ async def test_a_throw_on_the_stream_raises_one_thrown_object_alarm_with_its_win
             bgr_frames = source.delivered
     (event,) = rig.raised("thrown_object")
     d = event.data
-    assert d["place"] == "block 3 south" and event.device_id == "facade-1"
+    assert d["place"] == "block 3 south, floor 9 window 3" and event.device_id == "facade-1"
     details = d["details"]
     assert (details["floor"], details["column"]) == (9, 3)
     points = [tuple(map(float, p.split(","))) for p in details["trajectory"].split(";")]
@@ -124,6 +124,13 @@ async def test_a_throw_on_the_stream_raises_one_thrown_object_alarm_with_its_win
     assert tap.delivered >= 4 * bgr_frames > 0
     assert runner.counts["clips"] == 1 and runner.counts["raised"] >= 1
     assert tap.stats()["errors"] == 0
+
+
+def test_the_alarm_place_names_the_window_within_the_lifecycle_limit() -> None:
+    assert alarm_place("block 3 south", (9, 3)) == "block 3 south, floor 9 window 3"
+    assert alarm_place("block 3 south", None) == "block 3 south"
+    long = alarm_place("x" * 80, (12, 6))
+    assert len(long) == 64 and long.endswith(", floor 12 window 6")
 
 
 def test_the_facade_moves_into_its_region_of_interest_and_back() -> None:
@@ -254,7 +261,7 @@ devices:
             cap: Any = daemon.capability("cameras")
             status = cap.status()["cameras"]["facade-south"]
     (event,) = run.of("alarm.raised", "facade-south")
-    assert event.data["kind"] == "thrown_object" and event.data["place"] == "block 3 south"
+    assert event.data["kind"] == "thrown_object" and event.data["place"] == "block 3 south, floor 9 window 3"
     assert (event.data["details"]["floor"], event.data["details"]["column"]) == (9, 3)
     assert "video/mp4" in [a.media_type for a in event.attachments]
     rules = status["rules"]
