@@ -143,9 +143,9 @@ class GateRunner:
         self.decision_s: deque[float] = deque(maxlen=LATENCY_WINDOW)  # from a track's first frame in the zone
         self._announced: dict[str, float] = {}  # visitor plate -> when it was last announced (monotonic)
         self.counts: dict[str, int] = dict.fromkeys(
-            ("reads", "reads_with_plate", "second_opinions", "reads_deferred", "reads_busy", "reads_failed",
-             "ops_dropped", "visitor_repeats", "opens", "open_failed", "visitors", "undecided", "calls",
-             "events_failed"), 0)
+            ("reads", "reads_with_plate", "second_opinions", "second_opinion_failed", "reads_deferred",
+             "reads_busy", "reads_failed", "ops_dropped", "visitor_repeats", "opens", "open_failed", "visitors",
+             "undecided", "calls", "events_failed"), 0)
 
     # --- the pipeline's tick (on the loop: returns at once) ------------------------------------------------
 
@@ -228,9 +228,20 @@ class GateRunner:
         corners = np.asarray([(p[0], p[1]) for p in best.points or ()], np.float32)
         flat = await asyncio.to_thread(warp_plate, crop, corners)
         models = [self.rule.plate_reader] + ([self.rule.second_opinion] if self.rule.second_opinion else [])
-        results = await asyncio.gather(*(self._engine.infer(m, [flat], camera=self.cam.id) for m in models))
-        reads = [_observation(r[0]) for r in results]
-        return reads[0], reads[1] if len(reads) > 1 else None
+        results = await asyncio.gather(*(self._engine.infer(m, [flat], camera=self.cam.id) for m in models),
+                                       return_exceptions=True)
+        first, *rest = results
+        if isinstance(first, BaseException):
+            raise first  # the plate reader's failure is the read's
+        second: PlateObservation | None = None
+        other = rest[0] if rest else None
+        if isinstance(other, BaseException):
+            if not isinstance(other, InferenceError):
+                raise other
+            self.counts["second_opinion_failed"] += 1  # the plate reader's read still votes
+        elif other is not None:
+            second = _observation(other[0])
+        return _observation(first[0]), second
 
     # --- the voting core, on its worker --------------------------------------------------------------------
 
@@ -251,7 +262,7 @@ class GateRunner:
                 if kind == "tick":
                     if not gate.active():
                         continue
-                    decisions = gate.tick(now, at)
+                    decisions = await asyncio.to_thread(gate.tick, now, at)  # a timeout looks the plate up
                 elif kind == "start":
                     decisions = await asyncio.to_thread(gate.feed, track_id, now, at)
                 elif kind == "read":
