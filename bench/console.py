@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -76,10 +77,10 @@ def band_id(i: int) -> str:
 
 
 def write_config(path: Path, state: Path, local_port: int, modbus_port: int, console_port: int, residents: int,
-                 cameras: int) -> None:
+                 cameras: int, health_port: int) -> None:
     lines = [
         "version: 1", "site_id: bench", "gateway_id: gw-bench", f"state_dir: {state}", "log_level: warning",
-        "clock: {sync: synced}", "health: {enabled: false}",
+        "clock: {sync: synced}", f"health: {{host: 127.0.0.1, port: {health_port}}}",
         f"console: {{host: 127.0.0.1, port: {console_port}}}",
         "modbus:", "  buses:", f"    lan: {{kind: tcp, host: 127.0.0.1, port: {modbus_port}, timeout_s: 0.3}}",
         "cameras: {privacy: {enabled: false}}",
@@ -159,7 +160,9 @@ async def phase_latency(args: argparse.Namespace, work: Path, browser: Browser) 
     broker.start()
     modbus_port, console_port = free_port(), free_port()
     cfg = work / "latency.yaml"
-    write_config(cfg, work / "state-latency", broker.port, modbus_port, console_port, args.alarms, args.cameras)
+    health_port = free_port()
+    write_config(cfg, work / "state-latency", broker.port, modbus_port, console_port, args.alarms, args.cameras,
+                 health_port)
     AccountStore(work / "state-latency" / USERS_PATH).add("guard", "guard", PASSWORD, replace=True)
     band = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="ble-gw-north")
     band.connect("127.0.0.1", broker.port)
@@ -189,6 +192,10 @@ async def phase_latency(args: argparse.Namespace, work: Path, browser: Browser) 
                     await asyncio.sleep(0.02)
                 visible.append(float(seen) - t0)
                 await asyncio.sleep(args.interval)
+            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=10) as resp:
+                print("console counters after the alarms:", ", ".join(
+                    line.replace("edgeagent_console_", "") for line in resp.read().decode().splitlines()
+                    if line.startswith("edgeagent_console_")))
             for _ in range(args.renders):
                 tab = await ctx.new_page()
                 t0 = time.perf_counter()
@@ -208,7 +215,7 @@ async def phase_idle(args: argparse.Namespace, work: Path, browser: Browser) -> 
     broker.start()
     modbus_port, console_port = free_port(), free_port()
     cfg = work / "idle.yaml"
-    write_config(cfg, work / "state-idle", broker.port, modbus_port, console_port, 5, 0)
+    write_config(cfg, work / "state-idle", broker.port, modbus_port, console_port, 5, 0, free_port())
     AccountStore(work / "state-idle" / USERS_PATH).add("guard", "guard", PASSWORD, replace=True)
     url = f"https://127.0.0.1:{console_port}"
     try:
