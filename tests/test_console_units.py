@@ -196,3 +196,21 @@ def test_console_enable_writes_the_section_keeping_comments_and_certifies_the_ad
     assert "host: 10.0.0.7" in cfg.read_text() and "port: 9443" in cfg.read_text()
     r = cli("enable", "--host", "guard-pc")
     assert r.exit_code == 1 and "not an IP address" in r.stderr
+
+
+async def test_a_console_whose_certificate_cannot_be_read_leaves_the_daemon_running(tmp_path: Path) -> None:
+    from edgeagent.app import Daemon
+    from edgeagent.capabilities import Config
+    from tests.helpers import running_daemon
+
+    cfg = Config.model_validate({
+        "version": 1, "site_id": "s", "gateway_id": "g", "state_dir": str(tmp_path / "state"),
+        "clock": {"sync": "synced"}, "health": {"enabled": False},
+        "console": {"port": 0, "tls": {"cert_file": str(tmp_path / "missing.pem"),
+                                       "key_file": str(tmp_path / "missing.key")}}})
+    daemon = Daemon(cfg)
+    async with running_daemon(daemon) as run:
+        assert daemon.console is not None and daemon.console.url is None
+        assert daemon.healthy()[0]
+        await daemon.alarms.raise_("sos", "r-1", "band-1")  # the alarms work without the console
+        assert run.of("alarm.raised")

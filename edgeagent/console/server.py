@@ -221,8 +221,12 @@ class ConsoleServer:
     async def start(self) -> None:
         self.ctx.sink.observe(self._on_event)
         self.ctx.alarms.listen(self._on_alarm)
-        cert, key = await asyncio.to_thread(self._certificate)
-        ssl_ctx = await asyncio.to_thread(tls.server_context, cert, key)
+        try:
+            cert, key = await asyncio.to_thread(self._certificate)
+            ssl_ctx = await asyncio.to_thread(tls.server_context, cert, key)
+        except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError) the alarms must run without a console
+            log.error("console not started: its certificate cannot be used: %s", exc)
+            return
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port, ssl_context=ssl_ctx)
