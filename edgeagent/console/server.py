@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -190,6 +191,8 @@ class ConsoleServer:
         self.url: str | None = None
         self.fingerprint: str | None = None
         self.audit_failed = 0
+        self._alarm_version = 0  # bumped on every alarm change pushed to the screens
+        self._epoch = secrets.token_hex(8)  # this run's: versions restart at 0 with the daemon
         self._collector: ConsoleCollector | None = None
         self._static = {name: resources.files("edgeagent.console").joinpath("static", name).read_bytes()
                         for name in STATIC_FILES}
@@ -294,7 +297,9 @@ class ConsoleServer:
 
     async def _on_alarm(self, _alarm: Alarm) -> None:
         # The whole active list (small): a screen renders it as it comes, without asking again.
-        self.feed.broadcast("alarms", self._alarm_cards())
+        self._alarm_version += 1
+        self.feed.broadcast("alarms", {"epoch": self._epoch, "version": self._alarm_version,
+                                       "alarms": self._alarm_cards()})
 
     def _alarm_cards(self) -> list[dict[str, Any]]:
         now = datetime.now(UTC)
@@ -456,7 +461,8 @@ class ConsoleServer:
         return {
             "server_time": utc_ms(datetime.now(UTC)), "site_id": self.ctx.site_id, "gateway_id": self.ctx.gateway_id,
             "healthy": st.get("healthy"), "health_detail": st.get("health_detail"),
-            "alarms": self._alarm_cards(),
+            # With its version (no await between the two): a screen keeps whichever of this and a push is newer.
+            "alarms": self._alarm_cards(), "alarms_version": self._alarm_version, "epoch": self._epoch,
             "uplink": {k: uplink.get(k) for k in ("state", "broker", "last_error", "published_events")},
             "outbox": st.get("outbox", {}).get("classes", {}),
             "tasks": [t for t in st.get("tasks", []) if t.get("state") not in ("running", "done")],
@@ -490,7 +496,8 @@ class ConsoleServer:
         try:
             await resp.prepare(request)
             # The active alarms right away: a screen draws its cards before its full state arrives.
-            hello = orjson.dumps({"alarms": self._alarm_cards()}, default=str)
+            hello = orjson.dumps({"epoch": self._epoch, "version": self._alarm_version,
+                                  "alarms": self._alarm_cards()}, default=str)
             await resp.write(b"retry: 2000\nevent: hello\ndata: " + hello + b"\n\n")
             while True:
                 get = asyncio.ensure_future(client.queue.get())

@@ -67,6 +67,7 @@ function el(tag, attrs, ...children) {
 }
 
 const S = { session: null, state: null, tab: "alarms", clockSkewMs: 0, es: null, gateEvents: [], audio: null,
+  alarmVersion: -1, epoch: null,  // of the alarms shown: pushes and state answers carry them, the newer wins
   answered: new Set() };  // gate calls answered on this screen (by event id)
 
 function applyLang() {
@@ -103,6 +104,9 @@ function showLogin() {
   if (S.es) { S.es.close(); S.es = null; }  // a logged-out screen stops asking the stream again
   S.session = null;
   S.state = null;
+  S.gateEvents = [];
+  S.alarmVersion = -1;
+  S.epoch = null;
   $("login").hidden = false;
   $("tabs").hidden = true;
   $("logout").hidden = true;
@@ -164,10 +168,31 @@ async function refresh() {
   const r = await api("/api/state");
   if (r.status === 401) { showLogin(); return; }
   if (r.status !== 200) return;
-  S.state = r.data;  // (alarms pushed meanwhile are in it: the state is newer than the push it replaces)
+  // The answer may be older than what the stream pushed meanwhile: keep the newer alarms, merge gate events.
+  if (S.state && S.state.alarms && r.data.epoch === S.epoch && r.data.alarms_version < S.alarmVersion) {
+    r.data.alarms = S.state.alarms;
+  } else {
+    S.epoch = r.data.epoch;
+    S.alarmVersion = r.data.alarms_version;
+  }
+  S.state = r.data;
   S.clockSkewMs = Date.parse(r.data.server_time) - Date.now();
-  S.gateEvents = (r.data.gate_events || []).slice().reverse();
+  mergeGate(r.data.gate_events || []);
   renderAll();
+}
+
+function mergeGate(rows) {
+  const byId = new Map();
+  for (const e of [...S.gateEvents, ...rows]) if (!byId.has(e.id)) byId.set(e.id, e);
+  S.gateEvents = [...byId.values()].sort((a, b) => (a.occurred_at < b.occurred_at ? 1 : -1)).slice(0, 30);
+}
+
+function pushedAlarms(msg) {
+  if (msg.epoch === S.epoch && msg.version < S.alarmVersion) return;  // (another epoch: the daemon restarted)
+  S.epoch = msg.epoch;
+  S.alarmVersion = msg.version;
+  S.state.alarms = msg.alarms || [];
+  renderAlarms();
 }
 
 let refreshTimer = null;
@@ -182,22 +207,17 @@ function connect() {
   S.es = es;
   es.addEventListener("hello", (m) => {
     $("conn").className = "dot on";
-    const first = !S.state;
-    if (first) {
-      S.state = { alarms: JSON.parse(m.data).alarms || [] };  // cards first; the full state follows
-      renderAlarms();
-    } else refreshSoon();  // a reconnect: what was missed meanwhile
+    if (!S.state) S.state = { alarms: [] };  // cards first; the full state follows
+    pushedAlarms(JSON.parse(m.data));
+    refreshSoon();  // (on a reconnect: what was missed meanwhile)
   });
   es.addEventListener("alarms", (m) => {
-    if (!S.state) return;
-    S.state.alarms = JSON.parse(m.data);
-    renderAlarms();
+    if (S.state) pushedAlarms(JSON.parse(m.data));
   });
   es.addEventListener("event", (m) => {
     const ev = JSON.parse(m.data);
     if (ev.type.startsWith("gate.")) {
-      S.gateEvents.unshift(ev);
-      S.gateEvents = S.gateEvents.slice(0, 30);
+      mergeGate([ev]);
       renderGate();
     }
     if (ev.type.startsWith("device.") || ev.type.startsWith("uplink.")) refreshSoon();
@@ -277,6 +297,7 @@ function ensureAudio() {
 }
 
 $("sound").addEventListener("click", () => { ensureAudio(); updateSound(); });
+document.addEventListener("click", () => { if (S.session && (!S.audio || S.audio.state !== "running")) { ensureAudio(); setTimeout(updateSound, 100); } });
 
 let beepTimer = null;
 function beep() {
@@ -309,7 +330,10 @@ function ringing() {
 function updateSound() {
   const on = ringing();
   document.body.dataset.sounding = on ? "1" : "0";
-  $("sound").hidden = !(on && (!S.audio || S.audio.state !== "running"));
+  // Browsers play sound only after a click on the page: the button shows until then (flashing while ringing).
+  const silent = !S.audio || S.audio.state !== "running";
+  $("sound").hidden = !(S.session && silent);
+  $("sound").classList.toggle("danger", on && silent);
   if (on && !beepTimer) { beep(); beepTimer = setInterval(beep, 1000); }
   if (!on && beepTimer) { clearInterval(beepTimer); beepTimer = null; }
 }
