@@ -150,22 +150,6 @@ async def test_slow_consumer_drops_oldest_and_counts(server: RtspServer) -> None
         await it.aclose()
 
 
-async def test_a_newest_consumer_takes_the_newest_queued_frame_and_counts_the_rest(server: RtspServer) -> None:
-    async with RtspSource(server.url, name="cam0", queue_frames=3, **FAST) as src:
-        plain = src.frames().__aiter__()
-        fresh = src.frames(newest=True).__aiter__()
-        await asyncio.wait_for(plain.__anext__(), 20)
-        await asyncio.wait_for(fresh.__anext__(), 20)
-        assert await wait_until(lambda: src.stats()["queue_depth"] >= 3, 20)  # both hold still: queues fill
-        dropped = src.stats()["dropped"]
-        a = await asyncio.wait_for(plain.__anext__(), 5)
-        f = await asyncio.wait_for(fresh.__anext__(), 5)
-        assert f.seq > a.seq  # the plain consumer takes the oldest of its queue, the other the newest
-        assert src.stats()["dropped"] > dropped  # what it passed over is counted as dropped
-        await plain.aclose()
-        await fresh.aclose()
-
-
 async def test_decode_fps_converts_only_needed_frames(server: RtspServer) -> None:
     async with RtspSource(server.url, name="cam0", decode_fps=2.5, **FAST) as src:
         frames = await take(src, 6)
@@ -569,6 +553,14 @@ async def test_the_pipeline_gates_on_the_luma_in_the_reader_and_converts_only_fo
 
     seen: list[Frame] = []
 
+    class Watcher:
+        def __init__(self, *, needs_image: bool) -> None:
+            self.needs_image = needs_image
+            self.ready: list[bool] = []
+
+        def on_tick(self, frame: Any, tracks: Any, ended: Any, now: float) -> None:
+            self.ready.append(frame.image_ready)
+
     class Recorded:
         """The source as the pipeline sees it, keeping each frame it was given."""
 
@@ -590,6 +582,8 @@ async def test_the_pipeline_gates_on_the_luma_in_the_reader_and_converts_only_fo
             RtspSource(server.url, name="cam0", decode_fps=5, **FAST) as src:
         pipe = CameraPipeline(cam, detector=engine, model="nanodet", input_size=416,
                               sink=Sink(), evidence=None)  # type: ignore[arg-type]
+        lazy, eager = Watcher(needs_image=False), Watcher(needs_image=True)
+        pipe.observers.append(lazy)
         task = asyncio.create_task(pipe.run(Recorded(src)))
         try:
             assert await wait_until(lambda: pipe.stats.ticks >= 40, 30)
@@ -597,10 +591,21 @@ async def test_the_pipeline_gates_on_the_luma_in_the_reader_and_converts_only_fo
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         assert pipe.analyze not in src.analyzers  # the pipeline leaves with its analyzer
-    st = pipe.stats
-    assert st.motion_here == 0  # every tick's motion came from the reader thread
-    assert 0 < st.detector_runs < st.ticks
-    attempted = st.detector_runs + st.skipped_busy + st.skipped_error
+        first_stats = dict(pipe.stats.as_dict(), motion_here=pipe.stats.motion_here)
+        # An observer that needs the picture gets it converted (off the loop) on every tick.
+        pipe.observers.append(eager)
+        task = asyncio.create_task(pipe.run(src))
+        try:
+            assert await wait_until(lambda: len(eager.ready) >= 10, 30)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert all(eager.ready) and len(lazy.ready) > len(eager.ready)
+    assert not all(lazy.ready[:40])  # alone, the lazy observer saw unconverted frames on quiet ticks
+    st = first_stats
+    assert st["motion_here"] == 0  # every tick's motion came from the reader thread
+    assert 0 < st["detector_runs"] < st["ticks"]
+    attempted = st["detector_runs"] + st["skipped_busy"] + st["skipped_error"]
     # BGR only for the frames the detector ran on (the last may still be in flight at cancel).
     assert attempted <= sum(f.image_ready for f in seen) <= attempted + 1
 
@@ -610,7 +615,8 @@ async def test_idle_decodes_keyframes_only_and_resumes_mid_gop_at_once(server: R
         it = src.frames().__aiter__()
         await asyncio.wait_for(it.__anext__(), 20)
         src.set_idle(True)
-        idle = [await asyncio.wait_for(it.__anext__(), 5) for _ in range(5)]
+        # Up to three frames decoded before the reader saw the request may still come (two queued, one read).
+        idle = [await asyncio.wait_for(it.__anext__(), 5) for _ in range(6)]
         st = src.stats()
         assert st["idle"] and st["idle_spells"] == 1 and st["idle_skipped"] > 0
         # One picture per GOP (the clip's GOP is 10 frames at 10 fps): the last ones are a second apart.
@@ -627,3 +633,19 @@ async def test_idle_decodes_keyframes_only_and_resumes_mid_gop_at_once(server: R
         assert gaps == [pytest.approx(0.2, abs=0.05)] * 3
         assert not src.stats()["idle"]
         await it.aclose()
+
+
+async def test_a_newest_consumer_takes_the_newest_queued_frame_and_counts_the_rest(server: RtspServer) -> None:
+    async with RtspSource(server.url, name="cam0", queue_frames=3, **FAST) as src:
+        plain = src.frames().__aiter__()
+        fresh = src.frames(newest=True).__aiter__()
+        await asyncio.wait_for(plain.__anext__(), 20)
+        await asyncio.wait_for(fresh.__anext__(), 20)
+        assert await wait_until(lambda: src.stats()["queue_depth"] >= 3, 20)  # both hold still: queues fill
+        dropped = src.stats()["dropped"]
+        a = await asyncio.wait_for(plain.__anext__(), 5)
+        f = await asyncio.wait_for(fresh.__anext__(), 5)
+        assert f.seq > a.seq  # the plain consumer takes the oldest of its queue, the other the newest
+        assert src.stats()["dropped"] > dropped  # what it passed over is counted as dropped
+        await plain.aclose()
+        await fresh.aclose()

@@ -88,7 +88,11 @@ class TickObserver(Protocol):
     """Something that follows a camera's tracks tick by tick (the community rules: plates, e-bikes, falls).
     Called on the loop after the tracker, once per detection tick, with every current track and the tracks
     that ended this tick. It must return at once: heavy work (a plate read, a pose) goes to the engine or a
-    thread from a task of its own, bounded by the observer."""
+    thread from a task of its own, bounded by the observer.
+
+    ``frame.image`` is converted to BGR (off the loop) before the observers are called, unless every observer
+    has ``needs_image = False`` (one that converts it itself, off the loop, only when it needs it): a frame from
+    the source carries only its luma plane until something asks for BGR."""
 
     def on_tick(self, frame: FrameLike, tracks: Sequence[Track], ended: Sequence[Track], now: float) -> None: ...
 
@@ -344,6 +348,8 @@ class CameraPipeline:
                 self._spawn(self._object_event(frame, t, w, h))
         for hit in hits:
             self._spawn(self._rule_event(frame, hit, w, h))
+        if not getattr(frame, "image_ready", True) and any(getattr(o, "needs_image", True) for o in self.observers):
+            await asyncio.to_thread(_image_of, frame)  # BGR for the observers, converted off the loop
         for observer in self.observers:
             try:
                 observer.on_tick(frame, self.tracks, update.ended, now)
