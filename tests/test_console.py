@@ -306,7 +306,8 @@ async def test_gate_visitor_call_open_devices_and_english(env: Env) -> None:
     await guard.click('.card.ringing[data-event="gate.call"] button.open-for')
     assert await wait_until(lambda: ("open_trigger", True) in env.sim[1].writes, 10)
     assert await wait_until(lambda: env.of("gate.commanded"), 5)
-    assert env.of("gate.commanded")[-1].data["by"] == "console:guard-li"
+    assert (env.of("gate.commanded")[-1].data["by"], env.of("gate.commanded")[-1].data["via"]) == \
+        ("console:guard-li", "console")
     opened = await guard.wait_for_selector('.card[data-event="gate.commanded"]', timeout=5_000)
     assert opened is not None and "访客放行" in await opened.inner_text()
     assert await wait_until(lambda: any(e.data["action"] == "gate.open" and e.data["outcome"] == "ok"

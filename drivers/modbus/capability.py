@@ -83,7 +83,8 @@ class ModbusCapability(Capability):
 
         async def gate(args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
             a = validate_args(LocalGateArgs, args)
-            via = "local" if who.startswith(RULE_CALLER) else "cli"  # a rule on the box (a plate match), or a person
+            # a rule on the box (a plate match), a guard in the console ('console:<user>'), or a person at the CLI
+            via = "local" if who.startswith(RULE_CALLER) else "console" if who.startswith("console:") else "cli"
             return await service.gate(a.device_id, a.command, reason=a.reason, by=who, via=via, note=a.note)
 
         async def charger_reset(args: Mapping[str, Any], who: str) -> Mapping[str, Any]:

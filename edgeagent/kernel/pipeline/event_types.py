@@ -185,7 +185,7 @@ class GateCommanded(EventData):
     command: str = Field(description="open, close, hold_open, release, ...")
     reason: str = Field(description="plate_match, guard_room, cloud_command, visitor, ...")
     by: str = Field(description="who asked: 'platform', an operator name, 'plate:<id>'")
-    via: str = Field(description="cloud, cli, local")
+    via: str = Field(description="cloud, cli, local, console")
     outcome: Literal["executed", "failed"]
     latency_ms: float = Field(ge=0, description="from the request to the write being acknowledged")
     note: str | None = None
