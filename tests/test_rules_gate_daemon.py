@@ -81,7 +81,9 @@ async def test_a_resident_opens_the_gate_and_a_visitor_is_announced(tmp_path: Pa
     async with barrier:
         daemon = Daemon(config(tmp_path, barrier.port, GATE_CLIP))
         async with running_daemon(daemon) as run:
-            assert await wait_until(lambda: run.of("gate.commanded", "car-gate"), 15)
+            gate = daemon.capability("cameras").service.runners["gate-cam"].gate  # type: ignore[union-attr]
+            assert await wait_until(lambda: run.of("gate.commanded", "car-gate"), 15), str(
+                (gate.stats(), [(e.type, e.data) for e in run.seen if e.type.startswith(("camera.", "gate."))]))
             audit = run.of("gate.commanded", "car-gate")[0].data
             assert (audit["command"], audit["reason"], audit["via"], audit["outcome"]) == \
                 ("open", "plate_match", "local", "executed")
@@ -89,9 +91,8 @@ async def test_a_resident_opens_the_gate_and_a_visitor_is_announced(tmp_path: Pa
             assert OPEN in barrier[1].writes
             assert await wait_until(lambda: run.of("gate.opened", "car-gate"), 5)
             # then the visitor: announced with the plate and a snapshot, the gate left alone
-            gate = daemon.capability("cameras").service.runners["gate-cam"].gate  # type: ignore[union-attr]
             assert await wait_until(lambda: run.of("gate.visitor", "gate-cam"), 15), (
-                gate.stats(), [(e.type, e.data) for e in run.seen if e.type.startswith("camera.")])
+                str((gate.stats(), [(e.type, e.data) for e in run.seen if e.type.startswith("camera.")])))
             visitor = run.of("gate.visitor", "gate-cam")[0]
             assert visitor.data["plate"] == VISITOR and visitor.data["reason"] == "not_in_list"
             assert visitor.data["confidence"] >= 0.8
@@ -112,7 +113,7 @@ async def test_an_expired_entry_does_not_open(tmp_path: Path, barrier: Barrier, 
         async with running_daemon(daemon) as run:
             gate = daemon.capability("cameras").service.runners["gate-cam"].gate  # type: ignore[union-attr]
             assert await wait_until(lambda: run.of("gate.visitor", "gate-cam"), 15), (
-                gate.stats(), [(e.type, e.data) for e in run.seen if e.type.startswith("camera.")])
+                str((gate.stats(), [(e.type, e.data) for e in run.seen if e.type.startswith("camera.")])))
             visitor = run.of("gate.visitor", "gate-cam")[0].data
             assert visitor["plate"] == RESIDENT and visitor["reason"] == "entry_expired"
             assert OPEN not in barrier[1].writes and not run.of("gate.commanded")

@@ -15,6 +15,11 @@ shared inference engine. The reads are voted per track into one decision:
   ``VISITOR_REPEAT_S`` (one car the tracker split into two tracks) is counted, not announced again;
 * ``undecided`` (no plate read at all): counted and logged; the call button is the driver's way in.
 
+A vehicle is its track, except that a track lost for a moment (the detector missed the car for a few frames
+and the tracker started a new track where it stood) is handed over: a new vehicle track overlapping, within
+``HANDOVER_S``, the last box of an undecided vehicle that left continues that vehicle's votes (counted in
+``handovers``). A decided vehicle is never continued, so the next car in the lane gets its own decision.
+
 Privacy: a resident's plate leaves the box in no event (the open's audit names the track, not the plate, and
 the plate list is never sent); only visitors' plates are in events, because the guard room needs them.
 
@@ -63,6 +68,8 @@ OPEN_TIMEOUT_S: Final = 5.0
 VISITOR_REPEAT_S: Final = 60.0  # the same visitor plate again within this is not announced again (counted)
 MAX_ANNOUNCED: Final = 256
 LATENCY_WINDOW: Final = 256
+HANDOVER_S: Final = 1.5  # a vehicle track lost this long is ended; a new one where it was within it takes over
+HANDOVER_IOU: Final = 0.3
 
 
 class Engine(Protocol):
@@ -109,6 +116,7 @@ class _TrackState:
     reading: bool = False
     decided: bool = False  # its decision is taken: no more reads
     ended: bool = False
+    gone_s: float | None = None  # when it was last missed from the zone (a successor may take over)
     image: np.ndarray | None = None  # the frame of the last read, for the decision's snapshot
     box: Box = (0.0, 0.0, 0.0, 0.0)
     label: str = ""
@@ -141,11 +149,12 @@ class GateRunner:
             asyncio.Queue(MAX_OPS)
         self._tasks: set[asyncio.Task[None]] = set()
         self.decision_s: deque[float] = deque(maxlen=LATENCY_WINDOW)  # from a track's first frame in the zone
+        self._alias: dict[int, int] = {}  # a successor track's id -> the vehicle's first track id
         self._announced: dict[str, float] = {}  # visitor plate -> when it was last announced (monotonic)
         self.counts: dict[str, int] = dict.fromkeys(
             ("reads", "reads_with_plate", "second_opinions", "second_opinion_failed", "reads_deferred",
              "reads_busy", "reads_failed", "ops_dropped", "visitor_repeats", "opens", "open_failed", "visitors",
-             "undecided", "calls", "events_failed"), 0)
+             "undecided", "calls", "events_failed", "handovers"), 0)
 
     # --- the pipeline's tick (on the loop: returns at once) ------------------------------------------------
 
@@ -156,11 +165,12 @@ class GateRunner:
         for t in tracks:
             if not t.confirmed or t.label not in self._classes or not inside(self._zone, t.box, w, h):
                 continue
-            present.add(t.id)
-            st = self._tracks.get(t.id)
+            vid = self._alias.get(t.id, t.id)  # the vehicle: its first track's id
+            st = self._tracks.get(vid)
             if st is None:
-                st = self._tracks[t.id] = _TrackState()
-                self._op("start", t.id, now)
+                vid, st = self._handover(t)
+            present.add(vid)
+            st.gone_s = None
             st.box, st.label, st.score = t.box, t.label, float(t.score)
             # Every tick, matched or not: the pipeline re-detects a car waiting at the barrier only every few
             # seconds, and its last box is where it stands (a box a little off still holds the plate).
@@ -171,18 +181,35 @@ class GateRunner:
                 continue
             st.reading, st.last_read_s = True, now
             self._in_flight += 1
-            self._spawn(self._read(t.id, image, t.box, now))
+            self._spawn(self._read(vid, image, t.box, now))
         if len(self._tracks) > 4 * MAX_OPS // 8:  # ends lost to a full queue: forget the oldest ended tracks
             for tid in [k for k, v in self._tracks.items() if v.ended and not v.reading][:8]:
                 del self._tracks[tid]
-        gone = [tid for tid in self._tracks if tid not in present]
-        for tid in gone:
-            st = self._tracks[tid]
-            if not st.ended:
+        for vid, st in self._tracks.items():
+            if vid in present or st.ended:
+                continue
+            if st.gone_s is None:
+                st.gone_s = now  # gone from the zone, or its track lost: wait a moment for a successor
+            elif now - st.gone_s >= HANDOVER_S:
                 st.ended = True
                 if not st.reading:
-                    self._op("end", tid, now)
+                    self._op("end", vid, now)
         self._op("tick", 0, now)
+
+    def _handover(self, t: Track) -> tuple[int, _TrackState]:
+        """A new vehicle track: the same vehicle as one lost a moment ago where it now is (the tracker split it
+        when the detector missed it for a few frames), or a new one. Its reads then vote with the first
+        track's, still one decision per vehicle."""
+        for vid, st in self._tracks.items():
+            # Never to a decided vehicle: the next car in the lane must get a decision of its own (and a car
+            # mixed into another's votes can only make them disagree, never open for either).
+            if st.gone_s is not None and not st.ended and not st.decided and _iou(st.box, t.box) >= HANDOVER_IOU:
+                self._alias[t.id] = vid
+                self.counts["handovers"] += 1
+                return vid, st
+        st = self._tracks[t.id] = _TrackState()
+        self._op("start", t.id, self._clock())
+        return t.id, st
 
     # --- plate reads ---------------------------------------------------------------------------------------
 
@@ -278,6 +305,8 @@ class GateRunner:
                     st = self._tracks.get(track_id)
                     if st is not None and st.ended and not st.reading:
                         del self._tracks[track_id]
+                        for alias in [k for k, v in self._alias.items() if v == track_id]:
+                            del self._alias[alias]
         finally:
             for task in list(self._tasks):
                 task.cancel()
@@ -401,6 +430,14 @@ def vehicle_crop(image: np.ndarray, box: Box) -> np.ndarray | None:
     if x2 - x1 < 16 or y2 - y1 < 16:
         return None
     return np.ascontiguousarray(image[y1:y2, x1:x2])
+
+
+def _iou(a: Box, b: Box) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _observation(found: Sequence[Detection]) -> PlateObservation | None:
