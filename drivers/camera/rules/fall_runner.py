@@ -3,9 +3,12 @@ temporal fall head â†’ :class:`~edgeagent.drivers.camera.rules.falls.FallRule` â
 snapshot through the shared alarm lifecycle.
 
 :class:`FallObserver` is a pipeline :class:`~edgeagent.drivers.camera.pipeline.TickObserver`: on each
-detection tick (5 a second by default) it picks the person tracks the rule wants posed (matched this tick or
-stationary, confirmed, inside the configured zones or anywhere without zones), at most ``max_people``, and
-hands them to **one** job of its own: the crops are cut in a worker thread, MoveNet runs on them through the
+detection tick (5 a second by default) it picks the confirmed person tracks inside the configured zones (or
+anywhere without zones), at most ``max_people``, the largest first. Tracks the detector did not look at this
+tick are posed too, around their predicted box, and placed by their pose (see ``POSE_MIN_SCORE``): the
+pipeline re-checks a still person only every few seconds and a fall outruns the tracker, so without this the
+rule would go without poses exactly when it needs them (seen on a streamed fall: no alarm). The picked tracks
+go to **one** job of its own: the crops are cut in a worker thread, MoveNet runs on them through the
 shared inference engine (one request, the engine splits it into its batch), the rule is updated, and the
 windows it offers go to the fall head in one request. While that job runs, later ticks are skipped and
 counted (``ticks_busy``): at most one job per camera is in flight, so a slow engine costs fall readings, never
@@ -30,7 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import cv2
@@ -46,6 +49,15 @@ from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError
 log = logging.getLogger(__name__)
 
 ALARM_KIND = "video_fall"
+# A track the detector did not look at this tick is coasting: its box is the tracker's prediction. The pipeline
+# re-checks a still person only every few seconds, and a fall is too quick for the tracker (the box turns from
+# tall to wide in half a second, the prediction drifts on with the old velocity): a coasting person would give
+# the fall rule no poses just when they matter, and its 4 s window restarts after a 1 s gap. So the pose model
+# is run on coasting person tracks too, on a crop padded around the prediction; a pose found there that overlaps
+# this track more than any other person track (``POSE_MIN_SCORE`` at least) places the person: the track is
+# passed to the rule as seen this tick, with a box around the pose (the keypoints' box grown by POSE_BOX_GROW).
+POSE_MIN_SCORE = 0.3
+POSE_BOX_GROW = (0.1, 0.05)
 FALLEN_LABELS = ("normal", "descending", "fallen", "recovering")
 
 
@@ -94,6 +106,14 @@ def in_zones(box: Box, zones: Sequence[Sequence[tuple[float, float]]], w: int, h
     return False
 
 
+def _iou(a: Box, b: Box) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def _size(frame: FrameLike) -> tuple[int, int]:
     """The frame's width and height without touching ``image`` on the loop where the frame can tell (a
     source's frames may convert to BGR on first access)."""
@@ -122,9 +142,10 @@ class FallObserver:
         self._job: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_pose_s = -1e9
-        self.counts = {"ticks": 0, "ticks_busy": 0, "poses": 0, "pose_requests": 0, "pose_busy": 0,
-                       "pose_errors": 0, "head_requests": 0, "head_busy": 0, "head_errors": 0, "falls": 0,
-                       "recovered": 0, "raised": 0, "raise_failed": 0, "job_errors": 0}
+        self.counts = dict.fromkeys((
+            "ticks", "ticks_busy", "poses", "pose_requests", "pose_busy", "pose_errors", "pose_placed",
+            "head_requests", "head_busy", "head_errors", "falls", "recovered", "raised", "raise_failed",
+            "job_errors"), 0)
         self.raised: list[Any] = []  # the last alarms raised (bounded)
         self.events: list[FallEvent] = []  # the last rule events (bounded)
 
@@ -141,7 +162,7 @@ class FallObserver:
         people = [t for t in tracks if t.confirmed and t.label == s.spec.person_label]
         wanted: list[Track] = []
         if now - self._last_pose_s >= 1.0 / s.pose_fps - 1e-6:
-            wanted = [t for t in people if (t.matched or t.stationary) and in_zones(t.box, s.zones, w, h)]
+            wanted = [t for t in people if in_zones(t.box, s.zones, w, h)]
             wanted = sorted(wanted, key=lambda t: -(t.box[2] - t.box[0]) * (t.box[3] - t.box[1]))[:s.max_people]
         if not wanted:
             self._handle(self.rule.update(people, {}, w, h, now), frame, now)
@@ -155,7 +176,8 @@ class FallObserver:
     async def _pose_tick(self, frame: FrameLike, people: list[Track], wanted: list[Track], w: int, h: int,
                          now: float) -> None:
         try:
-            poses = await self._poses(frame, wanted)
+            poses, seen = await self._poses(frame, wanted, people, now)
+            people = [seen.get(t.id, t) for t in people]
             events = self.rule.update(people, poses, w, h, now)
             ready = self.rule.windows_ready()
             if ready:
@@ -165,7 +187,11 @@ class FallObserver:
             self.counts["job_errors"] += 1
             log.exception("%s: fall reading failed", self.camera_id)
 
-    async def _poses(self, frame: FrameLike, wanted: list[Track]) -> dict[int, np.ndarray]:
+    async def _poses(self, frame: FrameLike, wanted: list[Track], others: list[Track], now: float
+                     ) -> tuple[dict[int, np.ndarray], dict[int, Track]]:
+        """Poses by track id, and the coasting tracks the pose model placed (passed to the rule as seen this
+        tick: see ``POSE_MIN_SCORE``); ``others``: every person track (a pose closer to another is not this
+        one's)."""
         boxes = [t.detection.box if t.matched else t.box for t in wanted]
         crops = await asyncio.to_thread(lambda: _crops(frame.image, boxes))
         self.counts["pose_requests"] += 1
@@ -173,18 +199,31 @@ class FallObserver:
             found = await self._engine.infer(self.settings.pose_model, [c for c, _ in crops], camera=self.camera_id)
         except EngineBusy:
             self.counts["pose_busy"] += 1
-            return {}
+            return {}, {}
         except InferenceError as exc:
             self.counts["pose_errors"] += 1
             log.debug("%s: pose skipped: %s", self.camera_id, exc)
-            return {}
+            return {}, {}
         poses: dict[int, np.ndarray] = {}
+        seen: dict[int, Track] = {}
         for t, box, (_, where), dets in zip(wanted, boxes, crops, found, strict=True):
             best = pose_mod.best_pose([where.to_frame(d) for d in dets], box)
-            if best is not None and len(best.points) == pose_mod.N_KEYPOINTS:
-                poses[t.id] = pose_mod.keypoints_array(best)
+            if best is None or len(best.points) != pose_mod.N_KEYPOINTS:
+                continue
+            if not (t.matched or t.stationary):
+                own = _iou(best.box, t.box)
+                if best.score < POSE_MIN_SCORE or own <= 0.0 or any(
+                        _iou(best.box, o.box) > own for o in others if o.id != t.id):
+                    continue  # someone else's pose, or no one: the rule's handover decides
+                x1, y1, x2, y2 = best.box
+                gx, gy = (x2 - x1) * POSE_BOX_GROW[0], (y2 - y1) * POSE_BOX_GROW[1]
+                placed = (max(0.0, x1 - gx), max(0.0, y1 - gy), x2 + gx, y2 + gy)
+                seen[t.id] = replace(t, matched=True, last_seen_s=now, box=placed, detection=Detection(
+                    label=t.label, score=float(best.score), box=placed, model=self.settings.pose_model))
+                self.counts["pose_placed"] += 1
+            poses[t.id] = pose_mod.keypoints_array(best)
         self.counts["poses"] += len(poses)
-        return poses
+        return poses, seen
 
     async def _head(self, ready: list[tuple[int, np.ndarray]], now: float) -> list[FallEvent]:
         self.counts["head_requests"] += 1
