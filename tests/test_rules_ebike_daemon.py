@@ -150,9 +150,10 @@ async def test_the_door_is_never_held_past_max_hold(tmp_path: Path, relay: Relay
 async def test_after_a_restart_the_door_is_let_go_and_a_stale_alarm_resolved(tmp_path: Path, relay: Relay) -> None:
     """A daemon killed while the door was held: the relay module keeps the door held, and the alarm is restored.
     The next start switches the door off, and the restored alarm, with no bike seen since, is resolved."""
+    staying = tmp_path / "staying.mp4"  # the bike stays: its alarm is open when the first daemon stops
+    synth_scenes.write_clip(synth_scenes.lift_frames("motorcycle", stay_s=10), staying)
     async with relay:
-        cfg = config(tmp_path, relay.port, LIFT_CLIP)
-        first = Daemon(cfg)
+        first = Daemon(config(tmp_path, relay.port, staying))
         async with running_daemon(first) as run:
             assert await wait_until(lambda: _alarms(run), 20)
             alarm_id = _alarms(run)[0].data["alarm_id"]
@@ -170,4 +171,4 @@ async def test_after_a_restart_the_door_is_let_go_and_a_stale_alarm_resolved(tmp
             assert await wait_until(lambda: _alarms(run2, "alarm.resolved"), 10)
             resolved = _alarms(run2, "alarm.resolved")[0].data
             assert resolved["alarm_id"] == alarm_id and resolved["via"] == "auto"
-            assert ebike.counts["alarms_resolved"] == 1
+            assert await wait_until(lambda: ebike.counts["alarms_resolved"] == 1, 5)  # counted once resolve returns
