@@ -33,8 +33,8 @@ RESULT's ``thrown_alarm_p99_s`` is the sum of the two p99s (an upper bound of th
 
 Run from the repository root::
 
-    .venv/bin/python bench/rules.py            # ~6 min: e-bike 90 s, 200 plates, 60+40 façade sequences
-    .venv/bin/python bench/rules.py --quick    # ~2 min: e-bike 40 s, 48 plates, 16+8 sequences
+    .venv/bin/python bench/rules.py            # ~11 min: e-bike 90 s, 200 plates, 60+40 façade sequences
+    .venv/bin/python bench/rules.py --quick    # ~3.5 min: e-bike 40 s, 48 plates, 16+8 sequences
 
 The output ends with exactly one line::
 
