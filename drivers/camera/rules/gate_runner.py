@@ -20,6 +20,17 @@ and the tracker started a new track where it stood) is handed over: a new vehicl
 ``HANDOVER_S``, the last box of an undecided vehicle that left continues that vehicle's votes (counted in
 ``handovers``). A decided vehicle is never continued, so the next car in the lane gets its own decision.
 
+One open per car: a track split that the handover cannot join (the car was already decided, or the detector
+lost it for longer than ``HANDOVER_S``, as it does when the box is loaded and frames come slowly) gives the same
+car a second track and a second decision. A plate that opened this gate within :meth:`GateRunner.reopen_window_s`
+(``IN_LANE_AFTER_OPEN_S`` plus the rule's ``decide_after_s``: the car can still be in the lane, and a second
+track of it is decided at the latest that long after it starts) is therefore not commanded again, and not
+announced as a visitor either (a worse read of the same car); it is counted in ``open_repeats`` and logged.
+The key is the plate, not the resident: a resident's second car has its own plate and opens for itself. A car
+that backed out of the lane and came back within the window is not opened again by the box (the arm, raised for
+it moments ago, usually still is; if not, the call button rings the guard room); after the window it opens as
+any arrival. An open that failed is forgotten at once, so the car's next track tries again.
+
 Privacy: a resident's plate leaves the box in no event (the open's audit names the track, not the plate, and
 the plate list is never sent); only visitors' plates are in events, because the guard room needs them.
 
@@ -65,6 +76,7 @@ MAX_READS_IN_FLIGHT: Final = 2
 MAX_OPS: Final = 256
 CROP_MARGIN: Final = 0.08  # of the vehicle box, each side: the plate sits at its lower edge
 OPEN_TIMEOUT_S: Final = 5.0
+IN_LANE_AFTER_OPEN_S: Final = 20.0  # after an open: the arm rising (a few s) and the car driving through
 VISITOR_REPEAT_S: Final = 60.0  # the same visitor plate again within this is not announced again (counted)
 MAX_ANNOUNCED: Final = 256
 LATENCY_WINDOW: Final = 256
@@ -151,10 +163,11 @@ class GateRunner:
         self.decision_s: deque[float] = deque(maxlen=LATENCY_WINDOW)  # from a track's first frame in the zone
         self._alias: dict[int, int] = {}  # a successor track's id -> the vehicle's first track id
         self._announced: dict[str, float] = {}  # visitor plate -> when it was last announced (monotonic)
+        self._opened: dict[str, float] = {}  # plate -> when this gate was commanded open for it (monotonic)
         self.counts: dict[str, int] = dict.fromkeys(
             ("reads", "reads_with_plate", "second_opinions", "second_opinion_failed", "reads_deferred",
              "reads_busy", "reads_failed", "ops_dropped", "visitor_repeats", "opens", "open_failed", "visitors",
-             "undecided", "calls", "events_failed", "handovers"), 0)
+             "undecided", "calls", "events_failed", "handovers", "open_repeats"), 0)
 
     # --- the pipeline's tick (on the loop: returns at once) ------------------------------------------------
 
@@ -315,8 +328,26 @@ class GateRunner:
 
     # --- decisions -----------------------------------------------------------------------------------------
 
+    def reopen_window_s(self) -> float:
+        """How long after an open the same plate is taken for the same car (see the module docstring)."""
+        return IN_LANE_AFTER_OPEN_S + self.rule.decide_after_s
+
+    def _opened_recently(self, plate: str, now: float) -> float | None:
+        """Seconds since this gate opened for ``plate``, when within the window; else None."""
+        at = self._opened.get(plate)
+        return None if at is None or now - at >= self.reopen_window_s() else now - at
+
     async def _act(self, d: GateDecision, st: _TrackState | None) -> None:
         self.decision_s.append(d.latency_s)
+        if d.plate is not None and d.decision != "undecided":
+            # [1] Runs before the first await of this task, and the decisions' tasks start in order: an open
+            # is recorded before the next decision is looked at.
+            ago = self._opened_recently(d.plate, self._clock())
+            if ago is not None:
+                self.counts["open_repeats"] += 1
+                log.info("%s: vehicle track %d (%s) is the car this gate opened for %.1f s ago (a split track, "
+                         "or the car back): not commanded again", self.cam.id, d.track_id, d.decision, ago)
+                return
         if d.decision == "open":
             await self._open(d)
         elif d.decision == "visitor":
@@ -331,15 +362,24 @@ class GateRunner:
         who = f"{RULE_CALLER}plate:{self.cam.id}#{d.track_id}"
         note = f"camera {self.cam.id} track {d.track_id}"
         self.counts["opens"] += 1
+        plate = d.plate or ""  # an open is always for a voted plate
+        opened_at = self._opened[plate] = self._clock()  # [1] before any await
+        for old in [p for p, at in self._opened.items() if opened_at - at >= self.reopen_window_s()]:
+            del self._opened[old]
+        while len(self._opened) > MAX_ANNOUNCED:
+            self._opened.pop(next(iter(self._opened)))
+        if not await self._command_open(d, target, who, note) and self._opened.get(plate) == opened_at:
+            del self._opened[plate]  # the car's next track tries again
+
+    async def _command_open(self, d: GateDecision, target: str, who: str, note: str) -> bool:
         if target in self._outputs:
-            await self._pulse_open(target, who, note)
-            return
+            return await self._pulse_open(target, who, note)
         action = self._actions.get("gate")
         if action is None:
             self.counts["open_failed"] += 1
             log.error("%s: a listed plate is at the gate but %r is neither an output nor a gate this box runs",
                       self.cam.id, target)
-            return
+            return False
         try:
             async with asyncio.timeout(OPEN_TIMEOUT_S):
                 await action({"device_id": target, "command": "open", "reason": "plate_match", "note": note}, who)
@@ -347,8 +387,10 @@ class GateRunner:
             # The gate's capability audits its own failure (gate.commanded outcome failed).
             self.counts["open_failed"] += 1
             log.warning("%s: opening %s for track %d failed: %s", self.cam.id, target, d.track_id, exc)
+            return False
+        return True
 
-    async def _pulse_open(self, output: str, who: str, note: str) -> None:
+    async def _pulse_open(self, output: str, who: str, note: str) -> bool:
         started = time.monotonic()
         outcome, error = "executed", None
         try:
@@ -364,6 +406,7 @@ class GateRunner:
         if error:
             data["error"] = error
         await self._emit(GATE_COMMANDED.name, data)
+        return error is None
 
     async def _visitor(self, d: GateDecision, st: _TrackState | None) -> None:
         now = self._clock()
@@ -411,6 +454,8 @@ class GateRunner:
     def stats(self) -> dict[str, Any]:
         p99 = round(float(np.percentile(np.fromiter(self.decision_s, float), 99)) * 1000) if self.decision_s else None
         return {**self.counts, "decision_ms_p99": p99, "tracks": len(self._tracks), "voting": len(self._gate.active()),
+                "opened_recently": sum(1 for at in self._opened.values()
+                                       if self._clock() - at < self.reopen_window_s()),
                 "reads_in_flight": self._in_flight, "ops_queued": self._ops.qsize(), "evicted": self._gate.evicted}
 
     async def aclose(self) -> None:
