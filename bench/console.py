@@ -41,12 +41,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright
+from playwright.async_api import Browser, BrowserContext, Page
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,9 +56,9 @@ from edgeagent.console.server import USERS_PATH  # noqa: E402
 from edgeagent.demo import DEMO_CLIP  # noqa: E402
 from edgeagent.drivers.modbus.profile import shipped_profile  # noqa: E402
 from edgeagent.drivers.modbus.sim import ProfileSimulator  # noqa: E402
+from tests.browser import chromium  # noqa: E402
 from tests.peers import Mosquitto, free_port, wait_port  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "bench-pass-1"
 TICKS = os.sysconf("SC_CLK_TCK")
 OBSERVER = """() => {
@@ -139,15 +139,6 @@ async def logged_in(browser: Browser, url: str) -> tuple[BrowserContext, Page]:
     return ctx, page
 
 
-@contextlib.asynccontextmanager
-async def chromium() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM,
-                                           args=["--no-sandbox"] if os.geteuid() == 0 else [])
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 def pct(values: list[float], q: float) -> float:

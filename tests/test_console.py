@@ -29,7 +29,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright
+from playwright.async_api import Browser, BrowserContext, Page
 
 from edgeagent.app import Daemon
 from edgeagent.capabilities import load_config
@@ -41,12 +41,12 @@ from edgeagent.drivers.camera.rules.plate_list import PlateList, plates_path
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
 from edgeagent.kernel.pipeline.events import Attachment
+from tests.browser import chromium
 from tests.helpers import wait_until
 from tests.peers import Mosquitto, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CHROMIUM = "/usr/bin/chromium"
 BAND = "aabbccddeeff"
 PASSWORDS = {"guard-li": "guard-pass-1", "viewer-wu": "viewer-pass-1", "installer-ma": "install-pass-1"}
 
@@ -140,14 +140,12 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     band.connect("127.0.0.1", broker.port)
     band.loop_start()
     try:
-        async with sim, async_playwright() as pw:
+        async with sim, chromium() as browser:
             daemon = Daemon(load_config(cfg), config_dir=tmp, console_tools=ConfigTools(cfg))
             seen: list[Any] = []
             daemon.sink.observe(lambda e, _s: seen.append(e))
             stop = asyncio.Event()
             task = asyncio.create_task(daemon.run(shutdown_trigger=stop.wait))
-            browser = await pw.chromium.launch(executable_path=CHROMIUM,
-                                               args=["--no-sandbox"] if os.geteuid() == 0 else [])
             try:
                 await asyncio.wait_for(daemon.ready.wait(), 15)
                 await asyncio.wait_for(daemon.wristbands.connected.wait(), 10)
@@ -252,6 +250,12 @@ async def test_sos_on_the_console_viewer_refused_guard_acknowledges_and_the_sire
     assert not env.of("alarm.acknowledged")
     assert env.daemon.alarms.engine.get(alarm.id).acknowledged_by is None
 
+    # A state reply re-renders the cards (on a busy box every few hundred ms): an unchanged card keeps its
+    # element, so a press is not lost to a card replaced under the pointer.
+    ack = await guard.wait_for_selector(f'.card.alarm[data-alarm="{alarm.id}"] button.ack')
+    assert ack is not None
+    await guard.evaluate("refresh()")
+    assert await ack.evaluate("b => b.isConnected")
     # The guard acknowledges in the page: the siren stops, the event names the guard, via the console.
     await guard.click(f'.card.alarm[data-alarm="{alarm.id}"] button.ack')
     assert await wait_until(lambda: env.of("alarm.acknowledged"), 10)
@@ -302,6 +306,24 @@ async def test_gate_visitor_call_open_devices_and_english(env: Env) -> None:
     await guard.screenshot(path=str(env.shots / "gate-call.png"), full_page=True)
     row = await guard.wait_for_selector("#plates tbody tr", timeout=5_000)
     assert row is not None and "川A12345" in await row.inner_text() and "3-2-501" in await row.inner_text()
+    # A state reply re-renders the cards but keeps the unchanged ones (the button being pressed stays put), and
+    # a reply the busy box was slow to send does not move the screen's estimate of the box's clock (which says
+    # whether a call still rings): the quickest reply's estimate is kept.
+    button = await guard.wait_for_selector('.card.ringing[data-event="gate.call"] button.open-for')
+    assert button is not None
+    await guard.evaluate("refresh()")
+    assert await button.evaluate("b => b.isConnected")
+    skew = await guard.evaluate("S.clockSkewMs")
+
+    async def slow(route: Any) -> None:
+        reply = await route.fetch()
+        await asyncio.sleep(3.0)
+        await route.fulfill(response=reply)
+
+    await guard.route("**/api/state", slow)
+    await guard.evaluate("refresh()")
+    await guard.unroute("**/api/state", slow)
+    assert await guard.evaluate("S.clockSkewMs") == skew
     # The guard answers the call and opens the gate from the ringing card.
     await guard.click('.card.ringing[data-event="gate.call"] button.open-for')
     assert await wait_until(lambda: ("open_trigger", True) in env.sim[1].writes, 10)

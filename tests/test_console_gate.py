@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser
 
 from edgeagent.app import Daemon
 from edgeagent.capabilities import load_config
@@ -24,24 +23,20 @@ from edgeagent.drivers.camera.rules.plate_list import PlateList, plates_path
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
 from tests import synth_scenes
+from tests.browser import chromium
 from tests.helpers import running_daemon, wait_until
 from tests.peers import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CHROMIUM = "/usr/bin/chromium"
 GATE_CLIP = Path(__file__).resolve().parents[1] / "drivers" / "sim" / "media" / "gate.mp4"
 OPEN = ("open_trigger", True)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.geteuid() == 0 else [])
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with chromium() as b:
+        yield b
 
 
 async def test_resident_opens_by_itself_visitor_appears_and_the_guard_lets_it_in(browser: Browser,

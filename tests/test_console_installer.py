@@ -6,14 +6,13 @@ the file left as it was; a guard may not configure; the checks (doctor) run from
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
 from edgeagent.app import Daemon
 from edgeagent.capabilities import load_config
@@ -21,11 +20,11 @@ from edgeagent.cli.console_cmd import ConfigTools
 from edgeagent.console.accounts import AccountStore
 from edgeagent.console.server import USERS_PATH
 from edgeagent.demo import DEMO_CLIP
+from tests.browser import chromium
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CHROMIUM = "/usr/bin/chromium"
 PASSWORDS = {"installer-ma": "install-pass-1", "guard-li": "guard-pass-1"}
 
 
@@ -58,12 +57,8 @@ devices:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.geteuid() == 0 else [])
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with chromium() as b:
+        yield b
 
 
 async def login(browser: Browser, url: str, user: str) -> Page:

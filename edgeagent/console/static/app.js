@@ -66,7 +66,8 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
-const S = { session: null, state: null, tab: "alarms", clockSkewMs: 0, es: null, gateEvents: [], audio: null,
+const S = { session: null, state: null, tab: "alarms", clockSkewMs: 0, skewRttMs: Infinity, skewAt: 0, es: null,
+  gateEvents: [], audio: null,
   alarmVersion: -1, epoch: null,  // of the alarms shown: pushes and state answers carry them, the newer wins
   answered: new Set() };  // gate calls answered on this screen (by event id)
 
@@ -165,7 +166,9 @@ function showTab(tab) {
 // --- state and the live feed ---------------------------------------------------------------------------
 
 async function refresh() {
+  const sent = Date.now();
   const r = await api("/api/state");
+  const back = Date.now();
   if (r.status === 401) { showLogin(); return; }
   if (r.status !== 200) return;
   // The answer may be older than what the stream pushed meanwhile: keep the newer alarms, merge gate events.
@@ -176,7 +179,16 @@ async function refresh() {
     S.alarmVersion = r.data.alarms_version;
   }
   S.state = r.data;
-  S.clockSkewMs = Date.parse(r.data.server_time) - Date.now();
+  // The box's clock against this screen's: server_time was read somewhere between sending and receiving, so the
+  // midpoint is off by at most half the round trip. A reply delayed by a busy box (seconds under load) would
+  // make every call look that much younger or older: the estimate from the quickest reply is kept (renewed
+  // every few minutes, as the clocks drift).
+  const rtt = back - sent;
+  if (rtt <= S.skewRttMs || back - S.skewAt > 300000) {
+    S.clockSkewMs = Date.parse(r.data.server_time) - (sent + back) / 2;
+    S.skewRttMs = rtt;
+    S.skewAt = back;
+  }
   mergeGate(r.data.gate_events || []);
   renderAll();
 }
@@ -209,7 +221,9 @@ function connect() {
     $("conn").className = "dot on";
     if (!S.state) S.state = { alarms: [] };  // cards first; the full state follows
     pushedAlarms(JSON.parse(m.data));
-    refreshSoon();  // (on a reconnect: what was missed meanwhile)
+    // Now, not after refreshSoon's pause: the stream only carries what happens from here on, and what happened
+    // before it was connected (or while it reconnected) is only in the state.
+    refresh();
   });
   es.addEventListener("alarms", (m) => {
     if (S.state) pushedAlarms(JSON.parse(m.data));
@@ -248,19 +262,36 @@ function since(iso) {
   return Math.floor(s / 3600) + " " + t("h") + " " + Math.floor((s % 3600) / 60) + " " + t("min");
 }
 
+// Cards are rebuilt from the data on every render, but a card whose content did not change keeps its element
+// (and its place). Renders come often on a busy box (every device going on- or offline asks for the state
+// again), and a card replaced between a press and its release loses the guard's click.
+const SIG = new WeakMap();
+function sign(card, key) {
+  card.dataset.key = key;
+  SIG.set(card, card.outerHTML);
+  return card;
+}
+function keepCards(box, cards) {
+  const old = new Map();
+  for (const c of box.children) if (c.dataset.key !== undefined) old.set(c.dataset.key, c);
+  const next = cards.map((c) => { const o = old.get(c.dataset.key); return o && SIG.get(o) === SIG.get(c) ? o : c; });
+  next.forEach((c, i) => { if (box.children[i] !== c) box.insertBefore(c, box.children[i] || null); });
+  while (box.children.length > next.length) box.lastElementChild.remove();
+}
+
 function kindLabel(kind) { const k = "k_" + kind; return T[lang][k] || kind; }
 
 function renderAlarms() {
   const alarms = (S.state && S.state.alarms) || [];
   const box = $("alarm-cards");
-  box.replaceChildren();
+  const cards = [];
   $("no-alarms").hidden = alarms.length > 0;
   $("alarm-count").textContent = alarms.length ? String(alarms.length) : "";
   for (const a of alarms) {
     const subject = a.resident_id ? (a.name ? a.name + " · " + a.resident_id : a.resident_id)
       : (a.place ? t("place") + ": " + a.place : a.device_id);
     const card = el("div", { class: "card alarm" + (a.acknowledged ? " acked" : ""), "data-alarm": a.id },
-      el("h3", {}, el("span", { class: "kind" }, kindLabel(a.kind)), el("span", { class: "open", "data-since": a.raised_at }, since(a.raised_at))),
+      el("h3", {}, el("span", { class: "kind" }, kindLabel(a.kind)), el("span", { class: "open", "data-since": a.raised_at })),
       el("div", { class: "subject" }, subject),
       el("div", { class: "meta" }, t("level") + " " + a.level + " · " + t("count") + " " + a.count + " · " + t("device") + " " + a.device_id),
       a.acknowledged ? el("div", { class: "meta acked-by" }, t("acked_by") + ": " + a.acknowledged_by + " (" + a.acknowledged_via + ")") : null,
@@ -271,8 +302,10 @@ function renderAlarms() {
       actions.append(el("button", { class: "resolve", on: { click: () => alarmAction(a.id, "resolve") } }, t("resolve")));
       card.append(actions);
     }
-    box.append(card);
+    cards.push(sign(card, a.id));  // (signed without the time it has been open: that ticks by itself)
   }
+  keepCards(box, cards);
+  tickAlarms();
   updateSound();
 }
 
@@ -346,23 +379,20 @@ function snapshotOf(ev) {
 }
 
 function renderGate() {
-  const buttons = $("gate-buttons");
-  buttons.replaceChildren();
   const gates = (S.state && S.state.gates) || [];
-  for (const g of gates) {
-    if (can("gate")) buttons.append(el("button", { class: "ok gate-open", "data-gate": g.id, on: { click: () => openGate(g.id, "guard_room") } }, t("open_gate") + " · " + (g.name || g.id)));
-    else buttons.append(el("span", { class: "meta" }, g.name || g.id));
-  }
+  keepCards($("gate-buttons"), gates.map((g) => sign(can("gate")
+    ? el("button", { class: "ok gate-open", "data-gate": g.id, on: { click: () => openGate(g.id, "guard_room") } }, t("open_gate") + " · " + (g.name || g.id))
+    : el("span", { class: "meta" }, g.name || g.id), g.id)));
   const box = $("gate-cards");
-  box.replaceChildren();
+  const cards = [];
   for (const ev of S.gateEvents.filter((e) => ["gate.visitor", "gate.call", "gate.commanded"].includes(e.type)).slice(0, 20)) {
     const d = ev.data || {};
     if (ev.type === "gate.commanded") {  // who opened it and why: a resident's plate, the guard room, the platform
-      box.append(el("div", { class: "card" + (d.outcome === "executed" ? "" : " failed"), "data-event": ev.type },
+      cards.push(sign(el("div", { class: "card" + (d.outcome === "executed" ? "" : " failed"), "data-event": ev.type },
         el("h3", {}, el("span", {}, (T[lang]["g_" + d.reason] || d.reason) + " · " + (d.command || "")),
           el("span", { class: "meta" }, new Date(ev.occurred_at).toLocaleTimeString(lang === "zh" ? "zh-CN" : "en-GB"))),
         el("div", { class: "meta" }, ev.device_id + " · " + d.by + " (" + d.via + ") · " + (d.outcome === "executed" ? "✓" : "✗ " + (d.error || ""))),
-        d.note ? el("div", { class: "meta" }, d.note) : null));
+        d.note ? el("div", { class: "meta" }, d.note) : null), ev.id));
       continue;
     }
     const isCall = ev.type === "gate.call";
@@ -380,8 +410,9 @@ function renderGate() {
     if (can("gate") && gate) {
       card.append(el("div", { class: "actions" }, el("button", { class: "ok open-for", on: { click: () => { S.answered.add(ev.id); openGate(gate, "visitor", d.plate); } } }, t("open_gate"))));
     }
-    box.append(card);
+    cards.push(sign(card, ev.id));
   }
+  keepCards(box, cards);
   updateSound();
 }
 
