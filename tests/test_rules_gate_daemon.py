@@ -18,6 +18,7 @@ from edgeagent.capabilities import Config
 from edgeagent.drivers.camera.rules.plate_list import PlateList, plates_path
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
+from edgeagent.kernel.errors import ConfigError
 from tests import synth_scenes
 from tests.helpers import running_daemon, wait_until
 from tests.peers import free_port
@@ -184,3 +185,20 @@ async def test_the_cameras_own_relay_opens_and_its_call_button_rings(tmp_path: P
             assert await wait_until(lambda: run.of("gate.call", "gate-cam"), 10)
             assert run.of("gate.call", "gate-cam")[0].data == {"gate": "gate-cam.barrier", "source": "camera",
                                                                "zone": "lane"}
+
+
+async def test_a_gate_model_that_cannot_run_refuses_the_start_naming_the_setting(tmp_path: Path) -> None:
+    """The site's ppocr_rec (the gate's second opinion) has lost its model file: the daemon does not start (rather
+    than failing every plate read once running), and says which camera's setting needs it."""
+    site = tmp_path / "site-models"
+    site.mkdir()
+    manifest = (Path(__file__).resolve().parents[1] / "models" / "ppocr_rec.yaml").read_text()
+    labels = Path(__file__).resolve().parents[1] / "models" / "ppocr_keys.txt"
+    (site / "ppocr_rec.yaml").write_text(manifest.replace("{file: ppocr_keys.txt}", f"{{file: {labels}}}"))
+    cfg = config(tmp_path, free_port(), GATE_CLIP).model_dump(mode="json", exclude_unset=True)
+    cfg["cameras"]["model_dirs"] = [str(site)]
+    assert Config.model_validate(cfg).cross_checks() == []  # the manifest is there: only its file is missing
+    with pytest.raises(ConfigError, match=r"camera gate-cam: gate\.second_opinion names model 'ppocr_rec', "
+                                          r"which cannot run: .*ppocr_rec\.onnx does not exist"):
+        async with running_daemon(Daemon(Config.model_validate(cfg)), exit_code=None):
+            pass

@@ -2,12 +2,15 @@
 the real plate detector and reader on the shared engine read a synthetic resident's car, the barrier is an
 output that records when it is told to open. Covers what the daemon tests meet only by chance: the tracker
 splitting one car into two tracks after the first was decided (one open per car), the same car back after the
-window, and an open that failed being tried again by the car's next track."""
+window, an open that failed being tried again by the car's next track, and reads failing (a model missing from
+the engine, an inference timeout) without a wrong decision, logged once, the gate working again after."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +28,7 @@ from edgeagent.kernel.pipeline.events import Attachment
 from edgeagent.kernel.runtime.outputs import Outputs
 from edgeagent.models.engine import InferenceEngine
 from edgeagent.models.manifest import load_manifests
-from edgeagent.models.types import Detection
+from edgeagent.models.types import Detection, InferenceTimeout, ModelError
 from tests import synth_plates as sp
 from tests.helpers import wait_until
 
@@ -117,12 +120,27 @@ class _Frame:
     image: np.ndarray
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def lane(engine: InferenceEngine, plates: PlateList, car: np.ndarray) -> AsyncIterator[Lane]:
+@dataclass
+class FailingEngine:
+    """The real engine, except that the next calls for ``model`` raise the errors in ``errors``, one each."""
+
+    engine: InferenceEngine
+    model: str
+    errors: list[Exception] = field(default_factory=list)
+
+    async def infer(self, model: str, images: Sequence[np.ndarray], *, camera: str = "") -> list[list[Detection]]:
+        if model == self.model and self.errors:
+            raise self.errors.pop(0)
+        return await self.engine.infer(model, images, camera=camera)
+
+
+@contextlib.asynccontextmanager
+async def open_lane(engine: Any, plates: PlateList, car: np.ndarray, *,
+                    second_opinion: str | None = None) -> AsyncIterator[Lane]:
     cam = CameraDevice.model_validate({
         "type": "camera", "id": "gate-cam", "rtsp": {"detect_url": "rtsp://127.0.0.1/none"},
         "zones": [{"name": "lane", "points": [[0, 0], [1, 0], [1, 1], [0, 1]]}],
-        "gate": {"zone": "lane", "open": "barrier", "second_opinion": None, "relay_pulse_s": 0.05}})
+        "gate": {"zone": "lane", "open": "barrier", "second_opinion": second_opinion, "relay_pulse_s": 0.05}})
     assert cam.gate is not None
     now = [1000.0]
     barrier, events, outputs = Barrier(now), Events(), Outputs()
@@ -137,6 +155,12 @@ async def lane(engine: InferenceEngine, plates: PlateList, car: np.ndarray) -> A
         await asyncio.gather(worker, return_exceptions=True)
         await runner.aclose()
         await outputs.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def lane(engine: InferenceEngine, plates: PlateList, car: np.ndarray) -> AsyncIterator[Lane]:
+    async with open_lane(engine, plates, car) as opened:
+        yield opened
 
 
 async def test_a_car_split_into_two_tracks_opens_the_gate_once_and_again_after_the_window(lane: Lane) -> None:
@@ -168,3 +192,50 @@ async def test_an_open_that_failed_is_tried_again_by_the_cars_next_track(lane: L
     assert runner.counts["open_repeats"] == 0
     outcomes = [d["outcome"] for t, d in lane.events.seen if t == "gate.commanded"]
     assert outcomes == ["failed", "executed"]
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name.endswith("gate_runner") and r.levelno >= logging.WARNING]
+
+
+async def test_reads_that_fail_decide_nothing_are_counted_and_logged_once_and_the_gate_recovers(
+        engine: InferenceEngine, plates: PlateList, car: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, "edgeagent.drivers.camera.rules.gate_runner")
+    failing = FailingEngine(engine, "clp_v2_c_rec", [
+        *(ModelError("no model 'clp_v2_c_rec' in this engine") for _ in range(4)),
+        *(InferenceTimeout("clp_v2_c_rec: the worker was stuck; it was restarted") for _ in range(3))])
+    async with open_lane(failing, plates, car) as lane:
+        runner = lane.runner
+        # The plate reader fails on every read: the car stands in the lane with no vote, no decision of any kind.
+        await lane.drive(1, lambda: not failing.errors)
+        assert runner.counts["reads_failed"] == 7 and runner.counts["reads"] == 0
+        st = runner.stats()
+        assert st["read_failures"] == {"model": 4, "timeout": 3} and st["reads_failing"] is True
+        assert (runner.counts["opens"], runner.counts["visitors"], runner.counts["undecided"]) == (0, 0, 0)
+        assert lane.barrier.opened == [] and lane.events.seen == [] and st["voting"] == 1
+        (warning,) = _warnings(caplog)  # one line for the episode, not one per tick
+        assert "plate read failed (model: no model 'clp_v2_c_rec' in this engine)" in warning
+        # The reader works again: the same car's reads vote and the gate opens for it, once.
+        await lane.drive(1, lambda: runner.counts["opens"] == 1)
+        assert await wait_until(lambda: len(lane.barrier.opened) == 1, 5)
+        st = runner.stats()
+        assert st["reads_failing"] is False and st["read_failures"] == {"model": 4, "timeout": 3}
+        assert _warnings(caplog)[1:] == ["gate-cam: plate read works again after 7 failure(s)"]
+        assert runner.counts["task_errors"] == 0 and runner.counts["reads"] >= 3
+
+
+async def test_a_second_opinion_the_engine_lacks_leaves_the_plate_reader_to_open(
+        engine: InferenceEngine, plates: PlateList, car: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    """The field fault: the rule names ppocr_rec, the engine has no such model (ModelError on every call)."""
+    caplog.set_level(logging.DEBUG, "edgeagent.drivers.camera.rules.gate_runner")
+    async with open_lane(engine, plates, car, second_opinion="ppocr_rec") as lane:
+        runner = lane.runner
+        await lane.drive(1, lambda: runner.counts["opens"] == 1)
+        assert await wait_until(lambda: len(lane.barrier.opened) == 1, 5)
+        failed = runner.counts["second_opinion_failed"]
+        assert failed >= 3 and runner.stats()["second_opinion_failures"] == {"model": failed}
+        assert runner.counts["second_opinions"] == 0 and runner.counts["reads_failed"] == 0
+        assert runner.counts["task_errors"] == 0
+        (warning,) = _warnings(caplog)
+        assert warning.startswith("gate-cam: second opinion failed (model: no model 'ppocr_rec' in this engine")

@@ -419,10 +419,31 @@ class CameraService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def models_needed(self) -> dict[str, str]:
+        """Each model the cameras' detectors and rules run, with the first setting that names it."""
+        needed: dict[str, str] = {}
+        for r in self.runners.values():
+            cam = r.cam
+            needed.setdefault(self.model_for(cam), f"camera {cam.id}: detect.model" if cam.detect.model
+                              else "cameras.detector")
+            if cam.gate is not None:
+                for key in ("plate_detector", "plate_reader", "second_opinion"):
+                    name = getattr(cam.gate, key)
+                    if name is not None:
+                        needed.setdefault(name, f"camera {cam.id}: gate.{key}")
+        return needed
+
     async def start(self) -> None:
-        used = {self.model_for(r.cam) for r in self.runners.values()}
-        for name in sorted(used):
-            await asyncio.to_thread(verify, self.manifests[name])
+        # Every model a camera runs is checked before anything starts: a rule whose model is missing or damaged
+        # refuses the start with the setting that names it, rather than failing every read once running.
+        for name, where in sorted(self.models_needed().items()):
+            manifest = self.manifests.get(name)
+            if manifest is None:
+                raise ModelError(f"{where}: no model manifest {name!r} (known: {', '.join(sorted(self.manifests))})")
+            try:
+                await asyncio.to_thread(verify, manifest)
+            except ModelError as exc:
+                raise ModelError(f"{where} names model {name!r}, which cannot run: {exc}") from exc
         await self.evidence.open()
         await self.engine.__aenter__()
 

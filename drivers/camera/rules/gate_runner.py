@@ -38,7 +38,12 @@ Bounds and policies (each with a counter in :meth:`GateRunner.stats`):
 
 * at most ``MAX_READS_IN_FLIGHT`` plate reads per camera at once; a track due while they run waits for the
   next tick (``reads_deferred``); the engine refusing a request (its queue full) skips that read
-  (``reads_busy``); a failed inference skips it too (``reads_failed``);
+  (``reads_busy``); a read that fails (a model the engine does not have, an inference error or timeout, a
+  crop that cannot be warped, anything else) skips it too: counted in ``reads_failed`` and per reason in
+  ``read_failures``, logged once when reads start failing and once when they work again (not per tick), and
+  never the end of the runner: no read means no vote, so a failing reader can delay a decision (to
+  ``decide_after_s``: undecided) but never make one. The second opinion failing is counted the same way
+  (``second_opinion_failed``, ``second_opinion_failures``) and the plate reader's read still votes;
 * the voting core runs on one worker task fed by a queue of ``MAX_OPS`` operations (the residents' list is a
   SQLite lookup: done in a thread, never on the loop). When the queue is full the operation is dropped and
   counted (``ops_dropped``): a dropped track start or end is made good by the voter's ``decide_after_s``
@@ -54,7 +59,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol
 
@@ -68,7 +73,7 @@ from edgeagent.kernel.errors import CommandRejected
 from edgeagent.kernel.pipeline.event_types import GATE_CALL, GATE_COMMANDED, GATE_VISITOR
 from edgeagent.kernel.pipeline.events import Attachment
 from edgeagent.kernel.runtime.outputs import Outputs
-from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError
+from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError, InferenceTimeout, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +128,14 @@ def inside(points: Sequence[tuple[float, float]], box: Box, w: int, h: int) -> b
 
 
 @dataclass(slots=True)
+class _Episode:
+    """One reader's failures: how many in a row now (0: it works), and by reason since the start."""
+
+    run: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class _TrackState:
     last_read_s: float = -1e9
     reading: bool = False
@@ -167,7 +180,8 @@ class GateRunner:
         self.counts: dict[str, int] = dict.fromkeys(
             ("reads", "reads_with_plate", "second_opinions", "second_opinion_failed", "reads_deferred",
              "reads_busy", "reads_failed", "ops_dropped", "visitor_repeats", "opens", "open_failed", "visitors",
-             "undecided", "calls", "events_failed", "handovers", "open_repeats"), 0)
+             "undecided", "calls", "events_failed", "handovers", "open_repeats", "task_errors"), 0)
+        self._failing: dict[str, _Episode] = {"plate read": _Episode(), "second opinion": _Episode()}
 
     # --- the pipeline's tick (on the loop: returns at once) ------------------------------------------------
 
@@ -232,11 +246,12 @@ class GateRunner:
         try:
             read, second = await self._read_plate(image, box)
             self.counts["reads"] += 1
+            self._worked("plate read")
         except EngineBusy:
             self.counts["reads_busy"] += 1
-        except (InferenceError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed read is one vote fewer, never the runner's end
             self.counts["reads_failed"] += 1
-            log.debug("%s: plate read failed: %s", self.cam.id, exc)
+            self._failed("plate read", exc)
         finally:
             self._in_flight -= 1
             st = self._tracks.get(track_id)
@@ -276,12 +291,34 @@ class GateRunner:
         second: PlateObservation | None = None
         other = rest[0] if rest else None
         if isinstance(other, BaseException):
-            if not isinstance(other, InferenceError):
-                raise other
-            self.counts["second_opinion_failed"] += 1  # the plate reader's read still votes
+            if not isinstance(other, Exception):
+                raise other  # cancelled
+            if not isinstance(other, EngineBusy):
+                self.counts["second_opinion_failed"] += 1  # the plate reader's read still votes
+                self._failed("second opinion", other)
         elif other is not None:
             second = _observation(other[0])
+            self._worked("second opinion")
         return _observation(first[0]), second
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Count a failed read by reason; log the first of an episode (until one works), not every one."""
+        reason = _failure_reason(exc)
+        ep = self._failing[what]
+        ep.reasons[reason] = ep.reasons.get(reason, 0) + 1
+        ep.run += 1
+        if ep.run == 1:
+            log.warning("%s: %s failed (%s: %s); further failures are counted in status (%s), not logged, until "
+                        "one works", self.cam.id, what, reason, str(exc)[:300],
+                        "read_failures" if what == "plate read" else "second_opinion_failures")
+        else:
+            log.debug("%s: %s failed again (%s): %s", self.cam.id, what, reason, exc)
+
+    def _worked(self, what: str) -> None:
+        ep = self._failing[what]
+        if ep.run:
+            log.warning("%s: %s works again after %d failure(s)", self.cam.id, what, ep.run)
+            ep.run = 0
 
     # --- the voting core, on its worker --------------------------------------------------------------------
 
@@ -449,14 +486,24 @@ class GateRunner:
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """Reads and decisions handle their own failures; one that still escapes is logged, not lost."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.counts["task_errors"] += 1
+            log.error("%s: a gate task failed: %r", self.cam.id, exc, exc_info=exc)
 
     def stats(self) -> dict[str, Any]:
         p99 = round(float(np.percentile(np.fromiter(self.decision_s, float), 99)) * 1000) if self.decision_s else None
         return {**self.counts, "decision_ms_p99": p99, "tracks": len(self._tracks), "voting": len(self._gate.active()),
                 "opened_recently": sum(1 for at in self._opened.values()
                                        if self._clock() - at < self.reopen_window_s()),
-                "reads_in_flight": self._in_flight, "ops_queued": self._ops.qsize(), "evicted": self._gate.evicted}
+                "reads_in_flight": self._in_flight, "ops_queued": self._ops.qsize(), "evicted": self._gate.evicted,
+                "read_failures": dict(self._failing["plate read"].reasons),
+                "second_opinion_failures": dict(self._failing["second opinion"].reasons),
+                "reads_failing": self._failing["plate read"].run > 0}
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -483,6 +530,19 @@ def _iou(a: Box, b: Box) -> float:
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def _failure_reason(exc: Exception) -> str:
+    """The status key for a failed read."""
+    if isinstance(exc, ModelError):
+        return "model"  # a model the engine does not have or cannot load: a config or install fault
+    if isinstance(exc, InferenceTimeout):
+        return "timeout"
+    if isinstance(exc, InferenceError):
+        return "inference"
+    if isinstance(exc, ValueError):
+        return "bad_input"
+    return "error"
 
 
 def _observation(found: Sequence[Detection]) -> PlateObservation | None:
