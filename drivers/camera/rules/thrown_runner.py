@@ -14,6 +14,12 @@ reports is moved back.
 Times: the detector fits gravity, so it needs the frames' own spacing, not their arrival (a burst after a
 network hiccup would look like a frozen object, then a jump). Each frame's time is the stream's timestamp
 placed on the monotonic clock (re-anchored when the stream restarts or drifts by more than a second).
+Stamps can be jittered: a relay or recorder that re-stamps frames on arrival (the test suite's RTSP peer does,
+by up to a frame under load) moves each by tens of milliseconds, which the fit reads as position noise (at
+20 ms, a late-seen fall was put a floor off, or missed). So each time is taken from the straight line through
+the last ``DEJITTER_FRAMES`` (frame number, time) pairs, at its frame number, while they lie on one (every
+residual within ``DEJITTER_SPREAD`` frame periods); a jump (a pause, frames lost before decoding, a new rate)
+starts the line again from that frame. A camera's own stamps are on the line already and pass unchanged.
 
 An alarm is about the façade's window (``"<place>, floor F window W"``): throws from one window fold into one
 alarm (its count grows), another window is another alarm. Once decided (about a second after the release),
@@ -34,6 +40,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -53,6 +60,9 @@ MAX_REPORTS = 4  # alarms being completed with evidence at once, per camera
 TRAJECTORY_POINTS = 48  # points kept in the alarm's details (evenly spaced, first and last kept)
 CLIP_GRACE_S = 1.0
 _REANCHOR_S = 1.0
+DEJITTER_FRAMES = 64  # (frame number, time) pairs the regular-stream line is fitted through
+DEJITTER_MIN = 16  # pairs before the line is used (until then, the stamps as they are)
+DEJITTER_SPREAD = 2.5  # frame periods a stamp may be off the line and still be taken for jitter
 
 
 class AlarmRaiser(Protocol):
@@ -159,9 +169,12 @@ class ThrownRunner:
         self._tap: LumaTap | None = None
         self._anchor: tuple[float, float] | None = None
         self._last_t: float | None = None
+        self._last_stamp: float | None = None  # the last frame's time before the line (see _dejitter)
+        self._line: deque[tuple[int, float]] = deque(maxlen=DEJITTER_FRAMES)
         self._reports: set[asyncio.Task[None]] = set()
         self.counts = {"frames": 0, "alarms": 0, "raised": 0, "raise_failed": 0, "clips": 0, "clips_missing": 0,
-                       "snapshots": 0, "without_evidence": 0, "frame_errors": 0, "reanchors": 0}
+                       "snapshots": 0, "without_evidence": 0, "frame_errors": 0, "reanchors": 0,
+                       "dejitter_restarts": 0}
         self.frame_ms: list[float] = []  # the last frames' detector time (bounded below)
         # (alarm, seconds from the first sighting to raised, from the decision to raised), the last 16
         self.raised: list[tuple[Any, float, float]] = []
@@ -224,15 +237,45 @@ class ThrownRunner:
         else:
             anchor = self._anchor
             t = frame.mono_s if anchor is None else anchor[0] + (frame.pts_s - anchor[1])
-            if anchor is None or abs(t - frame.mono_s) > _REANCHOR_S or (self._last_t is not None
-                                                                         and t <= self._last_t):
+            if anchor is None or abs(t - frame.mono_s) > _REANCHOR_S or (self._last_stamp is not None
+                                                                         and t <= self._last_stamp):
                 if anchor is not None:
                     self.counts["reanchors"] += 1
                 self._anchor = (frame.mono_s, frame.pts_s)
                 t = frame.mono_s
+        self._last_stamp = t
+        t = self._dejitter(frame.seq, t)
         if self._last_t is not None and t <= self._last_t:
             t = self._last_t + 1e-3
         self._last_t = t
+        return t
+
+    def _dejitter(self, seq: int, t: float) -> float:
+        """``t`` moved onto the line of the recent frames' (number, time) (see the module docstring)."""
+        line = self._line
+        if line and seq <= line[-1][0]:
+            line.clear()  # the stream started again
+        line.append((seq, t))
+        if len(line) < DEJITTER_MIN:
+            return t
+        for _ in range(2):
+            pairs = np.asarray(line, dtype=np.float64)
+            ks = pairs[:, 0] - pairs[-1, 0]
+            period, here = np.polyfit(ks, pairs[:, 1], 1)
+            off = np.abs(pairs[:, 1] - (here + period * ks))
+            bad = off >= DEJITTER_SPREAD * period
+            if period <= 0 or bad[-1]:
+                break
+            if not bad.any():
+                return float(here)
+            kept = [pair for pair, b in zip(line, bad.tolist(), strict=True) if not b]  # one stray stamp
+            line.clear()
+            line.extend(kept)
+            if len(line) < DEJITTER_MIN:
+                return t
+        line.clear()  # a jump: the line starts again from this frame
+        line.append((seq, t))
+        self.counts["dejitter_restarts"] += 1
         return t
 
     def _work(self, tap: LumaTap, stop: threading.Event, loop: asyncio.AbstractEventLoop,
