@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
 
 
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes; 0 when either is empty or inverted."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Detection:
     """One object a detector found.

@@ -407,5 +407,12 @@ async def test_failed_logins_are_limited(env: Env) -> None:
     scraped = generate_latest(REGISTRY).decode()
     assert "edgeagent_console_logins_rate_limited_total 2.0" in scraped, scraped
     assert "edgeagent_console_screens_dropped_total 0.0" in scraped
+    async with aiohttp.ClientSession() as http:
+        # A password typed into the name field: refused, and the typed text is in no event.
+        r = await http.post(f"{env.url}/api/login", json={"user": "Pw-typed-as-name-77", "password": "x"},
+                            ssl=False, headers={"Origin": env.url})
+        assert r.status in (401, 429)
     refused = [e for e in env.of("console.audit") if e.data["action"] == "login" and e.data["outcome"] == "refused"]
-    assert len(refused) >= 7 and all("wrong-guess" not in json.dumps(dict(e.data)) for e in refused)
+    assert len(refused) >= 8 and all("wrong-guess" not in json.dumps(dict(e.data)) for e in refused)
+    assert all("Pw-typed-as-name-77" not in json.dumps(dict(e.data)) for e in env.of("console.audit"))
+    assert refused[-1].data["user"] == "(not an account)" and refused[-1].data["target"] == "(not an account)"

@@ -26,6 +26,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import logging
 import re
 import secrets
@@ -64,6 +65,7 @@ from edgeagent.kernel.pipeline.sink import EventSink
 from edgeagent.kernel.runtime import metrics
 
 log = logging.getLogger(__name__)
+UNKNOWN_NAME: Final = "(not an account)"
 
 AUDIT_EVENT: Final = "console.audit"
 USERS_PATH: Final = Path("console") / "users.json"
@@ -343,7 +345,8 @@ class ConsoleServer:
         if session is None:
             return _error(401, "login", "log in first")
         request[SESSION] = session
-        if request.method == "POST" and request.headers.get("X-CSRF-Token") != session.csrf:
+        if request.method == "POST" and not hmac.compare_digest(
+                request.headers.get("X-CSRF-Token", "").encode(), session.csrf.encode()):
             return _error(403, "csrf", "missing or wrong CSRF token")
         return None
 
@@ -408,22 +411,25 @@ class ConsoleServer:
         except (ValueError, KeyError, TypeError):
             return _error(400, "malformed", "user and password expected")
         keys = [f"ip:{remote}", f"user:{user}"]
-        wait = self.limiter.retry_after(keys)
-        if wait > 0:
-            await self._audit(None, "login", user, "refused", "too many failed logins", user=user, remote=remote)
-            return web.Response(status=429, body=orjson.dumps({"ok": False, "error": {
-                "code": "rate_limited", "message": f"too many failed logins; try again in {wait:.0f} s"}}),
-                content_type="application/json", headers={"Retry-After": str(int(wait) + 1)})
         try:
             account = await asyncio.to_thread(self.accounts.get, user)
         except AccountError as exc:
             log.error("console accounts: %s", exc)
             return _error(503, "accounts", "the accounts file is unreadable")
+        # A name that is no account is not put in the audit event: people type their password into the name
+        # field, and the event goes to the platform.
+        shown = user if account is not None else UNKNOWN_NAME
+        wait = self.limiter.retry_after(keys)
+        if wait > 0:
+            await self._audit(None, "login", shown, "refused", "too many failed logins", user=shown, remote=remote)
+            return web.Response(status=429, body=orjson.dumps({"ok": False, "error": {
+                "code": "rate_limited", "message": f"too many failed logins; try again in {wait:.0f} s"}}),
+                content_type="application/json", headers={"Retry-After": str(int(wait) + 1)})
         async with self._hashing:  # the hash (and the decoy's, made once) in a thread, never on the loop
             ok = await asyncio.to_thread(_check_password, password, account)
         if account is None or not ok:
             self.limiter.failed(keys)
-            await self._audit(None, "login", user, "refused", "wrong user or password", user=user, remote=remote)
+            await self._audit(None, "login", shown, "refused", "wrong user or password", user=shown, remote=remote)
             return _error(401, "login", "wrong user or password")
         self.limiter.succeeded([f"user:{user}"])
         session = self.sessions.create(account.name, account.role, remote, account.hash)

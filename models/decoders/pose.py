@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeagent.models.preprocess import ItemMeta, PreMeta
-from edgeagent.models.types import Box, Detection, ModelError
+from edgeagent.models.types import Box, Detection, ModelError, box_iou
 
 if TYPE_CHECKING:
     from edgeagent.models.manifest import ModelManifest
@@ -168,7 +168,7 @@ def best_pose(poses: Sequence[Detection], box: Box) -> Detection | None:
     best: Detection | None = None
     best_iou = 0.0
     for pose in poses:
-        iou = _iou(pose.box, box)
+        iou = box_iou(pose.box, box)
         if iou > best_iou:
             best, best_iou = pose, iou
     return best
@@ -181,10 +181,3 @@ def keypoints_array(pose: Detection) -> npt.NDArray[np.float32]:
         raise ValueError(f"a pose has 17 (x, y, score) keypoints, got shape {points.shape}")
     return points
 
-
-def _iou(a: Box, b: Box) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0

@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from edgeagent.drivers.camera.tracker import Track
-from edgeagent.models.types import Box
+from edgeagent.models.types import Box, box_iou
 
 Point = tuple[float, float]
 ResolveReason = Literal["left", "timeout", "guard_release"]
@@ -412,7 +412,7 @@ class EbikeLiftRule:
                     continue
                 ev = self._evidence.get(t.id)
                 if ev is not None and ev.first_box is not None and any(
-                        _iou(ev.first_box, b) >= self.spec.same_object_iou for b in sup.boxes):
+                        box_iou(ev.first_box, b) >= self.spec.same_object_iou for b in sup.boxes):
                     sup.ids.add(t.id)
             seen = [t for t in bikes if t.id in sup.ids and t.id in present_ids]
             if seen:
@@ -465,13 +465,6 @@ def _floats(box: Box) -> Box:
     """Plain floats (a box built from numpy scalars would carry them into events)."""
     return float(box[0]), float(box[1]), float(box[2]), float(box[3])
 
-
-def _iou(a: Box, b: Box) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 __all__ = [

@@ -44,7 +44,7 @@ from edgeagent.drivers.camera.rules.falls import FallCleared, FallConfirmed, Fal
 from edgeagent.drivers.camera.tracker import Track
 from edgeagent.kernel.pipeline.events import Attachment
 from edgeagent.models.decoders import pose as pose_mod
-from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError
+from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError, box_iou
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,6 @@ def in_zones(box: Box, zones: Sequence[Sequence[tuple[float, float]]], w: int, h
             return True
     return False
 
-
-def _iou(a: Box, b: Box) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _size(frame: FrameLike) -> tuple[int, int]:
@@ -211,9 +204,9 @@ class FallObserver:
             if best is None or len(best.points) != pose_mod.N_KEYPOINTS:
                 continue
             if not (t.matched or t.stationary):
-                own = _iou(best.box, t.box)
+                own = box_iou(best.box, t.box)
                 if best.score < POSE_MIN_SCORE or own <= 0.0 or any(
-                        _iou(best.box, o.box) > own for o in others if o.id != t.id):
+                        box_iou(best.box, o.box) > own for o in others if o.id != t.id):
                     continue  # someone else's pose, or no one: the rule's handover decides
                 x1, y1, x2, y2 = best.box
                 gx, gy = (x2 - x1) * POSE_BOX_GROW[0], (y2 - y1) * POSE_BOX_GROW[1]

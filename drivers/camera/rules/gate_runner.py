@@ -73,7 +73,7 @@ from edgeagent.kernel.errors import CommandRejected
 from edgeagent.kernel.pipeline.event_types import GATE_CALL, GATE_COMMANDED, GATE_VISITOR
 from edgeagent.kernel.pipeline.events import Attachment
 from edgeagent.kernel.runtime.outputs import Outputs
-from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError, InferenceTimeout, ModelError
+from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError, InferenceTimeout, ModelError, box_iou
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class GateRunner:
         for vid, st in self._tracks.items():
             # Never to a decided vehicle: the next car in the lane must get a decision of its own (and a car
             # mixed into another's votes can only make them disagree, never open for either).
-            if st.gone_s is not None and not st.ended and not st.decided and _iou(st.box, t.box) >= HANDOVER_IOU:
+            if st.gone_s is not None and not st.ended and not st.decided and box_iou(st.box, t.box) >= HANDOVER_IOU:
                 self._alias[t.id] = vid
                 self.counts["handovers"] += 1
                 return vid, st
@@ -523,13 +523,6 @@ def vehicle_crop(image: np.ndarray, box: Box) -> np.ndarray | None:
         return None
     return np.ascontiguousarray(image[y1:y2, x1:x2])
 
-
-def _iou(a: Box, b: Box) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _failure_reason(exc: Exception) -> str:
