@@ -112,7 +112,7 @@ def enable(host: str = typer.Option(..., "--host", help="the box's address on th
     import ipaddress  # noqa: PLC0415
 
     from edgeagent.capabilities import validate_doc  # noqa: PLC0415
-    from edgeagent.cli.devices import _dump, _last_slot, _put_lines, _take_lines, write_atomically  # noqa: PLC0415
+    from edgeagent.cli.config_edit import dump, last_slot, put_lines, take_lines, write_atomically  # noqa: PLC0415
 
     path = config_path(config)
     try:
@@ -130,13 +130,13 @@ def enable(host: str = typer.Option(..., "--host", help="the box's address on th
         section["port"] = port
         section.pop("enabled", None)
     else:
-        after = _take_lines(_last_slot(doc))  # comment lines at the end of the file stay at the end
+        after = take_lines(last_slot(doc))  # comment lines at the end of the file stay at the end
         entry = CommentedMap()
         entry["host"] = host
         entry["port"] = port
         doc["console"] = entry
-        _put_lines(_last_slot(doc), after)
-    new_text = _dump(doc)
+        put_lines(last_slot(doc), after)
+    new_text = dump(doc)
     try:
         cfg = validate_doc(parse_yaml(new_text, path), path)
         write_atomically(path, new_text, old_text)
@@ -227,7 +227,7 @@ class ConfigTools:
 
     def save_shape(self, camera_id: str, kind: str, shape: Mapping[str, Any]) -> dict[str, Any]:
         from edgeagent.capabilities import validate_doc  # noqa: PLC0415
-        from edgeagent.cli.devices import _dump, _last_slot, _plain, _put_lines, _take_lines, write_atomically  # noqa: PLC0415
+        from edgeagent.cli.config_edit import dump, last_slot, plain, put_lines, take_lines, write_atomically  # noqa: PLC0415
 
         if kind not in ("zone", "line"):
             raise ValueError("kind is zone or line")
@@ -257,7 +257,7 @@ class ConfigTools:
         key = "zones" if kind == "zone" else "lines"
         existing = dev.get(key)
         # Comment lines that follow the device (or its list) stay after it: moved around the append.
-        after_dev = _take_lines(_last_slot(dev))
+        after_dev = take_lines(last_slot(dev))
         if isinstance(existing, CommentedSeq) and len(existing) > 0:
             same = next((i for i, z in enumerate(existing) if isinstance(z, dict) and z.get("name") == name), None)
             if same is not None:  # redrawn: new coordinates, its other settings (classes, loiter_s) kept
@@ -267,9 +267,9 @@ class ConfigTools:
                 if existing[0] is not None and isinstance(existing[0], CommentedMap) and \
                         existing[0].fa.flow_style():
                     entry.fa.set_flow_style()
-                after_list = _take_lines(_last_slot(existing))
+                after_list = take_lines(last_slot(existing))
                 existing.append(entry)
-                _put_lines(_last_slot(existing), after_list)
+                put_lines(last_slot(existing), after_list)
         else:
             seq = CommentedSeq([entry])
             if dev.fa.flow_style():
@@ -277,14 +277,14 @@ class ConfigTools:
             else:
                 seq.fa.set_block_style()
             dev[key] = seq
-        _put_lines(_last_slot(dev), after_dev)
-        new_text = _dump(doc)
+        put_lines(last_slot(dev), after_dev)
+        new_text = dump(doc)
         try:
             reread = parse_yaml(new_text, self.path)
             cfg = validate_doc(reread, self.path)
         except ConfigError as exc:
             raise ValueError(f"not saved, the config would not be valid:\n{exc}") from None
-        if _plain(reread) != _plain(doc):
+        if plain(reread) != plain(doc):
             raise ValueError("not saved: the edited YAML does not read back the same")
         try:
             write_atomically(self.path, new_text, old_text)

@@ -8,12 +8,8 @@ start, so a change takes effect with ``systemctl restart edgeagent``.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import io
-import os
 import re
-import tempfile
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -36,8 +32,9 @@ from edgeagent.cli.common import (
     load_or_exit,
     print_json,
 )
+from edgeagent.cli.config_edit import dump, is_block, last_slot, plain, put_lines, take_lines, write_atomically
 from edgeagent.kernel.capability import ProbeContext
-from edgeagent.kernel.config.schema import Config, DeviceBase, parse_yaml, yaml_rt
+from edgeagent.kernel.config.schema import Config, DeviceBase, parse_yaml
 from edgeagent.kernel.errors import ConfigError, EdgeagentError
 
 app = typer.Typer(no_args_is_help=True, help="List, add and remove devices in the config file.")
@@ -51,60 +48,8 @@ _RESERVED = {"type", "id"}
 
 
 # --- keeping comments where they belong --------------------------------------------------------------
-# ruamel attaches the full-line comments that follow a node to the last key inside it (together with
-# that key's end-of-line comment, in one token). Appending after, or deleting, the last device would
-# otherwise move or drop the comments that follow the devices list; these helpers move such lines.
-
-Slot = tuple[Any, Any, int]
-
-
-def _is_block(node: Any) -> bool:
-    return (isinstance(node, CommentedMap | CommentedSeq) and len(node) > 0
-            and node.fa.flow_style() is not True)
-
-
-def _last_slot(node: Any) -> Slot | None:
-    """Where the comment after the last line of ``node`` is kept: (container, key, position)."""
-    if isinstance(node, CommentedMap) and len(node) > 0:
-        key = list(node.keys())[-1]
-        return (_last_slot(node[key]) if _is_block(node[key]) else None) or (node, key, 2)
-    if isinstance(node, CommentedSeq) and len(node) > 0:
-        idx = len(node) - 1
-        return (_last_slot(node[idx]) if _is_block(node[idx]) else None) or (node, idx, 0)
-    return None
-
-
-def _take_lines(slot: Slot | None) -> str:
-    """Detach the full comment lines kept in ``slot``; an end-of-line comment stays."""
-    if slot is None:
-        return ""
-    container, key, pos = slot
-    entry = container.ca.items.get(key)
-    if not entry or entry[pos] is None:
-        return ""
-    token = entry[pos]
-    eol, _, rest = str(token.value).partition("\n")
-    if not rest:
-        return ""
-    if eol:
-        token.value = eol + "\n"
-    else:
-        entry[pos] = None
-    return rest
-
-
-def _put_lines(slot: Slot | None, text: str) -> None:
-    """Add full comment lines after what ``slot`` belongs to."""
-    if slot is None or not text:
-        return
-    container, key, pos = slot
-    entry = container.ca.items.setdefault(key, [None, None, None, None])
-    token = entry[pos]
-    if token is None:
-        entry[pos] = CommentToken("\n" + text, CommentMark(0))
-    else:
-        value = str(token.value)
-        token.value = (value if value.endswith("\n") else value + "\n") + text
+# The shared moves are in edgeagent.cli.config_edit; these two are for the devices list alone: the
+# comment lines between ``devices:`` and its first item.
 
 
 def _take_pre(doc: CommentedMap, key: str) -> str:
@@ -207,12 +152,6 @@ def _device_ids(seq: Any) -> list[str]:
     return [str(d.get("id")) for d in seq if isinstance(d, dict)]
 
 
-def _dump(doc: CommentedMap) -> str:
-    buf = io.StringIO()
-    yaml_rt().dump(doc, buf)
-    return buf.getvalue()
-
-
 def _block_seq(items: list[Any]) -> CommentedSeq:
     seq = CommentedSeq(items)
     seq.fa.set_block_style()
@@ -238,39 +177,6 @@ def _load(path: Path) -> tuple[str, CommentedMap]:
         fail(escape(str(exc)))
 
 
-def write_atomically(path: Path, text: str, expected_old: str) -> None:
-    """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename; mode kept.
-
-    Refuses (ConfigError) when the file changed since it was read, rather than losing that edit.
-    """
-    target = path.resolve()  # edit the file a symlink points to, keep the link
-    st = target.stat()
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.chmod(st.st_mode & 0o7777)
-        with contextlib.suppress(OSError):  # only root may give the file to another owner
-            os.chown(tmp, st.st_uid, st.st_gid)
-        if target.read_text(encoding="utf-8") != expected_old:
-            raise ConfigError(  # noqa: TRY301 - the temp file is removed below
-                f"{path} changed while it was being edited; nothing written, try again")
-        tmp.replace(target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def _show_diff(path: Path, old: str, new: str) -> None:
     lines = difflib.unified_diff(old.splitlines(), new.splitlines(), str(path), str(path), n=1, lineterm="")
     for line in lines:
@@ -280,30 +186,22 @@ def _show_diff(path: Path, old: str, new: str) -> None:
         console.print(f"[{style}]{escape(line)}[/]", soft_wrap=True)
 
 
-def _plain(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    return node
-
-
 def _validate_new(path: Path, doc: CommentedMap) -> tuple[str, Config]:
     """The text to write for ``doc`` and the config it makes, validated as a whole (exits on errors)."""
-    new_text = _dump(doc)
+    new_text = dump(doc)
     try:
         reread = parse_yaml(new_text, path)
         cfg = validate_doc(reread, path)
     except ConfigError as exc:
         fail(escape(f"{path} left unchanged:\n{exc}"))
-    if _plain(reread) != _plain(doc):  # a safety net for the comment moves above
+    if plain(reread) != plain(doc):  # a safety net for the comment moves above
         fail(escape(f"{path} left unchanged: the edited YAML does not read back the same (a bug; "
                     "please edit the file by hand)"))
     return new_text, cfg
 
 
 def _commit(path: Path, old_text: str, new_text: str, summary: str) -> None:
-    if _dump(parse_yaml(old_text, path)) != old_text:
+    if dump(parse_yaml(old_text, path)) != old_text:
         console.print("[yellow]note:[/] the YAML writer also normalised the layout of other lines; "
                       "see the diff")
     try:
@@ -352,16 +250,16 @@ def add_to_config(path: Path, dev_type: str, dev_id: str, values: dict[str, Any]
     for key, value in values.items():
         entry[key] = value
     # Comment lines that follow the list stay after it (below the new device).
-    after = "" if "devices" not in doc or _is_block(existing) else _take_lines((doc, "devices", 2))
+    after = "" if "devices" not in doc or is_block(existing) else take_lines((doc, "devices", 2))
     if isinstance(existing, CommentedSeq) and len(existing) > 0:
-        after += _take_lines(_last_slot(existing))
+        after += take_lines(last_slot(existing))
         existing.fa.set_block_style()
         existing.append(entry)
-        _put_lines(_last_slot(existing), after)
+        put_lines(last_slot(existing), after)
     else:
         # Missing, null or an empty flow list (`devices: []`): a block list in its place.
         doc["devices"] = _block_seq([entry])
-        _put_lines(_last_slot(doc["devices"]), after)
+        put_lines(last_slot(doc["devices"]), after)
 
     new_text, cfg = _validate_new(path, doc)
     device = next((d for d in cfg.devices if d.id == dev_id), None)
@@ -395,14 +293,14 @@ def remove_device(
     index = next(i for i, d in enumerate(existing) if isinstance(d, dict) and str(d.get("id")) == dev_id)
     dev_type = existing[index].get("type", "?")
     # Comment lines after the removed device were about what follows it: they stay in place.
-    after = _take_lines(_last_slot(existing[index]))
+    after = take_lines(last_slot(existing[index]))
     del existing[index]
     if len(existing) == 0:
         before = _take_pre(doc, "devices")
         doc["devices"] = _empty_flow_seq()
-        _put_lines((doc, "devices", 2), before + after)
+        put_lines((doc, "devices", 2), before + after)
     elif index > 0:
-        _put_lines(_last_slot(existing[index - 1]), after)
+        put_lines(last_slot(existing[index - 1]), after)
     else:
         _put_pre(doc, "devices", after)
     new_text, _ = _validate_new(path, doc)

@@ -31,7 +31,7 @@ from rich.table import Table
 from ruamel.yaml.comments import CommentedMap
 
 from edgeagent.capabilities import DEVICE_TYPES
-from edgeagent.cli import devices
+from edgeagent.cli import config_edit, devices
 from edgeagent.cli.common import (
     ConfigOption,
     JsonOption,
@@ -932,17 +932,17 @@ def bus_add(
         buses = modbus.get("buses")
         if isinstance(buses, CommentedMap) and bus_id in buses:
             fail(escape(f"a bus {bus_id!r} is already in {path}; pick another id"))
-        if isinstance(buses, CommentedMap) and devices._is_block(buses):
-            after = devices._take_lines(devices._last_slot(buses))
+        if isinstance(buses, CommentedMap) and config_edit.is_block(buses):
+            after = config_edit.take_lines(config_edit.last_slot(buses))
             buses[bus_id] = entry
-            devices._put_lines(devices._last_slot(buses), after)
+            config_edit.put_lines(config_edit.last_slot(buses), after)
         else:
             # Missing, null or `buses: {}`: a block in its place; comment lines after it stay after it.
             new = CommentedMap()
             new[bus_id] = entry
-            after = devices._take_lines((modbus, "buses", 2)) if "buses" in modbus else ""
+            after = config_edit.take_lines((modbus, "buses", 2)) if "buses" in modbus else ""
             modbus["buses"] = new
-            devices._put_lines(devices._last_slot(new), after)
+            config_edit.put_lines(config_edit.last_slot(new), after)
     new_text, _ = devices._validate_new(path, doc)
     devices._commit(path, old_text, new_text, f"added Modbus bus [bold]{escape(bus_id)}[/] to {escape(str(path))}")
 
@@ -956,9 +956,9 @@ def _insert_section(doc: CommentedMap, key: str, value: CommentedMap) -> None:
         doc.insert(0, key, value)
         return
     prev = keys[at - 1]
-    slot = (devices._last_slot(doc[prev]) if devices._is_block(doc[prev]) else None) or (doc, prev, 2)
-    intro = devices._take_lines(slot)
+    slot = (config_edit.last_slot(doc[prev]) if config_edit.is_block(doc[prev]) else None) or (doc, prev, 2)
+    intro = config_edit.take_lines(slot)
     doc.insert(at, key, value)
-    devices._put_lines(slot, "\n# Modbus buses: serial lines and TCP links to devices or converters "
-                             "(edgeagent modbus bus add).\n")
-    devices._put_lines(devices._last_slot(value), intro)
+    config_edit.put_lines(slot, "\n# Modbus buses: serial lines and TCP links to devices or converters "
+                                "(edgeagent modbus bus add).\n")
+    config_edit.put_lines(config_edit.last_slot(value), intro)
