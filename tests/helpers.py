@@ -105,3 +105,21 @@ def starter_config(tmp_path: Path) -> Path:
             "--state-dir", tmp_path / "state", "--config", path)
     assert r.exit_code == 0, r.output
     return path
+
+
+def config_head(state: Path, *, site_id: str = "site-1", gateway_id: str = "gw-1",
+                health: str = "{enabled: false}") -> str:
+    """The first lines of a test's config file: ids, ``state_dir``, the clock trusted as synced (event times
+    are the wall clock's, whatever the test machine's time sync says) and the health endpoint (off, or
+    ``{port: 0}`` for an ephemeral port). The rest of the file follows it as top-level sections."""
+    return (f"version: 1\nsite_id: {site_id}\ngateway_id: {gateway_id}\nstate_dir: {state}\n"
+            f"clock: {{sync: synced}}\nhealth: {health}\n")
+
+
+def camera_doc(tmp_path: Path, devices: str, *, evidence: str = "", cameras: str = "") -> str:
+    """The config the camera tests run the daemon with: site s, gateway g, health on an ephemeral port, evidence
+    under ``tmp_path/evidence``. ``devices``: the items of the ``devices:`` list, indented; ``evidence``: more
+    keys of ``cameras.evidence`` ("clip_pre_s: 2, ..."); ``cameras``: more lines of ``cameras:``, indented."""
+    more = f", {evidence}" if evidence else ""
+    return (config_head(tmp_path / "state", site_id="s", gateway_id="g", health="{port: 0}")
+            + f"cameras:\n  evidence: {{dir: {tmp_path / 'evidence'}{more}}}\n{cameras}devices:\n{devices}")

@@ -25,7 +25,7 @@ from edgeagent.kernel.alarms.kinds import AlarmKindSpec, KindPolicy
 from edgeagent.kernel.capability import Capability, CapabilityContext, CapabilitySpec
 from edgeagent.kernel.config.schema import DeviceBase, load_config
 from edgeagent.kernel.pipeline.events import Attachment
-from tests.helpers import running_daemon, wait_until
+from tests.helpers import config_head, running_daemon, wait_until
 from tests.peers import Collector, Mosquitto, free_port
 
 KIND = "test_lift_ebike"
@@ -61,13 +61,7 @@ SPECS = (*CAPABILITIES, LIFTS)
 
 
 def write_config(path: Path, state: Path, broker_port: int, modbus_port: int) -> None:
-    path.write_text(f"""\
-version: 1
-site_id: site-1
-gateway_id: gw-1
-state_dir: {state}
-clock: {{sync: synced}}
-health: {{enabled: false}}
+    path.write_text(config_head(state) + f"""\
 uplink: {{broker: "mqtt://127.0.0.1:{broker_port}", retry: {{first_max_s: 0.2, short_cap_s: 0.5}}}}
 modbus:
   buses:

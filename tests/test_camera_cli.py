@@ -13,7 +13,7 @@ import cv2
 
 from edgeagent.app import Daemon
 from edgeagent.capabilities import load_config
-from tests.helpers import cli, running_daemon, starter_config, wait_until
+from tests.helpers import cli, config_head, running_daemon, starter_config, wait_until
 from tests.media import MODELS, media
 from tests.onvif_peer import OnvifFixture, Switches
 from tests.rtsp_peer import RtspServer, busy_clip
@@ -94,12 +94,7 @@ def test_add_tests_the_camera_before_writing_and_snapshot_reads_it(tmp_path: Pat
 async def test_doctor_shows_each_camera_stream_live(tmp_path: Path) -> None:
     clip = Path(__file__).resolve().parents[1] / "drivers" / "sim" / "media" / "pedestrians.mp4"
     path = tmp_path / "c.yaml"
-    path.write_text(f"""version: 1
-site_id: s
-gateway_id: g
-state_dir: {tmp_path / 'state'}
-clock: {{sync: synced}}
-health: {{port: 0}}
+    path.write_text(config_head(tmp_path / "state", site_id="s", gateway_id="g", health="{port: 0}") + f"""\
 devices:
   - {{type: camera, id: cam-path, rtsp: {{detect_url: "{clip.as_uri()}"}}}}
   - {{type: camera, id: cam-dead, rtsp: {{detect_url: "rtsp://127.0.0.1:9/nothing", open_timeout_s: 1}}}}

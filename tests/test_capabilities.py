@@ -27,7 +27,7 @@ from edgeagent.kernel.config.schema import DeviceBase, parse_yaml, validate_doc
 from edgeagent.kernel.errors import ConfigError
 from edgeagent.kernel.pipeline.commands import CommandSpec
 from edgeagent.kernel.pipeline.event_types import CONTACT_CHANGED
-from tests.helpers import running_daemon, wait_until
+from tests.helpers import config_head, running_daemon, wait_until
 
 
 class CameraSection(Strict):
@@ -115,12 +115,7 @@ Model = assemble(SPECS)
 
 
 def _doc(tmp_path: Path, devices: str, extra: str = "") -> str:
-    return f"""version: 1
-site_id: s
-gateway_id: g
-state_dir: {tmp_path / 'state'}
-clock: {{sync: synced}}
-health: {{port: 0}}
+    return config_head(tmp_path / "state", site_id="s", gateway_id="g", health="{port: 0}") + f"""\
 {extra}
 devices:
 {devices}

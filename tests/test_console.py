@@ -42,7 +42,7 @@ from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator, gate_mechanics
 from edgeagent.kernel.pipeline.events import Attachment
 from tests.browser import chromium
-from tests.helpers import wait_until
+from tests.helpers import config_head, wait_until
 from tests.peers import Mosquitto, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -52,13 +52,7 @@ PASSWORDS = {"guard-li": "guard-pass-1", "viewer-wu": "viewer-pass-1", "installe
 
 
 def write_config(path: Path, state: Path, local_port: int, modbus_port: int) -> None:
-    path.write_text(f"""\
-version: 1
-site_id: site-1
-gateway_id: gw-1
-state_dir: {state}
-clock: {{sync: synced}}
-health: {{enabled: false}}
+    path.write_text(config_head(state) + f"""\
 console: {{host: 127.0.0.1, port: 0}}   # the guard room's screen
 modbus:
   buses:

@@ -21,7 +21,7 @@ from edgeagent.console.accounts import AccountStore
 from edgeagent.console.server import USERS_PATH
 from edgeagent.demo import DEMO_CLIP
 from tests.browser import chromium
-from tests.helpers import wait_until
+from tests.helpers import config_head, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -29,14 +29,7 @@ PASSWORDS = {"installer-ma": "install-pass-1", "guard-li": "guard-pass-1"}
 
 
 def config_text(state: Path) -> str:
-    return f"""\
-# Site: Guohuai compound, gate 2 (keep this header)
-version: 1
-site_id: site-1
-gateway_id: gw-1
-state_dir: {state}
-clock: {{sync: synced}}
-health: {{enabled: false}}
+    return "# Site: Guohuai compound, gate 2 (keep this header)\n" + config_head(state) + f"""\
 console:
   host: 127.0.0.1   # loopback in the test; the LAN address on a box
   port: 0

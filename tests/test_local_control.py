@@ -26,20 +26,14 @@ from edgeagent.kernel.pipeline.outbox import Outbox, OutboxConfig
 from edgeagent.kernel.pipeline.sink import EventSink
 from edgeagent.kernel.runtime.clock import Clock
 from edgeagent.kernel.runtime.outputs import Outputs
-from tests.helpers import wait_until
+from tests.helpers import config_head, wait_until
 from tests.peers import free_port
 
 ENGINE_CONFIG = AlarmConfig(kinds=alarm_kinds())  # every capability's kinds, as the daemon has them
 
 
 def write_config(path: Path, state: Path, port: int) -> None:
-    path.write_text(f"""\
-version: 1
-site_id: site-1
-gateway_id: gw-1
-state_dir: {state}
-clock: {{sync: synced}}
-health: {{enabled: false}}
+    path.write_text(config_head(state) + f"""\
 modbus:
   buses:
     lan: {{kind: tcp, host: 127.0.0.1, port: {port}, timeout_s: 0.3}}
@@ -106,14 +100,7 @@ async def test_gate_charger_and_output_from_the_cli(tmp_path: Path) -> None:
 # --- issue 8 item 2: ack/resolve text is bounded, --by is recorded next to the real caller -------------
 
 def write_alarm_config(path: Path, state: Path) -> None:
-    path.write_text(f"""\
-version: 1
-site_id: site-1
-gateway_id: gw-1
-state_dir: {state}
-clock: {{sync: synced}}
-health: {{enabled: false}}
-""")
+    path.write_text(config_head(state))
 
 
 async def test_alarm_ack_and_resolve_from_the_cli_record_by_next_to_the_caller_and_refuse_bad_text(

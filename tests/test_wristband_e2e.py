@@ -22,7 +22,7 @@ from edgeagent.app import Daemon
 from edgeagent.capabilities import load_config
 from edgeagent.drivers.modbus.profile import shipped_profile
 from edgeagent.drivers.modbus.sim import ProfileSimulator
-from tests.helpers import wait_until
+from tests.helpers import config_head, wait_until
 from tests.peers import Collector, Mosquitto, free_port
 
 BAND = "aabbccddeeff"
@@ -30,13 +30,7 @@ LORA = "0102030405060708"
 
 
 def write_config(path: Path, state: Path, local_port: int, modbus_port: int) -> None:
-    path.write_text(f"""\
-version: 1
-site_id: site-1
-gateway_id: gw-1
-state_dir: {state}
-clock: {{sync: synced}}
-health: {{enabled: false}}
+    path.write_text(config_head(state) + f"""\
 uplink:   # the cloud is down for the whole test: nothing listens here
   broker: mqtt://127.0.0.1:9
   retry: {{first_max_s: 0.2, short_cap_s: 0.5}}
