@@ -13,23 +13,14 @@ import numpy as np
 from edgeagent.app import Daemon
 from edgeagent.capabilities import Config
 from edgeagent.kernel.config.schema import parse_yaml, validate_doc
-from tests.helpers import running_daemon, wait_until
+from tests.helpers import camera_doc, running_daemon, wait_until
 
 CLIP = Path(__file__).resolve().parents[1] / "drivers" / "sim" / "media" / "pedestrians.mp4"
 
 
-def camera_config(tmp_path: Path, url: str, extra: str = "") -> str:
+def camera_config(tmp_path: Path, url: str, extra: str = "", *, evidence: str = "") -> str:
     # The path across the middle of the picture: most walkers cross y=0.55 between x=0.05 and 0.95.
-    return f"""version: 1
-site_id: s
-gateway_id: g
-state_dir: {tmp_path / 'state'}
-clock: {{sync: synced}}
-health: {{port: 0}}
-cameras:
-  evidence: {{dir: {tmp_path / 'evidence'}}}
-devices:
-  - type: camera
+    return camera_doc(tmp_path, f"""  - type: camera
     id: cam-path
     rtsp: {{detect_url: "{url}"}}
     detect: {{fps: 5, classes: [person, car]}}
@@ -37,7 +28,7 @@ devices:
       - {{name: path, points: [[0.0, 0.4], [1.0, 0.4], [1.0, 1.0], [0.0, 1.0]], classes: [person]}}
     lines:
       - {{name: middle, a: [0.05, 0.55], b: [0.95, 0.55], a_to_b: south, b_to_a: north, classes: [person]}}
-{extra}"""
+{extra}""", evidence=evidence)
 
 
 async def test_the_clip_yields_tracked_people_zone_entries_and_line_crossings(tmp_path: Path) -> None:
@@ -105,8 +96,7 @@ async def test_rtsp_camera_with_credentials_clips_and_offline_online_once(tmp_pa
     password: {{file: {secret}}}
     clips: true
 """
-        text = camera_config(tmp_path, server.url, extra).replace(
-            "cameras:\n  evidence: {", "cameras:\n  evidence: {clip_pre_s: 2, clip_post_s: 1, ")
+        text = camera_config(tmp_path, server.url, extra, evidence="clip_pre_s: 2, clip_post_s: 1")
         cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config)
         daemon = Daemon(cfg)
         async with running_daemon(daemon) as run:
@@ -148,16 +138,7 @@ async def test_onvif_camera_streams_reports_its_inputs_and_drives_its_relay(tmp_
     secret.write_text("s3cret-pw")
     with RtspServer(busy_clip(), mounts=2) as server:
         async with OnvifFixture(Switches(stream_uri=server.url_for(0))) as fixture:
-            text = f"""version: 1
-site_id: s
-gateway_id: g
-state_dir: {tmp_path / 'state'}
-clock: {{sync: synced}}
-health: {{port: 0}}
-cameras:
-  evidence: {{dir: {tmp_path / 'evidence'}}}
-devices:
-  - type: camera
+            text = camera_doc(tmp_path, f"""  - type: camera
     id: cam-gate
     username: admin
     password: {{file: {secret}}}
@@ -166,7 +147,7 @@ devices:
       port: {fixture.port}
       inputs: {{DigitalInputToken_1: call_button}}
       relays: {{barrier: RelayOutputToken_1}}
-"""
+""")
             cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config)
             daemon = Daemon(cfg)
             async with running_daemon(daemon) as run:
@@ -223,16 +204,7 @@ async def test_onvif_camera_keeps_main_stream_evidence(tmp_path: Path) -> None:
         switches = Switches(stream_uris={"sub": server.url_for(0), "main265": server.url_for(1)},
                             snapshot=main_jpeg)
         async with OnvifFixture(switches) as fixture:
-            text = f"""version: 1
-site_id: s
-gateway_id: g
-state_dir: {tmp_path / 'state'}
-clock: {{sync: synced}}
-health: {{port: 0}}
-cameras:
-  evidence: {{dir: {tmp_path / 'evidence'}, clip_pre_s: 2, clip_post_s: 1}}
-devices:
-  - type: camera
+            text = camera_doc(tmp_path, f"""  - type: camera
     id: cam-path
     username: admin
     password: {{file: {secret}}}
@@ -241,7 +213,7 @@ devices:
     clips: true
     zones:
       - {{name: path, points: [[0.0, 0.4], [1.0, 0.4], [1.0, 1.0], [0.0, 1.0]]}}
-"""
+""", evidence="clip_pre_s: 2, clip_post_s: 1")
             cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config)
             daemon = Daemon(cfg)
             async with running_daemon(daemon) as run:
@@ -269,8 +241,8 @@ async def test_the_upload_command_in_the_daemon_sends_faces_blurred(tmp_path: Pa
     from tests.test_camera_privacy import PutSink
 
     pki = make_pki(tmp_path / "pki")
-    text = camera_config(tmp_path, CLIP.as_uri()).replace(
-        "  evidence: {", f"  evidence: {{upload_ca_file: {pki.ca}, allow_private_upload_hosts: true, ")
+    text = camera_config(tmp_path, CLIP.as_uri(),
+                         evidence=f"upload_ca_file: {pki.ca}, allow_private_upload_hosts: true")
     cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config)
     daemon = Daemon(cfg)
     async with running_daemon(daemon) as run:

@@ -15,7 +15,7 @@ from edgeagent.app import Daemon
 from edgeagent.capabilities import Config
 from edgeagent.kernel.config.schema import parse_yaml, validate_doc
 from edgeagent.kernel.errors import ConfigError
-from tests.helpers import running_daemon, wait_until
+from tests.helpers import camera_doc, running_daemon, wait_until
 from tests.media import MODELS
 from tests.onvif_peer import SilentServer
 from tests.rtsp_peer import RtspServer, busy_clip
@@ -34,19 +34,6 @@ def corrupt_copy(src: Path, dst: Path, *, seed: int = 7) -> Path:
     return dst
 
 
-def _base(tmp_path: Path, cameras: str, extra: str = "") -> str:
-    return f"""version: 1
-site_id: s
-gateway_id: g
-state_dir: {tmp_path / 'state'}
-clock: {{sync: synced}}
-health: {{port: 0}}
-cameras:
-  evidence: {{dir: {tmp_path / 'evidence'}}}
-{extra}devices:
-{cameras}"""
-
-
 async def test_bad_cameras_get_clear_errors_and_the_good_one_carries_on(tmp_path: Path) -> None:
     secret = tmp_path / "wrong.pass"
     secret.write_text("not-the-password")
@@ -62,7 +49,7 @@ async def test_bad_cameras_get_clear_errors_and_the_good_one_carries_on(tmp_path
   - {{type: camera, id: cam-silent, rtsp: {{detect_url: "rtsp://127.0.0.1:{silent.port}/live", open_timeout_s: 1.5}}}}
   - {{type: camera, id: cam-corrupt, rtsp: {{detect_url: "{corrupt.as_uri()}"}}}}
 """
-            cfg = validate_doc(parse_yaml(_base(tmp_path, cams), "c.yaml"), "c.yaml", Config)
+            cfg = validate_doc(parse_yaml(camera_doc(tmp_path, cams), "c.yaml"), "c.yaml", Config)
             daemon = Daemon(cfg)
             async with running_daemon(daemon) as run:
                 cap = next(c for c in daemon.capabilities if c.name == "cameras")
@@ -97,7 +84,7 @@ async def test_a_model_file_that_is_not_what_its_manifest_says_refuses_to_start(
     shutil.copy(MODELS / "clp_det.onnx", site / "nanodet.onnx")
     cams = f"""  - {{type: camera, id: cam-good, rtsp: {{detect_url: "{CLIP.as_uri()}"}}}}
 """
-    text = _base(tmp_path, cams).replace("cameras:\n", f"cameras:\n  model_dirs: [{site}]\n")
+    text = camera_doc(tmp_path, cams, cameras=f"  model_dirs: [{site}]\n")
     cfg = validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config)
     daemon = Daemon(cfg)
     with pytest.raises(ConfigError, match=r"nanodet.*sha256"):
