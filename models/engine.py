@@ -215,14 +215,15 @@ class _Session:
         if problems:
             raise ModelError(f"{m.where}: {m.path.name} does not match its manifest: {'; '.join(problems)}")
 
-    def run(self, items: Sequence[np.ndarray]) -> list[list[Detection]]:
+    def run(self, items: Sequence[np.ndarray], sizes: Sequence[tuple[int, int] | None] | None = None
+            ) -> list[list[Detection]]:
         from edgeagent.models.preprocess import prepare  # noqa: PLC0415
 
         m = self.manifest
         out: list[list[Detection]] = []
         for start in range(0, len(items), m.max_batch):
             chunk = items[start:start + m.max_batch]
-            tensor, meta = prepare(chunk, m)
+            tensor, meta = prepare(chunk, m, sizes[start:start + m.max_batch] if sizes is not None else None)
             raw = self.session.run(None, {self.input_name: tensor})
             found = self.decoder(dict(zip(self.output_names, raw, strict=True)), meta, m)
             if len(found) != len(chunk):
@@ -247,8 +248,8 @@ def _session(sessions: dict[str, _Session], failed: dict[str, str], manifests: d
 
 
 def _worker_main(conn: Connection, manifests: dict[str, ModelManifest], provider: str, threads: int) -> None:
-    """The worker process: answers ("run", id, model, items) with ("ok", id, detections, ms) or ("fail", id,
-    message) until ("stop",) or the pipe closes."""
+    """The worker process: answers ("run", id, model, items, sizes) with ("ok", id, detections, ms) or ("fail",
+    id, message) until ("stop",) or the pipe closes. ``sizes``: None, or the input size asked for per item."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us in order
     import cv2  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415  # the worker's imports, not the camera process's
@@ -269,10 +270,10 @@ def _worker_main(conn: Connection, manifests: dict[str, ModelManifest], provider
             return
         if msg[0] == "stop":
             return
-        _kind, batch_id, model, items = msg
+        _kind, batch_id, model, items, sizes = msg
         started = time.perf_counter()
         try:
-            found = _session(sessions, failed, manifests, model, providers, threads).run(items)
+            found = _session(sessions, failed, manifests, model, providers, threads).run(items, sizes)
         except Exception as exc:  # noqa: BLE001  # whatever one batch raises goes back to its callers
             _send(conn, ("fail", batch_id, f"{type(exc).__name__}: {exc}"))
             continue
@@ -373,6 +374,7 @@ class _Request:
     camera: str
     submitted: float
     max_wait_s: float | None = None
+    sizes: list[tuple[int, int] | None] | None = None  # per item, for a dynamic model (InferenceEngine.infer)
     cancelled: bool = False
 
 
@@ -488,11 +490,13 @@ class InferenceEngine:
     # --- requests ------------------------------------------------------------------------------------------
 
     async def infer(self, model: str, images: Sequence[np.ndarray], *, camera: str = "",
-                    max_wait_s: float | None = None) -> list[list[Detection]]:
+                    max_wait_s: float | None = None,
+                    sizes: Sequence[tuple[int, int] | None] | None = None) -> list[list[Detection]]:
         """Detections per image, in that image's pixels. Raises :class:`EngineBusy` at once when the queue is
         full, or when the request's turn came more than ``max_wait_s`` after it was made (stale, not run);
         :class:`InferenceTimeout` when the watchdog restarted the worker, :class:`InferenceError` for any other
-        failure of this request; :class:`ModelError` for a model the engine was not given."""
+        failure of this request; :class:`ModelError` for a model the engine was not given. ``sizes`` (a dynamic
+        model only; None per image: as its manifest says) is the input size to run each image at."""
         manifest = self._manifests.get(model)
         if manifest is None:
             raise ModelError(f"no model {model!r} in this engine (it has: {', '.join(sorted(self._manifests))})")
@@ -502,10 +506,11 @@ class InferenceEngine:
         _check_items(items, manifest)
         if not items:
             return []
+        wanted = _check_sizes(sizes, len(items), manifest)
         loop = asyncio.get_running_loop()
         if max_wait_s is not None and max_wait_s <= 0:
             raise ValueError(f"max_wait_s must be positive, got {max_wait_s}")
-        request = _Request(model, items, loop.create_future(), loop, camera, time.monotonic(), max_wait_s)
+        request = _Request(model, items, loop.create_future(), loop, camera, time.monotonic(), max_wait_s, wanted)
         with self._cond:
             cam = self._cameras.setdefault(camera, _CameraStats())
             cam.requests += 1
@@ -523,9 +528,14 @@ class InferenceEngine:
             raise
 
     async def detect_regions(self, model: str, frame: np.ndarray, regions: Sequence[Box], *, camera: str = "",
-                             max_wait_s: float | None = None) -> list[Detection]:
+                             max_wait_s: float | None = None, scale: float | None = None) -> list[Detection]:
         """Run ``model`` on each region of ``frame`` (clipped to it; empty ones skipped) in one request, map the
-        detections to frame pixels and merge what several regions saw (:func:`merge_region_detections`)."""
+        detections to frame pixels and merge what several regions saw (:func:`merge_region_detections`).
+
+        ``scale`` (a dynamic model; ignored by a fixed-size one): each region is run at its own size times
+        ``scale`` (aspect kept, sides rounded to the model's ``multiple_of``) and never at more input pixels
+        than the manifest's ``width`` x ``height``, so a region costs what its pixels cost. None: every region
+        is fitted to the model as its manifest says (a whole frame is stretched, the way it was trained)."""
         if frame.ndim < 2:
             raise InferenceError(f"a frame must be HxWx3, not of shape {frame.shape}")
         fh, fw = frame.shape[:2]
@@ -542,7 +552,11 @@ class InferenceEngine:
             boxes.append((ix1, iy1, ix2, iy2))
         if not crops:
             return []
-        found = await self.infer(model, crops, camera=camera, max_wait_s=max_wait_s)
+        spec = self._manifests[model].input if model in self._manifests else None
+        sizes: list[tuple[int, int] | None] | None = None
+        if scale is not None and isinstance(spec, ImageInput) and spec.dynamic:
+            sizes = [scaled_input(spec, c.shape[1], c.shape[0], scale) for c in crops]
+        found = await self.infer(model, crops, camera=camera, max_wait_s=max_wait_s, sizes=sizes)
         per_region = [[d.shifted(bx[0], bx[1]) for d in dets] for dets, bx in zip(found, boxes, strict=True)]
         return merge_region_detections(per_region, boxes, fw, fh, self._manifests[model].thresholds.nms_iou)
 
@@ -619,12 +633,16 @@ class InferenceEngine:
                 return
         manifest = self._manifests[model]
         items = [im for request in group for im in request.items]
+        sizes: list[tuple[int, int] | None] | None = None
+        if any(request.sizes is not None for request in group):
+            sizes = [size for request in group
+                     for size in (request.sizes if request.sizes is not None else [None] * len(request.items))]
         chunks = math.ceil(len(items) / manifest.max_batch)
         budget = self._stuck_after_s * chunks + (0.0 if model in worker.loaded else self._load_timeout_s)
         self._batch_id += 1
         batch_id = self._batch_id
         try:
-            _send(worker.conn, ("run", batch_id, model, items))
+            _send(worker.conn, ("run", batch_id, model, items, sizes))
         except (OSError, ValueError):
             self._lost_worker(group, "the inference worker died (its pipe broke)")
             return
@@ -758,6 +776,41 @@ def _settle(request: _Request, *, result: list[list[Detection]] | None = None,
 
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
         request.loop.call_soon_threadsafe(apply)
+
+
+def scaled_input(spec: ImageInput, w: int, h: int, scale: float) -> tuple[int, int]:
+    """The input size for a ``w`` x ``h`` image run at ``scale`` on a dynamic model: each side times
+    ``scale``, rounded to ``multiple_of``, shrunk (aspect kept) to at most the manifest's ``width`` x
+    ``height`` pixels in all: a region never costs more than the model's nominal input."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    tw, th = w * scale, h * scale
+    budget = spec.width * spec.height
+    if tw * th > budget:
+        shrink = math.sqrt(budget / (tw * th))
+        tw, th = tw * shrink, th * shrink
+    m = spec.multiple_of
+    return max(m, round(tw / m) * m), max(m, round(th / m) * m)
+
+
+def _check_sizes(sizes: Sequence[tuple[int, int] | None] | None, count: int, manifest: ModelManifest
+                 ) -> list[tuple[int, int] | None] | None:
+    if sizes is None:
+        return None
+    wanted = list(sizes)
+    spec = manifest.input
+    if len(wanted) != count:
+        raise InferenceError(f"{len(wanted)} input sizes for {count} images")
+    if not isinstance(spec, ImageInput) or not spec.dynamic:
+        if any(size is not None for size in wanted):
+            raise InferenceError(f"{manifest.name} takes one input size; it cannot be run at another")
+        return None
+    m = spec.multiple_of
+    for size in wanted:
+        if size is not None and (len(size) != 2 or any(not isinstance(v, int) or v < m or v % m or v > 8192
+                                                       for v in size)):
+            raise InferenceError(f"an input size must be two multiples of {m} (at most 8192), not {size}")
+    return wanted
 
 
 def _check_items(items: list[np.ndarray], manifest: ModelManifest) -> None:

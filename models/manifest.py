@@ -28,8 +28,11 @@ give the rows of ``edgeagent models list|verify``.
 Input sizes. A fixed input (``width`` x ``height``) is filled by ``resize: stretch`` (aspect not kept) or
 ``letterbox`` (aspect kept, centred, padded with ``pad_value``). ``dynamic: true`` means the model takes any
 size: the image keeps its aspect, is scaled to fit within ``width`` x ``height``, and each side is rounded up
-to ``multiple_of`` (the padding at right and bottom). ``upscale: false`` leaves smaller images at their own
-size (letterbox and dynamic): on a dynamic model a small crop then costs what its pixels cost.
+to ``multiple_of`` (the padding at right and bottom); with ``resize: stretch`` a dynamic model is run like a
+fixed one (the image stretched to ``width`` x ``height``, the way such models are trained) unless the caller
+asks for an input size (the camera pipeline's crops at ``detect.scale``: see ``InferenceEngine.detect_regions``).
+``upscale: false`` leaves smaller images at their own size (letterbox and dynamic): on a dynamic model a small
+crop then costs what its pixels cost.
 Normalization is ``(pixel - mean) / std`` on the channels in ``colour`` order; ``scale: s`` is shorthand for
 ``std: 1/s``. Integer inputs take raw pixels.
 """
@@ -111,8 +114,6 @@ class ImageInput(_Strict):
             issues.append((("scale",), "give std or scale, not both (scale s means std 1/s)"))
         if self.dtype != "float32" and (self.std is not None or self.scale is not None or any(self.mean)):
             issues.append((("dtype",), f"a {self.dtype} input takes raw pixels: drop mean, std and scale"))
-        if self.dynamic and self.resize == "stretch":
-            issues.append((("resize",), "a dynamic input keeps the image's aspect: use resize: letterbox"))
         if self.resize == "stretch" and not self.upscale:
             issues.append((("upscale",), "a stretched input always fills the size: use resize: letterbox"))
         if not self.dynamic and self.multiple_of != 1:
@@ -383,7 +384,11 @@ def _describe_input(manifest: ModelManifest) -> str:
     spec = manifest.input
     if isinstance(spec, TensorInput):
         return f"tensor {'x'.join('N' if d < 0 else str(d) for d in spec.shape)} {spec.dtype}"
-    size = f"up to {spec.width}x{spec.height} /{spec.multiple_of}" if spec.dynamic else f"{spec.width}x{spec.height}"
+    size = f"{spec.width}x{spec.height}"
+    if spec.dynamic:
+        # stretch: that size for a whole image, any (crops at detect.scale); letterbox: scaled to fit within it
+        size = f"{size} or any /{spec.multiple_of}" if spec.resize == "stretch" else \
+            f"up to {size} /{spec.multiple_of}"
     return f"{size} {spec.layout} {spec.dtype} {spec.colour} {spec.resize}"
 
 

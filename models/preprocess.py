@@ -82,10 +82,17 @@ def check_image(image: object) -> np.ndarray:
     return image
 
 
-def fit(spec: ImageInput, w: int, h: int) -> tuple[int, int, ItemMeta]:
+def fit(spec: ImageInput, w: int, h: int, size: tuple[int, int] | None = None) -> tuple[int, int, ItemMeta]:
     """(input width, input height, placement) for one ``w`` x ``h`` image. For a dynamic input the size is
-    this image's own; a batch uses the largest."""
-    if spec.dynamic:
+    this image's own; a batch uses the largest. ``size``, for a dynamic input only, is the input size the
+    caller asked for (each side a multiple of ``multiple_of``): the image is stretched to exactly that."""
+    if size is not None and spec.dynamic:
+        sw, sh = size
+        m = spec.multiple_of
+        if sw < m or sh < m or sw % m or sh % m:
+            raise InferenceError(f"an input size of {sw}x{sh} is not made of multiples of {m}")
+        return sw, sh, ItemMeta(w, h, sw / w, sh / h, 0.0, 0.0)
+    if spec.dynamic and spec.resize != "stretch":
         s = min(spec.width / w, spec.height / h, math.inf if spec.upscale else 1.0)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
         m = spec.multiple_of
@@ -99,12 +106,16 @@ def fit(spec: ImageInput, w: int, h: int) -> tuple[int, int, ItemMeta]:
     return spec.width, spec.height, ItemMeta(w, h, nw / w, nh / h, float(pad_x), float(pad_y))
 
 
-def preprocess_images(images: Sequence[np.ndarray], spec: ImageInput) -> tuple[np.ndarray, PreMeta]:
-    """The batch tensor for ``images`` and how each was placed."""
+def preprocess_images(images: Sequence[np.ndarray], spec: ImageInput,
+                      sizes: Sequence[tuple[int, int] | None] | None = None) -> tuple[np.ndarray, PreMeta]:
+    """The batch tensor for ``images`` and how each was placed (``sizes``: see :func:`fit`)."""
     if not images:
         raise InferenceError("no images to run")
+    if sizes is not None and len(sizes) != len(images):
+        raise InferenceError(f"{len(sizes)} input sizes for {len(images)} images")
     checked = [check_image(im) for im in images]
-    fits = [fit(spec, im.shape[1], im.shape[0]) for im in checked]
+    fits = [fit(spec, im.shape[1], im.shape[0], sizes[k] if sizes is not None else None)
+            for k, im in enumerate(checked)]
     in_w, in_h = max(f[0] for f in fits), max(f[1] for f in fits)
     canvas = np.full((len(checked), in_h, in_w, 3), spec.pad_value, dtype=np.uint8)
     for k, (im, (_w, _h, meta)) in enumerate(zip(checked, fits, strict=True)):
@@ -149,9 +160,10 @@ def preprocess_tensors(items: Sequence[np.ndarray], spec: TensorInput) -> tuple[
     return batch, PreMeta(0, 0, (identity,) * len(arrays))
 
 
-def prepare(items: Sequence[np.ndarray], manifest: ModelManifest) -> tuple[np.ndarray, PreMeta]:
-    """The input tensor for a batch, by the manifest's input kind."""
+def prepare(items: Sequence[np.ndarray], manifest: ModelManifest,
+            sizes: Sequence[tuple[int, int] | None] | None = None) -> tuple[np.ndarray, PreMeta]:
+    """The input tensor for a batch, by the manifest's input kind (``sizes``: images only, see :func:`fit`)."""
     spec = manifest.input
     if isinstance(spec, TensorInput):
         return preprocess_tensors(items, spec)
-    return preprocess_images(items, spec)
+    return preprocess_images(items, spec, sizes)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeagent.drivers.camera.motion import MotionDetector
-from edgeagent.drivers.camera.regions import propose_regions
+from edgeagent.drivers.camera.regions import propose_rects, propose_regions
 
 MEDIA = Path(__file__).resolve().parents[1].parent / "shared" / "media"
 CLIP = MEDIA / "vtest.avi"
@@ -277,3 +277,54 @@ def test_regions_properties(motion: list[tuple[float, float, float, float]],
     # The order of the inputs does not matter.
     assert propose_regions(list(reversed(tracked)), list(reversed(motion)), fw, fh, size,
                            max_regions=max_regions, max_merge_scale=scale) == regions
+
+
+def test_rects_hold_what_moves_tightly_and_merge_only_when_it_saves_pixels() -> None:
+    # One walker (60x150) in a 768x576 frame: a rectangle of its grown box, at least 171 px a side (128 input
+    # pixels at scale 0.75), not a 416 px square.
+    (r,) = propose_rects([(300, 200, 360, 350)], [], W, H, 171)
+    assert r == (245.0, 185.0, 416.0, 365.0)
+    # Two walkers side by side: one rectangle (fewer pixels than two); two at opposite corners: two.
+    (pair,) = propose_rects([(300, 200, 360, 350)], [(370, 210, 430, 360)], W, H, 171)
+    assert pair[0] <= 300 and pair[2] >= 430 and (pair[2] - pair[0]) * (pair[3] - pair[1]) < 2 * 171 * 180
+    assert len(propose_rects([(10, 10, 60, 150)], [(700, 420, 760, 570)], W, H, 171)) == 2
+    # A small frame is taken whole on its short side; nothing in the frame, nothing to look at.
+    assert propose_rects([(10, 10, 20, 20)], [], 320, 120, 171) == [(0.0, 0.0, 171.0, 120.0)]
+    assert propose_rects([(-50, -50, -10, -10)], [], W, H, 171) == []
+    # Over max_regions, the cheapest merges happen first: three corners and a centre, at most two regions.
+    corners = [(0, 0, 40, 80), (728, 0, 768, 80), (0, 496, 40, 576), (728, 496, 768, 576)]
+    assert len(propose_rects(corners, [], W, H, 171, max_regions=2)) <= 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(motion=BOXES, tracked=BOXES, frame=st.sampled_from([(768, 576), (1920, 1080), (640, 360), (320, 240)]),
+       min_side=st.sampled_from([64, 171, 320, 700]), max_regions=st.integers(1, 6))
+def test_rects_properties(motion: list[tuple[float, float, float, float]],
+                          tracked: list[tuple[float, float, float, float]], frame: tuple[int, int], min_side: int,
+                          max_regions: int) -> None:
+    fw, fh = frame
+    regions = propose_rects(motion, tracked, fw, fh, min_side, max_regions=max_regions)
+    assert len(regions) <= max_regions
+    for x1, y1, x2, y2 in regions:
+        assert 0 <= x1 < x2 <= fw and 0 <= y1 < y2 <= fh
+        assert all(float(v).is_integer() for v in (x1, y1, x2, y2))
+        assert x2 - x1 >= min(min_side, fw) and y2 - y1 >= min(min_side, fh)
+    clipped = [(max(0.0, b[0]), max(0.0, b[1]), min(float(fw), b[2]), min(float(fh), b[3]))
+               for b in (*motion, *tracked)]
+    inside_frame = [c for c in clipped if c[2] > c[0] and c[3] > c[1]]
+    assert bool(regions) == bool(inside_frame)
+    for c in inside_frame:
+        assert any(_inside(c, r) for r in regions), (c, regions)
+    # No region holds another (it would be looked at twice), and when nothing had to be forced together the
+    # regions cost no more pixels than one rectangle per box would.
+    for a in regions:
+        assert not any(b != a and _inside(b, a) for b in regions), regions
+    one_each = propose_rects(motion, tracked, fw, fh, min_side, max_regions=10_000)
+    if len(one_each) <= max_regions:
+        assert regions == one_each
+    alone = [propose_rects([c], [], fw, fh, min_side)[0] for c in inside_frame]
+    if len(one_each) <= max_regions:
+        assert sum((r[2] - r[0]) * (r[3] - r[1]) for r in regions) <= sum(
+            (r[2] - r[0]) * (r[3] - r[1]) for r in alone)
+    assert propose_rects(list(reversed(tracked)), list(reversed(motion)), fw, fh, min_side,
+                         max_regions=max_regions) == regions

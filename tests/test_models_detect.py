@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeagent.models.engine import InferenceEngine
+from edgeagent.models.engine import InferenceEngine, _check_sizes, scaled_input
 from edgeagent.models.manifest import ImageInput, ModelManifest, load_manifests
 from edgeagent.models.preprocess import ItemMeta, PreMeta, fit
 from edgeagent.models.registry import get_decoder
-from edgeagent.models.types import Box, Detection, ModelError
+from edgeagent.models.types import Box, Detection, InferenceError, ModelError
 from tests.media import clip_frames, image
 
 MANIFESTS = load_manifests()
@@ -229,3 +229,53 @@ def test_yolo_decoder_on_random_outputs(seed: int, kind: str, layout: str, n: in
         return
     assert len(found) == 1
     assert all(_inside(d, w, h) and np.isfinite(d.score) for d in found[0])
+
+
+async def test_regions_at_a_scale_find_the_people_found_at_full_size(engine: InferenceEngine) -> None:
+    """The camera pipeline's crops run at ``detect.scale`` on the dynamic NanoDet: smaller inputs (cheaper in
+    proportion), boxes still in frame pixels, and the people found at full size found again."""
+    regions: list[Box] = [(100, 60, 420, 400), (300, 200, 768, 576)]
+    assert [scaled_input(MANIFESTS["nanodet"].input, int(r[2] - r[0]), int(r[3] - r[1]), 0.75)  # type: ignore[arg-type]
+            for r in regions] == [(256, 256), (352, 288)]
+    kept = total = 0
+    for frame in clip_frames(CLIP_FRAMES):
+        full = await engine.detect_regions("nanodet", frame, regions, scale=1.0)
+        scaled = await engine.detect_regions("nanodet", frame, regions, scale=0.75)
+        assert all(_inside(d, 768, 576) for d in scaled)
+        people = [d for d in scaled if d.label == "person"]
+        for d in (d for d in full if d.label == "person" and d.score >= 0.5):
+            total += 1
+            kept += bool(people) and max(_iou(d.box, p.box) for p in people) >= 0.5
+    assert total >= 20 and kept >= 0.95 * total, (kept, total)
+
+
+async def test_input_sizes_asked_for(engine: InferenceEngine) -> None:
+    img = image("dog.jpg")  # 768x576
+    [at_416] = await engine.infer("nanodet", [img], sizes=[(416, 320)])
+    bike = max((d for d in at_416 if d.label == "bicycle"), key=lambda d: d.score)
+    assert _iou(bike.box, (122, 129, 570, 424)) > 0.7  # in the image's pixels, not the input's
+    for wrong in ([(300, 224)], [(320, 224), (320, 224)], [(0, 32)]):
+        with pytest.raises(InferenceError, match="input size"):
+            await engine.infer("nanodet", [img], sizes=wrong)
+    reader = MANIFESTS["clp_v2_c_rec"]  # fixed 32 rows: it cannot be run at another size
+    with pytest.raises(InferenceError, match="takes one input size"):
+        _check_sizes([(128, 64)], 1, reader)
+    assert _check_sizes([None], 1, reader) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(w=st.integers(1, 4000), h=st.integers(1, 3000), scale=st.floats(0.05, 1.0))
+def test_scaled_input_follows_the_crop_and_never_exceeds_the_model(w: int, h: int, scale: float) -> None:
+    spec = MANIFESTS["nanodet"].input
+    assert isinstance(spec, ImageInput)
+    iw, ih = scaled_input(spec, w, h, scale)
+    m = spec.multiple_of
+    assert iw % m == 0 and ih % m == 0 and iw >= m and ih >= m
+    tw, th = w * scale, h * scale
+    if tw * th <= spec.width * spec.height:  # within the budget: each side rounded to the nearest multiple
+        assert abs(iw - tw) <= m / 2 + 1e-9 or iw == m
+        assert abs(ih - th) <= m / 2 + 1e-9 or ih == m
+    else:  # shrunk to the model's pixels, aspect kept (up to rounding)
+        assert (iw - m / 2) * (ih - m / 2) <= spec.width * spec.height + 1e-6
+    with pytest.raises(ValueError, match="scale"):
+        scaled_input(spec, w, h, 0.0)

@@ -274,21 +274,24 @@ async def test_engine_start_verifies_every_model(tmp_path: Path) -> None:
     text = SHIPPED["nanodet"].manifest_path.read_text(encoding="utf-8")  # type: ignore[union-attr]
     (tmp_path / "nanodet.yaml").write_text(text.replace(SHIPPED["nanodet"].sha256, "cd" * 32), encoding="utf-8")
     altered = load_manifests([tmp_path], shipped=False)
-    with pytest.raises(ModelError, match=r"nanodet\.yaml: model 'nanodet': nanodet\.onnx has sha256 15f6ccefb082ef89"):
+    with pytest.raises(ModelError, match=r"nanodet\.yaml: model 'nanodet': nanodet\.onnx has sha256 e4a37951d0479dc1"):
         async with InferenceEngine(altered):
             pass
 
 
 async def test_a_model_that_does_not_fit_its_manifest_fails_its_requests(tmp_path: Path) -> None:
-    (tmp_path / "nanodet.onnx").symlink_to(SHIPPED["nanodet"].path)
-    text = SHIPPED["nanodet"].manifest_path.read_text(encoding="utf-8")  # type: ignore[union-attr]
-    (tmp_path / "nanodet.yaml").write_text(text.replace("width: 416", "width: 320"), encoding="utf-8")
+    # The plate reader's graph takes 32 rows; a manifest saying 48 is refused at its first use, each time.
+    reader = SHIPPED["clp_v2_c_rec"]
+    (tmp_path / reader.path.name).symlink_to(reader.path)
+    (tmp_path / "clp_dict.txt").symlink_to(reader.path.parent / "clp_dict.txt")
+    text = reader.manifest_path.read_text(encoding="utf-8")  # type: ignore[union-attr]
+    (tmp_path / "clp_v2_c_rec.yaml").write_text(text.replace("height: 32", "height: 48"), encoding="utf-8")
     wrong = load_manifests([tmp_path], shipped=False)
     async with InferenceEngine(wrong) as engine:
         for _ in range(2):
-            with pytest.raises(InferenceError, match=r"does not match its manifest.*the manifest says 320x416"):
-                await engine.infer("nanodet", [image("dog.jpg")])
-        assert engine.stats()["models"]["nanodet"]["errors"] == 2
+            with pytest.raises(InferenceError, match=r"does not match its manifest.*the manifest says 128x48"):
+                await engine.infer("clp_v2_c_rec", [image("dog.jpg")])
+        assert engine.stats()["models"]["clp_v2_c_rec"]["errors"] == 2
 
 
 async def test_requests_waiting_together_are_batched() -> None:

@@ -135,6 +135,11 @@ class DetectConfig(Strict):
         description="a higher minimum score for some labels (on top of min_score): NanoDet scores traffic cones "
                     "and stones 0.42-0.47 as 'person', people 0.53-0.88")
     min_area: float = Field(default=0.0005, ge=0, le=1, description="minimum box area, fraction of the frame")
+    scale: float = Field(
+        default=0.75, gt=0.1, le=1.0,
+        description="the detector sees its crops of the detection stream at this scale (1.0: every pixel); "
+                    "the cost of a run follows the crop's pixels at this scale (models with a dynamic input). "
+                    "Raise it toward 1.0 when the people to find are under ~60 px tall on the detection stream")
     objects_events: bool = Field(default=True, description="a camera.object event per new track")
 
 

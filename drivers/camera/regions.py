@@ -155,4 +155,68 @@ def _merge(groups: list[_IntBox], frame_w: int, frame_h: int, size: int, merge_o
     return out
 
 
-__all__ = ["propose_regions"]
+def propose_rects(
+    motion_boxes: Sequence[Box],
+    tracked_boxes: Sequence[Box],
+    frame_w: int,
+    frame_h: int,
+    min_side: int,
+    *,
+    max_regions: int = 4,
+    margin_frac: float = 0.1,
+    slack_px: int = 0,
+) -> list[Box]:
+    """Regions for a detector with a dynamic input, whose cost follows the pixels it is given (NanoDet's time
+    is close to proportional to its input's area, with no fixed cost per run worth counting).
+
+    Each box is grown as in :func:`propose_regions` and held by a rectangle of at least ``min_side`` on each
+    side (context around a small object; centred, shifted inside the frame; a frame side shorter than
+    ``min_side`` is taken whole). Two rectangles merge when the one holding both has no more pixels than the
+    two together plus ``slack_px`` (one inside another always does, so does a pair sharing a whole side;
+    distant ones stay apart), until nothing merges; over ``max_regions``, the pair whose merge adds the fewest
+    pixels merges, and free merges are looked for again.
+    Sorted top to bottom, left to right.
+
+    Guarantees (property-tested): every input box, clipped to the frame, lies inside at least one region; every
+    region lies inside the frame and is at least ``min(min_side, frame side)`` on each side; at most
+    ``max_regions``; whole pixels; within ``max_regions``, the regions' total area is never more than the sum
+    of the separate rectangles' plus ``slack_px`` per merge."""
+    if frame_w <= 0 or frame_h <= 0 or min_side <= 0:
+        raise ValueError(f"frame {frame_w}x{frame_h} and min_side {min_side} must be positive")
+    if max_regions < 1:
+        raise ValueError(f"max_regions must be at least 1, got {max_regions}")
+    rects = sorted(
+        _rect(g, frame_w, frame_h, min_side)
+        for g in (_grown(b, frame_w, frame_h, margin_frac) for b in (*motion_boxes, *tracked_boxes)) if g is not None)
+    if not rects:
+        return []
+
+    def area(r: _IntBox) -> int:
+        return (r[2] - r[0]) * (r[3] - r[1])
+
+    def added(i: int, j: int) -> int:
+        """Pixels a merge of rects i and j adds to running them apart (negative: it saves some)."""
+        return area(_union(rects[i], rects[j])) - area(rects[i]) - area(rects[j])
+
+    # Free merges first (overlapping, touching or containing rectangles: one run costs no more pixels), then,
+    # while there are too many, the cheapest merge, and free merges again (a merged rectangle can now hold
+    # another). Inputs are few: the quadratic search is fine.
+    while True:
+        pairs = [(i, j) for i in range(len(rects)) for j in range(i + 1, len(rects))]
+        free = next(((i, j) for i, j in pairs if added(i, j) <= slack_px), None)
+        if free is None and len(rects) <= max_regions:
+            break
+        i, j = free if free is not None else min(pairs, key=lambda ij: added(*ij))
+        rects[i] = _union(rects[i], rects[j])
+        del rects[j]
+    rects.sort(key=lambda r: (r[1], r[0], r[3], r[2]))
+    return [(float(x1), float(y1), float(x2), float(y2)) for x1, y1, x2, y2 in rects]
+
+
+def _rect(group: _IntBox, frame_w: int, frame_h: int, min_side: int) -> _IntBox:
+    x1, x2 = _place(group[0], group[2], max(min_side, group[2] - group[0]), frame_w)
+    y1, y2 = _place(group[1], group[3], max(min_side, group[3] - group[1]), frame_h)
+    return x1, y1, x2, y2
+
+
+__all__ = ["propose_rects", "propose_regions"]
