@@ -47,7 +47,7 @@ from edgeagent.models.engine import InferenceEngine
 from edgeagent.models.manifest import load_manifests
 from edgeagent.models.types import Box, Detection
 from tests.facade_video import encode
-from tests.helpers import running_daemon, wait_until
+from tests.helpers import camera_doc, running_daemon, wait_until
 from tests.media import image
 from tests.rtsp_peer import RtspServer
 from tests.synth_facade import Scene, SynthSequence, falling_object
@@ -267,16 +267,7 @@ async def test_the_daemon_runs_a_facade_camera_into_a_thrown_object_alarm(tmp_pa
     throw on the stream becomes one durable alarm.raised (place, window, clip), the fall observer runs."""
     q = SCENE.quad
     with RtspServer(facade_clip) as server:
-        text = f"""version: 1
-site_id: s
-gateway_id: g
-state_dir: {tmp_path / 'state'}
-clock: {{sync: synced}}
-health: {{port: 0}}
-cameras:
-  evidence: {{dir: {tmp_path / 'evidence'}}}
-devices:
-  - type: camera
+        text = camera_doc(tmp_path, f"""  - type: camera
     id: facade-south
     name: block 3 south
     rtsp: {{detect_url: "{server.url}"}}
@@ -287,7 +278,7 @@ devices:
       floors: {SCENE.floors}
       columns: {SCENE.columns}
       clip_post_s: 1.0
-"""
+""")
         daemon = Daemon(validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config))
         async with running_daemon(daemon) as run:
             assert await wait_until(lambda: run.of("alarm.raised", "facade-south"), 40.0)
@@ -332,24 +323,14 @@ async def test_the_daemon_raises_video_fall_from_a_camera_streaming_a_fall(tmp_p
     fall head): a camera whose person falls raises one video_fall about its place, with a snapshot and the
     linked resident. (Standing and walking are the tick-level tests above: the same observer, the same models.)"""
     fall = person_clip(tmp_path / "fall.ts", photo, topples_late, 11.0)
-    text = f"""version: 1
-site_id: s
-gateway_id: g
-state_dir: {tmp_path / 'state'}
-clock: {{sync: synced}}
-health: {{port: 0}}
-cameras:
-  evidence: {{dir: {tmp_path / 'evidence'}}}
-  privacy: {{enabled: false}}
-devices:
-  - type: camera
+    text = camera_doc(tmp_path, f"""  - type: camera
     id: lobby
     name: building 3 lobby
     rtsp: {{detect_url: "{fall.as_uri()}"}}
     detect: {{fps: 5, classes: [person]}}
     snapshots_from: detect
     falls: {{resident: res-7}}
-"""
+""", cameras="  privacy: {enabled: false}\n")
     daemon = Daemon(validate_doc(parse_yaml(text, "c.yaml"), "c.yaml", Config))
     async with running_daemon(daemon) as run:
         cap: Any = daemon.capability("cameras")
