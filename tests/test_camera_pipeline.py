@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -270,3 +271,69 @@ def test_a_quiet_scene_idles_the_source_and_the_first_motion_wakes_it(clip_run: 
     assert [p for p, _ in idle_on] == ["empty"] and clip_run.stats["idle_spells"] == 1, clip_run.idle_calls
     assert idle_on[0][1] >= clip_run.clip_ticks + IDLE_AFTER_S * DETECT_FPS
     assert idle_off == [("again", clip_run.first_again)], clip_run.idle_calls
+
+
+def _topple_run(cam: CameraDevice) -> dict[str, Any]:
+    """person.jpg standing 7 s, falling sideways in 0.5 s, lying 3.5 s, at 5 fps through the pipeline: the
+    ticks at which a person track was seen lying (box wider than tall) and where the detector looked."""
+    from tests.media import image
+    from tests.test_rules_runners import topples_late
+
+    photo = image("person.jpg")
+    clock = [0.0]
+    lying: list[float] = []
+    looked: list[tuple[float, list[Box]]] = []
+
+    class Source:
+        async def frames(self, *, newest: bool = False) -> AsyncIterator[ClipFrame]:
+            for k in range(55):
+                clock[0] = k / DETECT_FPS
+                yield ClipFrame(cv2.warpAffine(photo, topples_late(clock[0]), (photo.shape[1], photo.shape[0]),
+                                               borderMode=cv2.BORDER_REPLICATE), k + 1, clock[0])
+                lying.extend(clock[0] for t in pipe.tracks
+                             if t.label == "person" and t.box[2] - t.box[0] > t.box[3] - t.box[1])
+
+        def stats(self) -> dict[str, Any]:
+            return {}
+
+    async def run() -> None:
+        async with InferenceEngine({"nanodet": load_manifests()["nanodet"]}, threads=2) as engine:
+            nonlocal pipe
+            real = engine.detect_regions
+
+            async def detect_regions(model: str, frame: np.ndarray, regions: list[Box], **kw: Any) -> Any:
+                looked.append((clock[0], list(regions)))
+                return await real(model, frame, regions, **kw)
+
+            pipe = CameraPipeline(cam, detector=engine, model="nanodet", input_size=416, sink=RecordingSink(),
+                                  evidence=None, clock=lambda: clock[0])  # type: ignore[arg-type]
+            pipe._detector = type("Spy", (), {"detect_regions": staticmethod(detect_regions)})()
+            await pipe.run(Source())
+
+    pipe: Any = None
+    asyncio.run(run())
+    return {"lying": lying, "runs": pipe.stats.detector_runs, "looked": looked}
+
+
+def test_a_falls_camera_sees_the_person_who_fell() -> None:
+    # The falls rule needs the person on the floor tracked. A camera with a rule keeps model-size squares:
+    # NanoDet scores this lying person 0.55 there and 0.39-0.61 in tight rectangles around them (under the
+    # person minimum of 0.5 in most), where only the falling person's coasting track would carry the fall.
+    falls = CameraDevice.model_validate({"type": "camera", "id": "lobby", "rtsp": {"detect_url": "rtsp://127.0.0.1:1/x"},
+                                         "detect": {"fps": DETECT_FPS, "classes": ["person"]}, "falls": {}})
+    seen = _topple_run(falls)
+    assert seen["lying"] and min(seen["lying"]) <= 10.0, seen  # fell at 7.0-7.5 s
+
+
+def test_a_track_the_detector_lost_is_searched_for_around_where_it_was() -> None:
+    # Without a rule the camera looks in tight rectangles. The person standing still is stirred by the fall's
+    # motion and then missed (lying, they no longer look like the standing box): the search grows by a body
+    # length, so the floor where they lie (x 217-507, y 204-416) is looked at within a second of the fall, not
+    # only when the motion background gives up on them (9.6 s without the search).
+    plain = CameraDevice.model_validate({"type": "camera", "id": "lobby", "rtsp": {"detect_url": "rtsp://127.0.0.1:1/x"},
+                                         "detect": {"fps": DETECT_FPS, "classes": ["person"]}})
+    seen = _topple_run(plain)
+    floor = (217.0, 204.0, 507.0, 416.0)
+    found = [t for t, regions in seen["looked"] if t >= 7.5 and any(
+        r[0] <= floor[0] and r[1] <= floor[1] and r[2] >= floor[2] and r[3] >= floor[3] for r in regions)]
+    assert found and min(found) <= 8.5, seen["looked"][-20:]

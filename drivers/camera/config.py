@@ -138,7 +138,8 @@ class DetectConfig(Strict):
     scale: float = Field(
         default=0.75, gt=0.1, le=1.0,
         description="the detector sees its crops of the detection stream at this scale (1.0: every pixel); "
-                    "the cost of a run follows the crop's pixels at this scale (models with a dynamic input). "
+                    "the cost of a run follows the crop's pixels at this scale (models with a dynamic input; "
+                    "not on a camera with a gate, ebike_lift or falls rule, which keeps model-size squares). "
                     "Raise it toward 1.0 when the people to find are under ~60 px tall on the detection stream")
     objects_events: bool = Field(default=True, description="a camera.object event per new track")
 
@@ -226,6 +227,11 @@ class CameraDevice(DeviceBase):
     ebike_lift: EbikeLiftConfig | None = Field(default=None, description="the e-bike in a lift car rule")
     falls: FallsConfig | None = Field(default=None, description="falls in a common area (pose + fall head)")
     thrown: ThrownConfig | None = Field(default=None, description="objects thrown from height (a façade camera)")
+
+    @property
+    def has_rules(self) -> bool:
+        """A camera whose detections drive a community rule (what the detector misses, a rule misses)."""
+        return self.gate is not None or self.ebike_lift is not None or self.falls is not None
 
     @model_validator(mode="after")
     def _source(self) -> CameraDevice:

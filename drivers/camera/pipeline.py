@@ -9,8 +9,9 @@ regions around motion and around the tracks it must follow, all of them in one r
 (synchronized re-checks), and a track that has stood still for a while is re-checked only every
 ``RECHECK_STATIONARY_S``. A quiet scene therefore costs a decode and a motion pass per tick and no inference.
 A detector with a dynamic input (the shipped NanoDet) costs what the pixels it is given cost, so its regions
-are tight rectangles (:func:`propose_rects`) run at ``detect.scale``; a fixed-size one is given model-size
-squares (:func:`propose_regions`), each costing a whole run.
+are tight rectangles (:func:`propose_rects`) run at ``detect.scale``, and a track that changed shape or was
+lost is searched for in a wider box; a fixed-size detector, and any camera with a community rule (tuned on
+them), is given model-size squares (:func:`propose_regions`), each costing a whole run.
 
 Inference runs in the engine's own worker, BGR conversion and fallback motion in a worker thread; the loop only
 routes results. Frames are perishable: the pipeline takes the newest frame the source has (older queued ones
@@ -203,9 +204,14 @@ class CameraPipeline:
         models = getattr(detector, "models", None)
         spec = getattr(models.get(model), "input", None) if isinstance(models, Mapping) else None
         self._spec = spec if isinstance(spec, ImageInput) else None
-        self._dynamic = self._spec is not None and self._spec.dynamic
+        # Tight rectangles at detect.scale need a dynamic-input detector, and are not used on a camera whose
+        # detections drive a rule (gate, e-bike, falls): those rules were tuned and measured on model-size
+        # squares, and NanoDet's score for what they look for moves with the crop (a person lying on the floor:
+        # 0.39-0.61 in rectangles around them, 0.55 in the squares).
+        self._rects = self._spec is not None and self._spec.dynamic and not cam.has_rules
         # A dynamic-input detector is given rectangles around what it must look at, at the camera's scale:
         # each at least MIN_INPUT_SIDE input pixels a side (in frame pixels: divided by the scale).
+        self._scale = cam.detect.scale if self._rects else None
         self._min_side = math.ceil(MIN_INPUT_SIDE / cam.detect.scale)
         # A track nothing has seen for three stationary re-check periods is gone, whatever was looked at.
         self._tracker = Tracker(max_unseen_s=3 * RECHECK_STATIONARY_S)
@@ -315,7 +321,7 @@ class CameraPipeline:
         # - motion not explained by a confirmed track (something new, or a track the tracker lost hold of);
         # - the tracks it must follow: tentative ones (they must confirm or die quickly), confirmed moving
         #   ones (the tracker predicts them in between: a walking person moves a few pixels per tick), any
-        #   whose last look failed, and stationary ones every RECHECK_STATIONARY_S;
+        #   whose last look failed, and stationary ones every RECHECK_STATIONARY_S or when motion stirs them;
         # - the whole frame every FULL_PASS_S, so that what was already there when the stream started (a
         #   parked car, a person standing still) is found although it never moved.
         # Re-checks are synchronized: every track that needs a look goes into the same run, at most every
@@ -333,9 +339,19 @@ class CameraPipeline:
             if not recheck:
                 fresh = [m for m in fresh if not any(_centre_in(m, r) for r in self._last_regions)]
             due = self._tracker.due_for_detection(now, RECHECK_STATIONARY_S, 0.0) if (recheck or fresh) else []
+            if recheck and self._rects:
+                # Where a track may be now that its box no longer says: a track that stood still and is
+                # stirred by motion is that object changing shape (a person standing up or falling, a car's
+                # door opening), and a track the detector missed has moved or changed by an unknown amount.
+                # Both are searched for in a box grown by their length on each side (a person who falls lies
+                # within a body length of where they stood), a lost one gradually (over its first second).
+                due = due + [_grown(t.box, 1.0) for t in self.tracks if t.stationary
+                             and any(_explains(t.box, m) for m in moving)]
+                due = due + [_grown(t.box, min(1.0, now - t.last_seen_s)) for t in self.tracks
+                             if t.missed_since_s is not None]
             if not (fresh or due):
                 regions = []
-            elif self._dynamic:
+            elif self._rects:
                 regions = propose_rects(fresh, due, w, h, self._min_side)
             else:
                 regions = propose_regions(fresh, due, w, h, self._size, max_merge_scale=MERGE_SCALE)
@@ -346,7 +362,7 @@ class CameraPipeline:
             image = frame.image if getattr(frame, "image_ready", True) else await asyncio.to_thread(_image_of, frame)
             try:
                 raw = await self._detector.detect_regions(self._model, image, regions, camera=self.cam.id,
-                                                          max_wait_s=STALE_AFTER_S, scale=self.cam.detect.scale)
+                                                          max_wait_s=STALE_AFTER_S, scale=self._scale)
             except EngineBusy:
                 self.stats.skipped_busy += 1
                 return []
@@ -388,7 +404,7 @@ class CameraPipeline:
         spec = self._spec
         if spec is None:
             return 0
-        if not self._dynamic:
+        if not self._rects:
             return spec.width * spec.height * len(regions)
         total = 0
         for x1, y1, x2, y2 in regions:
@@ -580,3 +596,10 @@ def _explains(track_box: Box, motion: Box) -> bool:
     gw, gh = (x2 - x1) * 0.5, (y2 - y1) * 0.5
     cx, cy = (motion[0] + motion[2]) / 2, (motion[1] + motion[3]) / 2
     return x1 - gw <= cx <= x2 + gw and y1 - gh <= cy <= y2 + gh
+
+
+def _grown(box: Box, lengths: float) -> Box:
+    """``box`` grown on every side by ``lengths`` times its longer side."""
+    x1, y1, x2, y2 = box
+    m = max(x2 - x1, y2 - y1) * lengths
+    return x1 - m, y1 - m, x2 + m, y2 + m

@@ -88,6 +88,7 @@ class Track:
     velocity: tuple[float, float]
     history: tuple[tuple[float, float, float], ...]
     detection: Detection
+    missed_since_s: float | None = None  # looked for and not found since then (coasting); None: found last time
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -173,7 +174,7 @@ class _State:
             id=self.id, label=self.label, box=box, score=self.score, max_score=self.max_score, hits=self.hits,
             first_seen_s=self.first_seen_s, last_seen_s=self.last_seen_s, confirmed=self.confirmed,
             stationary=self.stationary, matched=self.matched, velocity=(self.vx, self.vy),
-            history=tuple(self.history), detection=self.detection)
+            history=tuple(self.history), detection=self.detection, missed_since_s=self.miss_since_s)
 
 
 class Tracker:
