@@ -238,14 +238,6 @@ class ModelManifest(_Strict):
 
 # --- reading ---------------------------------------------------------------------------------------------
 
-def _to_builtin(node: Any) -> Any:
-    if isinstance(node, Mapping):
-        return {str(k): _to_builtin(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_to_builtin(v) for v in node]
-    return node
-
-
 def _located(path: Path | str, doc: CommentedMap, loc: yamlerr.Loc, message: str) -> ModelError:
     return ModelError(yamlerr.format_issues(path, doc, [(loc, message)], root=ModelManifest))
 
@@ -300,7 +292,7 @@ def parse_manifest(text: str, path: Path | str = "<manifest>", folder: Path | No
     except ConfigError as exc:
         raise ModelError(str(exc)) from None
     try:
-        manifest = ModelManifest.model_validate(_to_builtin(doc))
+        manifest = ModelManifest.model_validate(yamlerr.to_builtin(doc))
     except ValidationError as exc:
         raise ModelError(yamlerr.format_errors(path, doc, exc, root=ModelManifest, patterns=_PATTERNS)) from None
     manifest._dir = folder  # private attributes are how pydantic keeps non-field state

@@ -195,6 +195,19 @@ def _inside(inner: tuple[float, ...], outer: tuple[float, ...]) -> bool:
     return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
 
 
+def _covered(motion: list[tuple[float, float, float, float]], tracked: list[tuple[float, float, float, float]],
+             fw: int, fh: int, regions: list[tuple[float, float, float, float]]) -> list[tuple[float, ...]]:
+    """Every box, clipped to the frame, lies in a region (no region when no box is in the frame); the boxes
+    in the frame, clipped."""
+    clipped = [(max(0.0, b[0]), max(0.0, b[1]), min(float(fw), b[2]), min(float(fh), b[3]))
+               for b in (*motion, *tracked)]
+    inside_frame = [c for c in clipped if c[2] > c[0] and c[3] > c[1]]
+    assert bool(regions) == bool(inside_frame)
+    for c in inside_frame:
+        assert any(_inside(c, r) for r in regions), (c, regions)
+    return inside_frame
+
+
 def test_regions_model_size_shifted_inside_the_frame() -> None:
     assert propose_regions([], [], W, H, 416) == []
     # Near the bottom-right corner: shifted, not shrunk.
@@ -268,12 +281,7 @@ def test_regions_properties(motion: list[tuple[float, float, float, float]],
         assert w >= min(size, fw) and h >= min(size, fh)
         if w < fw and h < fh:
             assert w == h
-    clipped = [(max(0.0, b[0]), max(0.0, b[1]), min(float(fw), b[2]), min(float(fh), b[3]))
-               for b in (*motion, *tracked)]
-    inside_frame = [c for c in clipped if c[2] > c[0] and c[3] > c[1]]
-    assert bool(regions) == bool(inside_frame)
-    for c in inside_frame:
-        assert any(_inside(c, r) for r in regions), (c, regions)
+    _covered(motion, tracked, fw, fh, regions)
     # The order of the inputs does not matter.
     assert propose_regions(list(reversed(tracked)), list(reversed(motion)), fw, fh, size,
                            max_regions=max_regions, max_merge_scale=scale) == regions
@@ -309,12 +317,7 @@ def test_rects_properties(motion: list[tuple[float, float, float, float]],
         assert 0 <= x1 < x2 <= fw and 0 <= y1 < y2 <= fh
         assert all(float(v).is_integer() for v in (x1, y1, x2, y2))
         assert x2 - x1 >= min(min_side, fw) and y2 - y1 >= min(min_side, fh)
-    clipped = [(max(0.0, b[0]), max(0.0, b[1]), min(float(fw), b[2]), min(float(fh), b[3]))
-               for b in (*motion, *tracked)]
-    inside_frame = [c for c in clipped if c[2] > c[0] and c[3] > c[1]]
-    assert bool(regions) == bool(inside_frame)
-    for c in inside_frame:
-        assert any(_inside(c, r) for r in regions), (c, regions)
+    inside_frame = _covered(motion, tracked, fw, fh, regions)
     # No region holds another (it would be looked at twice), and when nothing had to be forced together the
     # regions cost no more pixels than one rectangle per box would.
     for a in regions:

@@ -296,10 +296,10 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_direct_validation_raises_validation_error() -> None:
     from pydantic import ValidationError
 
-    from edgeagent.drivers.modbus.profile import _to_builtin
     from edgeagent.kernel.config.schema import parse_yaml
+    from edgeagent.kernel.config.yamlerr import to_builtin
 
-    data = _to_builtin(parse_yaml(BASE.replace("address: 2\n", "address: 1\n"), "t"))
+    data = to_builtin(parse_yaml(BASE.replace("address: 2\n", "address: 1\n"), "t"))
     with pytest.raises(ValidationError, match="overlaps"):
         Profile.model_validate(data)
 

@@ -128,7 +128,7 @@ def parse_profile(text: str, path: Path | str = "<profile>") -> Profile:
     except ConfigError as exc:
         raise ProfileError(str(exc)) from None
     try:
-        return Profile.model_validate(_to_builtin(doc))
+        return Profile.model_validate(yamlerr.to_builtin(doc))
     except ValidationError as exc:
         raise ProfileError(_format_errors(path, doc, exc)) from None
 
@@ -157,14 +157,6 @@ def shipped_profile(model: str) -> Profile:
         return profiles[model]
     except KeyError:
         raise ProfileError(f"no shipped Modbus profile {model!r} (shipped: {', '.join(sorted(profiles))})") from None
-
-
-def _to_builtin(node: Any) -> Any:
-    if isinstance(node, Mapping):
-        return {str(k): _to_builtin(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_to_builtin(v) for v in node]
-    return node
 
 
 # How profiles word what the shared formatter (edgeagent.kernel.config.yamlerr) leaves open.

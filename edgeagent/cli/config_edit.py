@@ -2,7 +2,8 @@
 modbus bus add``, ``edgeagent console enable`` and the console's zone editor share.
 
 The document is loaded round-trip (:func:`edgeagent.kernel.config.schema.parse_yaml`), changed, dumped
-with :func:`dump`, compared with :func:`plain` after a re-read, and written with :func:`write_atomically`.
+with :func:`dump`, compared by content (``yamlerr.to_builtin``) after a re-read, and written with
+:func:`write_atomically`.
 """
 
 from __future__ import annotations
@@ -86,15 +87,6 @@ def dump(doc: CommentedMap) -> str:
     buf = io.StringIO()
     yaml_rt().dump(doc, buf)
     return buf.getvalue()
-
-
-def plain(node: Any) -> Any:
-    """``node`` as plain dicts and lists, so that two documents compare by content alone."""
-    if isinstance(node, dict):
-        return {str(k): plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [plain(v) for v in node]
-    return node
 
 
 def write_atomically(path: Path, text: str, expected_old: str) -> None:

@@ -227,7 +227,8 @@ class ConfigTools:
 
     def save_shape(self, camera_id: str, kind: str, shape: Mapping[str, Any]) -> dict[str, Any]:
         from edgeagent.capabilities import validate_doc  # noqa: PLC0415
-        from edgeagent.cli.config_edit import dump, last_slot, plain, put_lines, take_lines, write_atomically  # noqa: PLC0415
+        from edgeagent.cli.config_edit import dump, last_slot, put_lines, take_lines, write_atomically  # noqa: PLC0415
+        from edgeagent.kernel.config.yamlerr import to_builtin  # noqa: PLC0415
 
         if kind not in ("zone", "line"):
             raise ValueError("kind is zone or line")
@@ -284,7 +285,7 @@ class ConfigTools:
             cfg = validate_doc(reread, self.path)
         except ConfigError as exc:
             raise ValueError(f"not saved, the config would not be valid:\n{exc}") from None
-        if plain(reread) != plain(doc):
+        if to_builtin(reread) != to_builtin(doc):
             raise ValueError("not saved: the edited YAML does not read back the same")
         try:
             write_atomically(self.path, new_text, old_text)

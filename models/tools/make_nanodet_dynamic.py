@@ -19,14 +19,11 @@ Usage (needs the ``onnx`` package from the dev extras)::
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 from onnx.tools import update_model_dims
+
+from edgeagent.models.tools.onnx_rewrite import run
 
 ORIGINAL_SHA256 = "15f6ccefb082ef8966e9beac5d069d24d8d57d5fb7aad075391824dc21e68d2c"
 INPUT = "input_1:0"
@@ -47,8 +44,8 @@ def convert(model: onnx.ModelProto) -> onnx.ModelProto:
     return updated
 
 
-def same_at_416(original: bytes, converted: bytes) -> float:
-    """The largest difference between the two files' outputs on one random 416x416 input."""
+def same_at_416(original: bytes, converted: bytes) -> str | None:
+    """Why the converted file is wrong: its outputs on one random 416x416 input differ from the original's."""
     import onnxruntime as ort  # noqa: PLC0415
 
     opts = ort.SessionOptions()
@@ -56,28 +53,13 @@ def same_at_416(original: bytes, converted: bytes) -> float:
     x = np.random.default_rng(7).normal(0.0, 1.0, (1, 3, 416, 416)).astype(np.float32)
     a = ort.InferenceSession(original, opts, providers=["CPUExecutionProvider"]).run(None, {INPUT: x})
     b = ort.InferenceSession(converted, opts, providers=["CPUExecutionProvider"]).run(None, {INPUT: x})
-    return max(float(np.abs(p - q).max()) for p, q in zip(a, b, strict=True))
+    diff = max(float(np.abs(p - q).max()) for p, q in zip(a, b, strict=True))
+    return f"its outputs differ from the original's by {diff}" if diff > 1e-4 else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("original", type=Path, help="the converted nanodet.onnx (fixed 416x416)")
-    parser.add_argument("output", type=Path)
-    args = parser.parse_args(argv)
-    data = args.original.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != ORIGINAL_SHA256:
-        print(f"{args.original}: sha256 {digest[:16]}..., expected the fixed-size file's {ORIGINAL_SHA256[:16]}...",
-              file=sys.stderr)
-        return 1
-    out = convert(onnx.load_from_string(data)).SerializeToString(deterministic=True)
-    diff = same_at_416(data, out)
-    if diff > 1e-4:
-        print(f"the converted file's outputs differ from the original's by {diff}", file=sys.stderr)
-        return 1
-    args.output.write_bytes(out)
-    print(f"{args.output}: sha256 {hashlib.sha256(out).hexdigest()} (outputs at 416x416 within {diff:.1e})")
-    return 0
+    return run(argv, description=__doc__.splitlines()[0] if __doc__ else "", original_help="the converted "
+               "nanodet.onnx (fixed 416x416)", original_sha256=ORIGINAL_SHA256, convert=convert, check=same_at_416)
 
 
 if __name__ == "__main__":

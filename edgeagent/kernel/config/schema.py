@@ -444,7 +444,7 @@ def parse_yaml(text: str, path: Path | str) -> CommentedMap:
 def validate_doc(doc: CommentedMap, path: Path | str, model: type[ConfigT]) -> ConfigT:
     """Validate a parsed document against ``model`` (the assembled config model of the app layer)."""
     try:
-        cfg = model.model_validate(_to_builtin(doc))
+        cfg = model.model_validate(yamlerr.to_builtin(doc))
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, doc, exc, model)) from None
     issues = cfg.cross_checks()
@@ -463,14 +463,6 @@ def load_config(path: Path, model: type[ConfigT]) -> ConfigT:
     text = yamlerr.read_text_file(path, ConfigError,
                                   f"no such file; create one with 'edgeagent init --config {path}'")
     return validate_doc(parse_yaml(text, path), path, model)
-
-
-def _to_builtin(node: Any) -> Any:
-    if isinstance(node, Mapping):
-        return {str(k): _to_builtin(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_to_builtin(v) for v in node]
-    return node
 
 
 # --- showing config without secrets ----------------------------------------------------------------

@@ -309,5 +309,15 @@ def format_errors(path: Path | str, doc: Any, exc: ValidationError, *, root: Any
     return _join(located)
 
 
+def to_builtin(node: Any) -> Any:
+    """A parsed (round-trip) YAML node as plain dicts (string keys) and lists: what pydantic validates, and
+    what two documents are compared by when only their content matters."""
+    if isinstance(node, Mapping):
+        return {str(k): to_builtin(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [to_builtin(v) for v in node]
+    return node
+
+
 __all__ = ["Issue", "Loc", "LocatedIssues", "child", "format_errors", "format_issues", "locate", "model_at",
-           "plain", "unknown_key"]
+           "plain", "to_builtin", "unknown_key"]
