@@ -6,6 +6,10 @@ Run from the repository root (needs ffmpeg and Debian's gst-rtsp-server, see tes
     .venv/bin/python bench/camera.py --quick      # 15 s per configuration (~7 min)
     .venv/bin/python bench/camera.py --soak       # plus 10 minutes at 4 cameras: RSS slope
     .venv/bin/python bench/camera.py --cams 4 --clips busy --seconds 30   # one configuration
+    .venv/bin/python bench/camera.py --soak-only --soak-minutes 30 --mem-detail   # a long soak; per minute also
+        # glibc's heap in use and free-but-kept, pymalloc blocks, tasks, threads, full GC collections
+    .venv/bin/python bench/camera.py --soak-only --tracemalloc 10 --mem-at 5,20,36   # what grew between those
+        # minutes, by traceback, and the live objects by type (slow: for finding a leak, not for figures)
 
 What runs. The cameras are a real RTSP server on loopback (``tests/rtsp_peer.py``: gst-rtsp-server fed by
 ``ffmpeg -re``, one mount per camera, 10 fps, H.264 768x576, GOP 10), serving either the **busy** clip (the
@@ -70,6 +74,8 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
+import gc
 import logging
 import math
 import os
@@ -81,7 +87,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict, deque
+import tracemalloc
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -465,10 +472,159 @@ async def ticker_cost(seconds: float = 3.0, rounds: int = 3) -> float:
     return statistics.median(shares)
 
 
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """glibc, loaded once: a CDLL made per call is cyclic garbage (a new function-pointer type each time),
+    which the soak's memory figures would count."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def malloc_trim() -> None:
     """Give freed heap back to the OS between phases, so one phase's peak RSS does not carry the last one's."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(AttributeError):
+        if (lib := libc()) is not None:
+            lib.malloc_trim(0)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mallinfo_mb() -> tuple[float, float]:
+    """glibc's heap (every arena): (bytes in use by malloc's callers incl. mmapped blocks, bytes free but kept),
+    MB. In use growing is something allocating and holding; free-but-kept growing is the allocator (arenas,
+    fragmentation), not a leak. NaN when glibc lacks mallinfo2 (< 2.33)."""
+    try:
+        fn = libc().mallinfo2  # type: ignore[union-attr]
+    except AttributeError:
+        return float("nan"), float("nan")
+    fn.restype = _MallInfo2
+    m = fn()
+    return (m.uordblks + m.hblkhd) / 2**20, m.fordblks / 2**20
+
+
+@dataclass
+class MemSample:
+    """One soak sample of where this process's memory is (``--mem-detail``)."""
+    t: float
+    malloc_used_mb: float  # glibc heap in use (Python's large objects, numpy buffers, FFmpeg, onnxruntime)
+    malloc_free_mb: float  # glibc heap free but not given back
+    py_blocks: int  # pymalloc blocks in use (Python's small objects), sys.getallocatedblocks()
+    traced_mb: float  # tracemalloc's current total (NaN without --tracemalloc)
+    tasks: int  # asyncio tasks alive
+    threads: int
+    full_gcs: int  # the cyclic collector's full (generation 2) collections so far
+
+
+class MemProbe:
+    """Where the soak's memory goes, for telling a leak from the allocator settling: per-sample heap figures
+    (``MemSample``), and at chosen minutes a tracemalloc comparison (by traceback, against the first chosen
+    minute) and a count of live GC-tracked objects by type (against the same minute), printed as they come."""
+
+    def __init__(self, at_s: Sequence[float], frames: int, trim_every_s: float = 0.0) -> None:
+        self.at_s = sorted(at_s)
+        self.frames = frames
+        self.trim_every_s = trim_every_s
+        self.samples: list[MemSample] = []
+        self._base: tracemalloc.Snapshot | None = None
+        self._base_types: Counter[str] | None = None
+        self._base_t = 0.0
+        self._next_trim = trim_every_s
+
+    def start(self) -> None:
+        if self.frames:
+            tracemalloc.start(self.frames)
+
+    def stop(self) -> None:
+        if self.frames:
+            tracemalloc.stop()
+        self._base = None
+
+    def sample(self, t: float) -> None:
+        used, free = mallinfo_mb()
+        traced = tracemalloc.get_traced_memory()[0] / 2**20 if tracemalloc.is_tracing() else float("nan")
+        self.samples.append(MemSample(t, used, free, sys.getallocatedblocks(), traced, len(asyncio.all_tasks()),
+                                      threading.active_count(), gc.get_stats()[2]["collections"]))
+        if self.trim_every_s and t >= self._next_trim:
+            malloc_trim()
+            self._next_trim += self.trim_every_s
+        while self.at_s and t >= self.at_s[0]:
+            self.at_s.pop(0)
+            self._look(t)
+
+    @staticmethod
+    def _name(o: object) -> str:
+        return f"{type(o).__module__}.{type(o).__qualname__}"
+
+    def _garbage(self, t: float) -> None:
+        """What a full collection finds unreachable now (cyclic garbage waiting for the collector), by type,
+        and the numpy buffers it holds alive (counted once per buffer)."""
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            found = list(gc.garbage)
+            gc.garbage.clear()
+        finally:
+            gc.set_debug(0)
+        kinds = Counter(self._name(o) for o in found)
+        bases: dict[int, int] = {}
+        for o in found:
+            if isinstance(o, np.ndarray):
+                base = o
+                while isinstance(base.base, np.ndarray):
+                    base = base.base
+                bases[id(base)] = base.nbytes
+        print(f"[mem] minute {t / 60:.1f}: the full collection found {len(found)} unreachable objects "
+              f"({len(bases)} numpy buffers, {sum(bases.values()) / 2**20:.1f} MB); full collections so far "
+              f"{gc.get_stats()[2]['collections']}; by type:", flush=True)
+        for k, n in kinds.most_common(12):
+            print(f"[mem]   {n:>8d}  {k}")
+        del found
+
+    def _types(self, t: float) -> Counter[str]:
+        self._garbage(t)
+        return Counter(self._name(o) for o in gc.get_objects())
+
+    def _look(self, t: float) -> None:
+        types = self._types(t)
+        snap = None
+        if tracemalloc.is_tracing():
+            snap = tracemalloc.take_snapshot().filter_traces([
+                tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib*"),
+                tracemalloc.Filter(False, "<unknown>")])
+        if self._base_types is None:
+            self._base, self._base_types, self._base_t = snap, types, t
+            total = sum(types.values())
+            print(f"[mem] minute {t / 60:.1f}: {total} GC-tracked objects; the base for later comparisons", flush=True)
+            return
+        span = f"minute {self._base_t / 60:.1f} -> {t / 60:.1f}"
+        grown = sorted(((n - self._base_types.get(k, 0), k, n) for k, n in types.items()), reverse=True)
+        print(f"[mem] {span}: GC-tracked objects {sum(self._base_types.values())} -> {sum(types.values())}; "
+              "the types that grew most (change, now):", flush=True)
+        for d, k, n in grown[:15]:
+            if d > 0:
+                print(f"[mem]   {d:+8d} {n:>8d}  {k}")
+        if snap is not None and self._base is not None:
+            stats = snap.compare_to(self._base, "traceback")
+            before = sum(x.size for x in self._base.statistics("filename")) / 2**20
+            after = sum(x.size for x in snap.statistics("filename")) / 2**20
+            print(f"[mem] {span}: tracemalloc total {before:.2f} -> {after:.2f} MB; the tracebacks that grew most:",
+                  flush=True)
+            # compare_to sorts by the size of the change either way: a shrinking buffer would hide the growth.
+            for st in sorted((x for x in stats if x.size_diff > 0), key=lambda x: -x.size_diff)[:12]:
+                print(f"[mem]   {st.size_diff / 1024:+9.1f} KiB {st.count_diff:+7d} blocks (now {st.size / 1024:.1f} "
+                      f"KiB, {st.count} blocks)")
+                for line in st.traceback.format(limit=self.frames)[-2 * min(self.frames, 8):]:
+                    print(f"[mem]       {line}")
+            by_line = snap.compare_to(self._base, "lineno")
+            print(f"[mem] {span}: by line:")
+            for st in by_line[:15]:
+                print(f"[mem]   {st.size_diff / 1024:+9.1f} KiB {st.count_diff:+7d}  {st.traceback[0]}")
+        sys.stdout.flush()
 
 
 # --- one phase -----------------------------------------------------------------------------------------------
@@ -510,6 +666,7 @@ class Phase:
     worker_restarted: bool = False
     loadavg: str = ""
     hwm_split: tuple[float, float] = (float("nan"), float("nan"))  # this process, the worker (MB)
+    mem: MemProbe | None = None  # --mem-detail (soak only)
 
     @property
     def total_cpu(self) -> float:
@@ -567,7 +724,7 @@ async def wait_until(pred: Callable[[], bool], timeout_s: float, step: float = 0
 
 async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: float, warmup: float,
                     engine: InferenceEngine, evidence_dir: Path | None, index: ClipIndex,
-                    *, keep_ticks: bool = True, rss_every: float = 1.0) -> Phase:
+                    *, keep_ticks: bool = True, rss_every: float = 1.0, probe: MemProbe | None = None) -> Phase:
     malloc_trim()
     ph = Phase(mode=mode, clip=clip_name, cams=cams)
     ph.loadavg = Path("/proc/loadavg").read_text().split(" ")[0]
@@ -652,6 +809,9 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
             m0, t0 = machine_busy_s()
             rss_max = 0.0
             next_sample = t0
+            ph.mem = probe
+            if probe is not None:
+                probe.start()
             while True:
                 now = time.monotonic()
                 if now - t0 >= seconds:
@@ -664,6 +824,8 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
                     ph.rss_samples.append((now - t0, rss, anon, me.get("RssAnon", 0) / 1024,
                                            wk.get("RssAnon", 0) / 1024))
                     rss_max = max(rss_max, rss)
+                    if probe is not None:
+                        probe.sample(now - t0)
                     next_sample += rss_every
                 await asyncio.sleep(max(0.0, min(next_sample, t0 + seconds) - time.monotonic()))
             m1, t1 = machine_busy_s()
@@ -672,6 +834,8 @@ async def run_phase(mode: str, clip_name: str, clip: Path, cams: int, seconds: f
             k1 = sum(proc_cpu_s(p) for p in cam_pids)
             th1 = thread_cpu_s()
             recording = False
+            if probe is not None:
+                probe.stop()
             ph.waiting.append(waiting())
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -919,13 +1083,23 @@ def report(args: argparse.Namespace, phases: list[Phase], soak: Phase | None,
         print("\n".join(detail(ph)))
     if soak is not None:
         print("\n== soak: RSS per minute (median of the samples; MB) ==")
-        print("  minute  RSS here + worker  anonymous (here + worker)  anonymous here  anonymous worker")
+        mem = soak.mem
+        print("  minute  RSS here + worker  anonymous (here + worker)  anonymous here  anonymous worker"
+              + ("  malloc used  malloc free  pymalloc blocks  traced MB  tasks  threads" if mem else ""))
         for minute in range(math.ceil(soak.seconds / 60)):
             sel = [x for x in soak.rss_samples if minute * 60 <= x[0] < (minute + 1) * 60]
             if sel:
-                print(f"  {minute:>6}  {statistics.median(x[1] for x in sel):>17.1f}  "
-                      f"{statistics.median(x[2] for x in sel):>25.1f}  {statistics.median(x[3] for x in sel):>14.1f}  "
-                      f"{statistics.median(x[4] for x in sel):>16.1f}")
+                line = (f"  {minute:>6}  {statistics.median(x[1] for x in sel):>17.1f}  "
+                        f"{statistics.median(x[2] for x in sel):>25.1f}  "
+                        f"{statistics.median(x[3] for x in sel):>14.1f}  {statistics.median(x[4] for x in sel):>16.1f}")
+                ms = [m for m in mem.samples if minute * 60 <= m.t < (minute + 1) * 60] if mem else []
+                if ms:
+                    line += (f"  {statistics.median(m.malloc_used_mb for m in ms):>11.1f}  "
+                             f"{statistics.median(m.malloc_free_mb for m in ms):>11.1f}  "
+                             f"{statistics.median(m.py_blocks for m in ms):>15.0f}  "
+                             f"{statistics.median(m.traced_mb for m in ms):>9.2f}  "
+                             f"{max(m.tasks for m in ms):>5d}  {max(m.threads for m in ms):>7d}")
+                print(line)
 
     by = {(p.mode, p.clip, p.cams): p for p in phases}
     print("\n== person tracks (confirmed, >= ~3 ticks; naive tracks matched by a pipeline track) ==")
@@ -1053,9 +1227,13 @@ async def amain(args: argparse.Namespace, clips: dict[str, Path], indexes: dict[
                         print(HEADER.splitlines()[0] + "\n" + phase_line(ph), flush=True)
             if args.soak:
                 print(f"[soak] busy clip, 4 cameras, pipeline: {args.soak_minutes:g} min ...", flush=True)
+                probe = None
+                if args.mem_detail or args.tracemalloc or args.mem_at or args.trim_every:
+                    probe = MemProbe([float(x) * 60 for x in args.mem_at.split(",") if x], args.tracemalloc,
+                                     args.trim_every * 60)
                 soak = await run_phase("pipeline", "busy", clips["busy"], 4, args.soak_minutes * 60, args.warmup,
                                        engine, evidence_dir, indexes["busy"], keep_ticks=False,
-                                       rss_every=5.0)
+                                       rss_every=5.0, probe=probe)
                 print(HEADER.splitlines()[0] + "\n" + phase_line(soak), flush=True)
     finally:
         if evidence_dir is not None:
@@ -1087,6 +1265,15 @@ def main() -> int:
     ap.add_argument("--soak-minutes", type=float, default=10.0)
     ap.add_argument("--soak-warmup-s", type=float, default=120.0, help="RSS fitted after this (default 120)")
     ap.add_argument("--evidence", action="store_true", help="pipelines keep snapshots (JPEG) in a temp dir")
+    ap.add_argument("--mem-detail", action="store_true",
+                    help="soak: per minute also glibc's heap in use / free, pymalloc blocks, tasks, threads")
+    ap.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                    help="soak: trace Python allocations with this many frames (implies --mem-detail)")
+    ap.add_argument("--mem-at", default="", metavar="MINUTES",
+                    help="soak: at these minutes (e.g. 5,20,40) count live objects by type and, with --tracemalloc, "
+                         "compare allocations by traceback, each against the first")
+    ap.add_argument("--trim-every", type=float, default=0.0, metavar="MINUTES",
+                    help="soak: malloc_trim(0) this often (does freed heap go back? an allocator-settling test)")
     args = ap.parse_args()
     args.seconds = args.seconds or (15.0 if args.quick else 60.0)
     args.cam_list = [int(x) for x in args.cams.split(",") if x]
