@@ -165,7 +165,8 @@ async def test_after_a_restart_the_door_is_let_go_and_a_stale_alarm_resolved(tmp
         ebike = second.capability("cameras").service.runners["lift-2"].ebike  # type: ignore[union-attr]
         ebike.restored_grace_s = 3.0  # the stream is back and sees no bike well within it
         async with running_daemon(second) as run2:
-            assert second.alarms.active("ebike_in_lift")[0].id == alarm_id  # restored
+            # Restored: still open, or (on a slow start, the 3 s grace already over) resolved below by its id.
+            assert [a.id for a in second.alarms.active("ebike_in_lift")] in ([alarm_id], [])
             assert await wait_until(lambda: DOOR_OFF in relay[3].writes, 10), relay[3].writes
             assert not relay[3].get("ch1_relay")
             assert await wait_until(lambda: _alarms(run2, "alarm.resolved"), 10)
