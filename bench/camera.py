@@ -571,13 +571,16 @@ class MemProbe:
         finally:
             gc.set_debug(0)
         kinds = Counter(self._name(o) for o in found)
+        # Arrays are not tracked by the collector, so they are not in the garbage list themselves: count the
+        # ones the garbage refers to (a frame's image, a coroutine frame's locals), each buffer once.
         bases: dict[int, int] = {}
         for o in found:
-            if isinstance(o, np.ndarray):
-                base = o
-                while isinstance(base.base, np.ndarray):
-                    base = base.base
-                bases[id(base)] = base.nbytes
+            for r in [o, *gc.get_referents(o)]:
+                if isinstance(r, np.ndarray):
+                    base = r
+                    while isinstance(base.base, np.ndarray):
+                        base = base.base
+                    bases[id(base)] = base.nbytes
         print(f"[mem] minute {t / 60:.1f}: the full collection found {len(found)} unreachable objects "
               f"({len(bases)} numpy buffers, {sum(bases.values()) / 2**20:.1f} MB); full collections so far "
               f"{gc.get_stats()[2]['collections']}; by type:", flush=True)
