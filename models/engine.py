@@ -526,6 +526,12 @@ class InferenceEngine:
         except asyncio.CancelledError:
             request.cancelled = True
             raise
+        finally:
+            # A failed request's error holds this frame (its traceback), the frame the request, the request
+            # its future and the future the error: a cycle that kept the caller's images (a camera frame, ~2
+            # MB) until the next full garbage collection. Without the request in the frame, reference counting
+            # frees them as soon as the caller is done with the error.
+            del request, items
 
     async def detect_regions(self, model: str, frame: np.ndarray, regions: Sequence[Box], *, camera: str = "",
                              max_wait_s: float | None = None, scale: float | None = None) -> list[Detection]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -203,16 +205,31 @@ async def test_a_request_whose_turn_comes_too_late_is_refused_as_stale_and_count
     dog = image("dog.jpg")
     engine = InferenceEngine({"slow": slow, "nanodet": SHIPPED["nanodet"]}, queue_size=4, stuck_after_s=1.0,
                              load_timeout_s=1.0)
+
+    async def refused_late() -> weakref.ref[np.ndarray]:
+        """A camera's request worth 0.3 s; it must be refused, and its frame freed as soon as the caller lets
+        go of it: a refused request once kept its ~2 MB frame in a reference cycle (the error's traceback,
+        the request, its future, the error) until the next full garbage collection, minutes later."""
+        frame = dog.copy()
+        ref = weakref.ref(frame)
+        with pytest.raises(EngineBusy, match="stale"):
+            await engine.infer("nanodet", [frame], camera="cam2", max_wait_s=0.3)
+        return ref
+
     async with engine:
         stuck = asyncio.create_task(engine.infer("slow", [small], camera="cam1"))
         await wait_until(lambda: engine.stats()["in_flight"] == 1, "the slow request to be in flight")
         # Both wait behind the stuck one (over a second): the one worth 0.3 s is not run, the other is.
-        late = asyncio.create_task(engine.infer("nanodet", [dog], camera="cam2", max_wait_s=0.3))
-        patient = asyncio.create_task(engine.infer("nanodet", [dog], camera="cam3"))
-        with pytest.raises(InferenceTimeout):
-            await asyncio.wait_for(stuck, 30)
-        with pytest.raises(EngineBusy, match="stale"):
-            await late
+        gc.disable()
+        try:
+            late = asyncio.create_task(refused_late())
+            patient = asyncio.create_task(engine.infer("nanodet", [dog], camera="cam3"))
+            with pytest.raises(InferenceTimeout):
+                await asyncio.wait_for(stuck, 30)
+            freed = await late
+            assert freed() is None, gc.get_referrers(freed())
+        finally:
+            gc.enable()
         [found] = await patient
         assert "bicycle" in {d.label for d in found}
         stats = engine.stats()
