@@ -167,7 +167,7 @@ def test_unit_key_settings() -> None:
     assert _one(d, svc, "StateDirectory") == "edgeagent"
     assert _one(d, svc, "ConfigurationDirectory") == "edgeagent"
     assert _one(d, svc, "RuntimeDirectory") == "edgeagent"
-    assert _one(d, svc, "Environment") == "PYTHONUNBUFFERED=1"
+    assert d[(svc, "Environment")] == ["PYTHONUNBUFFERED=1", "MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072"]
 
     # credentials: all loaded from /etc/edgeagent/credentials, all with a fallback so that
     # a missing file does not stop the start (systemd 252 semantics, see the unit)
