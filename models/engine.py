@@ -169,6 +169,10 @@ class _Session:
         # Idle intra-op threads spin-wait for the next run by default: measured on this 2-core box, NanoDet at
         # 5 runs a second cost ~70 ms of CPU per run spinning against ~36 ms not, for no latency gain.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # onnxruntime keeps a memory plan per input shape it has seen; a dynamic model run at every crop's own
+        # size (the cameras' regions) grew the worker by ~17 MB over 100 shapes (a slope in the soak), and the
+        # plans saved nothing measurable (NanoDet 416x416 and 256x192, with and without).
+        opts.enable_mem_pattern = not (isinstance(manifest.input, ImageInput) and manifest.input.dynamic)
         try:
             self.session = ort.InferenceSession(str(manifest.path), opts, providers=providers)
         except Exception as exc:  # noqa: BLE001  # onnxruntime raises its own unexported types
