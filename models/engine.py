@@ -603,6 +603,8 @@ class InferenceEngine:
                 first = self._pending.popleft()
                 if not first.cancelled and not self._stale_now(first):
                     break
+                # Refused or cancelled: not held here (with its images) while waiting for the next request.
+                del first
             group = [first]
             limit = self._manifests[first.model].max_batch
             total = len(first.items)
