@@ -116,6 +116,9 @@ async def test_a_flood_from_one_wristband_folds_and_another_residents_sos_is_rai
                                         json.dumps({"event": "sos", "worn": True}), 1)
                 await until(lambda: any(a.resident_id == "r-2" for a in r.alarms.engine.active()), 60)
                 latency_s = time.monotonic() - sent
+                # How much of the flood had been read when the other resident's alarm stood (an ordering
+                # figure, not a time: a loaded machine slows both alike).
+                flood_read_at_raise = r.service.counters["readings"]
             finally:
                 await asyncio.to_thread(close, victim)
             flooding = flood.poll() is None
@@ -132,14 +135,19 @@ async def test_a_flood_from_one_wristband_folds_and_another_residents_sos_is_rai
         with capsys.disabled():
             how = "connection per gateway" if per_gateway else "one connection"
             print(f"\nflood ({how}): {flood_n} SOS presses folded into {len(sos)} alarm (count {sos[0].count}) in "
-                  f"{flood_s:.1f} s; another resident's SOS raised {latency_s * 1000:.0f} ms after it was sent"
+                  f"{flood_s:.1f} s; another resident's SOS raised {latency_s * 1000:.0f} ms after it was sent, "
+                  f"{flood_read_at_raise} presses read by then"
                   f"{' while the flood was still arriving' if flooding else ''}")
         assert len(sos) == 1 and len(raised) == 1 and sos[0].count == flood_n
-        # A functional bound (the issue measured 47 s before), generous for a loaded machine. Through one
-        # connection the SOS waits behind the flood in the broker's queue for that connection (about a
-        # second here); a connection per gateway takes the broker's queue out of its way.
-        bound_s = 2.0 if per_gateway else 10.0
-        assert latency_s < bound_s, f"another resident's SOS took {latency_s:.2f} s during the flood"
+        # The other resident's SOS is raised during the flood, not after it (the issue measured 47 s, after
+        # the whole flood). Through one connection it waits behind what the broker has queued for that
+        # connection (a bounded queue: about a second here); a connection per gateway takes the broker's
+        # queue out of its way. Checked as an order (how much of the flood was read by then), not as a time
+        # a loaded machine could miss: a wall-clock bound here failed at load 7-9 (17.4 s).
+        share = flood_read_at_raise / flood_n
+        assert share < (0.5 if per_gateway else 0.9), (
+            f"another resident's SOS was raised only after {share:.0%} of the flood had been read "
+            f"({latency_s:.2f} s after it was sent)")
         # The folded count is saved by the alarm ticker (the daemon runs it), not once per press.
         ticker = asyncio.create_task(r.alarms.run())
         try:
