@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,25 +273,19 @@ def test_a_quiet_scene_idles_the_source_and_the_first_motion_wakes_it(clip_run: 
     assert idle_off == [("again", clip_run.first_again)], clip_run.idle_calls
 
 
-def _topple_run(cam: CameraDevice) -> dict[str, Any]:
-    """person.jpg standing 7 s, falling sideways in 0.5 s, lying 3.5 s, at 5 fps through the pipeline: the
-    ticks at which a person track was seen lying (box wider than tall) and where the detector looked."""
-    from tests.media import image
-    from tests.test_rules_runners import topples_late
-
-    photo = image("person.jpg")
+def _spied_run(cam: CameraDevice, frame_at: Callable[[float], np.ndarray], ticks: int) -> dict[str, Any]:
+    """``frame_at(t)`` at 5 fps for ``ticks`` ticks through the pipeline with NanoDet: the person tracks after
+    each tick (time, tracks) and where the detector looked (time, regions)."""
     clock = [0.0]
-    lying: list[float] = []
+    tracks: list[tuple[float, list[Any]]] = []
     looked: list[tuple[float, list[Box]]] = []
 
     class Source:
         async def frames(self, *, newest: bool = False) -> AsyncIterator[ClipFrame]:
-            for k in range(55):
+            for k in range(ticks):
                 clock[0] = k / DETECT_FPS
-                yield ClipFrame(cv2.warpAffine(photo, topples_late(clock[0]), (photo.shape[1], photo.shape[0]),
-                                               borderMode=cv2.BORDER_REPLICATE), k + 1, clock[0])
-                lying.extend(clock[0] for t in pipe.tracks
-                             if t.label == "person" and t.box[2] - t.box[0] > t.box[3] - t.box[1])
+                yield ClipFrame(frame_at(clock[0]), k + 1, clock[0])
+                tracks.append((clock[0], [t for t in pipe.tracks if t.label == "person"]))
 
         def stats(self) -> dict[str, Any]:
             return {}
@@ -312,7 +306,21 @@ def _topple_run(cam: CameraDevice) -> dict[str, Any]:
 
     pipe: Any = None
     asyncio.run(run())
-    return {"lying": lying, "runs": pipe.stats.detector_runs, "looked": looked}
+    return {"tracks": tracks, "runs": pipe.stats.detector_runs, "looked": looked}
+
+
+def _topple_run(cam: CameraDevice) -> dict[str, Any]:
+    """person.jpg standing 7 s, falling sideways in 0.5 s, lying 3.5 s, at 5 fps through the pipeline: the
+    ticks at which a person track was seen lying (box wider than tall) and where the detector looked."""
+    from tests.media import image
+    from tests.test_rules_runners import topples_late
+
+    photo = image("person.jpg")
+    seen = _spied_run(cam, lambda t: cv2.warpAffine(photo, topples_late(t), (photo.shape[1], photo.shape[0]),
+                                                    borderMode=cv2.BORDER_REPLICATE), 55)
+    seen["lying"] = [t for t, tracks in seen["tracks"] for tr in tracks
+                     if tr.box[2] - tr.box[0] > tr.box[3] - tr.box[1]]
+    return seen
 
 
 def test_a_falls_camera_sees_the_person_who_fell() -> None:
@@ -337,3 +345,32 @@ def test_a_track_the_detector_lost_is_searched_for_around_where_it_was() -> None
     found = [t for t, regions in seen["looked"] if t >= 7.5 and any(
         r[0] <= floor[0] and r[1] <= floor[1] and r[2] >= floor[2] and r[3] >= floor[3] for r in regions)]
     assert found and min(found) <= 8.5, seen["looked"][-20:]
+
+
+def test_no_search_box_for_a_walker_who_left_the_frame() -> None:
+    # A person (cut from person.jpg) walks right at 120 px/s on a plain background and leaves the frame at
+    # 6.6 s. The detector misses them at the edge (5.8 s) and their track coasts out. A missed track is
+    # searched for in a box grown by its length, but not once its predicted centre is outside the frame
+    # (from 6.2 s): before, the grown box at the edge spanned the frame's whole height at each re-check
+    # until the track ended (4 runs, 182-288 x 576 px), looking at pixels where nothing can be.
+    from tests.media import image
+
+    walker = image("person.jpg")[80:400, 160:305]
+
+    def frame_at(t: float) -> np.ndarray:
+        canvas = np.full((576, 768, 3), 110, np.uint8)
+        x = int(100 + 120 * max(0.0, t - 1.0))
+        if x < 768:
+            canvas[150:150 + walker.shape[0], x:min(768, x + walker.shape[1])] = walker[:, :768 - x]
+        return canvas
+
+    plain = CameraDevice.model_validate({"type": "camera", "id": "path", "rtsp": {"detect_url": "rtsp://127.0.0.1:1/x"},
+                                         "detect": {"fps": DETECT_FPS, "classes": ["person"]}})
+    seen = _spied_run(plain, frame_at, 50)
+    # The walker was tracked to the edge, then their track coasted with its centre outside the frame.
+    assert any(t >= 5.0 and tracks for t, tracks in seen["tracks"]), seen["tracks"]
+    out = [t for t, tracks in seen["tracks"] if any(tr.centre[0] > 768 for tr in tracks)]
+    assert out and min(out) <= 6.4, seen["tracks"]
+    late = [(t, r) for t, regions in seen["looked"] if t >= min(out) for r in regions]
+    assert late, seen["looked"]  # the motion of leaving is still looked at ...
+    assert not [(t, r) for t, r in late if r[1] <= 0 and r[3] >= 576], late  # ... but no body-length search box
