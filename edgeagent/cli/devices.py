@@ -165,7 +165,9 @@ def _empty_flow_seq() -> CommentedSeq:
     return seq
 
 
-def _load(path: Path) -> tuple[str, CommentedMap]:
+def load_doc(path: Path) -> tuple[str, CommentedMap]:
+    """The config file's text and its round-trip document (exits with a plain message when unreadable).
+    With :func:`validate_edit` and :func:`commit_edit`, the edit cycle ``edgeagent modbus bus add`` shares."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -187,7 +189,7 @@ def _show_diff(path: Path, old: str, new: str) -> None:
         console.print(f"[{style}]{escape(line)}[/]", soft_wrap=True)
 
 
-def _validate_new(path: Path, doc: CommentedMap) -> tuple[str, Config]:
+def validate_edit(path: Path, doc: CommentedMap) -> tuple[str, Config]:
     """The text to write for ``doc`` and the config it makes, validated as a whole (exits on errors)."""
     new_text = dump(doc)
     try:
@@ -201,7 +203,8 @@ def _validate_new(path: Path, doc: CommentedMap) -> tuple[str, Config]:
     return new_text, cfg
 
 
-def _commit(path: Path, old_text: str, new_text: str, summary: str) -> None:
+def commit_edit(path: Path, old_text: str, new_text: str, summary: str) -> None:
+    """Write the edited file atomically (refused when it changed meanwhile), print the summary and the diff."""
     if dump(parse_yaml(old_text, path)) != old_text:
         console.print("[yellow]note:[/] the YAML writer also normalised the layout of other lines; "
                       "see the diff")
@@ -238,7 +241,7 @@ def add_to_config(path: Path, dev_type: str, dev_id: str, values: dict[str, Any]
     """Append a device to the config file at ``path``, keeping comments and layout: validate the whole
     result, run the type's probe (unless ``probe`` is false), then write. Exits with a message on any
     failure, leaving the file as it was."""
-    old_text, doc = _load(path)
+    old_text, doc = load_doc(path)
     existing = doc.get("devices")
     if dev_id in _device_ids(existing):
         fail(escape(f"a device with id {dev_id!r} is already in {path}; remove it first or pick another id"))
@@ -262,7 +265,7 @@ def add_to_config(path: Path, dev_type: str, dev_id: str, values: dict[str, Any]
         doc["devices"] = _block_seq([entry])
         put_lines(last_slot(doc["devices"]), after)
 
-    new_text, cfg = _validate_new(path, doc)
+    new_text, cfg = validate_edit(path, doc)
     device = next((d for d in cfg.devices if d.id == dev_id), None)
     check = PROBES.get(dev_type)
     if check is not None and probe and device is not None:
@@ -273,7 +276,7 @@ def add_to_config(path: Path, dev_type: str, dev_id: str, values: dict[str, Any]
             fail(escape(f"the device does not answer as configured, {path} left unchanged: {exc}\n"
                         "(fix the settings, or add it anyway with --no-probe)"))
         console.print(f"[green]ok[/] {escape(detail or '')}")
-    _commit(path, old_text, new_text, f"added {escape(dev_type)} device [bold]{escape(dev_id)}[/] "
+    commit_edit(path, old_text, new_text, f"added {escape(dev_type)} device [bold]{escape(dev_id)}[/] "
                                  f"to {escape(str(path))}")
 
 
@@ -284,7 +287,7 @@ def remove_device(
 ) -> None:
     """Remove a device from the config file (comments and layout are kept)."""
     path = config_path(config)
-    old_text, doc = _load(path)
+    old_text, doc = load_doc(path)
     existing = doc.get("devices")
     ids = _device_ids(existing)
     if dev_id not in ids:
@@ -304,6 +307,6 @@ def remove_device(
         put_lines(last_slot(existing[index - 1]), after)
     else:
         _put_pre(doc, "devices", after)
-    new_text, _ = _validate_new(path, doc)
-    _commit(path, old_text, new_text, f"removed {escape(str(dev_type))} device [bold]{escape(dev_id)}[/] "
+    new_text, _ = validate_edit(path, doc)
+    commit_edit(path, old_text, new_text, f"removed {escape(str(dev_type))} device [bold]{escape(dev_id)}[/] "
                                  f"from {escape(str(path))}")

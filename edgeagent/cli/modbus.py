@@ -918,7 +918,7 @@ def bus_add(
             entry[key] = value
     _bus_config(dict(entry))  # a plain message for a bad combination, before touching the file
     path = config_path(config)
-    old_text, doc = devices._load(path)
+    old_text, doc = devices.load_doc(path)
     modbus = doc.get("modbus")
     if modbus is None:
         buses = CommentedMap()
@@ -943,8 +943,8 @@ def bus_add(
             after = config_edit.take_lines((modbus, "buses", 2)) if "buses" in modbus else ""
             modbus["buses"] = new
             config_edit.put_lines(config_edit.last_slot(new), after)
-    new_text, _ = devices._validate_new(path, doc)
-    devices._commit(path, old_text, new_text, f"added Modbus bus [bold]{escape(bus_id)}[/] to {escape(str(path))}")
+    new_text, _ = devices.validate_edit(path, doc)
+    devices.commit_edit(path, old_text, new_text, f"added Modbus bus [bold]{escape(bus_id)}[/] to {escape(str(path))}")
 
 
 def _insert_section(doc: CommentedMap, key: str, value: CommentedMap) -> None:
