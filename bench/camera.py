@@ -109,6 +109,7 @@ from edgeagent.drivers.camera.evidence import EvidenceStore  # noqa: E402
 from edgeagent.drivers.camera.pipeline import CameraPipeline, keep_detections  # noqa: E402
 from edgeagent.drivers.camera.rtsp import Frame, RtspSource, luma_view  # noqa: E402
 from edgeagent.drivers.camera.tracker import Tracker  # noqa: E402
+from edgeagent.kernel.runtime import allocator  # noqa: E402
 from edgeagent.models.engine import InferenceEngine  # noqa: E402
 from edgeagent.models.manifest import load_manifests  # noqa: E402
 from edgeagent.models.types import Box, Detection, EngineBusy, InferenceError  # noqa: E402
@@ -1287,6 +1288,11 @@ def main() -> int:
         ap.error("--clips: busy and/or quiet")
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # glibc's allocator as the daemon sets it (edgeagent run, the systemd unit), unless the environment chose.
+    applied = allocator.tune()
+    chosen = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    print(f"allocator: {', '.join(f'{k}={v}' for k, v in {**chosen, **applied}.items()) or 'glibc defaults'}"
+          f"{' (set here as the daemon does)' if applied else ''}", flush=True)
     print(f"edgeagent {source_state()}; {datetime.now().isoformat(timespec='seconds')}; {machine()}; "
           f"load average {Path('/proc/loadavg').read_text().strip()}", flush=True)
     clips = {"busy": busy_clip(), "quiet": quiet_clip()}

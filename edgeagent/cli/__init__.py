@@ -33,6 +33,7 @@ from edgeagent.cli.common import (
 from edgeagent.cli.starter import starter_config
 from edgeagent.kernel.config.schema import CONFIG_VERSION, migrate, parse_yaml, redacted, yaml_rt
 from edgeagent.kernel.errors import ConfigError
+from edgeagent.kernel.runtime import allocator
 from edgeagent.kernel.runtime.logsetup import setup_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -163,6 +164,7 @@ def run(
 
     path, cfg = load_or_exit(config)
     setup_logging(cfg.log_level)
+    allocator.tune()  # before any thread starts (the systemd unit sets the same through the environment)
     try:
         daemon = Daemon(cfg, config_dir=path.parent, console_tools=ConfigTools(path))
         if echo_events:
@@ -183,6 +185,7 @@ def demo(
     """Run the real daemon on simulated devices and print events as they flow."""
     from edgeagent.demo import run_demo  # noqa: PLC0415
 
+    allocator.tune()
     raise typer.Exit(run_demo(seconds=seconds, broker=broker))
 
 
