@@ -214,3 +214,131 @@ async def test_a_console_whose_certificate_cannot_be_read_leaves_the_daemon_runn
         assert daemon.healthy()[0]
         await daemon.alarms.raise_("sos", "r-1", "band-1")  # the alarms work without the console
         assert run.of("alarm.raised")
+
+
+def test_sessions_outlive_a_restart_with_nothing_on_disk_a_cookie_can_be_made_from(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "console" / "sessions.json"
+    before = Sessions()
+    li = before.create("guard-li", "guard", "10.0.0.9", CHEAP)
+    wang = before.create("viewer-wang", "viewer", "10.0.0.8", CHEAP)
+    before.end(wang.token)
+    before.save(path)
+    assert not before.changed
+    text = path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert li.token not in text and li.csrf not in text and CHEAP not in text and "viewer-wang" not in text
+
+    after = Sessions()
+    assert after.load(path) == (1, 0)
+    assert after.get(wang.token) is None and after.get("forged") is None
+    again = after.get(li.token)
+    assert again is not None and (again.user, again.role, again.remote) == ("guard-li", "guard", "10.0.0.9")
+    assert again.csrf == li.csrf and again.credential == li.credential and again.token == li.token
+    assert after.end_user("guard-li") == 1 and len(after) == 0
+
+
+def test_sessions_past_their_limits_or_from_the_future_are_not_carried_over(tmp_path: Path) -> None:
+    import json
+    import time
+
+    path = tmp_path / "sessions.json"
+    s = Sessions()
+    for name in ("idle", "old", "future", "fresh"):
+        s.create(name, "guard", "127.0.0.1", CHEAP)
+    doc = json.loads(s.dump())
+    wall = time.time()
+    for rec in doc["sessions"]:
+        rec["seen"], rec["created"] = {"idle": (wall - 13 * 3600, wall - 13 * 3600),
+                                       "old": (wall - 60, wall - 25 * 3600),
+                                       "future": (wall + 600, wall + 600),
+                                       "fresh": (wall - 5, wall - 3600)}[rec["user"]]
+    path.write_text(json.dumps(doc))
+    back = Sessions()
+    assert back.load(path) == (1, 3)
+    assert [x.user for x in back.active()] == ["fresh"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=70),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["version", "sessions", "key", "user", "role", "remote", "credential", "created", "seen"]),
+        inner, max_size=9), max_leaves=30))
+def test_whatever_the_sessions_file_holds_loading_never_raises_anything_but_value_error(
+        tmp_path_factory: pytest.TempPathFactory, doc: Any) -> None:
+    import json
+
+    path = tmp_path_factory.mktemp("s") / "sessions.json"
+    path.write_text(json.dumps({"version": 1, "sessions": [doc, doc]} if isinstance(doc, dict) else doc))
+    s = Sessions()
+    try:
+        kept, dropped = s.load(path)
+    except ValueError:
+        assert len(s) == 0
+    else:
+        assert kept + dropped >= 0 and len(s) == kept
+        assert all(x.token == "" and x.csrf == "" for x in s.active())  # usable only with the cookie's token
+
+
+def test_an_unreadable_sessions_file_is_refused_plainly(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.json"
+    for junk in (b"", b"{not json", b"\xff\xfe", b'{"version": 9, "sessions": []}', b"[]"):
+        path.write_bytes(junk)
+        with pytest.raises(ValueError, match=r"sessions file|cannot read"):
+            Sessions().load(path)
+    assert Sessions().load(tmp_path / "missing.json") == (0, 0)
+
+
+async def test_a_guard_stays_logged_in_across_a_daemon_restart_until_the_account_changes(tmp_path: Path) -> None:
+    import aiohttp
+
+    from edgeagent.app import Daemon
+    from edgeagent.capabilities import Config
+    from edgeagent.console.security import COOKIE
+    from tests.helpers import running_daemon
+
+    state = tmp_path / "state"
+    state.mkdir()
+    accounts = AccountStore(state / "console" / "users.json")
+    accounts.add("guard-li", "guard", "night-shift-7")
+    cfg = Config.model_validate({
+        "version": 1, "site_id": "s", "gateway_id": "g", "state_dir": str(state),
+        "clock": {"sync": "synced"}, "health": {"enabled": False}, "console": {"port": 0}})
+
+    async def call(method: str, path: str, cookie: str = "", csrf: str = "", body: Any = None) -> tuple[int, Any]:
+        daemon = running.daemon
+        assert daemon.console is not None and daemon.console.url is not None
+        url = daemon.console.url
+        headers = {"Origin": url, **({"Cookie": f"{COOKIE}={cookie}"} if cookie else {}),
+                   **({"X-CSRF-Token": csrf} if csrf else {})}
+        async with aiohttp.ClientSession() as http, http.request(
+                method, f"{url}{path}", json=body if method == "POST" else None, headers=headers, ssl=False) as r:
+            data = await r.json()
+            if path == "/api/login" and r.status == 200:
+                data["cookie"] = r.cookies[COOKIE].value
+            return r.status, data
+
+    async with running_daemon(Daemon(cfg)) as running:
+        status, login = await call("POST", "/api/login", body={"user": "guard-li", "password": "night-shift-7"})
+        assert status == 200, login
+        cookie, csrf = login["cookie"], login["csrf"]
+        assert (await call("GET", "/api/session", cookie))[0] == 200
+    saved = (state / "console" / "sessions.json").read_text()
+    assert cookie not in saved and csrf not in saved
+
+    async with running_daemon(Daemon(cfg)) as running:  # the watchdog's restart, an installer's change
+        status, again = await call("GET", "/api/session", cookie)
+        assert status == 200 and (again["user"], again["csrf"]) == ("guard-li", csrf), again
+        assert (await call("GET", "/api/session", "forged-token"))[0] == 401
+        # The CSRF token from before the restart still counts (the page keeps it): a POST goes through.
+        status, out = await call("POST", "/api/logout", cookie, csrf, {})
+        assert status == 200, out
+        assert (await call("GET", "/api/session", cookie))[0] == 401
+
+    async with running_daemon(Daemon(cfg)) as running:
+        assert (await call("GET", "/api/session", cookie))[0] == 401  # a logout is remembered too
+        status, login = await call("POST", "/api/login", body={"user": "guard-li", "password": "night-shift-7"})
+        assert status == 200
+    accounts.add("guard-li", "guard", "new-password-8", replace=True)  # changed while the daemon was down
+    async with running_daemon(Daemon(cfg)) as running:
+        assert (await call("GET", "/api/session", login["cookie"]))[0] == 401

@@ -18,6 +18,8 @@ _FIGURES: tuple[tuple[str, str, str, bool], ...] = (
     ("feed_messages", "Messages put on the live feed", "messages", True),
     ("sessions", "Logged-in sessions", "sessions", False),
     ("sessions_evicted", "Sessions ended because MAX_SESSIONS was reached", "sessions_evicted", True),
+    ("sessions_save_failed", "Failed writes of the sessions file (kept across restarts)", "sessions_save_failed",
+     True),
     ("logins_rate_limited", "Login attempts refused by the login limit", "logins_refused", True),
     ("audit_not_stored", "console.audit events the outbox did not take", "audit_failed", True),
 )

@@ -53,7 +53,15 @@ from edgeagent.console.accounts import (
 )
 from edgeagent.console.feed import Feed
 from edgeagent.console.metrics import ConsoleCollector
-from edgeagent.console.security import COOKIE, HEADERS, LoginLimiter, Session, Sessions
+from edgeagent.console.security import (
+    COOKIE,
+    HEADERS,
+    LoginLimiter,
+    Session,
+    Sessions,
+    credential_digest,
+    write_sessions_file,
+)
 from edgeagent.kernel.alarms.engine import Alarm
 from edgeagent.kernel.alarms.runtime import AlarmRuntime
 from edgeagent.kernel.capability import LocalAction
@@ -70,6 +78,8 @@ UNKNOWN_NAME: Final = "(not an account)"
 AUDIT_EVENT: Final = "console.audit"
 USERS_PATH: Final = Path("console") / "users.json"
 TLS_DIR: Final = Path("console") / "tls"
+SESSIONS_PATH: Final = Path("console") / "sessions.json"
+SESSIONS_SAVE_S: Final = 1.0  # a login or logout is on disk within about this; the last use at most this late
 SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 STATIC_FILES: Final = {"app.js": "text/javascript", "app.css": "text/css", "index.html": "text/html"}
 SNAPSHOT_CACHE_S: Final = 0.5  # several screens asking for one camera within this share one JPEG
@@ -190,6 +200,8 @@ class ConsoleServer:
         self._shapes: dict[str, dict[str, Any]] = {}  # zones/lines saved since start (applied at the next start)
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task[Any]] = set()
+        self._saver: asyncio.Task[None] | None = None
+        self.sessions_save_failed = 0
         self.url: str | None = None
         self.fingerprint: str | None = None
         self.audit_failed = 0
@@ -232,6 +244,12 @@ class ConsoleServer:
         except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError) the alarms must run without a console
             log.error("console not started: its certificate cannot be used: %s", exc)
             return
+        try:
+            kept, dropped = await asyncio.to_thread(self.sessions.load, self.ctx.state_dir / SESSIONS_PATH)
+            if kept or dropped:
+                log.info("console: %d session(s) carried over from the last run, %d expired", kept, dropped)
+        except ValueError as exc:
+            log.warning("console: sessions of the last run not carried over (everyone logs in again): %s", exc)
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port, ssl_context=ssl_ctx)
@@ -243,6 +261,7 @@ class ConsoleServer:
                       exc.strerror)
             return
         self._runner = runner
+        self._saver = asyncio.create_task(self._keep_sessions(), name="console-sessions")
         self._collector = ConsoleCollector(self.stats)
         metrics.REGISTRY.register(self._collector)
         sockets = getattr(site._server, "sockets", None) or []  # the bound port, for port 0
@@ -271,9 +290,34 @@ class ConsoleServer:
 
     def stats(self) -> dict[str, Any]:
         return {**self.feed.stats(), "sessions": len(self.sessions), "sessions_evicted": self.sessions.evicted,
-                "logins_refused": self.limiter.refused, "audit_failed": self.audit_failed}
+                "sessions_save_failed": self.sessions_save_failed, "logins_refused": self.limiter.refused,
+                "audit_failed": self.audit_failed}
+
+    async def _keep_sessions(self) -> None:
+        """Write the sessions to the state directory when they changed, at most every SESSIONS_SAVE_S."""
+        while True:
+            await asyncio.sleep(SESSIONS_SAVE_S)
+            await self._save_sessions()
+
+    async def _save_sessions(self) -> None:
+        if not self.sessions.changed:
+            return
+        data = self.sessions.dump()  # on the loop: the table changes only here
+        try:
+            await asyncio.to_thread(write_sessions_file, self.ctx.state_dir / SESSIONS_PATH, data)
+        except OSError as exc:
+            self.sessions.changed = True  # tried again at the next turn
+            self.sessions_save_failed += 1
+            if self.sessions_save_failed == 1:
+                log.warning("console: sessions not saved (a restart would log everyone out): %s", exc)
 
     async def stop(self) -> None:
+        if self._saver is not None:
+            self._saver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._saver
+            self._saver = None
+            await self._save_sessions()
         if self._collector is not None:
             with contextlib.suppress(KeyError):
                 metrics.REGISTRY.unregister(self._collector)
@@ -362,7 +406,7 @@ class ConsoleServer:
         except AccountError as exc:
             log.error("console accounts: %s", exc)
             return None
-        if account is None or account.role != session.role or account.hash != session.credential:
+        if account is None or account.role != session.role or credential_digest(account.hash) != session.credential:
             self.sessions.end(session.token)
             return None
         return account
