@@ -231,7 +231,11 @@ def test_sessions_outlive_a_restart_with_nothing_on_disk_a_cookie_can_be_made_fr
     after = Sessions()
     assert after.load(path) == (1, 0)
     assert after.get(wang.token) is None and after.get("forged") is None
+    assert not (after.changed or after.touched)
     again = after.get(li.token)
+    # A use is only "touched" (written at most every SESSIONS_SEEN_SAVE_S: the live feed uses sessions every few
+    # seconds, and a box's SD card is not written every second for it); a login or logout is "changed".
+    assert after.touched and not after.changed
     assert again is not None and (again.user, again.role, again.remote) == ("guard-li", "guard", "10.0.0.9")
     assert again.csrf == li.csrf and again.credential == li.credential and again.token == li.token
     assert after.end_user("guard-li") == 1 and len(after) == 0

@@ -93,7 +93,8 @@ class Sessions:
         self._max_age_s = max_age_s
         self._max = max_sessions
         self.evicted = 0
-        self.changed = False  # since the last save(): a session made, ended or used
+        self.changed = False  # since the last dump(): a session made or ended
+        self.touched = False  # since the last dump(): a session used (its idle time restarts)
 
     def create(self, user: str, role: Role, remote: str, credential: str = "") -> Session:
         now = time.monotonic()
@@ -123,7 +124,7 @@ class Sessions:
             s.token, s.csrf = token, csrf_of(token)
         s.seen = now
         self._by_key.move_to_end(key)
-        self.changed = True
+        self.touched = True
         return s
 
     def end(self, token: str) -> None:
@@ -148,12 +149,12 @@ class Sessions:
 
     def dump(self) -> bytes:
         """The sessions as the file keeps them (no token, no CSRF token, no password hash), oldest use first;
-        clears :attr:`changed`."""
+        clears :attr:`changed` and :attr:`touched`."""
         mono, wall = time.monotonic(), time.time()
         records = [{"key": k, "user": s.user, "role": s.role, "remote": s.remote, "credential": s.credential,
                     "created": round(wall - (mono - s.created), 3), "seen": round(wall - (mono - s.seen), 3)}
                    for k, s in self._by_key.items()]
-        self.changed = False
+        self.changed = self.touched = False
         return json.dumps({"version": SESSIONS_FILE_VERSION, "sessions": records}, indent=1).encode()
 
     def save(self, path: Path) -> None:

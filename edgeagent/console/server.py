@@ -79,7 +79,10 @@ AUDIT_EVENT: Final = "console.audit"
 USERS_PATH: Final = Path("console") / "users.json"
 TLS_DIR: Final = Path("console") / "tls"
 SESSIONS_PATH: Final = Path("console") / "sessions.json"
-SESSIONS_SAVE_S: Final = 1.0  # a login or logout is on disk within about this; the last use at most this late
+SESSIONS_SAVE_S: Final = 1.0  # a login or logout is on disk within about this
+# A session's last use is written at most this often (and at stop): the live feed uses the sessions every few
+# seconds, and an SD card must not be written every second for a figure the 12 h idle timeout barely needs.
+SESSIONS_SEEN_SAVE_S: Final = 300.0
 SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 STATIC_FILES: Final = {"app.js": "text/javascript", "app.css": "text/css", "index.html": "text/html"}
 SNAPSHOT_CACHE_S: Final = 0.5  # several screens asking for one camera within this share one JPEG
@@ -295,12 +298,15 @@ class ConsoleServer:
 
     async def _keep_sessions(self) -> None:
         """Write the sessions to the state directory when they changed, at most every SESSIONS_SAVE_S."""
+        last = time.monotonic()
         while True:
             await asyncio.sleep(SESSIONS_SAVE_S)
-            await self._save_sessions()
+            if self.sessions.changed or (self.sessions.touched and time.monotonic() - last >= SESSIONS_SEEN_SAVE_S):
+                await self._save_sessions()
+                last = time.monotonic()
 
     async def _save_sessions(self) -> None:
-        if not self.sessions.changed:
+        if not (self.sessions.changed or self.sessions.touched):
             return
         data = self.sessions.dump()  # on the loop: the table changes only here
         try:
