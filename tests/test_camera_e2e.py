@@ -9,10 +9,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from edgeagent.app import Daemon
 from edgeagent.capabilities import Config
 from edgeagent.kernel.config.schema import parse_yaml, validate_doc
+from edgeagent.kernel.errors import CommandRejected
 from tests.helpers import camera_doc, running_daemon, wait_until
 
 CLIP = Path(__file__).resolve().parents[1] / "drivers" / "sim" / "media" / "pedestrians.mp4"
@@ -75,6 +77,22 @@ async def test_the_clip_yields_tracked_people_zone_entries_and_line_crossings(tm
         snap = await daemon._local_actions()["camera.snapshot"]({"camera": "cam-path"}, "installer")
         image = cv2.imdecode(np.frombuffer(base64.b64decode(snap["jpeg_b64"]), np.uint8), cv2.IMREAD_COLOR)
         assert image.shape[:2] == (576, 768)
+        # zones and lines applied to the running camera (what the console's installer page does after saving)
+        shapes = daemon._local_actions()["camera.shapes"]
+        done = await shapes({"camera": "cam-path", "zones": [{"name": "shed", "points": [[0.1, 0.6], [0.4, 0.6],
+                                                                                          [0.4, 0.9]]}],
+                             "lines": []}, "installer")
+        assert done == {"camera": "cam-path", "zones": ["shed"], "lines": []}
+        runner = cap.service.runners["cam-path"]  # type: ignore[attr-defined]
+        assert [z.name for z in runner.pipeline.cam.zones] == ["shed"]
+        assert runner.pipeline._rules.occupancy("shed") == {}
+        for bad in ({"camera": "cam-path", "zones": [{"name": "x", "points": [[0, 0], [1, 1]]}]},
+                    {"camera": "nope"}, {"camera": "cam-path", "zones": [{"name": "x", "points": [[0, 0]]}] * 2},
+                    {"camera": "cam-path", "zones": "lobby"}):
+            with pytest.raises(CommandRejected) as caught:
+                await shapes(bad, "installer")
+            assert caught.value.code == "bad_args", caught.value
+        assert [z.name for z in runner.pipeline.cam.zones] == ["shed"]  # nothing changed by the refusals
     from prometheus_client import generate_latest
 
     from edgeagent.kernel.runtime.metrics import REGISTRY

@@ -279,3 +279,31 @@ def test_random_tracks_keep_zone_and_line_bookkeeping_consistent(
         tid for tid, s in state.items() if s == "in")
     assert all(h.reason == "lost" for h in hits if h.kind == "zone_leave")
     assert rules.occupancy("z") == {}
+
+
+def test_redrawn_rules_keep_the_state_of_what_was_not_redrawn() -> None:
+    # An installer adds a zone and redraws another from the console while people stand in them: the unchanged
+    # zone keeps who is inside (no second enter), the line keeps its counts, the redrawn and new zones start
+    # empty (those inside them enter at the next update).
+    hall = ZoneSpec(name="hall", points=((0.0, 0.0), (0.25, 0.0), (0.25, 1.0), (0.0, 1.0)))
+    rules = ZoneRules([SQUARE, hall], [GATE])
+    play(rules, [[t] for t in walk(1, 500, 300, 500, 700, 21)])  # crosses the gate line into the lobby
+    assert rules.line_counts("gate") == {"in": 1, "out": 0}
+    standing = [trk(1, 500, 650), trk(2, 100, 500)]
+    play(rules, [standing, standing], start_s=10.0)
+    assert rules.occupancy("lobby") == {"person": 1} and rules.occupancy("hall") == {"person": 1}
+
+    wider_hall = ZoneSpec(name="hall", points=((0.0, 0.0), (0.3, 0.0), (0.3, 1.0), (0.0, 1.0)))
+    porch = ZoneSpec(name="porch", points=((0.4, 0.6), (0.6, 0.6), (0.6, 0.8), (0.4, 0.8)))
+    redrawn = rules.with_specs([SQUARE, wider_hall, porch], [GATE])
+    assert redrawn.occupancy("lobby") == {"person": 1} and redrawn.line_counts("gate")["in"] == 1
+    assert redrawn.occupancy("hall") == {} and redrawn.occupancy("porch") == {}
+    hits = redrawn.update(standing, FW, FH, 11.0)
+    assert sorted((h.name, h.track_id) for h in kinds(hits, "zone_enter")) == [("hall", 2), ("porch", 1)]
+    # A zone left out is gone; the rest carries on.
+    fewer = redrawn.with_specs([SQUARE], [])
+    assert fewer.occupancy("lobby") == {"person": 1}
+    with pytest.raises(KeyError):
+        fewer.occupancy("hall")
+    with pytest.raises(KeyError):
+        fewer.line_counts("gate")

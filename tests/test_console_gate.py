@@ -98,3 +98,12 @@ async def test_resident_opens_by_itself_visitor_appears_and_the_guard_lets_it_in
             assert synth_scenes.RESIDENT_PLATE not in " ".join(str(e.data) for e in run.seen)
             await page.screenshot(path=str(shots / "gate-opened-for-visitor.png"), full_page=True)
             await ctx.close()
+            # Zones redrawn on this camera apply at the next start (its gate rule holds the lane): the live
+            # apply the installer's page uses refuses plainly and changes nothing.
+            from edgeagent.kernel.errors import CommandRejected
+
+            shapes = daemon._local_actions()["camera.shapes"]
+            with pytest.raises(CommandRejected, match="restart the daemon to apply"):
+                await shapes({"camera": "gate-cam", "zones": [], "lines": []}, "console:installer")
+            runner = daemon.capability("cameras").service.runners["gate-cam"]  # type: ignore[union-attr]
+            assert [z.name for z in runner.pipeline.cam.zones] == ["lane"]

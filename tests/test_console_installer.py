@@ -134,9 +134,19 @@ async def test_zone_and_line_drawn_on_the_snapshot_land_in_the_config_with_its_c
         await page.fill("#inst-name", "shed-door")
         await click_at(page, 0.6, 0.3)
         await click_at(page, 0.9, 0.35)
+        middle_before = runner.pipeline._rules.line_counts("middle")
         await page.click("#inst-save")
         await page.wait_for_selector("#inst-result.ok", timeout=10_000)
         await page.screenshot(path=str(shots / "installer-saved.png"), full_page=True)
+        # Both apply to the running camera at once (no rule on it names its zones), and the page says so in
+        # its language; the line that was not redrawn keeps its counts.
+        assert await page.get_attribute("#inst-result", "data-applied") == "1"
+        assert "已立即生效" in await page.inner_text("#inst-result")
+        assert [z.name for z in runner.cam.zones] == ["bike-shed"]
+        assert [ln.name for ln in runner.cam.lines] == ["middle", "shed-door"]
+        assert runner.pipeline._rules.occupancy("bike-shed") is not None
+        assert runner.pipeline._rules.line_counts("shed-door") == {"in": 0, "out": 0}
+        assert all(v >= middle_before[k] for k, v in runner.pipeline._rules.line_counts("middle").items())
 
         text = cfg.read_text()
         for comment in ("# Site: Guohuai compound, gate 2 (keep this header)",

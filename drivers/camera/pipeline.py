@@ -251,6 +251,13 @@ class CameraPipeline:
 
     # --- the loop ------------------------------------------------------------------------------------
 
+    def set_shapes(self, cam: CameraDevice) -> None:
+        """Apply ``cam``'s zones and lines now (an installer saved them from the console); the rest of ``cam`` is
+        this camera's as it runs. Unchanged zones and lines keep their state (see ZoneRules.with_specs)."""
+        updated = self.cam.model_copy(update={"zones": cam.zones, "lines": cam.lines})
+        self._rules = self._rules.with_specs(*zone_specs(updated))  # (raises on duplicate names: nothing changed)
+        self.cam = updated
+
     async def run(self, source: FrameSource) -> None:
         self._source = source
         # Motion gating in the source's reader thread, on the decoder's luma plane, when the source offers it

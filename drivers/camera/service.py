@@ -336,6 +336,12 @@ class SnapshotArgs(_Args):
     boxes: bool = True
 
 
+class ShapesArgs(_Args):
+    camera: str = Field(max_length=64)
+    zones: list[Any] = Field(default_factory=list, max_length=64)  # as the config file has them
+    lines: list[Any] = Field(default_factory=list, max_length=64)
+
+
 class PtzArgs(_Args):
     camera: str = Field(max_length=64)
     preset: str = Field(max_length=64)
@@ -542,7 +548,28 @@ class CameraCapability(Capability):
         return {"camera": camera_id, "preset": preset}
 
     def local_actions(self) -> Mapping[str, LocalAction]:
-        return {"camera.snapshot": self._snapshot_action}
+        return {"camera.snapshot": self._snapshot_action, "camera.shapes": self._shapes_action}
+
+    async def _shapes_action(self, args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
+        """Apply a camera's zones and lines now, as its config entry now has them (the console's installer page
+        calls this after saving them). A camera whose community rule (gate, e-bike, falls) names its zones
+        applies them at the next start: its rule runner holds them too."""
+        a = validate_args(ShapesArgs, args)
+        runner = self.service.runners.get(a.camera)
+        if runner is None:
+            raise CommandRejected("bad_args", f"no camera {a.camera!r}")
+        if runner.cam.has_rules:
+            raise CommandRejected("failed", f"{a.camera}: its rules use its zones; restart the daemon to apply")
+        try:
+            cam = CameraDevice.model_validate({**runner.cam.model_dump(), "zones": a.zones, "lines": a.lines})
+        except ValueError as exc:
+            raise CommandRejected("bad_args", f"{a.camera}: {exc}") from None
+        runner.pipeline.set_shapes(cam)
+        runner.cam = runner.pipeline.cam
+        log.info("%s: zones and lines applied (by %s): %s; %s", a.camera, who,
+                 ", ".join(z.name for z in cam.zones) or "no zones", ", ".join(ln.name for ln in cam.lines) or
+                 "no lines")
+        return {"camera": a.camera, "zones": [z.name for z in cam.zones], "lines": [ln.name for ln in cam.lines]}
 
     async def _snapshot_action(self, args: Mapping[str, Any], who: str) -> Mapping[str, Any]:
         del who

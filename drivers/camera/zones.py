@@ -196,6 +196,19 @@ class ZoneRules:
         self._polygons: list[_F] = []
         self._segments: list[tuple[Point, Point]] = []
 
+    def with_specs(self, zones: Sequence[ZoneSpec], lines: Sequence[LineSpec]) -> ZoneRules:
+        """New rules with these zones and lines (an installer redrew some), the same policies: a zone or line whose
+        spec is unchanged keeps its state (who is inside, loiter timers, crossing totals); a new or redrawn one
+        starts empty, so the tracks already inside a redrawn zone enter it at the next update."""
+        out = ZoneRules(zones, lines, enter_updates=self._enter_updates, leave_updates=self._leave_updates,
+                        edge_margin_frac=self._edge_margin_frac, edge_margin_px=self._edge_margin_px,
+                        line_deadband_frac=self._line_deadband_frac, line_deadband_px=self._line_deadband_px)
+        old_zones = {z.spec: z for z in self._zones}
+        old_lines = {ln.spec: ln for ln in self._lines}
+        out._zones = [old_zones.get(z.spec, z) for z in out._zones]
+        out._lines = [old_lines.get(ln.spec, ln) for ln in out._lines]
+        return out
+
     def occupancy(self, zone: str) -> dict[str, int]:
         """Tracks inside ``zone`` per class (classes with none left out)."""
         for z in self._zones:

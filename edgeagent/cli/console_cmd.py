@@ -292,11 +292,11 @@ class ConfigTools:
         except (OSError, ConfigError) as exc:
             raise ValueError(f"cannot write {self.path}: {exc}") from None
         cam = next(d for d in cfg.devices if d.id == camera_id)
-        return {"path": str(self.path), "note": "restart the daemon to apply",
-                "camera": {"zones": [{"name": z.name, "points": [list(p) for p in z.points]}
-                                     for z in getattr(cam, "zones", ())],
-                           "lines": [{"name": ln.name, "a": list(ln.a), "b": list(ln.b), "a_to_b": ln.a_to_b,
-                                      "b_to_a": ln.b_to_a} for ln in getattr(cam, "lines", ())]}}
+        # The camera's zones and lines as the file now has them, every setting (the console applies them to the
+        # running camera with its "camera.shapes" action, and redraws them).
+        return {"path": str(self.path), "note": "restart the daemon to apply", "note_code": "restart",
+                "camera": {"zones": [z.model_dump(mode="json") for z in getattr(cam, "zones", ())],
+                           "lines": [ln.model_dump(mode="json") for ln in getattr(cam, "lines", ())]}}
 
     def doctor(self) -> dict[str, Any]:
         from edgeagent.cli.support import doctor_report, run_checks  # noqa: PLC0415

@@ -200,7 +200,7 @@ class ConsoleServer:
         self._gate_events: deque[dict[str, Any]] = deque(maxlen=RECENT_GATE_EVENTS)
         self._snapshots: dict[tuple[str, bool], tuple[float, bytes]] = {}
         self._snapshot_locks: dict[str, asyncio.Lock] = {}
-        self._shapes: dict[str, dict[str, Any]] = {}  # zones/lines saved since start (applied at the next start)
+        self._shapes: dict[str, dict[str, Any]] = {}  # zones/lines saved since start (shown; applied where it can be)
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task[Any]] = set()
         self._saver: asyncio.Task[None] | None = None
@@ -705,9 +705,21 @@ class ConsoleServer:
         except ValueError as exc:
             await self._audit(s, f"config.{kind}", f"{camera_id}/{name}", "failed", str(exc))
             return _error(400, "invalid", str(exc))
-        if isinstance(result.get("camera"), dict):
-            self._shapes[camera_id] = result["camera"]
-        await self._audit(s, f"config.{kind}", f"{camera_id}/{name}", "ok")
+        shapes = result.get("camera")
+        if isinstance(shapes, dict):
+            self._shapes[camera_id] = shapes
+            # Applied to the running camera at once where it can be (a camera without a community rule);
+            # otherwise the note says a restart applies it.
+            apply = self.ctx.actions.get("camera.shapes")
+            if apply is not None:
+                try:
+                    await apply({"camera": camera_id, "zones": shapes.get("zones", []),
+                                 "lines": shapes.get("lines", [])}, f"console:{s.user}")
+                    result |= {"note": "applied now", "note_code": "applied", "applied": True}
+                except CommandRejected as exc:
+                    result |= {"note": f"restart the daemon to apply ({exc.message})", "applied": False}
+        await self._audit(s, f"config.{kind}", f"{camera_id}/{name}", "ok",
+                          "applied now" if result.get("applied") else "applies at the next start")
         return _json({"ok": True, **result})
 
     async def _doctor(self, request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ const T = {
     run_doctor: "运行检查", capabilities: "各功能状态", device_tests: "设备测试", test: "测试", check: "检查项", result: "结果", detail: "详情", ack: "确认", resolve: "解除",
     acked_by: "已确认", open_for: "已持续", level: "级别", count: "次数", device: "设备", open_gate: "开闸",
     online: "在线", offline: "离线", unknown: "未知", never: "从未", visitor: "访客", resident: "住户", call: "呼叫",
-    confidence: "置信度", saved: "已保存", wrong_login: "用户名或密码错误", rate_limited: "登录失败次数过多，请稍后再试",
+    confidence: "置信度", saved: "已保存", note_applied: "已立即生效", note_restart: "重启服务后生效", wrong_login: "用户名或密码错误", rate_limited: "登录失败次数过多，请稍后再试",
     forbidden: "无权限", failed: "失败", no_gate: "未配置道闸", place: "地点", connected: "已连接", disconnected: "未连接",
     none: "无", s: "秒", min: "分", h: "小时", confirm_open: "确认开闸？", running: "运行中",
     k_sos: "紧急呼叫 SOS", k_fall: "跌倒", k_heart_rate_high: "心率过高", k_heart_rate_low: "心率过低", k_spo2_low: "血氧过低",
@@ -35,6 +35,7 @@ const T = {
     resolve: "Resolve", acked_by: "Acknowledged by", open_for: "Open for", level: "Level", count: "Count",
     device: "Device", open_gate: "Open gate", online: "online", offline: "offline", unknown: "unknown", never: "never",
     visitor: "Visitor", resident: "Resident", call: "Call", confidence: "confidence", saved: "Saved",
+    note_applied: "applied now", note_restart: "restart the daemon to apply",
     wrong_login: "Wrong user or password", rate_limited: "Too many failed logins; try again later",
     forbidden: "Not allowed", failed: "Failed", no_gate: "No gate configured", place: "Place", connected: "connected",
     disconnected: "not connected", none: "none", s: "s", min: "min", h: "h", confirm_open: "Open the gate?",
@@ -604,7 +605,9 @@ async function installerSave() {
   const out = $("inst-result");
   if (r.status === 200) {
     out.className = "ok";
-    out.textContent = t("saved") + ": " + (r.data.path || "") + (r.data.note ? " · " + r.data.note : "");
+    const note = r.data.note_code ? t("note_" + r.data.note_code) : r.data.note;
+    out.textContent = t("saved") + ": " + (r.data.path || "") + (note ? " · " + note : "");
+    out.dataset.applied = r.data.applied ? "1" : "0";
     const cam = S.state.cameras.find((x) => x.id === $("inst-camera").value);
     if (cam && r.data.camera) { cam.zones = r.data.camera.zones; cam.lines = r.data.camera.lines; }
     I.points = [];
