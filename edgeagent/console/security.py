@@ -20,13 +20,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import tempfile
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -34,6 +31,7 @@ from pathlib import Path
 from typing import Any, Final, cast, get_args
 
 from edgeagent.console.accounts import Role
+from edgeagent.console.tls import write_atomically
 
 COOKIE: Final = "__Host-edgeagent-console"
 IDLE_TIMEOUT_S: Final = 12 * 3600.0  # a guard's shift
@@ -193,20 +191,9 @@ class Sessions:
 
 
 def write_sessions_file(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file, fsync, rename), mode 0600."""
+    """Replace ``path`` with ``data`` atomically, mode 0600 (its directory made 0700 when missing)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    write_atomically(path, data, 0o600)
 
 
 def _session_of(rec: Any, mono: float, wall: float, idle_s: float, max_age_s: float) -> tuple[str, Session] | None:

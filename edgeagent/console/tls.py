@@ -27,7 +27,9 @@ KEY_FILE = "key.pem"
 VALID_DAYS = 3650
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data``: a temp file in the same directory with ``mode``, fsync, rename (the
+    console's certificate, key and sessions file)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -65,9 +67,9 @@ def make_self_signed(folder: Path, common_name: str, hosts: list[str]) -> tuple[
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(key, hashes.SHA256()))
     key_path, cert_path = folder / KEY_FILE, folder / CERT_FILE
-    _write(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    write_atomically(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()), 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     # Made by root's CLI (``edgeagent console cert``) in the daemon's state directory: the daemon's account must
     # read the key, so everything made here belongs to whoever owns the state directory (folder's grandparent).
     owner = folder.parent.parent.stat()
