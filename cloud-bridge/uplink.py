@@ -214,7 +214,11 @@ class Uplink:
         outage_started = time.monotonic()
         protocol = self._first_protocol()
         while not self._stopping.is_set():
-            self.state = "connecting"
+            # A refused login stays the reported state through the retries (it is what an installer must fix,
+            # and a status read between two attempts must not say "connecting"), until a connection succeeds or
+            # an attempt fails for another reason.
+            if self.state != "auth_failed":
+                self.state = "connecting"
             self.connect_attempts[protocol] += 1
             try:
                 await self._connect_and_pump(protocol)
@@ -225,6 +229,7 @@ class Uplink:
                     self._fell_back = True
                     continue
                 self._failed("protocol", exc)
+                self.state = "disconnected"
                 if self._cfg.protocol == "auto":
                     self._speaks_311 = None  # neither answered: what we knew no longer holds
                 protocol = self._first_protocol()
@@ -233,6 +238,7 @@ class Uplink:
                 self.state = "auth_failed"
             except (UplinkError, SecretError) as exc:
                 self._failed("connection", exc)
+                self.state = "disconnected"
                 # A 3.1.1 attempt that failed without ever connecting, on a broker not known to need
                 # 3.1.1, says nothing about the protocol: start from MQTT 5 again.
                 protocol = self._first_protocol()

@@ -65,8 +65,15 @@ async def refused(tmp: Path, url: str, factory: EventFactory, col: Collector, **
         assert before == 3
         async with running_uplink(tmp, url, outbox=ob, **kw) as (_, up):
             assert await wait_until(lambda: up.state == "auth_failed", timeout_s=10), up.snapshot()
-            # Keep retrying for a while (the retry delay is at most 0.5 s): still nothing goes out.
-            await asyncio.sleep(1.2)
+            # Keep retrying for a while (the retry delay is at most 0.5 s): still nothing goes out, and the state
+            # reads "auth_failed" all along (between attempts and during them), not "connecting".
+            attempts = sum(up.connect_attempts.values())
+            states = set()
+            for _ in range(120):
+                states.add(up.state)
+                await asyncio.sleep(0.01)
+            assert states == {"auth_failed"}, states
+            assert sum(up.connect_attempts.values()) > attempts  # it did retry meanwhile
             snap = up.snapshot()
             assert up.published_events == 0
             assert up.connected_since is None
